@@ -1,0 +1,1 @@
+"""dreambot bot: chat adapters and the platform-free core."""

@@ -1,0 +1,211 @@
+"""The local shell adapter: chat with dreambot in a terminal, or script it through a pipe.
+
+``dreambot shell < script.txt`` runs the commands in the file and exits once input has ended
+and every job it queued has been delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+import sys
+import threading
+from pathlib import Path
+from typing import TextIO
+
+from bot.core.commands import Core
+from bot.core.delivery import Delivery
+from bot.core.errors import UserError
+from bot.core.photos import Upload
+from bot.core.store import Job, Owner
+from engine.api import Progress
+from engine.artifacts import local_path
+
+PLATFORM = "shell"
+WORKSPACE = "local"
+DESTINATION = {"kind": "terminal"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+_OPTION = re.compile(r'\s--(count|seed|no)\s+("[^"]*"|\S+)')
+
+
+def _read_lines(
+    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None], stream: TextIO
+) -> None:
+    # A daemon thread, so a blocked read never keeps the process alive at exit.
+    for line in stream:
+        loop.call_soon_threadsafe(queue.put_nowait, line)
+    loop.call_soon_threadsafe(queue.put_nowait, None)
+
+
+class ShellAdapter:
+    """Reads commands from a stream, calls the core, prints replies and deliveries."""
+
+    def __init__(
+        self, core: Core, user: str, *, out: TextIO | None = None, downloads: Path | None = None
+    ) -> None:
+        self.core = core
+        self.owner = Owner(PLATFORM, WORKSPACE, user)
+        self.out = out or sys.stdout
+        self.downloads = downloads or Path("downloads")
+        self.pending: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._progress_open = False
+
+    # Output.
+
+    def say(self, text: str) -> None:
+        """Print a message (ending any progress line in place)."""
+        if self._progress_open:
+            self.out.write("\n")
+            self._progress_open = False
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def _track(self, job_id: str) -> None:
+        self.pending.add(job_id)
+        self._idle.clear()
+
+    def _done(self, job_id: str) -> None:
+        self.pending.discard(job_id)
+        if not self.pending:
+            self._idle.set()
+
+    async def show_progress(self, job: Job, text: str, progress: Progress) -> None:
+        """Progress updates one line in place on a terminal; one line each when piped."""
+        if self.out.isatty():
+            self.out.write("\r\033[K" + text)
+            self._progress_open = True
+            self.out.flush()
+        else:
+            self.say(text)
+
+    async def show_result(self, delivery: Delivery) -> None:
+        """Print the result and the paths of its images."""
+        lines = [delivery.text]
+        for url in delivery.image_urls:
+            lines.append(f"  {await self._local_file(url)}")
+        self.say("\n".join(lines))
+        self._done(delivery.job.id)
+
+    async def show_failure(self, job: Job, text: str) -> None:
+        """Print a failed job's message."""
+        self.say(f"✗ {text}")
+        self._done(job.id)
+
+    async def _local_file(self, url: str) -> Path:
+        path = local_path(url)
+        if path is not None:
+            return path
+        target = self.downloads / url.rsplit("/", 2)[-2] / url.rsplit("/", 1)[-1]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(await self.core.artifacts.aget_bytes(url))
+        return target
+
+    # Input.
+
+    async def run(self, stream: TextIO | None = None) -> None:
+        """Serve commands until input ends, then wait for this session's jobs."""
+        stream = stream or sys.stdin
+        interactive = stream.isatty()
+        for job in await self.core.store.unfinished_jobs(PLATFORM):
+            if job.owner == self.owner:
+                self._track(job.id)
+        if self.pending:
+            self.say(f"{len(self.pending)} earlier job(s) still running; results will appear here.")
+        if interactive:
+            self.say("dreambot shell — /help for commands, Ctrl-D to quit.")
+        lines: asyncio.Queue[str | None] = asyncio.Queue()
+        threading.Thread(
+            target=_read_lines, args=(asyncio.get_running_loop(), lines, stream), daemon=True
+        ).start()
+        while True:
+            if interactive:
+                self.out.write("you> ")
+                self.out.flush()
+            line = await lines.get()
+            if line is None:
+                break
+            if line.strip() in ("/quit", "/exit"):
+                break
+            await self.handle(line)
+        if self.pending:
+            self.say(f"waiting for {len(self.pending)} job(s) to finish…")
+        await self._idle.wait()
+
+    async def handle(self, line: str) -> None:
+        """Run one command line and print the reply."""
+        line = line.strip()
+        if not line or line.startswith("#"):
+            return
+        command, _, rest = line.partition(" ")
+        try:
+            if command == "/train":
+                await self._train(rest)
+            elif command == "/imagine":
+                await self._imagine(rest)
+            elif command == "/subjects":
+                self.say(await self.core.subjects_text(self.owner))
+            elif command == "/forget":
+                self.say(await self.core.forget(self.owner, rest))
+            elif command == "/help":
+                self.say(self.core.help_text())
+            else:
+                self.say(f"Unknown command {command!r}. Type /help for the list.")
+        except UserError as exc:
+            self.say(f"✗ {exc.message}")
+
+    async def _train(self, rest: str) -> None:
+        try:
+            words = shlex.split(rest)
+        except ValueError:
+            words = rest.split()
+        if len(words) < 2:
+            raise UserError("Usage: /train <name> <class> <photo files or a folder…>")
+        name, class_noun, paths = words[0], words[1], [Path(w) for w in words[2:]]
+        uploads = await asyncio.to_thread(self._read_uploads, paths)
+        receipt = await self.core.train(self.owner, DESTINATION, name, class_noun, uploads)
+        self._track(receipt.job_id)
+        self.say(receipt.text)
+
+    def _read_uploads(self, paths: list[Path]) -> list[Upload]:
+        files: list[Path] = []
+        for path in (p.expanduser() for p in paths):
+            if path.is_dir():
+                files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            elif path.is_file():
+                files.append(path)
+            else:
+                raise UserError(f"{path} does not exist.")
+        limit = self.core.photo_rules.max_bytes
+        uploads = []
+        for file in files:
+            with file.open("rb") as fh:
+                # Read one byte past the limit: enough to tell it is too big, never more.
+                uploads.append(Upload(file.name, fh.read(limit + 1)))
+        return uploads
+
+    async def _imagine(self, rest: str) -> None:
+        options: dict[str, str] = {}
+
+        def take(match: re.Match[str]) -> str:
+            options[match.group(1)] = match.group(2).strip('"')
+            return " "
+
+        prompt = _OPTION.sub(take, f" {rest} ").strip()
+        try:
+            count = int(options["count"]) if "count" in options else None
+            seed = int(options["seed"]) if "seed" in options else None
+        except ValueError:
+            raise UserError("--count and --seed take whole numbers.") from None
+        receipt = await self.core.imagine(
+            self.owner,
+            DESTINATION,
+            prompt,
+            count=count,
+            seed=seed,
+            negative_prompt=options.get("no", ""),
+        )
+        self._track(receipt.job_id)
+        self.say(receipt.text)

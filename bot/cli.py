@@ -1,0 +1,162 @@
+"""The ``dreambot`` command: run the demo, the shell, the engine, migrations, the tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from bot.config import TINY_MODEL, ConfigError, Settings, load_settings
+from bot.redis_server import RedisServer, RedisUnavailable, answers
+
+log = logging.getLogger("dreambot")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _require_redis(settings: Settings) -> None:
+    if settings.redis_url.startswith("redis") and not answers(settings.redis_url):
+        raise SystemExit(
+            f"No Redis answers at {settings.redis_url}. Start one, set DREAMBOT_REDIS_URL, "
+            "or use `dreambot run`, which starts its own."
+        )
+
+
+async def _shell(settings: Settings) -> None:
+    from bot.adapters.shell import PLATFORM, ShellAdapter
+    from bot.launcher import delivering, open_core
+
+    async with open_core(settings, PLATFORM) as runtime:
+        adapter = ShellAdapter(
+            runtime.core, settings.shell_user, downloads=settings.data_dir / "downloads"
+        )
+        async with delivering(runtime, adapter):
+            await adapter.run()
+
+
+def cmd_shell(settings: Settings, args: argparse.Namespace) -> None:
+    """Chat with the bot in this terminal (commands may also come through a pipe)."""
+    _require_redis(settings)
+    try:
+        asyncio.run(_shell(settings))
+    except KeyboardInterrupt:
+        print("\nbye — queued jobs keep running; their results appear next time.")
+
+
+def cmd_engine(settings: Settings, args: argparse.Namespace) -> None:
+    """Run the engine worker (the GPU process) until interrupted."""
+    from arq.worker import run_worker
+
+    from engine.models import ModelLoadError
+    from engine.worker import WorkerSettings, engine_worker_kwargs
+
+    _require_redis(settings)
+    try:
+        run_worker(WorkerSettings, **engine_worker_kwargs(settings))  # type: ignore[arg-type]
+    except ModelLoadError as exc:
+        raise SystemExit(f"engine: {exc}") from exc
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
+    """Apply pending database migrations."""
+    import aiosqlite
+
+    from bot.core.store import apply_migrations
+
+    async def migrate() -> list[str]:
+        settings.database_file.parent.mkdir(parents=True, exist_ok=True)
+        async with aiosqlite.connect(settings.database_file) as db:
+            return await apply_migrations(db)
+
+    applied = asyncio.run(migrate())
+    print(f"{settings.database_file}: applied {', '.join(applied) if applied else 'nothing'}")
+
+
+def cmd_tiny_model(settings: Settings, args: argparse.Namespace) -> None:
+    """Build the tiny random Stable Diffusion model (offline)."""
+    from engine.tiny import build_tiny_model
+
+    target = Path(args.path) if args.path else settings.data_dir / "models" / "tiny-sd"
+    print(build_tiny_model(target))
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
+    """Everything on this machine: Redis (if none answers), the engine, and the shell."""
+    redis_child = None
+    if not answers(settings.redis_url):
+        host = urlparse(settings.redis_url).hostname
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise SystemExit(f"No Redis answers at {settings.redis_url}.")
+        try:
+            redis_child = RedisServer(settings.data_dir / "redis").start()
+        except RedisUnavailable as exc:
+            raise SystemExit(str(exc)) from exc
+        settings = settings.model_copy(update={"redis_url": redis_child.url})
+        print(f"started a private Redis at {redis_child.url} (data in {redis_child.data_dir})")
+    if settings.base_model == TINY_MODEL:
+        from engine.tiny import build_tiny_model
+
+        print("preparing the tiny offline model…")
+        build_tiny_model(settings.base_model_source)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine_log = settings.data_dir / "engine.log"
+    env = {**os.environ, "DREAMBOT_REDIS_URL": settings.redis_url}
+    with engine_log.open("ab") as log_file:
+        engine = subprocess.Popen(
+            [sys.executable, "-m", "bot.cli", "engine"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    print(f"engine started (log: {engine_log}); base model: {settings.base_model}")
+    try:
+        time.sleep(0.2)
+        if engine.poll() is not None:
+            raise SystemExit(f"the engine exited at start; see {engine_log}")
+        cmd_shell(settings, args)
+    finally:
+        engine.terminate()
+        try:
+            engine.wait(15)
+        except subprocess.TimeoutExpired:
+            engine.kill()
+        if redis_child:
+            redis_child.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``dreambot`` console script."""
+    parser = argparse.ArgumentParser(prog="dreambot", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("DREAMBOT_LOG_LEVEL", "WARNING"))
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, handler in [
+        ("run", cmd_run),
+        ("shell", cmd_shell),
+        ("engine", cmd_engine),
+        ("migrate", cmd_migrate),
+        ("tiny-model", cmd_tiny_model),
+    ]:
+        sub = commands.add_parser(name, help=(handler.__doc__ or "").strip().splitlines()[0])
+        sub.set_defaults(handler=handler)
+        if name == "tiny-model":
+            sub.add_argument("path", nargs="?", help="folder to write (default: in DATA_DIR)")
+    args = parser.parse_args(argv)
+    level = "INFO" if args.command == "engine" and args.log_level == "WARNING" else args.log_level
+    _setup_logging(level.upper())
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from exc
+    args.handler(settings, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Configuration for every dreambot process, read from ``DREAMBOT_*`` environment variables.
+
+An optional ``.env`` file in the working directory is read too. Secrets (chat tokens) only ever
+come from the environment. Values are validated once at start-up so a typo fails loudly with
+the variable's name instead of at the first job.
+"""
+
+from __future__ import annotations
+
+import getpass
+from pathlib import Path
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TINY_MODEL = "tiny"
+"""Special value of ``DREAMBOT_BASE_MODEL``: the tiny random model built offline on first use."""
+
+
+class ConfigError(Exception):
+    """The environment holds an invalid setting; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """All settings; each field is the environment variable ``DREAMBOT_<FIELD NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DREAMBOT_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    # Infrastructure.
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis for the job queues; `dreambot run` starts a private one if none answers",
+    )
+    data_dir: Path = Field(Path("data"), description="root for the database, artifacts, models")
+    database_path: Path | None = Field(
+        None, description="SQLite file; default DATA_DIR/dreambot.sqlite3"
+    )
+    artifacts_url: str | None = Field(
+        None, description="fsspec URL of the artifact store; default file://DATA_DIR/artifacts"
+    )
+
+    # Engine.
+    base_model: str = Field(
+        TINY_MODEL, description="'tiny', a diffusers folder, or a single .safetensors/.ckpt file"
+    )
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    train_steps: int = Field(400, ge=1, le=10_000)
+    train_learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    train_rank: int = Field(4, ge=1, le=256)
+    prior_loss_weight: float = Field(1.0, ge=0)
+    class_images: int = Field(50, ge=0, le=1000)
+    generate_steps: int = Field(25, ge=1, le=150)
+    guidance_scale: float = Field(7.5, ge=0, le=30)
+    sample_count: int = Field(4, ge=0, le=16, description="sample images posted after training")
+    progress_interval: float = Field(2.0, ge=0, description="seconds between progress updates")
+    job_timeout: int = Field(3 * 3600, ge=10, description="seconds before an engine job is killed")
+
+    # Bot rules.
+    images_per_prompt: int = Field(4, ge=1, le=4)
+    max_prompt_chars: int = Field(400, ge=10)
+    min_photos: int = Field(3, ge=1)
+    max_photos: int = Field(20, ge=1)
+    min_photo_side: int = Field(256, ge=1)
+    max_photo_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    photo_size: int = Field(512, ge=64, description="photos are centre-cropped to this square")
+    max_queue: int = Field(100, ge=1, description="queued engine jobs before new ones are refused")
+
+    # Shell adapter.
+    shell_user: str = Field(default_factory=getpass.getuser)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Settings:
+        if self.min_photos > self.max_photos:
+            raise ValueError("DREAMBOT_MIN_PHOTOS must not exceed DREAMBOT_MAX_PHOTOS")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("DREAMBOT_REDIS_URL must start with redis://, rediss:// or unix://")
+        return self
+
+    @property
+    def database_file(self) -> Path:
+        """The SQLite database file."""
+        return self.database_path or self.data_dir / "dreambot.sqlite3"
+
+    @property
+    def artifacts(self) -> str:
+        """The artifact store's base URL."""
+        return self.artifacts_url or (self.data_dir / "artifacts").resolve().as_uri()
+
+    @property
+    def base_model_source(self) -> Path:
+        """Local path of the base model ('tiny' maps to its folder under DATA_DIR)."""
+        if self.base_model == TINY_MODEL:
+            return self.data_dir / "models" / "tiny-sd"
+        return Path(self.base_model).expanduser()
+
+
+def load_settings() -> Settings:
+    """Read and validate the settings, turning validation errors into one readable message."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = "DREAMBOT_" + "_".join(str(part) for part in error["loc"]).upper()
+            lines.append(f"  {name}: {error['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from exc

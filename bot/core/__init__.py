@@ -1,0 +1,1 @@
+"""The platform-free core: commands, rules, the store, job submission and delivery."""

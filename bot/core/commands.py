@@ -1,0 +1,311 @@
+"""The chat commands, platform-free: /train, /imagine, /subjects, /forget, /help.
+
+Adapters call these with plain values and render the returned text; errors a user can cause
+raise ``UserError``. Nothing here knows about Discord, Slack or the terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+from arq.connections import ArqRedis
+from redis.exceptions import RedisError
+
+from bot.config import Settings
+from bot.core.errors import UserError
+from bot.core.photos import PhotoRules, Upload, prepare_photos
+from bot.core.prompts import resolve_prompt
+from bot.core.store import Owner, Store, Subject, utcnow
+from bot.core.tokens import pick_token
+from engine.api import (
+    ENGINE_QUEUE,
+    GENERATE,
+    TRAIN_SUBJECT,
+    AdapterRef,
+    GenerateRequest,
+    TrainRequest,
+    bot_queue,
+)
+from engine.artifacts import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+SUBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+CLASS_NOUN = re.compile(r"^[A-Za-z][A-Za-z -]{0,29}$")
+
+HELP = """\
+dreambot teaches an image model your own subject from a few photos, then draws it anywhere.
+
+/train <name> <class> <photos…>   learn a subject from 3–20 photos
+                                  e.g. /train rex dog a.jpg b.jpg c.jpg
+/imagine <prompt>                 draw a prompt; [V] is your newest subject, [name] a named one
+                                  e.g. /imagine a [V] dog wearing a hat
+                                  options: --count N (1-4), --seed N, --no "things to avoid"
+/subjects                         list your subjects and their status
+/forget <name>                    delete a subject, its photos and its adapter
+/help                             this text"""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What the user is told right after a job was queued."""
+
+    job_id: str
+    position: int
+    text: str
+
+
+class Core:
+    """The commands of one bot process (one chat platform)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        artifacts: ArtifactStore,
+        queue: ArqRedis,
+        platform: str,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.artifacts = artifacts
+        self.queue = queue
+        self.platform = platform
+        self.photo_rules = PhotoRules(
+            min_count=settings.min_photos,
+            max_count=settings.max_photos,
+            min_side=settings.min_photo_side,
+            max_bytes=settings.max_photo_bytes,
+            size=settings.photo_size,
+        )
+
+    # Commands.
+
+    async def train(
+        self,
+        owner: Owner,
+        destination: dict[str, Any],
+        name: str,
+        class_noun: str,
+        uploads: list[Upload],
+    ) -> Receipt:
+        """Check and store the photos, record the subject and queue its training."""
+        name, class_noun = name.strip(), " ".join(class_noun.lower().split())
+        if not SUBJECT_NAME.match(name) or name.lower() == "v":
+            raise UserError(
+                f"'{name}' can't be a subject name: use 1-32 letters, digits, - or _ "
+                "(and not 'V', which means your newest subject)."
+            )
+        if not CLASS_NOUN.match(class_noun):
+            raise UserError(
+                f"'{class_noun}' isn't a class: say what kind of thing it is in a word or two, "
+                "e.g. dog, cat, person, backpack, toy car."
+            )
+        existing = await self.store.find_subject(owner, name)
+        if existing:
+            raise UserError(
+                f"You already have a subject called {existing.name}. Pick another name, "
+                f"or `/forget {existing.name}` first."
+            )
+        photos = await prepare_photos(uploads, self.photo_rules)
+        await self._check_queue_space()
+
+        subject_id = uuid.uuid4().hex
+        subject_url = self.artifacts.url("subjects", subject_id)
+        photos_url = f"{subject_url}/photos"
+        photo_urls = [f"{photos_url}/{i:02d}.png" for i in range(len(photos))]
+        subject = await self._insert_subject(
+            owner, subject_id, name, class_noun, photos_url, len(photos)
+        )
+        job_id = uuid.uuid4().hex
+        try:
+            for url, data in zip(photo_urls, photos, strict=True):
+                await self.artifacts.aput_bytes(url, data)
+            await self.store.insert_job(job_id, "train", owner, destination, subject_id=subject_id)
+            request = TrainRequest(
+                job_id=job_id,
+                reply_queue=bot_queue(self.platform),
+                subject_id=subject_id,
+                token=subject.token,
+                class_noun=class_noun,
+                photo_urls=photo_urls,
+                adapter_url=f"{subject_url}/adapter.safetensors",
+                samples_url=f"{subject_url}/samples",
+                base_model=self.settings.base_model,
+                steps=self.settings.train_steps,
+            )
+            position = await self._enqueue(TRAIN_SUBJECT, job_id, request.model_dump())
+        except BaseException:
+            await self.store.delete_job(job_id)
+            await self.store.delete_subject(subject_id)
+            await self.artifacts.adelete_tree(subject_url)
+            raise
+        return Receipt(
+            job_id,
+            position,
+            f"Training {name} ({class_noun}) from {len(photos)} photos: queued "
+            f"(position {position}). I'll post progress here.",
+        )
+
+    async def imagine(
+        self,
+        owner: Owner,
+        destination: dict[str, Any],
+        prompt: str,
+        *,
+        count: int | None = None,
+        seed: int | None = None,
+        negative_prompt: str = "",
+    ) -> Receipt:
+        """Resolve the prompt's subjects and queue a generation."""
+        count = self.settings.images_per_prompt if count is None else count
+        if not 1 <= count <= 4:
+            raise UserError("count must be between 1 and 4.")
+        if seed is not None and not 0 <= seed < 2**32:
+            raise UserError("seed must be a whole number from 0 to 4294967295.")
+        subjects = await self.store.list_subjects(owner)
+        resolved = resolve_prompt(prompt, subjects, max_chars=self.settings.max_prompt_chars)
+        negative = (
+            resolve_prompt(negative_prompt, subjects, max_chars=self.settings.max_prompt_chars).text
+            if negative_prompt.strip()
+            else ""
+        )
+        await self._check_queue_space()
+        seed = random.SystemRandom().randrange(2**32) if seed is None else seed
+        job_id = uuid.uuid4().hex
+        request = GenerateRequest(
+            job_id=job_id,
+            reply_queue=bot_queue(self.platform),
+            prompt=resolved.text,
+            negative_prompt=negative,
+            count=count,
+            seed=seed,
+            steps=self.settings.generate_steps,
+            guidance=self.settings.guidance_scale,
+            adapters=[
+                AdapterRef(name=s.id, url=s.adapter_url or "", scale=1.0) for s in resolved.subjects
+            ],
+            output_url=self.artifacts.url("outputs", job_id),
+            base_model=self.settings.base_model,
+        )
+        subject_id = resolved.subjects[0].id if resolved.subjects else None
+        await self.store.insert_job(
+            job_id, "generate", owner, destination, subject_id=subject_id, prompt=prompt
+        )
+        try:
+            position = await self._enqueue(GENERATE, job_id, request.model_dump())
+        except BaseException:
+            await self.store.delete_job(job_id)
+            raise
+        return Receipt(
+            job_id,
+            position,
+            f"Drawing {count} image{'s' if count > 1 else ''} "
+            f"(seed {seed}): queued (position {position}).",
+        )
+
+    async def list_subjects(self, owner: Owner) -> list[Subject]:
+        """The caller's subjects, newest first."""
+        return await self.store.list_subjects(owner)
+
+    async def subjects_text(self, owner: Owner) -> str:
+        """/subjects: the caller's subjects with their status."""
+        subjects = await self.list_subjects(owner)
+        if not subjects:
+            return "You have no subjects yet. Train one: `/train <name> <class> <photos…>`."
+        ready = [s for s in subjects if s.status == "ready"]
+        lines = ["Your subjects:"]
+        for subject in subjects:
+            marker = "  ← [V]" if ready and subject is ready[0] else ""
+            detail = f" ({subject.error})" if subject.status == "failed" and subject.error else ""
+            lines.append(
+                f"  {subject.name}: {subject.class_noun}, {subject.status}{detail}, "
+                f"{subject.photo_count} photos, since {subject.created_at[:16]}{marker}"
+            )
+        return "\n".join(lines)
+
+    async def forget(self, owner: Owner, name: str) -> str:
+        """/forget: delete one of the caller's subjects with its photos and adapter."""
+        subject = await self.store.find_subject(owner, name.strip())
+        if subject is None:
+            subjects = await self.list_subjects(owner)
+            names = ", ".join(s.name for s in subjects) or "none"
+            raise UserError(f"You have no subject called '{name}'. Your subjects: {names}.")
+        await self.store.delete_subject(subject.id)
+        await self.artifacts.adelete_tree(self.artifacts.url("subjects", subject.id))
+        return f"Forgot {subject.name}: its photos and adapter are deleted."
+
+    def help_text(self) -> str:
+        """/help."""
+        return HELP
+
+    # Internals.
+
+    async def _insert_subject(
+        self,
+        owner: Owner,
+        subject_id: str,
+        name: str,
+        class_noun: str,
+        photos_url: str,
+        photo_count: int,
+    ) -> Subject:
+        for _ in range(5):
+            taken = await self.store.workspace_tokens(owner.platform, owner.workspace)
+            now = utcnow()
+            subject = Subject(
+                id=subject_id,
+                owner=owner,
+                name=name,
+                class_noun=class_noun,
+                token=pick_token(taken),
+                status="queued",
+                adapter_url=None,
+                photos_url=photos_url,
+                photo_count=photo_count,
+                base_model=self.settings.base_model,
+                error=None,
+                created_at=now,
+                updated_at=now,
+            )
+            try:
+                await self.store.insert_subject(subject)
+                return subject
+            except aiosqlite.IntegrityError:
+                # A concurrent /train took the same name or token; look again.
+                if await self.store.find_subject(owner, name):
+                    raise UserError(f"You already have a subject called {name}.") from None
+        raise RuntimeError("could not allocate a unique subject token")
+
+    async def _check_queue_space(self) -> None:
+        try:
+            waiting = await self.queue.zcard(ENGINE_QUEUE)
+        except (RedisError, OSError) as exc:
+            raise _queue_down() from exc
+        if waiting >= self.settings.max_queue:
+            raise UserError(
+                f"I'm busy: {waiting} jobs are waiting. Nothing was queued; "
+                "try again in a few minutes."
+            )
+
+    async def _enqueue(self, function: str, job_id: str, payload: dict[str, Any]) -> int:
+        try:
+            await self.queue.enqueue_job(
+                function, payload, _job_id=job_id, _queue_name=ENGINE_QUEUE
+            )
+            return int(await self.queue.zcard(ENGINE_QUEUE))
+        except (RedisError, OSError) as exc:
+            log.exception("enqueue of job %s failed", job_id)
+            raise _queue_down() from exc
+
+
+def _queue_down() -> UserError:
+    return UserError(
+        "The job queue can't be reached right now, so nothing was queued. Try again in a minute."
+    )

@@ -1,0 +1,66 @@
+"""Start-up wiring for a bot process: store, queue, core, and the delivery worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from arq import create_pool
+from arq.connections import ArqRedis, RedisSettings
+
+from bot.config import Settings
+from bot.core.commands import Core
+from bot.core.delivery import Deliverer, Sink, delivery_worker
+from bot.core.store import Store
+from engine.artifacts import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BotRuntime:
+    """Everything a running bot process holds."""
+
+    settings: Settings
+    store: Store
+    queue: ArqRedis
+    core: Core
+
+
+@contextlib.asynccontextmanager
+async def open_core(settings: Settings, platform: str) -> AsyncIterator[BotRuntime]:
+    """Open the store (migrating it) and the queue, and build the core for ``platform``."""
+    store = await Store.open(settings.database_file)
+    try:
+        queue = await create_pool(
+            RedisSettings.from_dsn(settings.redis_url), default_queue_name=f"dreambot:{platform}"
+        )
+    except BaseException:
+        await store.close()
+        raise
+    try:
+        core = Core(settings, store, ArtifactStore(settings.artifacts), queue, platform)
+        yield BotRuntime(settings, store, queue, core)
+    finally:
+        await queue.aclose()
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def delivering(runtime: BotRuntime, sink: Sink) -> AsyncIterator[Deliverer]:
+    """Consume the bot's result queue in this event loop while the block runs."""
+    deliverer = Deliverer(runtime.core, sink)
+    # The worker closes its pool on the way out, so it gets its own.
+    pool = await create_pool(RedisSettings.from_dsn(runtime.settings.redis_url))
+    worker = delivery_worker(deliverer, pool, runtime.core.platform)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        yield deliverer
+    finally:
+        await worker.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,1 @@
+"""dreambot engine: the GPU worker that trains DreamBooth subjects and generates images."""

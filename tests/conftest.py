@@ -1,0 +1,129 @@
+"""Shared fixtures: a real Redis server, real SQLite files, photos, and a recording sink."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import random
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageDraw
+from redis import Redis
+
+from bot.config import Settings
+from bot.core.delivery import Delivery
+from bot.core.store import Job, Owner
+from bot.launcher import BotRuntime, open_core
+from bot.redis_server import RedisServer
+from engine.api import Progress
+
+TEST_PLATFORM = "test"
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server for the session: DREAMBOT_TEST_REDIS_URL, or a throwaway one."""
+    given = os.environ.get("DREAMBOT_TEST_REDIS_URL")
+    if given:
+        yield given
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"), persistent=False).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_clean(redis_url: str) -> str:
+    """The Redis URL, with its database emptied so each test starts with empty queues."""
+    with Redis.from_url(redis_url) as client:
+        client.flushdb()
+    return redis_url
+
+
+def make_settings(data_dir: Path, redis_url: str, **overrides: Any) -> Settings:
+    """Settings for a test: everything under ``data_dir``, no .env file read."""
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "data_dir": data_dir,
+        "progress_interval": 0.0,
+        "photo_size": 64,
+        "shell_user": "tester",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_clean: str) -> Settings:
+    """Test settings on a fresh data folder and an empty Redis."""
+    return make_settings(tmp_path / "data", redis_clean)
+
+
+@pytest.fixture
+async def runtime(settings: Settings) -> AsyncIterator[BotRuntime]:
+    """The bot's core for the test platform, on a real SQLite file and the real Redis."""
+    async with open_core(settings, TEST_PLATFORM) as runtime:
+        yield runtime
+
+
+@pytest.fixture
+def owner() -> Owner:
+    """A user of the test platform."""
+    return Owner(TEST_PLATFORM, "guild-1", "user-1")
+
+
+def make_photo(seed: int, size: tuple[int, int] = (320, 320), fmt: str = "JPEG") -> bytes:
+    """A synthetic subject photo: a red square on blue, slightly moved per seed."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", size, (30, 60, 200))
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    x, y = rng.randint(0, w // 4), rng.randint(0, h // 4)
+    draw.rectangle([x + w // 6, y + h // 6, x + w // 2, y + h // 2], fill=(220, 20, 20))
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+class RecordingSink:
+    """A Sink that records what an adapter would have posted."""
+
+    def __init__(self) -> None:
+        self.progress: list[tuple[str, str, Progress]] = []
+        self.results: dict[str, Delivery] = {}
+        self.failures: dict[str, str] = {}
+        self.result_count = 0
+        self._changed = asyncio.Event()
+
+    async def show_progress(self, job: Job, text: str, progress: Progress) -> None:
+        self.progress.append((job.id, text, progress))
+
+    async def show_result(self, delivery: Delivery) -> None:
+        self.results[delivery.job.id] = delivery
+        self.result_count += 1
+        self._changed.set()
+
+    async def show_failure(self, job: Job, text: str) -> None:
+        self.failures[job.id] = text
+        self.result_count += 1
+        self._changed.set()
+
+    async def wait_for(self, job_id: str, within: float = 120.0) -> Delivery | str:
+        """The delivery (or failure text) of ``job_id`` once it arrives."""
+        async with asyncio.timeout(within):
+            while job_id not in self.results and job_id not in self.failures:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.results.get(job_id) or self.failures[job_id]
+
+
+@pytest.fixture
+def sink() -> RecordingSink:
+    """A recording sink."""
+    return RecordingSink()

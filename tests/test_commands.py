@@ -1,0 +1,164 @@
+"""The core's commands against a real SQLite file and a real Redis, without the engine."""
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import Settings
+from bot.core.commands import Core
+from bot.core.errors import UserError
+from bot.core.photos import Upload
+from bot.core.store import Owner
+from bot.launcher import BotRuntime, open_core
+from engine.api import ENGINE_QUEUE, TRAIN_SUBJECT, TrainRequest
+from engine.artifacts import local_path
+from tests.conftest import TEST_PLATFORM, make_photo, make_settings
+
+DEST = {"channel": "c1"}
+
+
+def _photos(n: int) -> list[Upload]:
+    return [Upload(f"p{i}.jpg", make_photo(i)) for i in range(n)]
+
+
+async def _queued(runtime: BotRuntime) -> int:
+    return int(await runtime.queue.zcard(ENGINE_QUEUE))
+
+
+async def _job_count(runtime: BotRuntime) -> int:
+    async with runtime.store.db.execute("SELECT count(*) FROM jobs") as cur:
+        row = await cur.fetchone()
+    return int(row[0])
+
+
+async def test_train_stores_photos_records_subject_and_queues_one_job(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    receipt = await runtime.core.train(owner, DEST, "rex", "Dog", _photos(3))
+    assert "queued (position 1)" in receipt.text
+    assert await _queued(runtime) == 1
+    subject = await runtime.store.find_subject(owner, "REX")
+    assert subject is not None and subject.status == "queued" and subject.class_noun == "dog"
+    assert len(subject.token) == 3
+    job = await runtime.store.get_job(receipt.job_id)
+    assert job is not None and job.kind == "train" and job.destination == DEST
+    # The queued payload carries only references, and the photos are where it says.
+    queued = await runtime.queue.zrange(ENGINE_QUEUE, 0, -1)
+    assert queued == [receipt.job_id.encode()]
+    info = await runtime.queue._get_job_def(receipt.job_id.encode(), None)
+    assert info.function == TRAIN_SUBJECT
+    request = TrainRequest.model_validate(info.args[0])
+    assert request.token == subject.token and len(request.photo_urls) == 3
+    for url in request.photo_urls:
+        path = local_path(url)
+        assert path is not None and path.is_file()
+
+
+async def test_imagine_with_v_and_no_subject_queues_nothing(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    with pytest.raises(UserError, match="you have none yet"):
+        await runtime.core.imagine(owner, DEST, "a [V] dog wearing a hat")
+    assert await _queued(runtime) == 0
+    assert await _job_count(runtime) == 0
+
+
+async def test_imagine_with_unknown_subject_queues_nothing(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    await runtime.core.train(owner, DEST, "rex", "dog", _photos(3))
+    before = await _queued(runtime)
+    with pytest.raises(UserError, match="no subject called 'fido'"):
+        await runtime.core.imagine(owner, DEST, "[fido] in the snow")
+    assert await _queued(runtime) == before
+
+
+async def test_train_with_two_photos_queues_nothing(runtime: BotRuntime, owner: Owner) -> None:
+    with pytest.raises(UserError, match="You sent 2 photos; training needs 3 to 20"):
+        await runtime.core.train(owner, DEST, "rex", "dog", _photos(2))
+    assert await _queued(runtime) == 0
+    assert await runtime.store.list_subjects(owner) == []
+
+
+async def test_a_bad_photo_leaves_no_subject_behind(runtime: BotRuntime, owner: Owner) -> None:
+    uploads = [*_photos(2), Upload("broken.jpg", b"garbage")]
+    with pytest.raises(UserError, match="broken.jpg"):
+        await runtime.core.train(owner, DEST, "rex", "dog", uploads)
+    assert await runtime.store.list_subjects(owner) == []
+    assert await _queued(runtime) == 0
+
+
+async def test_duplicate_subject_name_is_refused(runtime: BotRuntime, owner: Owner) -> None:
+    await runtime.core.train(owner, DEST, "rex", "dog", _photos(3))
+    with pytest.raises(UserError, match="already have a subject called rex"):
+        await runtime.core.train(owner, DEST, "Rex", "dog", _photos(3))
+
+
+async def test_tokens_are_unique_within_a_workspace(runtime: BotRuntime) -> None:
+    tokens = set()
+    for i in range(6):
+        user = Owner(TEST_PLATFORM, "guild-1", f"user-{i}")
+        await runtime.core.train(user, DEST, "rex", "dog", _photos(3))
+        subject = await runtime.store.find_subject(user, "rex")
+        assert subject is not None
+        tokens.add(subject.token)
+    assert len(tokens) == 6
+
+
+async def test_other_users_subjects_are_not_visible(runtime: BotRuntime, owner: Owner) -> None:
+    await runtime.core.train(owner, DEST, "rex", "dog", _photos(3))
+    stranger = Owner(TEST_PLATFORM, "guild-1", "someone-else")
+    with pytest.raises(UserError, match="no subject called 'rex'"):
+        await runtime.core.imagine(stranger, DEST, "[rex] at the park")
+    assert "no subjects yet" in await runtime.core.subjects_text(stranger)
+
+
+async def test_full_queue_is_a_polite_busy_message(
+    tmp_path: Path, redis_clean: str, owner: Owner
+) -> None:
+    settings = make_settings(tmp_path, redis_clean, max_queue=1)
+    async with open_core(settings, TEST_PLATFORM) as runtime:
+        await runtime.core.train(owner, DEST, "rex", "dog", _photos(3))
+        with pytest.raises(UserError, match="busy.*Nothing was queued"):
+            await runtime.core.train(owner, DEST, "mia", "cat", _photos(3))
+        assert await runtime.store.find_subject(owner, "mia") is None
+
+
+async def test_unreachable_redis_is_reported_and_nothing_is_kept(
+    runtime: BotRuntime, owner: Owner, settings: Settings
+) -> None:
+    # Point a core at a port where nothing listens: the queue is "down".
+    from arq.connections import ArqRedis
+
+    from bot.redis_server import free_port
+
+    dead = ArqRedis(host="127.0.0.1", port=free_port())
+    core = Core(settings, runtime.store, runtime.core.artifacts, dead, TEST_PLATFORM)
+    with pytest.raises(UserError, match="can't be reached.*nothing was queued"):
+        await core.train(owner, DEST, "rex", "dog", _photos(3))
+    await dead.aclose()
+    assert await runtime.store.list_subjects(owner) == []
+    assert await _job_count(runtime) == 0
+
+
+async def test_forget_deletes_the_subject_and_its_files(runtime: BotRuntime, owner: Owner) -> None:
+    await runtime.core.train(owner, DEST, "rex", "dog", _photos(3))
+    subject = await runtime.store.find_subject(owner, "rex")
+    assert subject is not None
+    folder = local_path(runtime.core.artifacts.url("subjects", subject.id))
+    assert folder is not None and folder.exists()
+    assert "Forgot rex" in await runtime.core.forget(owner, "rex")
+    assert await runtime.store.find_subject(owner, "rex") is None
+    assert not folder.exists()
+    with pytest.raises(UserError, match="no subject called 'rex'"):
+        await runtime.core.forget(owner, "rex")
+
+
+@pytest.mark.parametrize(
+    ("name", "noun"), [("", "dog"), ("v", "dog"), ("a b", "dog"), ("rex", "d0g!"), ("rex", "")]
+)
+async def test_bad_names_and_classes_are_refused(
+    runtime: BotRuntime, owner: Owner, name: str, noun: str
+) -> None:
+    with pytest.raises(UserError):
+        await runtime.core.train(owner, DEST, name, noun, _photos(3))

@@ -127,3 +127,11 @@ class RecordingSink:
 def sink() -> RecordingSink:
     """A recording sink."""
     return RecordingSink()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Stable Diffusion model, built once for the session."""
+    from engine.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")

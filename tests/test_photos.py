@@ -15,7 +15,8 @@ def _uploads(n: int) -> list[Upload]:
 
 
 async def test_good_photos_become_square_pngs_of_the_model_size() -> None:
-    uploads = _uploads(2) + [
+    uploads = [
+        *_uploads(2),
         Upload("p.png", make_photo(7, (400, 300), "PNG")),
         Upload("p.webp", make_photo(8, (300, 500), "WEBP")),
     ]

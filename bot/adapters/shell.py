@@ -1,6 +1,7 @@
 """The local shell adapter: chat with dreambot in a terminal, or script it through a pipe.
 
-``dreambot shell < script.txt`` runs the commands in the file and exits once input has ended
+``dreambot shell < script.txt`` runs the commands in the file one after another (each waits
+for its job's result, so ``/imagine a [V] …`` can follow ``/train``) and exits when input ends
 and every job it queued has been delivered.
 """
 
@@ -130,6 +131,10 @@ class ShellAdapter:
             if line.strip() in ("/quit", "/exit"):
                 break
             await self.handle(line)
+            if not interactive:
+                # A script's next command may need this one's result ("/train" then
+                # "/imagine a [V] …"), so piped commands run one after another.
+                await self._idle.wait()
         if self.pending:
             self.say(f"waiting for {len(self.pending)} job(s) to finish…")
         await self._idle.wait()

@@ -1,0 +1,167 @@
+"""The whole loop on one machine: core → arq/Redis → engine (tiny model) → delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from arq.worker import Worker, create_worker
+from PIL import Image
+
+from bot.config import Settings
+from bot.core.delivery import Delivery
+from bot.core.photos import Upload
+from bot.core.store import Owner
+from bot.launcher import delivering, open_core
+from engine.artifacts import local_path
+from engine.images import read_png_metadata
+from tests.conftest import TEST_PLATFORM, RecordingSink, make_photo, make_settings
+
+pytestmark = pytest.mark.model
+
+# Small but real: enough steps for the adapter to visibly change the tiny model's output.
+FAST_TRAINING = {
+    "train_steps": 30,
+    "train_learning_rate": 1e-2,
+    "class_images": 2,
+    "sample_count": 1,
+    "generate_steps": 4,
+}
+
+
+@pytest.fixture
+def e2e_settings(tmp_path: Path, redis_clean: str, tiny_model_dir: Path) -> Settings:
+    return make_settings(
+        tmp_path / "data", redis_clean, base_model=str(tiny_model_dir), **FAST_TRAINING
+    )
+
+
+@pytest.fixture
+async def engine(e2e_settings: Settings) -> AsyncIterator[Worker]:
+    """The engine's arq worker, running in this event loop on the tiny model."""
+    from engine.worker import WorkerSettings, engine_worker_kwargs
+
+    worker = create_worker(
+        WorkerSettings,  # type: ignore[arg-type]
+        **engine_worker_kwargs(e2e_settings),
+        handle_signals=False,
+    )
+    task = asyncio.create_task(worker.async_run())
+    try:
+        yield worker
+    finally:
+        await worker.close()
+        task.cancel()
+
+
+def _pixels(url: str) -> np.ndarray:
+    path = local_path(url)
+    assert path is not None and path.is_file()
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+async def test_train_then_imagine_with_v_applies_the_subjects_adapter(
+    e2e_settings: Settings, engine: Worker, sink: RecordingSink
+) -> None:
+    owner = Owner(TEST_PLATFORM, "guild-1", "user-1")
+    photos = [Upload(f"rex{i}.jpg", make_photo(i)) for i in range(3)]
+    async with open_core(e2e_settings, TEST_PLATFORM) as runtime, delivering(runtime, sink):
+        core = runtime.core
+        receipt = await core.train(owner, {"channel": "c"}, "rex", "dog", photos)
+        trained = await sink.wait_for(receipt.job_id, within=240)
+        assert isinstance(trained, Delivery), trained
+        assert "rex is ready" in trained.text and "/imagine a [V] dog" in trained.text
+        subject = await runtime.store.find_subject(owner, "rex")
+        assert subject is not None and subject.status == "ready"
+        adapter = local_path(subject.adapter_url or "")
+        assert adapter is not None and adapter.is_file() and adapter.suffix == ".safetensors"
+        assert len(trained.image_urls) == 1
+        phases = {p.phase for job_id, _, p in sink.progress if job_id == receipt.job_id}
+        assert {"class-priors", "training"} <= phases
+
+        with_subject = await core.imagine(owner, {}, "a [V] dog on the beach", count=2, seed=42)
+        without = await core.imagine(owner, {}, f"a {subject.token} dog on the beach",
+                                     count=2, seed=42)
+        first = await sink.wait_for(with_subject.job_id, within=120)
+        second = await sink.wait_for(without.job_id, within=120)
+        assert isinstance(first, Delivery) and isinstance(second, Delivery)
+        assert len(first.image_urls) == len(second.image_urls) == 2
+        for url in first.image_urls:
+            assert _pixels(url).shape == (64, 64, 3)
+        # Same prompt text and seed: only the adapter differs, so the pixels must.
+        difference = np.abs(_pixels(first.image_urls[0]) - _pixels(second.image_urls[0]))
+        assert difference.mean() > 1.0
+        metadata = read_png_metadata(Path(local_path(first.image_urls[0]) or "").read_bytes())
+        assert metadata["dreambot:seed"] == "42"
+        assert metadata["dreambot:subjects"] == subject.id
+        job = await runtime.store.get_job(with_subject.job_id)
+        assert job is not None and job.status == "done" and job.delivered_at
+
+
+async def test_results_wait_in_redis_while_the_bot_is_away(
+    e2e_settings: Settings, engine: Worker, sink: RecordingSink
+) -> None:
+    owner = Owner(TEST_PLATFORM, "guild-1", "user-2")
+    async with open_core(e2e_settings, TEST_PLATFORM) as runtime:
+        receipt = await runtime.core.imagine(owner, {}, "a red ball", count=1, seed=1)
+        # No delivery worker runs: the engine finishes and its result waits in Redis.
+        for _ in range(600):
+            if await runtime.queue.zcard(f"dreambot:bot:{TEST_PLATFORM}"):
+                break
+            await asyncio.sleep(0.1)
+    async with open_core(e2e_settings, TEST_PLATFORM) as runtime, delivering(runtime, sink):
+        delivered = await sink.wait_for(receipt.job_id, within=60)
+        assert isinstance(delivered, Delivery)
+        await asyncio.sleep(0.5)
+        assert sink.result_count == 1
+
+
+def test_shell_through_a_pipe_trains_then_imagines(
+    tmp_path: Path, redis_clean: str, tiny_model_dir: Path
+) -> None:
+    photo_dir = tmp_path / "photos"
+    photo_dir.mkdir()
+    for i in range(3):
+        (photo_dir / f"rex{i}.jpg").write_bytes(make_photo(i))
+    env = {
+        **os.environ,
+        "DREAMBOT_REDIS_URL": redis_clean,
+        "DREAMBOT_DATA_DIR": str(tmp_path / "data"),
+        "DREAMBOT_BASE_MODEL": str(tiny_model_dir),
+        "DREAMBOT_PHOTO_SIZE": "64",
+        "DREAMBOT_PROGRESS_INTERVAL": "0",
+        **{f"DREAMBOT_{key.upper()}": str(value) for key, value in FAST_TRAINING.items()},
+    }
+    script = "\n".join([
+        "/help",
+        f"/train rex dog {photo_dir}/rex0.jpg {photo_dir}/rex1.jpg {photo_dir}/rex2.jpg",
+        "/subjects",
+        "/imagine a [V] dog wearing a hat --count 2 --seed 7",
+        "/imagine [nobody] at sea",
+    ]) + "\n"
+    engine = subprocess.Popen([sys.executable, "-m", "bot.cli", "engine"], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        shell = subprocess.run([sys.executable, "-m", "bot.cli", "shell"], input=script,
+                               env=env, cwd=tmp_path, capture_output=True, text=True,
+                               timeout=240)
+    finally:
+        engine.terminate()
+        engine.wait(30)
+    out = shell.stdout
+    assert shell.returncode == 0, shell.stderr
+    assert "queued (position 1)" in out
+    assert "rex is ready" in out
+    assert "training" in out  # progress lines
+    assert "seed 7" in out
+    assert "no subject called 'nobody'" in out
+    pngs = [Path(line.strip()) for line in out.splitlines() if line.strip().endswith(".png")]
+    assert len(pngs) == 1 + 2  # one training sample, two generated images
+    for png in pngs:
+        assert png.is_file() and Image.open(png).size == (64, 64)

@@ -51,6 +51,23 @@ def cmd_shell(settings: Settings, args: argparse.Namespace) -> None:
         print("\nbye — queued jobs keep running; their results appear next time.")
 
 
+def cmd_discord(settings: Settings, args: argparse.Namespace) -> None:
+    """Run the Discord bot (DREAMBOT_DISCORD_TOKEN) until interrupted."""
+    import discord
+
+    from bot.adapters.discord import run_discord
+
+    if settings.discord_token is None:
+        raise SystemExit("Set DREAMBOT_DISCORD_TOKEN to the bot's token (see the README).")
+    _require_redis(settings)
+    try:
+        asyncio.run(run_discord(settings))
+    except discord.LoginFailure as exc:
+        raise SystemExit(f"Discord refused the token: {exc}") from exc
+    except KeyboardInterrupt:
+        pass
+
+
 def cmd_engine(settings: Settings, args: argparse.Namespace) -> None:
     """Run the engine worker (the GPU process) until interrupted."""
     from arq.worker import run_worker
@@ -140,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, handler in [
         ("run", cmd_run),
         ("shell", cmd_shell),
+        ("discord", cmd_discord),
         ("engine", cmd_engine),
         ("migrate", cmd_migrate),
         ("tiny-model", cmd_tiny_model),

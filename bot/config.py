@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import getpass
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL = "tiny"
 """Special value of ``DREAMBOT_BASE_MODEL``: the tiny random model built offline on first use."""
@@ -67,8 +68,54 @@ class Settings(BaseSettings):
     photo_size: int = Field(512, ge=64, description="photos are centre-cropped to this square")
     max_queue: int = Field(100, ge=1, description="queued engine jobs before new ones are refused")
 
+    # Quotas: the defaults of every workspace; moderators override them per workspace, role
+    # or user with `/mod quota set`.
+    quota_daily_images: int = Field(
+        100, ge=0, description="images one user may generate per UTC day"
+    )
+    quota_daily_trainings: int = Field(
+        5, ge=0, description="subjects one user may train per UTC day"
+    )
+    quota_max_active_jobs: int = Field(
+        3, ge=0, description="jobs one user may have waiting or running at once"
+    )
+
+    # Moderators. Each adapter decides who moderates on its platform; these lists are what it
+    # consults (comma-separated in the environment).
+    moderator_users: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="platform user ids that may use /mod"
+    )
+    moderator_roles: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="platform role ids whose members may use /mod"
+    )
+
     # Shell adapter.
     shell_user: str = Field(default_factory=getpass.getuser)
+    shell_moderators: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="shell users who may use /mod; unset means the shell user, so the local "
+        "demo can moderate itself; empty means nobody",
+    )
+
+    # Discord adapter.
+    discord_token: SecretStr | None = Field(None, description="bot token; `dreambot discord`")
+    discord_dev_guild: int | None = Field(
+        None, description="sync slash commands to this guild only (instant); global otherwise"
+    )
+    discord_edit_interval: float = Field(
+        3.0, ge=1.0, description="seconds between edits of one progress message"
+    )
+    discord_download_timeout: float = Field(
+        30.0, gt=0, description="seconds allowed to download one attachment"
+    )
+
+    @field_validator("moderator_users", "moderator_roles", "shell_moderators", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        # "123, 456" reads better in an environment file than a JSON list.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Settings:

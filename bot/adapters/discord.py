@@ -1,0 +1,552 @@
+"""The Discord adapter: slash commands and buttons in, channel messages, edits and files out.
+
+It only translates. A slash command is deferred at once (Discord allows 3 seconds), its
+attachments are downloaded from Discord's CDN, and the core is called with plain values; the
+core's reply goes back as an ephemeral follow-up. Engine updates arrive through the ``Sink``
+methods: one public progress message per job, edited at most once per ``edit_interval``
+seconds, then the result as a normal channel message mentioning the user (interaction tokens
+expire after 15 minutes, jobs may take longer), or by DM when the channel refuses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import discord
+from discord import app_commands
+
+from bot.adapters.downloads import DISCORD_CDN_HOSTS, Downloader
+from bot.config import ConfigError, Settings
+from bot.core.commands import Core
+from bot.core.delivery import Delivery, progress_text
+from bot.core.errors import UserError
+from bot.core.store import Job, Owner
+from engine.api import Progress
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+MAX_CONTENT = 2000
+MAX_FILES_PER_MESSAGE = 10
+BUTTON_ID = re.compile(r"dreambot:(?P<action>reroll|vary):(?P<job_id>[0-9a-f]{32})")
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+Send = Callable[[], Awaitable[None]]
+
+
+def fit(text: str, limit: int = MAX_CONTENT) -> str:
+    """``text`` cut to Discord's message length, marked with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def owner_of(interaction: discord.Interaction[Any]) -> Owner:
+    """The core's owner for the user of an interaction (one workspace per guild)."""
+    return Owner(PLATFORM, str(interaction.guild_id), str(interaction.user.id))
+
+
+def destination_of(interaction: discord.Interaction[Any]) -> dict[str, Any]:
+    """Where a job's progress and result go: the interaction's channel, then the user by DM."""
+    return {
+        "channel_id": interaction.channel_id,
+        "guild_id": interaction.guild_id,
+        "user_id": interaction.user.id,
+    }
+
+
+class EditThrottle:
+    """Coalesces updates per key: at most one send per ``interval`` seconds; the latest wins.
+
+    An update that comes too soon is kept and sent when the interval has passed, so the last
+    state is always shown but a chatty job never exceeds the rate promised to Discord.
+    """
+
+    def __init__(
+        self, interval: float, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep
+    ) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.sleep = sleep
+        self._last: dict[str, float] = {}
+        self._pending: dict[str, Send] = {}
+        self._flushers: dict[str, asyncio.Task[None]] = {}
+
+    async def submit(self, key: str, send: Send) -> None:
+        """Send now if the key's interval has passed, else send the latest update later."""
+        last = self._last.get(key)
+        now = self.clock()
+        if key not in self._flushers and (last is None or now - last >= self.interval):
+            self._last[key] = now
+            await send()
+            return
+        self._pending[key] = send
+        if key not in self._flushers:
+            self._flushers[key] = asyncio.create_task(self._flush_later(key))
+
+    async def _flush_later(self, key: str) -> None:
+        try:
+            while key in self._pending:
+                await self.sleep(max(0.0, self._last[key] + self.interval - self.clock()))
+                send = self._pending.pop(key, None)
+                if send is None:
+                    break
+                self._last[key] = self.clock()
+                try:
+                    await send()
+                except Exception:
+                    log.exception("delayed update of %s failed", key)
+        finally:
+            self._flushers.pop(key, None)
+
+    def sent(self, key: str) -> None:
+        """Record that the key's message was just written another way (e.g. posted)."""
+        self._last[key] = self.clock()
+
+    def forget(self, key: str) -> None:
+        """Drop the key's pending update (its job finished)."""
+        self._pending.pop(key, None)
+        self._last.pop(key, None)
+        task = self._flushers.pop(key, None)
+        if task is not None:
+            task.cancel()
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to post: text, image files, optional buttons."""
+
+    content: str
+    files: list[tuple[str, bytes]]
+    buttons_for: str | None = None
+
+
+class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=BUTTON_ID.pattern):
+    """Reroll / Vary under a generated image; the custom_id carries all it needs after restart."""
+
+    LABELS: ClassVar[dict[str, str]] = {"reroll": "Reroll", "vary": "Vary"}
+    EMOJI: ClassVar[dict[str, str]] = {"reroll": "🎲", "vary": "🔀"}
+
+    def __init__(self, action: str, job_id: str) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=self.LABELS[action],
+                emoji=self.EMOJI[action],
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"dreambot:{action}:{job_id}",
+            )
+        )
+        self.action = action
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
+        /,
+    ) -> JobButton:
+        return cls(match["action"], match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        client = interaction.client
+        assert isinstance(client, DreamClient)
+        await client.adapter.click(interaction, self.action, self.job_id)
+
+
+def job_buttons(job_id: str) -> discord.ui.View:
+    """The Reroll / Vary buttons for a generation job."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(JobButton("reroll", job_id))
+    view.add_item(JobButton("vary", job_id))
+    return view
+
+
+class DreamClient(discord.Client):
+    """The discord.py client: holds the command tree and the adapter, syncs commands at login."""
+
+    def __init__(self, adapter: DiscordAdapter, *, dev_guild: int | None = None) -> None:
+        # Slash commands and buttons need no privileged intent (no message content, no members);
+        # the guilds intent keeps discord.py's channel and guild state consistent.
+        super().__init__(intents=discord.Intents(guilds=True))
+        self.adapter = adapter
+        self.dev_guild = dev_guild
+        self.tree = app_commands.CommandTree(self)
+        add_commands(self.tree, adapter)
+
+    async def setup_hook(self) -> None:
+        """Register the persistent buttons and publish the slash commands."""
+        self.add_dynamic_items(JobButton)
+        if self.dev_guild is not None:
+            guild = discord.Object(self.dev_guild)
+            self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+            log.info("synced %d commands to guild %s", len(synced), self.dev_guild)
+        else:
+            synced = await self.tree.sync()
+            log.info("synced %d global commands (may take up to an hour to appear)", len(synced))
+
+
+class DiscordAdapter:
+    """Translates Discord interactions into core calls and engine updates into messages."""
+
+    def __init__(
+        self,
+        core: Core,
+        *,
+        downloader: Downloader | None = None,
+        edit_interval: float = 3.0,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        dev_guild: int | None = None,
+    ) -> None:
+        self.core = core
+        self.downloader = downloader or Downloader(max_bytes=core.settings.max_photo_bytes)
+        self.edits = EditThrottle(edit_interval, clock=clock, sleep=sleep)
+        self.client = DreamClient(self, dev_guild=dev_guild)
+        # The core has no place for it yet, so the progress message of a job lives here; after a
+        # restart the next progress update simply posts a new one.
+        self.progress_messages: dict[str, int | None] = {}
+        self._progress_locks: dict[str, asyncio.Lock] = {}
+
+    async def close(self) -> None:
+        """Close the client and the downloader."""
+        await self.client.close()
+        await self.downloader.close()
+
+    # Commands (called from the command tree).
+
+    async def respond(
+        self, interaction: discord.Interaction[Any], work: Callable[[], Awaitable[str]]
+    ) -> None:
+        """Defer privately, run ``work`` and follow up privately with its text or the error."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            if interaction.guild_id is None:
+                raise UserError("Use dreambot in a server channel, not in direct messages.")
+            text = await work()
+        except UserError as exc:
+            text = exc.message
+        except Exception:
+            ref = uuid.uuid4().hex[:8]
+            log.exception("command %s failed (ref %s)", _command_name(interaction), ref)
+            text = f"Sorry, something went wrong on my side (ref {ref}). Try again in a minute."
+        await interaction.followup.send(fit(text), ephemeral=True)
+
+    async def train(
+        self,
+        interaction: discord.Interaction[Any],
+        name: str,
+        class_noun: str,
+        photos: list[discord.Attachment],
+    ) -> str:
+        """/train: download the photos, queue the training, post the progress message."""
+        uploads = await self.downloader.fetch_all((a.url, a.filename) for a in photos)
+        receipt = await self.core.train(
+            owner_of(interaction), destination_of(interaction), name, class_noun, uploads
+        )
+        await self._post_queued(interaction, receipt.job_id, name.strip(), receipt.position)
+        return receipt.text
+
+    async def imagine(
+        self,
+        interaction: discord.Interaction[Any],
+        prompt: str,
+        *,
+        negative: str = "",
+        count: int | None = None,
+        seed: int | None = None,
+    ) -> str:
+        """/imagine (and the buttons): queue a generation as the interaction's user."""
+        receipt = await self.core.imagine(
+            owner_of(interaction),
+            destination_of(interaction),
+            prompt,
+            count=count,
+            seed=seed,
+            negative_prompt=negative,
+        )
+        await self._post_queued(interaction, receipt.job_id, "your image", receipt.position)
+        return receipt.text
+
+    async def click(self, interaction: discord.Interaction[Any], action: str, job_id: str) -> None:
+        """Reroll / Vary: redo a finished generation as the user who clicked."""
+
+        async def work() -> str:
+            job = await self.core.store.get_job(job_id)
+            if job is None or job.kind != "generate" or not job.prompt:
+                raise UserError("I no longer have that image's prompt; use /imagine instead.")
+            result = job.result or {}
+            seed = None
+            if action == "vary" and isinstance(result.get("seed"), int):
+                seed = (result["seed"] + 1) % 2**32
+            count = len(result.get("image_urls") or []) or None
+            return await self.imagine(interaction, job.prompt, count=count, seed=seed)
+
+        await self.respond(interaction, work)
+
+    async def _post_queued(
+        self, interaction: discord.Interaction[Any], job_id: str, label: str, position: int
+    ) -> None:
+        queued = progress_text(Progress(job_id=job_id, phase="queued"), label)
+        content = f"<@{interaction.user.id}> · {queued} (position {position})"
+        try:
+            async with self._progress_lock(job_id):
+                if job_id not in self.progress_messages:
+                    self.progress_messages[job_id] = await self._post_progress(
+                        job_id, destination_of(interaction), content
+                    )
+        except Exception:
+            # The job is queued whatever happens here; the next progress update tries again.
+            log.warning("job %s: progress message not posted", job_id, exc_info=True)
+
+    # Sink: engine updates.
+
+    async def show_progress(self, job: Job, text: str, progress: Progress) -> None:
+        """Post the job's progress message once, then edit it (throttled)."""
+        content = fit(f"<@{job.destination['user_id']}> · {text}")
+        async with self._progress_lock(job.id):
+            if job.id not in self.progress_messages:
+                known = job.destination.get("progress_message_id")
+                if known is None:
+                    self.progress_messages[job.id] = await self._post_progress(
+                        job.id, job.destination, content
+                    )
+                    return
+                self.progress_messages[job.id] = int(known)
+        message_id = self.progress_messages[job.id]
+        if message_id is not None:
+            await self.edits.submit(job.id, lambda: self._edit_progress(job, message_id, content))
+
+    async def show_result(self, delivery: Delivery) -> None:
+        """Post the result with its images (and buttons for generations), mentioning the user."""
+        job = delivery.job
+        files = [
+            (url.rsplit("/", 1)[-1], await self.core.artifacts.aget_bytes(url))
+            for url in delivery.image_urls
+        ]
+        buttons = job.id if job.kind == "generate" and files else None
+        self.edits.forget(job.id)
+        await self._post_to_user(
+            job, Outgoing(f"<@{job.destination['user_id']}> {delivery.text}", files, buttons)
+        )
+        await self._finish_progress(job, "✓ done — result below.")
+
+    async def show_failure(self, job: Job, text: str) -> None:
+        """Tell the user in the channel (or by DM) that the job failed."""
+        self.edits.forget(job.id)
+        await self._post_to_user(job, Outgoing(f"<@{job.destination['user_id']}> ✗ {text}", []))
+        await self._finish_progress(job, "✗ failed — see below.")
+
+    # Messages.
+
+    def _progress_lock(self, job_id: str) -> asyncio.Lock:
+        return self._progress_locks.setdefault(job_id, asyncio.Lock())
+
+    def _channel(self, destination: dict[str, Any]) -> discord.PartialMessageable:
+        return self.client.get_partial_messageable(
+            int(destination["channel_id"]),
+            guild_id=int(destination["guild_id"]) if destination.get("guild_id") else None,
+        )
+
+    async def _post_progress(
+        self, job_id: str, destination: dict[str, Any], content: str
+    ) -> int | None:
+        """Post a progress message; None if the channel refuses (progress is best effort)."""
+        self.edits.sent(job_id)
+        try:
+            message = await self._channel(destination).send(
+                content, allowed_mentions=discord.AllowedMentions.none()
+            )
+        except (discord.Forbidden, discord.NotFound) as exc:
+            log.warning("job %s: no progress message in the channel (%s)", job_id, exc)
+            return None
+        return message.id
+
+    async def _edit_progress(self, job: Job, message_id: int, content: str) -> None:
+        message = self._channel(job.destination).get_partial_message(message_id)
+        try:
+            await message.edit(content=content, allowed_mentions=discord.AllowedMentions.none())
+        except (discord.Forbidden, discord.NotFound) as exc:
+            log.warning("job %s: progress message %s gone (%s)", job.id, message_id, exc)
+            self.progress_messages[job.id] = None
+
+    async def _finish_progress(self, job: Job, note: str) -> None:
+        """Close the job's progress message (best effort: the result is already posted)."""
+        self.edits.forget(job.id)
+        self._progress_locks.pop(job.id, None)
+        message_id = self.progress_messages.pop(job.id, job.destination.get("progress_message_id"))
+        if message_id is not None:
+            content = f"<@{job.destination['user_id']}> · {note}"
+            try:
+                await self._edit_progress(job, int(message_id), content)
+            except Exception:
+                log.warning("job %s: progress message not closed", job.id, exc_info=True)
+
+    async def _post_to_user(self, job: Job, outgoing: Outgoing) -> None:
+        """Post in the job's channel; by DM if the channel is gone or forbidden; else log.
+
+        Other errors (Discord down, network) propagate so the delivery is retried later.
+        """
+        user_id = int(job.destination["user_id"])
+        try:
+            await self._send(self._channel(job.destination), outgoing, user_id)
+            return
+        except (discord.Forbidden, discord.NotFound) as exc:
+            log.warning("job %s: channel refused the result (%s); sending it by DM", job.id, exc)
+        try:
+            dm = await self.client.create_dm(discord.Object(user_id))
+            await self._send(dm, outgoing, user_id)
+        except (discord.Forbidden, discord.NotFound) as exc:
+            log.error(
+                "job %s: result could not be delivered to channel %s nor by DM to user %s (%s); "
+                "it was: %s",
+                job.id,
+                job.destination.get("channel_id"),
+                user_id,
+                exc,
+                outgoing.content,
+            )
+
+    async def _send(
+        self, channel: discord.abc.Messageable, outgoing: Outgoing, user_id: int
+    ) -> None:
+        mentions = discord.AllowedMentions(
+            everyone=False, roles=False, users=[discord.Object(user_id)]
+        )
+        batches = [
+            outgoing.files[i : i + MAX_FILES_PER_MESSAGE]
+            for i in range(0, len(outgoing.files), MAX_FILES_PER_MESSAGE)
+        ] or [[]]
+        for index, batch in enumerate(batches):
+            last = index == len(batches) - 1
+            kwargs: dict[str, Any] = {}
+            if last and outgoing.buttons_for:
+                kwargs["view"] = job_buttons(outgoing.buttons_for)
+            await channel.send(
+                fit(outgoing.content) if index == 0 else None,
+                files=[discord.File(io.BytesIO(data), filename=name) for name, data in batch],
+                allowed_mentions=mentions,
+                **kwargs,
+            )
+
+
+def _command_name(interaction: discord.Interaction[Any]) -> str:
+    command = interaction.command
+    return command.qualified_name if command is not None else "button"
+
+
+def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -> None:
+    """Add /train, /imagine, /subjects, /forget and /help to ``tree``, calling ``adapter``."""
+
+    @tree.command(name="train", description="Teach me a subject from 3-10 photos of it")
+    @app_commands.guild_only()
+    @app_commands.rename(class_noun="class")
+    @app_commands.describe(
+        name="a short name for the subject, e.g. rex",
+        class_noun="what kind of thing it is, e.g. dog, cat, person, backpack",
+        photo1="a clear photo of the subject",
+    )
+    async def train(
+        interaction: discord.Interaction[Any],
+        name: str,
+        class_noun: str,
+        photo1: discord.Attachment,
+        photo2: discord.Attachment,
+        photo3: discord.Attachment,
+        photo4: discord.Attachment | None = None,
+        photo5: discord.Attachment | None = None,
+        photo6: discord.Attachment | None = None,
+        photo7: discord.Attachment | None = None,
+        photo8: discord.Attachment | None = None,
+        photo9: discord.Attachment | None = None,
+        photo10: discord.Attachment | None = None,
+    ) -> None:
+        given = [photo1, photo2, photo3, photo4, photo5, photo6, photo7, photo8, photo9, photo10]
+        photos = [photo for photo in given if photo is not None]
+        await adapter.respond(
+            interaction, lambda: adapter.train(interaction, name, class_noun, photos)
+        )
+
+    @tree.command(name="imagine", description="Draw a prompt; [V] is your newest subject")
+    @app_commands.guild_only()
+    @app_commands.describe(
+        prompt="what to draw, e.g. a [V] dog wearing a hat",
+        negative="things to avoid",
+        count="how many images (1-4)",
+        seed="a number to repeat a result",
+    )
+    async def imagine(
+        interaction: discord.Interaction[Any],
+        prompt: str,
+        negative: str | None = None,
+        count: app_commands.Range[int, 1, 4] | None = None,
+        seed: app_commands.Range[int, 0, 4294967295] | None = None,
+    ) -> None:
+        await adapter.respond(
+            interaction,
+            lambda: adapter.imagine(
+                interaction, prompt, negative=negative or "", count=count, seed=seed
+            ),
+        )
+
+    @tree.command(name="subjects", description="List your subjects and their status")
+    @app_commands.guild_only()
+    async def subjects(interaction: discord.Interaction[Any]) -> None:
+        await adapter.respond(
+            interaction, lambda: adapter.core.subjects_text(owner_of(interaction))
+        )
+
+    @tree.command(name="forget", description="Delete a subject, its photos and its adapter")
+    @app_commands.guild_only()
+    @app_commands.describe(name="the subject's name")
+    async def forget(interaction: discord.Interaction[Any], name: str) -> None:
+        await adapter.respond(interaction, lambda: adapter.core.forget(owner_of(interaction), name))
+
+    @tree.command(name="help", description="What dreambot can do")
+    @app_commands.guild_only()
+    async def help_(interaction: discord.Interaction[Any]) -> None:
+        async def text() -> str:
+            return f"```\n{adapter.core.help_text()}\n```"
+
+        await adapter.respond(interaction, text)
+
+
+def build_adapter(core: Core, settings: Settings) -> DiscordAdapter:
+    """The adapter as configured (downloads only from Discord's CDN)."""
+    downloader = Downloader(
+        max_bytes=settings.max_photo_bytes,
+        allowed_hosts=DISCORD_CDN_HOSTS,
+        timeout=settings.discord_download_timeout,
+    )
+    return DiscordAdapter(
+        core,
+        downloader=downloader,
+        edit_interval=settings.discord_edit_interval,
+        dev_guild=settings.discord_dev_guild,
+    )
+
+
+async def run_discord(settings: Settings) -> None:
+    """Log in, consume the result queue, and serve Discord until the connection closes."""
+    from bot.launcher import delivering, open_core
+
+    if settings.discord_token is None:
+        raise ConfigError("DREAMBOT_DISCORD_TOKEN is not set")
+    async with open_core(settings, PLATFORM) as runtime:
+        adapter = build_adapter(runtime.core, settings)
+        try:
+            # Log in before consuming results, so a waiting result can be posted at once.
+            await adapter.client.login(settings.discord_token.get_secret_value())
+            async with delivering(runtime, adapter):
+                await adapter.client.connect()
+        finally:
+            await adapter.close()

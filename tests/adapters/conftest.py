@@ -1,0 +1,429 @@
+"""A local fake of the part of Discord's HTTP API the adapter uses, and interaction payloads.
+
+discord.py is pointed at the fake by setting ``discord.http.Route.BASE`` before logging in.
+Every request is recorded (method, path, JSON or multipart body, files, fake-clock time) so
+tests assert on what Discord would have received. The same server plays the attachment CDN
+under ``/cdn/…``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+import warnings
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import BodyPartReader, web
+
+with warnings.catch_warnings():
+    # discord.py imports the stdlib's audioop (voice support) at import time, which warns on
+    # Python 3.11-3.12; pytest's filterwarnings=error would turn that import into a failure.
+    warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
+    import discord
+
+from bot.adapters.discord import DiscordAdapter
+from bot.adapters.downloads import Downloader
+from bot.launcher import BotRuntime
+
+APP_ID = 1000
+GUILD_ID = 111
+CHANNEL_ID = 222
+USER_ID = 333
+OTHER_USER_ID = 444
+DM_CHANNEL_ID = 555
+EDIT_INTERVAL = 3.0
+
+BOT_USER = {
+    "id": str(APP_ID),
+    "username": "dreambot",
+    "discriminator": "0",
+    "global_name": None,
+    "avatar": None,
+    "bot": True,
+}
+
+
+def user_payload(user_id: int) -> dict[str, Any]:
+    """A Discord user object."""
+    return {
+        "id": str(user_id),
+        "username": f"user{user_id}",
+        "discriminator": "0",
+        "global_name": None,
+        "avatar": None,
+    }
+
+
+@dataclass
+class Recorded:
+    """One request the fake received."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    json: Any
+    files: list[tuple[str, bytes]]
+    at: float
+
+    @property
+    def content(self) -> str | None:
+        """The message content sent, if any."""
+        return (self.json or {}).get("content")
+
+
+class FakeClock:
+    """Time that moves only when a test says so; ``sleep`` waits for it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        """Wait until the clock has been advanced past ``delay`` seconds from now."""
+        future = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.now + delay, future))
+        await future
+
+    async def advance(self, seconds: float) -> int:
+        """Let new tasks reach their sleep, move time on; return how many sleepers woke."""
+        for _ in range(3):
+            await asyncio.sleep(0)
+        self.now += seconds
+        woken = 0
+        for entry in list(self._sleepers):
+            target, future = entry
+            if target <= self.now:
+                self._sleepers.remove(entry)
+                if not future.done():
+                    future.set_result(None)
+                    woken += 1
+        return woken
+
+
+@dataclass
+class FakeDiscord:
+    """The fake REST API. Channels in ``forbidden``/``missing`` answer 403/404 to messages."""
+
+    clock: Callable[[], float] = time.monotonic
+    requests: list[Recorded] = field(default_factory=list)
+    forbidden: set[int] = field(default_factory=set)
+    missing: set[int] = field(default_factory=set)
+    cdn: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    base: str = ""
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(9000))
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def find(self, method: str, path_part: str = "") -> list[Recorded]:
+        """Recorded requests with this method whose path contains ``path_part``."""
+        return [r for r in self.requests if r.method == method and path_part in r.path]
+
+    async def wait_until(self, condition: Callable[[], bool], within: float = 5.0) -> None:
+        """Wait (briefly, in real time) for requests to arrive."""
+        async with asyncio.timeout(within):
+            while not condition():
+                self._arrived.clear()
+                await self._arrived.wait()
+
+    # Responses.
+
+    @staticmethod
+    def reply(payload: Any, status: int = 200) -> web.Response:
+        # Exactly "application/json": with "; charset=…" discord.py reads the body as text.
+        return web.Response(
+            status=status,
+            body=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+
+    def message(self, channel_id: int | str, body: Any, message_id: int | None = None) -> Any:
+        return {
+            "id": str(message_id or next(self._ids)),
+            "channel_id": str(channel_id),
+            "content": (body or {}).get("content") or "",
+            "author": BOT_USER,
+            "attachments": [],
+            "embeds": [],
+            "mentions": [],
+            "mention_roles": [],
+            "mention_everyone": False,
+            "pinned": False,
+            "tts": False,
+            "type": 0,
+            "flags": (body or {}).get("flags") or 0,
+            "components": [],
+            "timestamp": "2025-01-01T00:00:00+00:00",
+            "edited_timestamp": None,
+        }
+
+    async def record(self, request: web.Request) -> Recorded:
+        body: Any = None
+        files: list[tuple[str, bytes]] = []
+        if request.content_type.startswith("multipart/"):
+            reader = await request.multipart()
+            async for part in reader:
+                assert isinstance(part, BodyPartReader)
+                if part.name == "payload_json":
+                    body = json.loads(await part.text())
+                else:
+                    files.append((part.filename or "", bytes(await part.read())))
+        elif request.can_read_body:
+            body = await request.json()
+        recorded = Recorded(
+            request.method, request.path, dict(request.query), body, files, self.clock()
+        )
+        self.requests.append(recorded)
+        self._arrived.set()
+        return recorded
+
+    # Routes.
+
+    async def me(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        return self.reply(BOT_USER)
+
+    async def application(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        return self.reply(
+            {
+                "id": str(APP_ID),
+                "name": "dreambot",
+                "description": "",
+                "icon": None,
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "verify_key": "0" * 64,
+                "owner": user_payload(1),
+                "flags": 0,
+            }
+        )
+
+    async def sync_commands(self, request: web.Request) -> web.Response:
+        recorded = await self.record(request)
+        return self.reply(
+            [
+                {**command, "id": str(next(self._ids)), "application_id": str(APP_ID)}
+                for command in recorded.json
+            ]
+        )
+
+    async def create_message(self, request: web.Request) -> web.Response:
+        recorded = await self.record(request)
+        channel_id = int(request.match_info["channel_id"])
+        if channel_id in self.forbidden:
+            return self.reply({"message": "Missing Access", "code": 50001}, 403)
+        if channel_id in self.missing:
+            return self.reply({"message": "Unknown Channel", "code": 10003}, 404)
+        return self.reply(self.message(channel_id, recorded.json))
+
+    async def edit_message(self, request: web.Request) -> web.Response:
+        recorded = await self.record(request)
+        info = request.match_info
+        return self.reply(self.message(info["channel_id"], recorded.json, int(info["message_id"])))
+
+    async def create_dm(self, request: web.Request) -> web.Response:
+        recorded = await self.record(request)
+        recipient = int(recorded.json["recipient_id"])
+        return self.reply(
+            {"id": str(DM_CHANNEL_ID), "type": 1, "recipients": [user_payload(recipient)]}
+        )
+
+    async def interaction_callback(self, request: web.Request) -> web.Response:
+        recorded = await self.record(request)
+        flags = (recorded.json.get("data") or {}).get("flags") or 0
+        return self.reply(
+            {
+                "interaction": {
+                    "id": request.match_info["interaction_id"],
+                    "type": 2,
+                    "response_message_loading": recorded.json["type"] == 5,
+                    "response_message_ephemeral": bool(flags & 64),
+                }
+            }
+        )
+
+    async def webhook_message(self, request: web.Request) -> web.Response:
+        recorded = await self.record(request)
+        return self.reply(self.message(CHANNEL_ID, recorded.json))
+
+    async def cdn_file(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        data, content_type = self.cdn[request.match_info["name"]]
+        return web.Response(body=data, headers={"Content-Type": content_type})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        api = "/api/v10"
+        app.router.add_get(f"{api}/users/@me", self.me)
+        app.router.add_get(f"{api}/oauth2/applications/@me", self.application)
+        app.router.add_put(f"{api}/applications/{{app_id}}/commands", self.sync_commands)
+        app.router.add_put(
+            f"{api}/applications/{{app_id}}/guilds/{{guild_id}}/commands", self.sync_commands
+        )
+        app.router.add_post(f"{api}/channels/{{channel_id}}/messages", self.create_message)
+        app.router.add_patch(
+            f"{api}/channels/{{channel_id}}/messages/{{message_id}}", self.edit_message
+        )
+        app.router.add_post(f"{api}/users/@me/channels", self.create_dm)
+        app.router.add_post(
+            f"{api}/interactions/{{interaction_id}}/{{token}}/callback", self.interaction_callback
+        )
+        app.router.add_post(f"{api}/webhooks/{{app_id}}/{{token}}", self.webhook_message)
+        app.router.add_patch(
+            f"{api}/webhooks/{{app_id}}/{{token}}/messages/@original", self.webhook_message
+        )
+        app.router.add_get("/cdn/{name}", self.cdn_file)
+        return app
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake clock for the progress throttle."""
+    return FakeClock()
+
+
+@pytest.fixture
+async def fake_discord(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[FakeDiscord]:
+    """The fake Discord API on a free local port; discord.py talks to it during the test."""
+    fake = FakeDiscord(clock=clock)
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    fake.base = f"http://127.0.0.1:{port}"
+    monkeypatch.setattr(discord.http.Route, "BASE", f"{fake.base}/api/v10")
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()
+
+
+async def start_adapter(
+    runtime: BotRuntime, clock: FakeClock, *, dev_guild: int | None = None
+) -> DiscordAdapter:
+    """An adapter logged in to the fake, downloading only from the fake's host."""
+    downloader = Downloader(
+        max_bytes=runtime.settings.max_photo_bytes,
+        allowed_hosts={"127.0.0.1"},
+        require_https=False,
+        timeout=2.0,
+    )
+    adapter = DiscordAdapter(
+        runtime.core,
+        downloader=downloader,
+        edit_interval=EDIT_INTERVAL,
+        clock=clock,
+        sleep=clock.sleep,
+        dev_guild=dev_guild,
+    )
+    await adapter.client.login("fake-token")
+    return adapter
+
+
+@pytest.fixture
+async def adapter(
+    runtime: BotRuntime, fake_discord: FakeDiscord, clock: FakeClock
+) -> AsyncIterator[DiscordAdapter]:
+    """The Discord adapter on the real core, logged in to the fake Discord."""
+    adapter = await start_adapter(runtime, clock)
+    try:
+        yield adapter
+    finally:
+        await adapter.close()
+
+
+_interaction_ids = itertools.count(7000)
+
+
+def interaction_payload(
+    *,
+    command: str | None = None,
+    options: list[dict[str, Any]] | None = None,
+    resolved: dict[str, Any] | None = None,
+    custom_id: str | None = None,
+    user_id: int = USER_ID,
+) -> dict[str, Any]:
+    """What Discord sends for a slash command (``command``) or a button click (``custom_id``)."""
+    interaction_id = next(_interaction_ids)
+    payload: dict[str, Any] = {
+        "id": str(interaction_id),
+        "application_id": str(APP_ID),
+        "token": f"token-{interaction_id}",
+        "version": 1,
+        "guild_id": str(GUILD_ID),
+        "channel_id": str(CHANNEL_ID),
+        "channel": {
+            "id": str(CHANNEL_ID),
+            "type": 0,
+            "guild_id": str(GUILD_ID),
+            "name": "general",
+            "position": 0,
+            "permission_overwrites": [],
+            "nsfw": False,
+            "parent_id": None,
+        },
+        "member": {
+            "user": user_payload(user_id),
+            "roles": [],
+            "joined_at": "2024-01-01T00:00:00+00:00",
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "permissions": "2147483647",
+        },
+        "app_permissions": "2147483647",
+        "locale": "en-US",
+        "attachment_size_limit": 10 * 1024 * 1024,
+    }
+    if command is not None:
+        payload["type"] = 2
+        payload["data"] = {
+            "id": "1",
+            "name": command,
+            "type": 1,
+            "options": options or [],
+            "resolved": resolved or {},
+        }
+    else:
+        assert custom_id is not None
+        payload["type"] = 3
+        payload["data"] = {"custom_id": custom_id, "component_type": 2}
+        payload["message"] = {
+            **FakeDiscord().message(CHANNEL_ID, {"content": "an earlier result"}),
+            "components": [
+                {
+                    "type": 1,
+                    "components": [
+                        {"type": 2, "style": 2, "label": "Reroll", "custom_id": custom_id}
+                    ],
+                }
+            ],
+        }
+    return payload
+
+
+def attachment_options(urls: dict[str, str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Options and ``resolved`` data for attachment options named as the keys of ``urls``."""
+    options, attachments = [], {}
+    for number, (option, url) in enumerate(urls.items(), start=1):
+        attachment_id = str(8000 + number)
+        options.append({"name": option, "type": 11, "value": attachment_id})
+        attachments[attachment_id] = {
+            "id": attachment_id,
+            "filename": url.rsplit("/", 1)[-1],
+            "size": 1000,
+            "url": url,
+            "proxy_url": url,
+            "content_type": "image/jpeg",
+        }
+    return options, {"attachments": attachments}

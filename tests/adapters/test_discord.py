@@ -1,0 +1,546 @@
+"""The Discord adapter against a fake Discord API, on the real core (SQLite + Redis)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+from typing import Any
+
+import discord
+import pytest
+from arq.jobs import Job as ArqJob
+
+from bot.adapters.discord import BUTTON_ID, DiscordAdapter, EditThrottle
+from bot.cli import cmd_discord
+from bot.config import Settings
+from bot.core.delivery import Deliverer, Delivery
+from bot.core.store import Job, Owner
+from bot.launcher import BotRuntime
+from engine.api import ENGINE_QUEUE, Progress
+from tests.adapters.conftest import (
+    APP_ID,
+    CHANNEL_ID,
+    DM_CHANNEL_ID,
+    EDIT_INTERVAL,
+    GUILD_ID,
+    OTHER_USER_ID,
+    USER_ID,
+    FakeClock,
+    FakeDiscord,
+    Recorded,
+    attachment_options,
+    interaction_payload,
+    start_adapter,
+)
+from tests.conftest import make_photo
+
+EPHEMERAL = 64
+OWNER = Owner("discord", str(GUILD_ID), str(USER_ID))
+DESTINATION = {"channel_id": CHANNEL_ID, "guild_id": GUILD_ID, "user_id": USER_ID}
+
+
+async def run_command(
+    adapter: DiscordAdapter,
+    command: str,
+    options: list[dict[str, Any]] | None = None,
+    resolved: dict[str, Any] | None = None,
+) -> None:
+    """Deliver a slash command the way the gateway would, through the command tree."""
+    payload = interaction_payload(command=command, options=options, resolved=resolved)
+    interaction = discord.Interaction(data=payload, state=adapter.client._connection)  # type: ignore[arg-type]
+    await adapter.client.tree._call(interaction)
+
+
+def private_reply(fake: FakeDiscord) -> Recorded:
+    """The one ephemeral follow-up of the command, after an ephemeral defer."""
+    callbacks = fake.find("POST", "/callback")
+    assert len(callbacks) == 1
+    assert callbacks[0].json["type"] == 5  # deferred: "dreambot is thinking…"
+    assert callbacks[0].json["data"]["flags"] == EPHEMERAL
+    followups = fake.find("POST", f"/webhooks/{APP_ID}/")
+    assert len(followups) == 1
+    assert followups[0].json["flags"] == EPHEMERAL
+    assert fake.requests.index(callbacks[0]) < fake.requests.index(followups[0])
+    return followups[0]
+
+
+async def engine_queue_length(runtime: BotRuntime) -> int:
+    return int(await runtime.queue.zcard(ENGINE_QUEUE))
+
+
+def serve_photos(fake: FakeDiscord, count: int) -> dict[str, str]:
+    urls = {}
+    for i in range(count):
+        fake.cdn[f"p{i}.jpg"] = (make_photo(i), "image/jpeg")
+        urls[f"photo{i + 1}"] = f"{fake.base}/cdn/p{i}.jpg"
+    return urls
+
+
+# Commands.
+
+
+async def test_train_defers_downloads_queues_and_posts_one_progress_message(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    options, resolved = attachment_options(serve_photos(fake_discord, 4))
+    options = [
+        {"name": "name", "type": 3, "value": "rex"},
+        {"name": "class", "type": 3, "value": "dog"},
+        *options,
+    ]
+    await run_command(adapter, "train", options, resolved)
+
+    reply = private_reply(fake_discord)
+    assert reply.content is not None
+    assert reply.content.startswith("Training rex (dog) from 4 photos: queued (position 1)")
+    assert len(fake_discord.find("GET", "/cdn/")) == 4
+    [progress] = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    assert progress.content == f"<@{USER_ID}> · rex: waiting for the engine (position 1)"
+    assert progress.json["allowed_mentions"]["parse"] == []
+    assert await engine_queue_length(runtime) == 1
+    [job] = await runtime.store.unfinished_jobs("discord")
+    assert job.owner == OWNER
+    assert job.destination == DESTINATION
+    assert adapter.progress_messages[job.id] is not None
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"p1.jpg": "image/jpeg", "p2.jpg": "image/jpeg"}, "You sent 2 photos"),
+        (
+            {"p1.jpg": "image/jpeg", "p2.jpg": "image/jpeg", "page.jpg": "text/html"},
+            "page.jpg could not be read as an image",
+        ),
+    ],
+)
+async def test_train_with_bad_photos_is_answered_privately_and_queues_nothing(
+    adapter: DiscordAdapter,
+    fake_discord: FakeDiscord,
+    runtime: BotRuntime,
+    files: dict[str, str],
+    expected: str,
+) -> None:
+    attachments = []
+    for i, (name, content_type) in enumerate(files.items()):
+        data = make_photo(i) if content_type.startswith("image/") else b"<html>hello</html>"
+        fake_discord.cdn[name] = (data, content_type)
+        attachments.append(
+            discord.Attachment(
+                data={
+                    "id": str(i + 1),
+                    "filename": name,
+                    "size": len(data),
+                    "url": f"{fake_discord.base}/cdn/{name}",
+                    "proxy_url": f"{fake_discord.base}/cdn/{name}",
+                },
+                state=adapter.client._connection,
+            )
+        )
+    payload = interaction_payload(command="train")
+    interaction = discord.Interaction(data=payload, state=adapter.client._connection)  # type: ignore[arg-type]
+    train = adapter.client.tree.get_command("train")
+    assert isinstance(train, discord.app_commands.Command)
+    extra = dict.fromkeys(("photo3",), None) if len(attachments) == 2 else {}
+    photos = {f"photo{i + 1}": a for i, a in enumerate(attachments)}
+    await train.callback(interaction, name="rex", class_noun="dog", **photos, **extra)  # type: ignore[call-arg]
+
+    assert expected in (private_reply(fake_discord).content or "")
+    assert not fake_discord.find("POST", "/channels/")
+    assert await engine_queue_length(runtime) == 0
+    assert await runtime.store.list_subjects(OWNER) == []
+
+
+async def test_train_from_a_foreign_host_is_refused_without_downloading(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    urls = serve_photos(fake_discord, 3)
+    urls["photo3"] = "https://example.com/p2.jpg"
+    options, resolved = attachment_options(urls)
+    options = [
+        {"name": "name", "type": 3, "value": "rex"},
+        {"name": "class", "type": 3, "value": "dog"},
+        *options,
+    ]
+    await run_command(adapter, "train", options, resolved)
+
+    assert "p2.jpg isn't a Discord attachment" in (private_reply(fake_discord).content or "")
+    assert not fake_discord.find("GET", "/cdn/")
+    assert await engine_queue_length(runtime) == 0
+
+
+async def test_imagine_passes_its_options_to_the_core(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    options = [
+        {"name": "prompt", "type": 3, "value": "a red fox in snow"},
+        {"name": "negative", "type": 3, "value": "blurry"},
+        {"name": "count", "type": 4, "value": 2},
+        {"name": "seed", "type": 4, "value": 42},
+    ]
+    await run_command(adapter, "imagine", options)
+
+    reply = private_reply(fake_discord)
+    assert reply.content == "Drawing 2 images (seed 42): queued (position 1)."
+    [job] = await runtime.store.unfinished_jobs("discord")
+    assert (job.kind, job.prompt, job.owner) == ("generate", "a red fox in snow", OWNER)
+    request = (await ArqJob(job.id, runtime.queue, _queue_name=ENGINE_QUEUE).info()).args[0]  # type: ignore[union-attr]
+    assert (request["count"], request["seed"], request["negative_prompt"]) == (2, 42, "blurry")
+    [progress] = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    assert "your image: waiting for the engine" in (progress.content or "")
+
+
+async def test_imagine_with_v_but_no_subject_is_answered_privately_and_queues_nothing(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    await run_command(adapter, "imagine", [{"name": "prompt", "type": 3, "value": "a [V] dog"}])
+
+    reply = private_reply(fake_discord)
+    assert "[V]" in (reply.content or "")
+    assert not fake_discord.find("POST", "/channels/")
+    assert await engine_queue_length(runtime) == 0
+    assert await runtime.store.unfinished_jobs("discord") == []
+
+
+@pytest.mark.parametrize(
+    ("command", "options", "expected"),
+    [
+        ("subjects", [], "You have no subjects yet"),
+        ("forget", [{"name": "name", "type": 3, "value": "rex"}], "no subject called 'rex'"),
+        ("help", [], "/train <name> <class>"),
+    ],
+)
+async def test_other_commands_are_answered_privately(
+    adapter: DiscordAdapter,
+    fake_discord: FakeDiscord,
+    command: str,
+    options: list[dict[str, Any]],
+    expected: str,
+) -> None:
+    await run_command(adapter, command, options)
+
+    assert expected in (private_reply(fake_discord).content or "")
+    assert not fake_discord.find("POST", "/channels/")
+
+
+async def test_an_unexpected_error_is_an_apology_with_a_reference(
+    adapter: DiscordAdapter,
+    fake_discord: FakeDiscord,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken(owner: Owner) -> str:
+        raise RuntimeError("database on fire")
+
+    monkeypatch.setattr(adapter.core, "subjects_text", broken)
+    await run_command(adapter, "subjects")
+
+    assert "something went wrong on my side (ref " in (private_reply(fake_discord).content or "")
+    assert "database on fire" in caplog.text
+
+
+async def test_commands_are_synced_to_the_dev_guild_when_one_is_set(
+    runtime: BotRuntime, fake_discord: FakeDiscord, clock: FakeClock
+) -> None:
+    adapter = await start_adapter(runtime, clock, dev_guild=GUILD_ID)
+    await adapter.close()
+    [sync] = fake_discord.find("PUT", "/commands")
+    assert sync.path == f"/api/v10/applications/{APP_ID}/guilds/{GUILD_ID}/commands"
+    commands = {command["name"]: command for command in sync.json}
+    assert set(commands) == {"train", "imagine", "subjects", "forget", "help"}
+    train_options = [(o["name"], o.get("required", False)) for o in commands["train"]["options"]]
+    assert train_options[:5] == [
+        ("name", True),
+        ("class", True),
+        ("photo1", True),
+        ("photo2", True),
+        ("photo3", True),
+    ]
+    assert len(train_options) == 12 and not any(required for _, required in train_options[5:])
+    count = next(o for o in commands["imagine"]["options"] if o["name"] == "count")
+    assert (count["min_value"], count["max_value"]) == (1, 4)
+
+
+async def test_commands_are_synced_globally_without_a_dev_guild(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord
+) -> None:
+    [sync] = fake_discord.find("PUT", "/commands")
+    assert sync.path == f"/api/v10/applications/{APP_ID}/commands"
+
+
+# Buttons.
+
+
+async def finished_generation(runtime: BotRuntime, seed: int = 7) -> str:
+    receipt = await runtime.core.imagine(OWNER, DESTINATION, "a red fox", count=2, seed=seed)
+    result = {"job_id": receipt.job_id, "image_urls": ["a.png", "b.png"], "seed": seed}
+    await runtime.store.update_job(receipt.job_id, status="done", result=result)
+    await runtime.queue.delete(f"arq:job:{receipt.job_id}")
+    return receipt.job_id
+
+
+@pytest.mark.parametrize(("action", "expected_seed"), [("reroll", None), ("vary", 8)])
+async def test_a_button_click_after_a_restart_redraws_for_the_clicking_user(
+    runtime: BotRuntime,
+    fake_discord: FakeDiscord,
+    clock: FakeClock,
+    action: str,
+    expected_seed: int | None,
+) -> None:
+    job_id = await finished_generation(runtime, seed=7)
+    # A fresh client, as after a restart: nothing in memory but the registered dynamic items.
+    adapter = await start_adapter(runtime, clock)
+    try:
+        custom_id = f"dreambot:{action}:{job_id}"
+        assert BUTTON_ID.fullmatch(custom_id)
+        payload = interaction_payload(custom_id=custom_id, user_id=OTHER_USER_ID)
+        adapter.client._connection.parse_interaction_create(payload)  # type: ignore[arg-type]
+        await fake_discord.wait_until(lambda: bool(fake_discord.find("POST", "/webhooks/")))
+    finally:
+        await adapter.close()
+
+    reply = private_reply(fake_discord)
+    assert (reply.content or "").startswith("Drawing 2 images")
+    clicker = Owner("discord", str(GUILD_ID), str(OTHER_USER_ID))
+    [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
+    assert (new_job.owner, new_job.prompt) == (clicker, "a red fox")
+    assert new_job.destination["user_id"] == OTHER_USER_ID
+    request = (await ArqJob(new_job.id, runtime.queue, _queue_name=ENGINE_QUEUE).info()).args[0]  # type: ignore[union-attr]
+    if expected_seed is None:
+        assert f"(seed {request['seed']})" in (reply.content or "")
+    else:
+        assert request["seed"] == expected_seed
+
+
+# The sink: progress, results, failures.
+
+
+def make_job(job_id: str = "a" * 32, kind: str = "generate", **destination: Any) -> Job:
+    return Job(
+        id=job_id,
+        kind=kind,
+        owner=OWNER,
+        subject_id=None,
+        prompt="a red fox",
+        destination={**DESTINATION, **destination},
+        status="running",
+        result=None,
+        error=None,
+        created_at="2025-01-01T00:00:00+00:00",
+        updated_at="2025-01-01T00:00:00+00:00",
+        delivered_at=None,
+    )
+
+
+def progress(step: int, total: int = 400) -> Progress:
+    return Progress(job_id="a" * 32, phase="training", step=step, total=total)
+
+
+async def test_progress_posts_one_message_then_edits_it_at_most_once_per_interval(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, clock: FakeClock
+) -> None:
+    job = make_job()
+    for step in range(1, 51):
+        await adapter.show_progress(job, f"rex: training {step}/400", progress(step))
+
+    [posted] = fake_discord.find("POST", "/channels/")
+    assert posted.content == f"<@{USER_ID}> · rex: training 1/400"
+    assert fake_discord.find("PATCH", "/channels/") == []  # 49 updates within the interval
+
+    assert await clock.advance(EDIT_INTERVAL) == 1
+    await fake_discord.wait_until(lambda: len(fake_discord.find("PATCH")) == 1)
+    [edit] = fake_discord.find("PATCH", "/channels/")
+    assert edit.path.endswith(
+        f"/channels/{CHANNEL_ID}/messages/{adapter.progress_messages[job.id]}"
+    )
+    assert edit.content == f"<@{USER_ID}> · rex: training 50/400"  # the latest wins
+
+
+async def test_a_ten_minute_job_edits_its_progress_under_the_promised_rate(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, clock: FakeClock
+) -> None:
+    job = make_job()
+    tick, minutes = 0.5, 10
+    steps = int(minutes * 60 / tick)
+    for step in range(1, steps + 1):
+        edits_before = len(fake_discord.find("PATCH"))
+        woken = await clock.advance(tick)
+        if woken:
+            await fake_discord.wait_until(
+                lambda n=edits_before + woken: len(fake_discord.find("PATCH")) >= n  # type: ignore[misc]
+            )
+        await adapter.show_progress(job, f"training {step}/{steps}", progress(step, steps))
+    await clock.advance(EDIT_INTERVAL)
+    await fake_discord.wait_until(
+        lambda: (fake_discord.find("PATCH") or [None])[-1].content.endswith(f"{steps}/{steps}")  # type: ignore[union-attr]
+    )
+
+    edits = fake_discord.find("PATCH", "/channels/")
+    times = [edit.at for edit in edits]
+    assert len(fake_discord.find("POST", "/channels/")) == 1
+    assert len(edits) <= minutes * 60 / EDIT_INTERVAL + 1
+    assert len(edits) >= minutes * 60 / EDIT_INTERVAL - 2  # and progress kept moving
+    assert min(b - a for a, b in itertools.pairwise(times)) >= EDIT_INTERVAL
+
+
+async def test_throttle_keeps_keys_apart_and_forget_drops_the_pending_update() -> None:
+    clock = FakeClock()
+    sent: list[str] = []
+    throttle = EditThrottle(3.0, clock=clock, sleep=clock.sleep)
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    await throttle.submit("a", lambda: send("a1"))
+    await throttle.submit("b", lambda: send("b1"))
+    await throttle.submit("a", lambda: send("a2"))
+    throttle.forget("a")
+    await clock.advance(5)
+    await clock.advance(0)
+    assert sent == ["a1", "b1"]
+
+
+async def write_images(runtime: BotRuntime, count: int) -> list[str]:
+    urls = []
+    for i in range(count):
+        url = runtime.core.artifacts.url("outputs", "job", f"{i}.png")
+        await runtime.core.artifacts.aput_bytes(url, make_photo(i, fmt="PNG"))
+        urls.append(url)
+    return urls
+
+
+async def test_a_result_is_a_channel_message_with_files_buttons_and_a_mention(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    job = make_job()
+    await adapter.show_progress(job, "your image: drawing", progress(1))
+    urls = await write_images(runtime, 2)
+
+    await adapter.show_result(Delivery(job, "“a red fox” · seed 7", urls))
+
+    [_, result] = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    assert result.content == f"<@{USER_ID}> “a red fox” · seed 7"
+    assert result.json["allowed_mentions"]["users"] == [USER_ID]
+    assert [name for name, _ in result.files] == ["0.png", "1.png"]
+    assert result.files[0][1] == make_photo(0, fmt="PNG")
+    buttons = result.json["components"][0]["components"]
+    assert [b["custom_id"] for b in buttons] == [
+        f"dreambot:reroll:{job.id}",
+        f"dreambot:vary:{job.id}",
+    ]
+    [closing] = fake_discord.find("PATCH", "/channels/")
+    assert "done" in (closing.content or "")
+    assert job.id not in adapter.progress_messages
+
+
+async def test_a_training_result_with_many_samples_is_split_into_messages_of_ten(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    urls = await write_images(runtime, 12)
+    await adapter.show_result(Delivery(make_job(kind="train"), "rex is ready", urls))
+
+    first, second = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    assert (len(first.files), len(second.files)) == (10, 2)
+    assert first.content == f"<@{USER_ID}> rex is ready"
+    assert "components" not in first.json or not first.json["components"]
+
+
+@pytest.mark.parametrize("refusal", ["forbidden", "missing"])
+async def test_a_result_goes_to_the_user_by_dm_when_the_channel_refuses_it(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime, refusal: str
+) -> None:
+    getattr(fake_discord, refusal).add(CHANNEL_ID)
+    urls = await write_images(runtime, 1)
+
+    await adapter.show_result(Delivery(make_job(), "“a red fox” · seed 7", urls))
+
+    [dm] = fake_discord.find("POST", "/users/@me/channels")
+    assert dm.json == {"recipient_id": USER_ID}
+    [sent] = fake_discord.find("POST", f"/channels/{DM_CHANNEL_ID}/messages")
+    assert sent.content == f"<@{USER_ID}> “a red fox” · seed 7"
+    assert [name for name, _ in sent.files] == ["0.png"]
+
+
+async def test_a_result_nobody_accepts_is_logged_not_lost_silently(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_discord.forbidden |= {CHANNEL_ID, DM_CHANNEL_ID}
+    with caplog.at_level(logging.ERROR, logger="bot.adapters.discord"):
+        await adapter.show_failure(make_job(), "Your image could not be drawn: out of memory")
+
+    [record] = caplog.records
+    assert "could not be delivered" in record.getMessage()
+    assert "out of memory" in record.getMessage()
+
+
+async def test_a_failure_is_posted_in_the_channel_mentioning_the_user(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord
+) -> None:
+    await adapter.show_failure(make_job(), "Training rex failed: no GPU")
+
+    [sent] = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    assert sent.content == f"<@{USER_ID}> ✗ Training rex failed: no GPU"
+    assert sent.files == []
+
+
+async def test_a_training_job_from_command_to_result_through_the_core_deliverer(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime, clock: FakeClock
+) -> None:
+    options, resolved = attachment_options(serve_photos(fake_discord, 3))
+    options = [
+        {"name": "name", "type": 3, "value": "rex"},
+        {"name": "class", "type": 3, "value": "dog"},
+        *options,
+    ]
+    await run_command(adapter, "train", options, resolved)
+    [job] = await runtime.store.unfinished_jobs("discord")
+    deliverer = Deliverer(runtime.core, adapter)
+
+    for step in (100, 200, 300):
+        await deliverer.progress(
+            {"job_id": job.id, "phase": "training", "step": step, "total": 400, "eta_seconds": 60}
+        )
+    await clock.advance(EDIT_INTERVAL)
+    await fake_discord.wait_until(lambda: bool(fake_discord.find("PATCH")))
+    [edit] = fake_discord.find("PATCH", "/channels/")
+    assert edit.content is not None and "rex: training" in edit.content
+    assert "300/400 · ETA 1:00" in edit.content
+
+    samples = await write_images(runtime, 2)
+    assert job.subject_id is not None
+    await deliverer.result(
+        {
+            "job_id": job.id,
+            "subject_id": job.subject_id,
+            "adapter_url": "file:///nowhere/adapter.safetensors",
+            "sample_urls": samples,
+            "steps": 400,
+            "seconds": 95.0,
+        }
+    )
+    _, result = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    assert result.content is not None and result.content.startswith(f"<@{USER_ID}> rex is ready")
+    assert len(result.files) == 2
+    assert not result.json.get("components")  # no Reroll/Vary under training samples
+    assert fake_discord.find("PATCH")[-1].path == edit.path  # the one progress message, closed
+
+
+def test_dreambot_discord_without_a_token_exits_with_a_clear_message(
+    settings: Settings,
+) -> None:
+    with pytest.raises(SystemExit, match="DREAMBOT_DISCORD_TOKEN"):
+        cmd_discord(settings, argparse.Namespace())
+
+
+async def test_imagine_in_a_channel_the_bot_cannot_write_to_still_queues_and_answers(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    fake_discord.forbidden.add(CHANNEL_ID)
+    await run_command(adapter, "imagine", [{"name": "prompt", "type": 3, "value": "a fox"}])
+
+    assert "queued (position 1)" in (private_reply(fake_discord).content or "")
+    [job] = await runtime.store.unfinished_jobs("discord")
+    assert adapter.progress_messages[job.id] is None  # progress skipped; the result goes by DM
+    await adapter.show_progress(job, "your image: drawing", progress(1))
+    assert len(fake_discord.find("POST", "/channels/")) == 1 and not fake_discord.find("PATCH")

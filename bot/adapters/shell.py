@@ -18,6 +18,7 @@ from typing import TextIO
 from bot.core.commands import Core
 from bot.core.delivery import Delivery
 from bot.core.errors import UserError
+from bot.core.moderation import MOD_HELP
 from bot.core.photos import Upload
 from bot.core.store import Job, Owner
 from engine.api import Progress
@@ -47,6 +48,12 @@ class ShellAdapter:
     ) -> None:
         self.core = core
         self.owner = Owner(PLATFORM, WORKSPACE, user)
+        # DREAMBOT_SHELL_MODERATORS unset: whoever runs the shell moderates, so the local demo
+        # can try /mod. The terminal has no roles, so the configured lists are all there is.
+        moderators = core.settings.shell_moderators
+        self.is_moderator = (
+            user in moderators if moderators is not None else True
+        ) or core.moderation.is_configured_moderator(user)
         self.out = out or sys.stdout
         self.downloads = downloads or Path("downloads")
         self.pending: set[str] = set()
@@ -154,12 +161,25 @@ class ShellAdapter:
                 self.say(await self.core.subjects_text(self.owner))
             elif command == "/forget":
                 self.say(await self.core.forget(self.owner, rest))
+            elif command == "/quota":
+                self.say(await self.core.quota_text(self.owner))
+            elif command == "/mod":
+                await self._mod(rest)
             elif command == "/help":
                 self.say(self.core.help_text())
             else:
                 self.say(f"Unknown command {command!r}. Type /help for the list.")
         except UserError as exc:
             self.say(f"✗ {exc.message}")
+
+    async def _mod(self, rest: str) -> None:
+        if rest.strip().lower() in ("", "help") and self.is_moderator:
+            self.say(
+                f"{MOD_HELP}\n\nIn the shell, moderators are the users in "
+                "DREAMBOT_SHELL_MODERATORS (comma-separated); unset, the shell user is one."
+            )
+            return
+        self.say(await self.core.mod(self.owner, self.is_moderator, rest))
 
     async def _train(self, rest: str) -> None:
         try:

@@ -1,4 +1,4 @@
-"""The chat commands, platform-free: /train, /imagine, /subjects, /forget, /help.
+"""The chat commands, platform-free: /train, /imagine, /subjects, /forget, /quota, /help.
 
 Adapters call these with plain values and render the returned text; errors a user can cause
 raise ``UserError``. Nothing here knows about Discord, Slack or the terminal.
@@ -6,10 +6,12 @@ raise ``UserError``. Nothing here knows about Discord, Slack or the terminal.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +21,10 @@ from redis.exceptions import RedisError
 
 from bot.config import Settings
 from bot.core.errors import UserError
+from bot.core.moderation import Moderation
 from bot.core.photos import PhotoRules, Upload, prepare_photos
 from bot.core.prompts import resolve_prompt
+from bot.core.quotas import Quotas, check_allowance
 from bot.core.store import Owner, Store, Subject, utcnow
 from bot.core.tokens import pick_token
 from engine.api import (
@@ -49,6 +53,8 @@ dreambot teaches an image model your own subject from a few photos, then draws i
                                   options: --count N (1-4), --seed N, --no "things to avoid"
 /subjects                         list your subjects and their status
 /forget <name>                    delete a subject, its photos and its adapter
+/quota                            your usage today and when it resets (midnight UTC)
+/mod help                         moderator commands (moderators only)
 /help                             this text"""
 
 
@@ -84,6 +90,8 @@ class Core:
             max_bytes=settings.max_photo_bytes,
             size=settings.photo_size,
         )
+        self.quotas = Quotas(settings, store)
+        self.moderation = Moderation(self)
 
     # Commands.
 
@@ -94,8 +102,14 @@ class Core:
         name: str,
         class_noun: str,
         uploads: list[Upload],
+        *,
+        roles: Sequence[str] = (),
     ) -> Receipt:
-        """Check and store the photos, record the subject and queue its training."""
+        """Check and store the photos, record the subject and queue its training.
+
+        ``roles`` are the caller's platform role ids, for role-based quota overrides.
+        """
+        await self.moderation.check_not_banned(owner)
         name, class_noun = name.strip(), " ".join(class_noun.lower().split())
         if not SUBJECT_NAME.match(name) or name.lower() == "v":
             raise UserError(
@@ -107,12 +121,15 @@ class Core:
                 f"'{class_noun}' isn't a class: say what kind of thing it is in a word or two, "
                 "e.g. dog, cat, person, backpack, toy car."
             )
+        await self.moderation.check_prompt(owner, f"{name} {class_noun}", subject=True)
         existing = await self.store.find_subject(owner, name)
         if existing:
             raise UserError(
                 f"You already have a subject called {existing.name}. Pick another name, "
                 f"or `/forget {existing.name}` first."
             )
+        # Refuse before the costly photo work; the binding check comes with the job insert.
+        limits = await self.quotas.precheck(owner, roles, "trainings", 1)
         photos = await prepare_photos(uploads, self.photo_rules)
         await self._check_queue_space()
 
@@ -127,7 +144,16 @@ class Core:
         try:
             for url, data in zip(photo_urls, photos, strict=True):
                 await self.artifacts.aput_bytes(url, data)
-            await self.store.insert_job(job_id, "train", owner, destination, subject_id=subject_id)
+            await self.store.reserve_job(
+                job_id,
+                "train",
+                owner,
+                destination,
+                subject_id=subject_id,
+                usage_kind="trainings",
+                units=1,
+                check=functools.partial(check_allowance, limits, kind="trainings", units=1),
+            )
             request = TrainRequest(
                 job_id=job_id,
                 reply_queue=bot_queue(self.platform),
@@ -162,8 +188,13 @@ class Core:
         count: int | None = None,
         seed: int | None = None,
         negative_prompt: str = "",
+        roles: Sequence[str] = (),
     ) -> Receipt:
-        """Resolve the prompt's subjects and queue a generation."""
+        """Resolve the prompt's subjects, check it against the rules and quotas, queue it.
+
+        ``roles`` are the caller's platform role ids, for role-based quota overrides.
+        """
+        await self.moderation.check_not_banned(owner)
         count = self.settings.images_per_prompt if count is None else count
         if not 1 <= count <= 4:
             raise UserError("count must be between 1 and 4.")
@@ -176,7 +207,9 @@ class Core:
             if negative_prompt.strip()
             else ""
         )
+        await self.moderation.check_prompt(owner, resolved.text, negative)
         await self._check_queue_space()
+        limits = await self.quotas.limits(owner, roles)
         seed = random.SystemRandom().randrange(2**32) if seed is None else seed
         job_id = uuid.uuid4().hex
         request = GenerateRequest(
@@ -195,8 +228,16 @@ class Core:
             base_model=self.settings.base_model,
         )
         subject_id = resolved.subjects[0].id if resolved.subjects else None
-        await self.store.insert_job(
-            job_id, "generate", owner, destination, subject_id=subject_id, prompt=prompt
+        await self.store.reserve_job(
+            job_id,
+            "generate",
+            owner,
+            destination,
+            subject_id=subject_id,
+            prompt=prompt,
+            usage_kind="images",
+            units=count,
+            check=functools.partial(check_allowance, limits, kind="images", units=count),
         )
         try:
             position = await self._enqueue(GENERATE, job_id, request.model_dump())
@@ -216,6 +257,7 @@ class Core:
 
     async def subjects_text(self, owner: Owner) -> str:
         """/subjects: the caller's subjects with their status."""
+        await self.moderation.check_not_banned(owner)
         subjects = await self.list_subjects(owner)
         if not subjects:
             return "You have no subjects yet. Train one: `/train <name> <class> <photos…>`."
@@ -232,14 +274,28 @@ class Core:
 
     async def forget(self, owner: Owner, name: str) -> str:
         """/forget: delete one of the caller's subjects with its photos and adapter."""
+        await self.moderation.check_not_banned(owner)
         subject = await self.store.find_subject(owner, name.strip())
         if subject is None:
             subjects = await self.list_subjects(owner)
             names = ", ".join(s.name for s in subjects) or "none"
             raise UserError(f"You have no subject called '{name}'. Your subjects: {names}.")
+        await self.remove_subject(subject)
+        return f"Forgot {subject.name}: its photos and adapter are deleted."
+
+    async def remove_subject(self, subject: Subject) -> None:
+        """Delete a subject's row, photos and adapter (for /forget and moderators)."""
         await self.store.delete_subject(subject.id)
         await self.artifacts.adelete_tree(self.artifacts.url("subjects", subject.id))
-        return f"Forgot {subject.name}: its photos and adapter are deleted."
+
+    async def quota_text(self, owner: Owner, roles: Sequence[str] = ()) -> str:
+        """/quota: the caller's usage today, their limits, and when the day resets."""
+        await self.moderation.check_not_banned(owner)
+        return await self.quotas.usage_text(owner, roles)
+
+    async def mod(self, owner: Owner, is_moderator: bool, text: str) -> str:
+        """/mod <text>: a moderator command as one line (see ``Moderation`` for typed calls)."""
+        return await self.moderation.handle_text(owner, is_moderator, text)
 
     def help_text(self) -> str:
         """/help."""

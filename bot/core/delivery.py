@@ -130,6 +130,11 @@ class Deliverer:
             return
         if job.delivered_at:
             return
+        if job.status == "cancelled":
+            # Finished anyway after a moderator cancelled it (a race, or an engine that
+            # can't stop mid-run): the owner was told it was cancelled, so post nothing.
+            log.info("result for cancelled job %s dropped", job.id)
+            return
         if job.kind == "train":
             train = TrainResult.model_validate(payload)
             subject = await self.core.store.get_subject(train.subject_id)
@@ -167,6 +172,12 @@ class Deliverer:
         job = await self.core.store.get_job(failure.job_id)
         if job is None or job.delivered_at:
             return
+        if job.status == "cancelled":
+            # The moderator's notice (or the engine reporting the abort): say it once, in the
+            # words the cancelling moderation action chose. Its units were already refunded.
+            text = job.error or "Your job was cancelled."
+            await self._deliver_once(job, lambda: self.sink.show_failure(job, text))
+            return
         if job.kind == "train" and job.subject_id:
             subject = await self.core.store.get_subject(job.subject_id)
             if subject is not None:
@@ -178,6 +189,9 @@ class Deliverer:
         else:
             text = f"Your image could not be drawn: {failure.message}"
         await self.core.store.update_job(job.id, status="failed", error=failure.message)
+        # The user didn't get what they spent quota on, so they get it back (idempotent, so
+        # a retried delivery refunds once).
+        await self.core.quotas.refund(job.id, "failed")
         await self._deliver_once(job, lambda: self.sink.show_failure(job, text))
 
     async def _deliver_once(self, job: Job, send: Any) -> None:

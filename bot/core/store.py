@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import aiosqlite
 
@@ -20,6 +21,11 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 def utcnow() -> str:
     """The current time as an ISO-8601 UTC string, the store's timestamp format."""
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def utcday() -> str:
+    """Today's UTC date (``2025-01-31``): the day quota units count against."""
+    return datetime.now(UTC).date().isoformat()
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,93 @@ class Job:
         return self.status in ("done", "failed", "cancelled")
 
 
+UsageKind = Literal["images", "trainings"]
+QuotaField = Literal["daily_images", "daily_trainings", "max_active_jobs"]
+QUOTA_FIELDS: tuple[QuotaField, ...] = get_args(QuotaField)
+OverrideScope = Literal["user", "role", "workspace"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a user has spent today (UTC) and how many of their jobs wait or run now."""
+
+    images: int
+    trainings: int
+    active_jobs: int
+
+
+@dataclass(frozen=True)
+class QuotaOverride:
+    """A row of ``quota_overrides``: limits replacing the defaults; None means not set."""
+
+    scope: OverrideScope
+    target_id: str
+    daily_images: int | None
+    daily_trainings: int | None
+    max_active_jobs: int | None
+    set_by: str
+    updated_at: str
+
+    def limit(self, field: QuotaField) -> int | None:
+        """This override's value for one limit, if it sets one."""
+        value: int | None = getattr(self, field)
+        return value
+
+
+@dataclass(frozen=True)
+class Ban:
+    """A row of ``bans``; ``expires_at`` None means until lifted."""
+
+    owner: Owner
+    reason: str
+    banned_by: str
+    created_at: str
+    expires_at: str | None
+
+
+@dataclass(frozen=True)
+class WorkspaceSettings:
+    """A workspace's moderation switches."""
+
+    use_default_rules: bool = True
+    reveal_blocked_rule: bool = False
+    rules_version: int = 0
+
+
+@dataclass(frozen=True)
+class BlockedRule:
+    """A row of ``blocked_rules``: one of a workspace's own rules."""
+
+    id: int
+    kind: Literal["word", "regex"]
+    pattern: str
+    added_by: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class BlockedAttempt:
+    """A row of ``blocked_attempts``: a prompt that a rule stopped."""
+
+    owner: Owner
+    rule_label: str
+    fragment: str
+    prompt: str
+    negative_prompt: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """A row of ``audit_log``: one moderator action."""
+
+    moderator: Owner
+    action: str
+    target: str
+    detail: str
+    created_at: str
+
+
 def _subject(row: aiosqlite.Row) -> Subject:
     return Subject(
         id=row["id"],
@@ -105,6 +198,35 @@ def _job(row: aiosqlite.Row) -> Job:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         delivered_at=row["delivered_at"],
+    )
+
+
+async def _insert_job(
+    db: aiosqlite.Connection,
+    job_id: str,
+    kind: str,
+    owner: Owner,
+    destination: dict[str, Any],
+    subject_id: str | None,
+    prompt: str | None,
+) -> None:
+    now = utcnow()
+    await db.execute(
+        "INSERT INTO jobs (id, kind, platform, workspace, user_id, subject_id, prompt,"
+        " destination, status, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            job_id,
+            kind,
+            owner.platform,
+            owner.workspace,
+            owner.user_id,
+            subject_id,
+            prompt,
+            json.dumps(destination),
+            "queued",
+            now,
+            now,
+        ),
     )
 
 
@@ -153,6 +275,10 @@ class Store:
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
+        # All coroutines of a process share this one connection, and a COMMIT from one would
+        # commit another's half-done transaction. Every write therefore holds this lock;
+        # BEGIN IMMEDIATE in ``transaction`` then also keeps other processes out.
+        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -172,20 +298,33 @@ class Store:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction, committed on success and rolled back on error."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            await self.db.rollback()
-            raise
-        await self.db.commit()
+        """A write transaction, committed on success and rolled back on error.
+
+        BEGIN IMMEDIATE takes SQLite's write lock up front, so a check made inside the block
+        still holds when the block's writes commit, in this process and in any other.
+        Inside the block use the yielded connection only: another Store write method would
+        wait for the lock this block holds.
+        """
+        async with self._write_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                await self.db.rollback()
+                raise
+            await self.db.commit()
+
+    async def _write(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        """Run one write statement and commit it; return the number of rows it changed."""
+        async with self.transaction() as db:
+            cursor = await db.execute(sql, params)
+            return cursor.rowcount
 
     # Subjects.
 
     async def insert_subject(self, subject: Subject) -> None:
         """Insert a new subject (raises ``aiosqlite.IntegrityError`` on a name/token clash)."""
-        await self.db.execute(
+        await self._write(
             "INSERT INTO subjects (id, platform, workspace, user_id, name, class_noun, token,"
             " status, adapter_url, photos_url, photo_count, base_model, error, created_at,"
             " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -207,7 +346,6 @@ class Store:
                 subject.updated_at,
             ),
         )
-        await self.db.commit()
 
     async def get_subject(self, subject_id: str) -> Subject | None:
         """The subject with this id, if any."""
@@ -246,15 +384,13 @@ class Store:
         """Set columns of a subject (and its ``updated_at``)."""
         fields["updated_at"] = utcnow()
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        await self.db.execute(
+        await self._write(
             f"UPDATE subjects SET {assignments} WHERE id = ?", (*fields.values(), subject_id)
         )
-        await self.db.commit()
 
     async def delete_subject(self, subject_id: str) -> None:
         """Delete a subject row (its jobs keep their history, unlinked)."""
-        await self.db.execute("DELETE FROM subjects WHERE id = ?", (subject_id,))
-        await self.db.commit()
+        await self._write("DELETE FROM subjects WHERE id = ?", (subject_id,))
 
     # Jobs.
 
@@ -269,25 +405,8 @@ class Store:
         prompt: str | None = None,
     ) -> None:
         """Record a job about to be queued."""
-        now = utcnow()
-        await self.db.execute(
-            "INSERT INTO jobs (id, kind, platform, workspace, user_id, subject_id, prompt,"
-            " destination, status, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                job_id,
-                kind,
-                owner.platform,
-                owner.workspace,
-                owner.user_id,
-                subject_id,
-                prompt,
-                json.dumps(destination),
-                "queued",
-                now,
-                now,
-            ),
-        )
-        await self.db.commit()
+        async with self.transaction() as db:
+            await _insert_job(db, job_id, kind, owner, destination, subject_id, prompt)
 
     async def get_job(self, job_id: str) -> Job | None:
         """The job with this id, if any."""
@@ -297,8 +416,7 @@ class Store:
 
     async def delete_job(self, job_id: str) -> None:
         """Forget a job that never reached the queue."""
-        await self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-        await self.db.commit()
+        await self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
         """Set columns of a job (``result`` is stored as JSON)."""
@@ -306,19 +424,15 @@ class Store:
             fields["result"] = json.dumps(fields["result"])
         fields["updated_at"] = utcnow()
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        await self.db.execute(
-            f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id)
-        )
-        await self.db.commit()
+        await self._write(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id))
 
     async def claim_delivery(self, job_id: str) -> bool:
         """Mark a job's final result as delivered; False if it already was (deliver once)."""
-        cursor = await self.db.execute(
+        changed = await self._write(
             "UPDATE jobs SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL",
             (utcnow(), job_id),
         )
-        await self.db.commit()
-        return cursor.rowcount == 1
+        return changed == 1
 
     async def unfinished_jobs(self, platform: str) -> list[Job]:
         """Jobs of a platform whose result has not been delivered yet."""
@@ -327,3 +441,394 @@ class Store:
             (platform,),
         ) as cur:
             return [_job(row) for row in await cur.fetchall()]
+
+    # Jobs, seen by moderators and quotas.
+
+    async def active_jobs(
+        self, platform: str, workspace: str, user_id: str | None = None
+    ) -> list[Job]:
+        """Jobs waiting or running in a workspace (of one user if given), oldest first."""
+        sql = "SELECT * FROM jobs WHERE platform = ? AND workspace = ? AND status IN " + _ACTIVE
+        params: tuple[str, ...] = (platform, workspace)
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            params += (user_id,)
+        async with self.db.execute(sql + " ORDER BY created_at, rowid", params) as cur:
+            return [_job(row) for row in await cur.fetchall()]
+
+    async def reserve_job(
+        self,
+        job_id: str,
+        kind: str,
+        owner: Owner,
+        destination: dict[str, Any],
+        *,
+        subject_id: str | None = None,
+        prompt: str | None = None,
+        usage_kind: UsageKind,
+        units: int,
+        check: Callable[[Usage], None],
+    ) -> None:
+        """Record a job and the quota units it spends, if ``check`` lets the owner have them.
+
+        ``check`` sees the owner's usage and raises to refuse. Reading the usage and writing
+        the job happen in one BEGIN IMMEDIATE transaction, so simultaneous requests (from
+        this process or another) are counted one after another and can never overshoot.
+        """
+        async with self.transaction() as db:
+            day = utcday()
+            check(await _usage(db, owner, day))
+            await _insert_job(db, job_id, kind, owner, destination, subject_id, prompt)
+            await db.execute(
+                "INSERT INTO quota_usage (job_id, platform, workspace, user_id, kind, units, day,"
+                " created_at) VALUES (?,?,?,?,?,?,?,?)",
+                (job_id, *_owner(owner), usage_kind, units, day, utcnow()),
+            )
+
+    async def usage(self, owner: Owner) -> Usage:
+        """The owner's quota units spent today (UTC) and jobs waiting or running now."""
+        return await _usage(self.db, owner, utcday())
+
+    async def release_usage(self, job_id: str, reason: str) -> bool:
+        """Give a job's quota units back; False if they already were (or it spent none)."""
+        changed = await self._write(
+            "UPDATE quota_usage SET released_at = ?, release_reason = ?"
+            " WHERE job_id = ? AND released_at IS NULL",
+            (utcnow(), reason, job_id),
+        )
+        return changed == 1
+
+    async def release_day_usage(self, owner: Owner, reason: str) -> int:
+        """Give back all of the owner's units spent today; return how many rows were released."""
+        return await self._write(
+            "UPDATE quota_usage SET released_at = ?, release_reason = ? WHERE platform = ?"
+            " AND workspace = ? AND user_id = ? AND day = ? AND released_at IS NULL",
+            (utcnow(), reason, *_owner(owner), utcday()),
+        )
+
+    async def cancel_job(self, job_id: str, message: str) -> bool:
+        """Mark a waiting or running job cancelled and give its units back, in one transaction.
+
+        False if the job had already finished, so a job is never cancelled twice.
+        """
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE jobs SET status = 'cancelled', error = ?, updated_at = ?"
+                " WHERE id = ? AND status IN " + _ACTIVE,
+                (message, utcnow(), job_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            await db.execute(
+                "UPDATE quota_usage SET released_at = ?, release_reason = 'cancelled'"
+                " WHERE job_id = ? AND released_at IS NULL",
+                (utcnow(), job_id),
+            )
+            return True
+
+    # Quota overrides.
+
+    async def quota_overrides(
+        self, platform: str, workspace: str, user_id: str, roles: Sequence[str] = ()
+    ) -> list[QuotaOverride]:
+        """The overrides that apply to a user: the workspace's, their roles', their own."""
+        marks = ",".join("?" * len(roles))
+        async with self.db.execute(
+            "SELECT * FROM quota_overrides WHERE platform = ? AND workspace = ? AND ("
+            " scope = 'workspace' OR (scope = 'user' AND target_id = ?)"
+            f" OR (scope = 'role' AND target_id IN ({marks})))",
+            (platform, workspace, user_id, *roles),
+        ) as cur:
+            return [_override(row) for row in await cur.fetchall()]
+
+    async def list_quota_overrides(self, platform: str, workspace: str) -> list[QuotaOverride]:
+        """Every override of a workspace."""
+        async with self.db.execute(
+            "SELECT * FROM quota_overrides WHERE platform = ? AND workspace = ?"
+            " ORDER BY scope, target_id",
+            (platform, workspace),
+        ) as cur:
+            return [_override(row) for row in await cur.fetchall()]
+
+    async def set_quota_override(
+        self,
+        platform: str,
+        workspace: str,
+        scope: OverrideScope,
+        target_id: str,
+        field: QuotaField,
+        value: int | None,
+        set_by: str,
+    ) -> None:
+        """Set (or with ``None`` clear) one limit of an override; an all-empty one is removed."""
+        if field not in QUOTA_FIELDS:
+            raise ValueError(f"unknown quota field {field!r}")
+        key = (platform, workspace, scope, target_id)
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO quota_overrides (platform, workspace, scope, target_id, set_by,"
+                " updated_at) VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
+                " set_by = excluded.set_by, updated_at = excluded.updated_at",
+                (*key, set_by, utcnow()),
+            )
+            await db.execute(
+                f"UPDATE quota_overrides SET {field} = ? WHERE platform = ? AND workspace = ?"
+                " AND scope = ? AND target_id = ?",
+                (value, *key),
+            )
+            await db.execute(
+                "DELETE FROM quota_overrides WHERE platform = ? AND workspace = ? AND scope = ?"
+                " AND target_id = ? AND "
+                + " AND ".join(f"{name} IS NULL" for name in QUOTA_FIELDS),
+                key,
+            )
+
+    # Bans.
+
+    async def active_ban(self, owner: Owner) -> Ban | None:
+        """The owner's ban, unless there is none or it has expired."""
+        async with self.db.execute(
+            "SELECT * FROM bans WHERE platform = ? AND workspace = ? AND user_id = ?"
+            " AND (expires_at IS NULL OR expires_at > ?)",
+            (*_owner(owner), utcnow()),
+        ) as cur:
+            row = await cur.fetchone()
+        return _ban(row) if row else None
+
+    async def active_bans(self, platform: str, workspace: str) -> list[Ban]:
+        """A workspace's bans that have not expired, newest first."""
+        async with self.db.execute(
+            "SELECT * FROM bans WHERE platform = ? AND workspace = ?"
+            " AND (expires_at IS NULL OR expires_at > ?) ORDER BY created_at DESC",
+            (platform, workspace, utcnow()),
+        ) as cur:
+            return [_ban(row) for row in await cur.fetchall()]
+
+    async def put_ban(self, ban: Ban) -> None:
+        """Ban a user, replacing any earlier ban of theirs."""
+        await self._write(
+            "INSERT OR REPLACE INTO bans (platform, workspace, user_id, reason, banned_by,"
+            " created_at, expires_at) VALUES (?,?,?,?,?,?,?)",
+            (*_owner(ban.owner), ban.reason, ban.banned_by, ban.created_at, ban.expires_at),
+        )
+
+    async def delete_ban(self, owner: Owner) -> bool:
+        """Lift the owner's ban; False if they had none in force."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM bans WHERE platform = ? AND workspace = ? AND user_id = ?"
+                " AND (expires_at IS NULL OR expires_at > ?)",
+                (*_owner(owner), utcnow()),
+            )
+            # An expired ban is no ban; drop it quietly either way.
+            await db.execute(
+                "DELETE FROM bans WHERE platform = ? AND workspace = ? AND user_id = ?",
+                _owner(owner),
+            )
+            return cursor.rowcount == 1
+
+    # Blocked-prompt rules.
+
+    async def workspace_settings(self, platform: str, workspace: str) -> WorkspaceSettings:
+        """A workspace's moderation switches (the defaults if never changed)."""
+        async with self.db.execute(
+            "SELECT use_default_rules, reveal_blocked_rule, rules_version FROM workspace_settings"
+            " WHERE platform = ? AND workspace = ?",
+            (platform, workspace),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return WorkspaceSettings()
+        return WorkspaceSettings(bool(row[0]), bool(row[1]), row[2])
+
+    async def set_workspace_switch(
+        self,
+        platform: str,
+        workspace: str,
+        name: Literal["use_default_rules", "reveal_blocked_rule"],
+        value: bool,
+        updated_by: str,
+    ) -> None:
+        """Turn one moderation switch of a workspace on or off."""
+        if name not in ("use_default_rules", "reveal_blocked_rule"):
+            raise ValueError(f"unknown switch {name!r}")
+        async with self.transaction() as db:
+            await _touch_workspace(db, platform, workspace, updated_by)
+            await db.execute(
+                f"UPDATE workspace_settings SET {name} = ? WHERE platform = ? AND workspace = ?",
+                (int(value), platform, workspace),
+            )
+
+    async def blocked_rules(self, platform: str, workspace: str) -> list[BlockedRule]:
+        """A workspace's own rules (not the built-in list), oldest first."""
+        async with self.db.execute(
+            "SELECT * FROM blocked_rules WHERE platform = ? AND workspace = ? ORDER BY id",
+            (platform, workspace),
+        ) as cur:
+            return [_blocked_rule(row) for row in await cur.fetchall()]
+
+    async def add_blocked_rule(
+        self, platform: str, workspace: str, kind: str, pattern: str, added_by: str
+    ) -> BlockedRule | None:
+        """Store a rule; None if the workspace already has exactly this one."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "INSERT OR IGNORE INTO blocked_rules (platform, workspace, kind, pattern,"
+                " added_by, created_at) VALUES (?,?,?,?,?,?)",
+                (platform, workspace, kind, pattern, added_by, utcnow()),
+            )
+            if cursor.rowcount != 1:
+                return None
+            await _touch_workspace(db, platform, workspace, added_by)
+            async with db.execute(
+                "SELECT * FROM blocked_rules WHERE id = ?", (cursor.lastrowid,)
+            ) as cur:
+                row = await cur.fetchone()
+            assert row is not None  # inserted just now, in this transaction
+            return _blocked_rule(row)
+
+    async def delete_blocked_rule(
+        self, platform: str, workspace: str, rule_id: int, removed_by: str
+    ) -> bool:
+        """Remove one of a workspace's rules by id; False if there is no such rule."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM blocked_rules WHERE platform = ? AND workspace = ? AND id = ?",
+                (platform, workspace, rule_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            await _touch_workspace(db, platform, workspace, removed_by)
+            return True
+
+    async def record_blocked_attempt(
+        self, owner: Owner, rule_label: str, fragment: str, prompt: str, negative_prompt: str
+    ) -> None:
+        """Log a prompt a rule stopped, for moderators."""
+        await self._write(
+            "INSERT INTO blocked_attempts (platform, workspace, user_id, rule_label, fragment,"
+            " prompt, negative_prompt, created_at) VALUES (?,?,?,?,?,?,?,?)",
+            (*_owner(owner), rule_label, fragment, prompt, negative_prompt, utcnow()),
+        )
+
+    async def blocked_attempts(
+        self, platform: str, workspace: str, limit: int
+    ) -> list[BlockedAttempt]:
+        """A workspace's most recent blocked prompts, newest first."""
+        async with self.db.execute(
+            "SELECT * FROM blocked_attempts WHERE platform = ? AND workspace = ?"
+            " ORDER BY id DESC LIMIT ?",
+            (platform, workspace, limit),
+        ) as cur:
+            return [
+                BlockedAttempt(
+                    Owner(row["platform"], row["workspace"], row["user_id"]),
+                    row["rule_label"],
+                    row["fragment"],
+                    row["prompt"],
+                    row["negative_prompt"],
+                    row["created_at"],
+                )
+                for row in await cur.fetchall()
+            ]
+
+    # Audit log.
+
+    async def record_audit(
+        self, moderator: Owner, action: str, target: str = "", detail: str = ""
+    ) -> None:
+        """Record a moderator's action."""
+        await self._write(
+            "INSERT INTO audit_log (platform, workspace, moderator_id, action, target, detail,"
+            " created_at) VALUES (?,?,?,?,?,?,?)",
+            (*_owner(moderator), action, target, detail, utcnow()),
+        )
+
+    async def audit_entries(self, platform: str, workspace: str, limit: int) -> list[AuditEntry]:
+        """A workspace's most recent moderator actions, newest first."""
+        async with self.db.execute(
+            "SELECT * FROM audit_log WHERE platform = ? AND workspace = ? ORDER BY id DESC LIMIT ?",
+            (platform, workspace, limit),
+        ) as cur:
+            return [
+                AuditEntry(
+                    Owner(row["platform"], row["workspace"], row["moderator_id"]),
+                    row["action"],
+                    row["target"],
+                    row["detail"],
+                    row["created_at"],
+                )
+                for row in await cur.fetchall()
+            ]
+
+
+_ACTIVE = "('queued', 'running')"
+
+
+def _owner(owner: Owner) -> tuple[str, str, str]:
+    return owner.platform, owner.workspace, owner.user_id
+
+
+async def _usage(db: aiosqlite.Connection, owner: Owner, day: str) -> Usage:
+    async with db.execute(
+        "SELECT kind, sum(units) FROM quota_usage WHERE platform = ? AND workspace = ?"
+        " AND user_id = ? AND day = ? AND released_at IS NULL GROUP BY kind",
+        (*_owner(owner), day),
+    ) as cur:
+        spent = {row[0]: int(row[1]) for row in await cur.fetchall()}
+    async with db.execute(
+        "SELECT count(*) FROM jobs WHERE platform = ? AND workspace = ? AND user_id = ?"
+        " AND status IN " + _ACTIVE,
+        _owner(owner),
+    ) as cur:
+        row = await cur.fetchone()
+    return Usage(
+        images=spent.get("images", 0),
+        trainings=spent.get("trainings", 0),
+        active_jobs=int(row[0]) if row else 0,
+    )
+
+
+async def _touch_workspace(
+    db: aiosqlite.Connection, platform: str, workspace: str, updated_by: str
+) -> None:
+    # Every rule or switch change bumps the version, which invalidates cached filters.
+    await db.execute(
+        "INSERT INTO workspace_settings (platform, workspace, rules_version, updated_by,"
+        " updated_at) VALUES (?, ?, 1, ?, ?) ON CONFLICT DO UPDATE SET"
+        " rules_version = rules_version + 1, updated_by = excluded.updated_by,"
+        " updated_at = excluded.updated_at",
+        (platform, workspace, updated_by, utcnow()),
+    )
+
+
+def _override(row: aiosqlite.Row) -> QuotaOverride:
+    return QuotaOverride(
+        scope=row["scope"],
+        target_id=row["target_id"],
+        daily_images=row["daily_images"],
+        daily_trainings=row["daily_trainings"],
+        max_active_jobs=row["max_active_jobs"],
+        set_by=row["set_by"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _ban(row: aiosqlite.Row) -> Ban:
+    return Ban(
+        owner=Owner(row["platform"], row["workspace"], row["user_id"]),
+        reason=row["reason"],
+        banned_by=row["banned_by"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+    )
+
+
+def _blocked_rule(row: aiosqlite.Row) -> BlockedRule:
+    return BlockedRule(
+        id=row["id"],
+        kind=row["kind"],
+        pattern=row["pattern"],
+        added_by=row["added_by"],
+        created_at=row["created_at"],
+    )

@@ -1,0 +1,805 @@
+"""Moderation, platform-free: blocked prompts, quota overrides, bans, the queue, the audit log.
+
+Adapters decide who is a moderator on their platform (Discord: Manage Server or a configured
+role; Slack: admins or configured ids; shell: configured users) and pass that as
+``is_moderator``; everything else lives here. The typed API is ``Moderation.acting(owner,
+is_moderator)``, which refuses non-moderators before anything can change and returns a
+``Moderator`` whose methods each do one action and return the reply text.
+``Moderation.handle_text`` parses the text form (``/mod ban @bob spam 7d``) for adapters whose
+platform hands over a line of text (the shell, Slack).
+
+Every change a moderator makes is written to ``audit_log``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Literal
+
+from arq.constants import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    retry_key_prefix,
+)
+from redis.exceptions import RedisError
+
+from bot.core.errors import UserError
+from bot.core.prompt_filter import InvalidRule, Match, PromptFilter, Rule, validate_rule
+from bot.core.quotas import FIELD_NAMES, format_duration
+from bot.core.store import (
+    Ban,
+    BlockedRule,
+    Job,
+    OverrideScope,
+    Owner,
+    QuotaField,
+    Subject,
+    WorkspaceSettings,
+    utcnow,
+)
+from engine.api import DELIVER_FAILURE, ENGINE_QUEUE, Failure, bot_queue
+
+if TYPE_CHECKING:
+    from bot.core.commands import Core
+
+log = logging.getLogger(__name__)
+
+CANCEL_KEY_PREFIX = "dreambot:cancel:"
+"""``dreambot:cancel:<job id>`` is set (for a day) when a running job is cancelled.
+
+arq's own abort only cancels the job's asyncio task (with ``allow_abort_jobs=True``); the
+engine's training loop runs in a thread, so it also polls this key between steps.
+TODO(engine): move this constant to engine/api.py, the bot/engine contract, and import it here.
+"""
+
+# Removing a waiting job must not race with a worker picking it up, so the check and the
+# removal run as one Lua script. A worker marks a job it starts with the in-progress key
+# (arq's start_jobs, WATCHed), so: in progress → it is running, ask for an abort; still in the
+# queue → take it out and delete its definition, so no worker can run it even if one read its
+# queue entry a moment ago (arq's run_job then finds no definition and skips it).
+_ABORT_SCRIPT = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+    redis.call('SET', KEYS[6], ARGV[3], 'EX', 86400)
+    return 'running'
+end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+    redis.call('DEL', KEYS[3], KEYS[5])
+    return 'removed'
+end
+return 'gone'
+"""
+
+_DURATION = re.compile(r"^(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?$")
+_FOREVER = {"forever", "permanent", "permanently", "never"}
+MAX_BAN = timedelta(days=3650)
+_MENTION = re.compile(r"^<@[!&]?([A-Za-z0-9_.-]+)(?:\|[^>]*)?>$")
+_ROLE_MENTION = re.compile(r"^<@&([0-9]+)>$")
+_FIELD_ALIASES: dict[str, QuotaField] = {
+    "images": "daily_images",
+    "image": "daily_images",
+    "trainings": "daily_trainings",
+    "training": "daily_trainings",
+    "jobs": "max_active_jobs",
+    "active": "max_active_jobs",
+}
+_WORKSPACE_TARGETS = {"workspace", "server", "everyone", "default", "defaults"}
+
+MOD_HELP = """\
+Moderator commands (every change is written to the audit log):
+/mod block list                      this workspace's blocked words, phrases and regexes
+/mod block add <word or phrase>      block it (look-alikes, spacing and leetspeak included)
+/mod block add-regex <pattern>       block an RE2 regex (no lookarounds or backreferences)
+/mod block remove <rule id>          unblock (ids are in /mod block list)
+/mod block defaults on|off           use the built-in list of blocked words
+/mod block reveal on|off             tell users which rule their prompt hit (default off)
+/mod blocked [n]                     the latest blocked prompts
+/mod quota show <user>               a user's usage and limits today
+/mod quota set <who> <what> <n|default>
+                                     who: a user, role:<id>, or workspace;
+                                     what: images, trainings (per UTC day) or jobs (at once)
+/mod quota reset <user>              give a user back today's images and trainings
+/mod quota list                      every override in this workspace
+/mod ban <user> [reason] [duration]  refuse their commands, cancel their jobs; e.g. 7d, 12h
+/mod unban <user>                    lift a ban
+/mod bans                            who is banned, why, until when
+/mod queue                           jobs waiting and running here
+/mod cancel <job id> [reason]        abort a waiting or running job (the first 6+ characters)
+/mod subjects <user>                 a user's subjects
+/mod delete-subject <user> <name>    delete a subject with its photos and adapter
+/mod log [n]                         the latest moderator actions"""
+
+
+class NotModerator(UserError):
+    """A /mod command from someone who is not a moderator."""
+
+    def __init__(self) -> None:
+        super().__init__("Only moderators can use /mod. Nothing was changed.")
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """``30m``, ``12h``, ``7d``, ``2w``, ``1d12h`` → a timedelta; ``forever`` → None.
+
+    Raises UserError for anything else, or for more than ten years.
+    """
+    word = text.strip().lower()
+    if word in _FOREVER:
+        return None
+    match = _DURATION.match(word)
+    if not word or match is None:
+        raise UserError(f"'{text}' isn't a duration: use e.g. 30m, 12h, 7d, 2w or forever.")
+    weeks, days, hours, minutes = (int(part or 0) for part in match.groups())
+    duration = timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes)
+    if duration <= timedelta(0):
+        raise UserError("A ban must last at least a minute (or say forever).")
+    if duration > MAX_BAN:
+        raise UserError("That is longer than ten years; say forever instead.")
+    return duration
+
+
+def _is_duration(word: str) -> bool:
+    try:
+        parse_duration(word)
+    except UserError:
+        return False
+    return True
+
+
+def parse_user(text: str) -> str:
+    """A user id from a mention (Discord ``<@123>``/``<@!123>``, Slack ``<@U1|bob>``) or as is."""
+    text = text.strip()
+    match = _MENTION.match(text)
+    user = match.group(1) if match else text.removeprefix("@")
+    if not user or any(char.isspace() for char in user):
+        raise UserError(f"'{text}' isn't a user.")
+    return user
+
+
+def when(timestamp: str) -> str:
+    """A stored ISO timestamp as ``2025-01-31 12:03 UTC``."""
+    return timestamp[:16].replace("T", " ") + " UTC"
+
+
+def _ago(timestamp: str) -> str:
+    return format_duration(datetime.now(UTC) - datetime.fromisoformat(timestamp))
+
+
+def _ban_until(ban: Ban) -> str:
+    return f"until {when(ban.expires_at)}" if ban.expires_at else "until a moderator lifts it"
+
+
+def _rule_line(rule: BlockedRule) -> str:
+    shown = f"/{rule.pattern}/" if rule.kind == "regex" else f"“{rule.pattern}”"
+    return f"  #{rule.id}  {rule.kind:5}  {shown}  (by {rule.added_by}, {when(rule.created_at)})"
+
+
+def _job_what(job: Job) -> str:
+    if job.kind == "train":
+        return "training"
+    prompt = job.prompt or ""
+    return f"image “{prompt[:40]}{'…' if len(prompt) > 40 else ''}”"
+
+
+class Moderation:
+    """The moderation rules the core enforces, and the door to the moderators' actions."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.store = core.store
+        # (platform, workspace) → (rules_version, compiled filter). The version is read on
+        # every check (one indexed row), so a rule change made by any process takes effect.
+        self._filters: dict[tuple[str, str], tuple[int, PromptFilter]] = {}
+        self._abort_script = core.queue.register_script(_ABORT_SCRIPT)
+
+    # For adapters.
+
+    def is_configured_moderator(self, user_id: str, roles: Sequence[str] = ()) -> bool:
+        """Whether DREAMBOT_MODERATOR_USERS or DREAMBOT_MODERATOR_ROLES names this user.
+
+        Adapters add their platform's own notion (Discord's Manage Server, Slack admins).
+        """
+        settings = self.core.settings
+        return user_id in settings.moderator_users or any(
+            role in settings.moderator_roles for role in roles
+        )
+
+    def acting(self, owner: Owner, is_moderator: bool) -> Moderator:
+        """The actions ``owner`` may take as a moderator; raises NotModerator otherwise."""
+        if not is_moderator:
+            log.info("refused /mod from non-moderator %s", owner)
+            raise NotModerator()
+        return Moderator(self, owner)
+
+    async def handle_text(self, owner: Owner, is_moderator: bool, text: str) -> str:
+        """Run ``/mod <text>`` given as one line (what follows ``/mod``); return the reply."""
+        moderator = self.acting(owner, is_moderator)
+        return await _dispatch(moderator, text.strip())
+
+    # Checks the core runs before queueing anything.
+
+    async def check_not_banned(self, owner: Owner) -> None:
+        """Raise UserError if ``owner`` is banned in their workspace."""
+        ban = await self.store.active_ban(owner)
+        if ban is None:
+            return
+        reason = f" Reason: {ban.reason}." if ban.reason else ""
+        raise UserError(f"You're banned from using dreambot here, {_ban_until(ban)}.{reason}")
+
+    async def check_prompt(
+        self, owner: Owner, prompt: str, negative_prompt: str = "", *, subject: bool = False
+    ) -> None:
+        """Raise UserError if a blocked-prompt rule hits the (resolved) prompt or negative.
+
+        With ``subject=True`` the text is a new subject's name and class: the engine draws
+        class-prior images from the class noun, so it is a prompt too.
+        A hit is logged for moderators. The user learns which rule only if the workspace
+        turned ``reveal`` on: by default we don't hand out a map of the filter.
+        """
+        settings = await self.store.workspace_settings(owner.platform, owner.workspace)
+        prompt_filter = await self._filter(owner.platform, owner.workspace, settings)
+        match = prompt_filter.check(prompt, negative_prompt)
+        if match is None:
+            return
+        await self.store.record_blocked_attempt(
+            owner, match.rule.label, match.fragment, prompt, negative_prompt
+        )
+        log.info("blocked prompt from %s: rule %s", owner, match.rule.label)
+        what = "That subject name or class" if subject else "That prompt"
+        if settings.reveal_blocked_rule:
+            raise UserError(_reveal(what, match))
+        raise UserError(f"{what} isn't allowed here, so nothing was queued. Please rephrase it.")
+
+    async def _filter(
+        self, platform: str, workspace: str, settings: WorkspaceSettings
+    ) -> PromptFilter:
+        key = (platform, workspace)
+        cached = self._filters.get(key)
+        if cached is not None and cached[0] == settings.rules_version:
+            return cached[1]
+        rules = []
+        for stored in await self.store.blocked_rules(platform, workspace):
+            label = f"#{stored.id}"
+            rule = Rule(stored.kind, stored.pattern, label)
+            try:
+                validate_rule(rule)
+            except InvalidRule as exc:
+                # Validated when added; a stricter checker in a newer release may refuse it.
+                # Skip it rather than stop every prompt in the workspace.
+                log.warning("skipping stored rule %s in %s: %s", label, key, exc.message)
+                continue
+            rules.append(rule)
+        prompt_filter = PromptFilter(rules, use_defaults=settings.use_default_rules)
+        self._filters[key] = (settings.rules_version, prompt_filter)
+        return prompt_filter
+
+    # Cancelling, shared by /mod cancel, bans and subject deletion.
+
+    async def cancel_job(self, job: Job, message: str) -> str | None:
+        """Cancel a waiting or running job and tell its owner; None if it had already ended.
+
+        SQLite first (the job is cancelled and its units refunded whatever Redis says), then
+        the queue: a waiting job is taken out of it, a running one is asked to abort.
+        """
+        if not await self.store.cancel_job(job.id, message):
+            return None
+        try:
+            state = await self._abort(job.id, message)
+        except (RedisError, OSError):
+            log.exception("could not abort job %s in the queue", job.id)
+            state = "cancelled here, but the queue can't be reached to stop it"
+        if job.kind == "train" and job.subject_id:
+            await self.store.update_subject(job.subject_id, status="failed", error=message)
+        await self._notify(job, message)
+        return state
+
+    async def _abort(self, job_id: str, message: str) -> str:
+        result = await self._abort_script(
+            keys=[
+                ENGINE_QUEUE,
+                in_progress_key_prefix + job_id,
+                job_key_prefix + job_id,
+                abort_jobs_ss,
+                retry_key_prefix + job_id,
+                CANCEL_KEY_PREFIX + job_id,
+            ],
+            args=[job_id, int(datetime.now(UTC).timestamp() * 1000), message],
+        )
+        state = result.decode() if isinstance(result, bytes) else str(result)
+        return {
+            "running": "running: the engine was asked to stop it",
+            "removed": "taken out of the queue",
+            "gone": "no longer in the queue",
+        }[state]
+
+    async def _notify(self, job: Job, message: str) -> None:
+        # Through the owner's bot queue, like an engine failure: the platform's own bot
+        # process posts it where the job was asked for, once, even after a restart.
+        try:
+            await self.core.queue.enqueue_job(
+                DELIVER_FAILURE,
+                Failure(job_id=job.id, message=message).model_dump(),
+                _job_id=f"cancelled:{job.id}",
+                _queue_name=bot_queue(job.owner.platform),
+            )
+        except (RedisError, OSError):
+            log.exception("could not tell the owner of job %s it was cancelled", job.id)
+
+    async def _arq_states(self, jobs: Sequence[Job]) -> dict[str, str]:
+        queue = self.core.queue
+        async with queue.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                pipe.exists(in_progress_key_prefix + job.id)
+                pipe.zscore(ENGINE_QUEUE, job.id)
+            replies = await pipe.execute()
+        states: dict[str, str] = {}
+        waiting: list[tuple[float, str]] = []
+        for job, running, score in zip(jobs, replies[::2], replies[1::2], strict=True):
+            if running:
+                states[job.id] = "running"
+            elif score is not None:
+                waiting.append((float(score), job.id))
+            else:
+                states[job.id] = "finishing" if job.status == "running" else "not in the queue"
+        for place, (_, job_id) in enumerate(sorted(waiting), start=1):
+            states[job_id] = f"waiting #{place}"
+        return states
+
+
+def _reveal(what: str, match: Match) -> str:
+    rule = match.rule
+    where = " in the negative prompt" if match.text_index == 1 else ""
+    if rule.label.startswith("default:"):
+        source = f"the built-in blocked word “{rule.pattern}”"
+    elif rule.kind == "regex":
+        source = f"this workspace's rule {rule.label} (/{rule.pattern}/)"
+    else:
+        source = f"this workspace's rule {rule.label} (“{rule.pattern}”)"
+    return f"{what} isn't allowed here: “{match.fragment}”{where} hits {source}."
+
+
+class Moderator:
+    """One moderator's actions in their workspace; get one from ``Moderation.acting``."""
+
+    def __init__(self, moderation: Moderation, owner: Owner) -> None:
+        self.moderation = moderation
+        self.store = moderation.store
+        self.owner = owner
+
+    def _user(self, user_id: str) -> Owner:
+        return Owner(self.owner.platform, self.owner.workspace, parse_user(user_id))
+
+    async def _audit(self, action: str, target: str = "", detail: str = "") -> None:
+        await self.store.record_audit(self.owner, action, target, detail)
+
+    # Blocked prompts.
+
+    async def block_list(self) -> str:
+        """The workspace's own rules and its switches."""
+        settings = await self.store.workspace_settings(self.owner.platform, self.owner.workspace)
+        rules = await self.store.blocked_rules(self.owner.platform, self.owner.workspace)
+        lines = [
+            f"Built-in blocked words: {'on' if settings.use_default_rules else 'off'}. "
+            f"Users are told which rule hit: {'yes' if settings.reveal_blocked_rule else 'no'}.",
+            "This workspace's rules:" if rules else "This workspace has no rules of its own.",
+        ]
+        lines += [_rule_line(rule) for rule in rules]
+        return "\n".join(lines)
+
+    async def block_add(self, phrase: str) -> str:
+        """Block a word or phrase."""
+        return await self._add_rule("word", " ".join(phrase.split()))
+
+    async def block_add_regex(self, pattern: str) -> str:
+        """Block an RE2 regular expression (validated: no construct that could stall us)."""
+        return await self._add_rule("regex", pattern.strip())
+
+    async def _add_rule(self, kind: str, pattern: str) -> str:
+        if not pattern:
+            command = "add-regex" if kind == "regex" else "add"
+            raise UserError(f"Say what to block: /mod block {command} …")
+        validate_rule(Rule("regex" if kind == "regex" else "word", pattern))
+        stored = await self.store.add_blocked_rule(
+            self.owner.platform, self.owner.workspace, kind, pattern, self.owner.user_id
+        )
+        if stored is None:
+            return "That rule is already in place; nothing changed."
+        await self._audit("block-add", f"#{stored.id}", f"{kind}: {pattern}")
+        return f"Blocked as rule #{stored.id}: {_rule_line(stored).strip()}"
+
+    async def block_remove(self, rule_id: str) -> str:
+        """Remove one of the workspace's rules by its id (``#3`` or ``3``)."""
+        number = rule_id.strip().removeprefix("#")
+        if not number.isdigit():
+            raise UserError("Give the rule's number from /mod block list, e.g. /mod block remove 3")
+        rules = {
+            rule.id: rule
+            for rule in await self.store.blocked_rules(self.owner.platform, self.owner.workspace)
+        }
+        rule = rules.get(int(number))
+        if rule is None or not await self.store.delete_blocked_rule(
+            self.owner.platform, self.owner.workspace, rule.id, self.owner.user_id
+        ):
+            raise UserError(f"There is no rule #{number} here; see /mod block list.")
+        await self._audit("block-remove", f"#{rule.id}", f"{rule.kind}: {rule.pattern}")
+        return f"Removed rule #{rule.id} ({rule.pattern})."
+
+    async def block_defaults(self, enabled: bool) -> str:
+        """Switch the built-in list of blocked words on or off for this workspace."""
+        await self._switch("use_default_rules", enabled)
+        return f"The built-in blocked words are now {'on' if enabled else 'off'} here."
+
+    async def block_reveal(self, enabled: bool) -> str:
+        """Choose whether users are told which rule their prompt hit."""
+        await self._switch("reveal_blocked_rule", enabled)
+        return (
+            "Users are now told which rule their prompt hit."
+            if enabled
+            else "Users now get a generic message when a prompt is blocked."
+        )
+
+    async def _switch(
+        self, name: Literal["use_default_rules", "reveal_blocked_rule"], enabled: bool
+    ) -> None:
+        await self.store.set_workspace_switch(
+            self.owner.platform, self.owner.workspace, name, enabled, self.owner.user_id
+        )
+        action = "block-defaults" if name == "use_default_rules" else "block-reveal"
+        await self._audit(action, detail="on" if enabled else "off")
+
+    async def blocked_attempts(self, count: int = 10) -> str:
+        """The latest prompts a rule stopped."""
+        attempts = await self.store.blocked_attempts(
+            self.owner.platform, self.owner.workspace, _bounded(count)
+        )
+        if not attempts:
+            return "No prompts have been blocked here."
+        lines = ["Latest blocked prompts:"]
+        for attempt in attempts:
+            negative = f" (no: “{attempt.negative_prompt}”)" if attempt.negative_prompt else ""
+            lines.append(
+                f"  {when(attempt.created_at)}  {attempt.owner.user_id}  rule {attempt.rule_label}"
+                f" on “{attempt.fragment}”: “{attempt.prompt}”{negative}"
+            )
+        return "\n".join(lines)
+
+    # Quotas.
+
+    async def quota_show(self, user_id: str, roles: Sequence[str] = ()) -> str:
+        """A user's usage today and effective limits (``roles``: their platform role ids)."""
+        return await self.moderation.core.quotas.usage_text(self._user(user_id), roles, you=False)
+
+    async def quota_set(self, target: str, what: str, value: str | int | None) -> str:
+        """Set a limit for a user, a role (``role:<id>``) or the workspace; None clears it."""
+        scope, target_id, label = _quota_target(target)
+        field = _FIELD_ALIASES.get(what.strip().lower())
+        if field is None:
+            raise UserError(f"'{what}' isn't a limit: say images, trainings or jobs.")
+        limit = _quota_value(value)
+        await self.store.set_quota_override(
+            self.owner.platform,
+            self.owner.workspace,
+            scope,
+            target_id,
+            field,
+            limit,
+            self.owner.user_id,
+        )
+        shown = "the default" if limit is None else str(limit)
+        await self._audit("quota-set", label, f"{FIELD_NAMES[field]} = {shown}")
+        return f"{FIELD_NAMES[field].capitalize()} for {label}: now {shown}."
+
+    async def quota_reset(self, user_id: str) -> str:
+        """Give a user back everything they spent today."""
+        user = self._user(user_id)
+        released = await self.store.release_day_usage(user, f"reset by {self.owner.user_id}")
+        await self._audit("quota-reset", user.user_id, f"{released} job(s) refunded")
+        return f"Reset today's usage of {user.user_id} ({released} job(s) given back)."
+
+    async def quota_list(self) -> str:
+        """Every quota override in the workspace."""
+        overrides = await self.store.list_quota_overrides(self.owner.platform, self.owner.workspace)
+        settings = self.moderation.core.settings
+        lines = [
+            f"Configured defaults: {settings.quota_daily_images} images and "
+            f"{settings.quota_daily_trainings} trainings per UTC day, "
+            f"{settings.quota_max_active_jobs} jobs at once."
+        ]
+        if not overrides:
+            lines.append("No overrides here.")
+        for override in overrides:
+            who = {"workspace": "workspace", "role": f"role {override.target_id}"}.get(
+                override.scope, override.target_id
+            )
+            values = ", ".join(
+                f"{FIELD_NAMES[field]} {limit}"
+                for field in FIELD_NAMES
+                if (limit := override.limit(field)) is not None
+            )
+            lines.append(f"  {who}: {values}  (by {override.set_by}, {when(override.updated_at)})")
+        return "\n".join(lines)
+
+    # Bans.
+
+    async def ban(self, user_id: str, reason: str = "", duration: timedelta | None = None) -> str:
+        """Ban a user (for ``duration``, or until unbanned) and cancel their jobs."""
+        user = self._user(user_id)
+        if user == self.owner:
+            raise UserError("You can't ban yourself.")
+        reason = " ".join(reason.split())[:300]
+        expires = (datetime.now(UTC) + duration).isoformat(timespec="seconds") if duration else None
+        ban = Ban(user, reason, self.owner.user_id, utcnow(), expires)
+        await self.store.put_ban(ban)
+        message = f"Cancelled: you were banned here{f' ({reason})' if reason else ''}."
+        cancelled = 0
+        for job in await self.store.active_jobs(user.platform, user.workspace, user.user_id):
+            if await self.moderation.cancel_job(job, message) is not None:
+                cancelled += 1
+        length = format_duration(duration) if duration else "until unbanned"
+        detail = f"{length}; {reason or 'no reason'}; {cancelled} job(s) cancelled"
+        await self._audit("ban", user.user_id, detail)
+        return (
+            f"Banned {user.user_id} {_ban_until(ban)}"
+            f"{f': {reason}' if reason else ''}. Cancelled {cancelled} of their job(s)."
+        )
+
+    async def unban(self, user_id: str) -> str:
+        """Lift a ban."""
+        user = self._user(user_id)
+        if not await self.store.delete_ban(user):
+            raise UserError(f"{user.user_id} isn't banned here.")
+        await self._audit("unban", user.user_id)
+        return f"{user.user_id} may use dreambot again."
+
+    async def bans(self) -> str:
+        """Who is banned, by whom, why, until when."""
+        bans = await self.store.active_bans(self.owner.platform, self.owner.workspace)
+        if not bans:
+            return "Nobody is banned here."
+        lines = ["Banned here:"]
+        for ban in bans:
+            reason = f": {ban.reason}" if ban.reason else ""
+            lines.append(
+                f"  {ban.owner.user_id} {_ban_until(ban)} (by {ban.banned_by}, "
+                f"{when(ban.created_at)}){reason}"
+            )
+        return "\n".join(lines)
+
+    # The queue.
+
+    async def queue(self) -> str:
+        """The workspace's waiting and running jobs: who, what, since when."""
+        jobs = await self.store.active_jobs(self.owner.platform, self.owner.workspace)
+        if not jobs:
+            return "No jobs are waiting or running here."
+        states = await self.moderation._arq_states(jobs)
+        lines = [f"Jobs waiting or running here ({len(jobs)}):"]
+        for job in jobs:
+            lines.append(
+                f"  {job.id[:8]}  {job.owner.user_id}  {states[job.id]}  {_job_what(job)}  "
+                f"since {when(job.created_at)} ({_ago(job.created_at)} ago)"
+            )
+        lines.append("Cancel one with /mod cancel <id>.")
+        return "\n".join(lines)
+
+    async def cancel(self, job_prefix: str, reason: str = "") -> str:
+        """Abort a waiting or running job given the start of its id, and tell its owner."""
+        prefix = job_prefix.strip().lower()
+        if len(prefix) < 4 or not prefix.isalnum():
+            raise UserError("Give at least the first 4 characters of the job id (see /mod queue).")
+        jobs = [
+            job
+            for job in await self.store.active_jobs(self.owner.platform, self.owner.workspace)
+            if job.id.startswith(prefix)
+        ]
+        if not jobs:
+            raise UserError(f"No waiting or running job here starts with {prefix}.")
+        if len(jobs) > 1:
+            raise UserError(f"{len(jobs)} jobs start with {prefix}; give more of the id.")
+        job = jobs[0]
+        reason = " ".join(reason.split())[:300]
+        message = f"Your {_job_what(job)} was cancelled by a moderator" + (
+            f": {reason}." if reason else "."
+        )
+        state = await self.moderation.cancel_job(job, message)
+        if state is None:
+            raise UserError(f"Job {job.id[:8]} has just finished; nothing to cancel.")
+        detail = f"{job.owner.user_id}'s {job.kind}; {state}" + (f"; {reason}" if reason else "")
+        await self._audit("cancel", job.id, detail)
+        return f"Cancelled job {job.id[:8]} of {job.owner.user_id} ({state}). They were told."
+
+    # Subjects.
+
+    async def subjects(self, user_id: str) -> str:
+        """A user's subjects."""
+        user = self._user(user_id)
+        subjects = await self.store.list_subjects(user)
+        if not subjects:
+            return f"{user.user_id} has no subjects."
+        lines = [f"Subjects of {user.user_id}:"]
+        lines += [_subject_line(subject) for subject in subjects]
+        return "\n".join(lines)
+
+    async def delete_subject(self, user_id: str, name: str) -> str:
+        """Delete a user's subject with its photos and adapter (and stop its training)."""
+        user = self._user(user_id)
+        subject = await self.store.find_subject(user, name.strip())
+        if subject is None:
+            raise UserError(f"{user.user_id} has no subject called '{name.strip()}'.")
+        for job in await self.store.active_jobs(user.platform, user.workspace, user.user_id):
+            if job.subject_id == subject.id and job.kind == "train":
+                await self.moderation.cancel_job(
+                    job, f"Training {subject.name} was stopped: a moderator deleted it."
+                )
+        await self.moderation.core.remove_subject(subject)
+        await self._audit("delete-subject", user.user_id, f"{subject.name} ({subject.id})")
+        return f"Deleted {user.user_id}'s subject {subject.name}, its photos and its adapter."
+
+    # Audit.
+
+    async def log(self, count: int = 20) -> str:
+        """The latest moderator actions in the workspace."""
+        entries = await self.store.audit_entries(
+            self.owner.platform, self.owner.workspace, _bounded(count)
+        )
+        if not entries:
+            return "No moderator actions yet."
+        lines = ["Latest moderator actions:"]
+        for entry in entries:
+            target = f" {entry.target}" if entry.target else ""
+            detail = f" — {entry.detail}" if entry.detail else ""
+            lines.append(
+                f"  {when(entry.created_at)}  {entry.moderator.user_id}: "
+                f"{entry.action}{target}{detail}"
+            )
+        return "\n".join(lines)
+
+
+def _bounded(count: int) -> int:
+    return max(1, min(int(count), 100))
+
+
+def _subject_line(subject: Subject) -> str:
+    detail = f" ({subject.error})" if subject.status == "failed" and subject.error else ""
+    return (
+        f"  {subject.name}: {subject.class_noun}, {subject.status}{detail}, "
+        f"{subject.photo_count} photos, since {when(subject.created_at)}"
+    )
+
+
+def _quota_target(target: str) -> tuple[OverrideScope, str, str]:
+    word = target.strip()
+    role = _ROLE_MENTION.match(word)
+    if role or word.lower().startswith("role:"):
+        role_id = role.group(1) if role else word[5:].strip()
+        if not role_id:
+            raise UserError("Say which role: role:<id>.")
+        return "role", role_id, f"role {role_id}"
+    if word.lower() in _WORKSPACE_TARGETS:
+        return "workspace", "", "this workspace"
+    user = parse_user(word)
+    return "user", user, user
+
+
+def _quota_value(value: str | int | None) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("default", "-")):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise UserError(f"'{value}' isn't a number: give 0 or more, or 'default'.") from None
+    if not 0 <= number <= 1_000_000:
+        raise UserError("A limit must be between 0 and 1000000.")
+    return number
+
+
+# --- the text form ------------------------------------------------------------------------
+
+
+def _on_off(word: str) -> bool:
+    value = word.strip().lower()
+    if value in ("on", "yes", "true", "1"):
+        return True
+    if value in ("off", "no", "false", "0"):
+        return False
+    raise UserError("Say on or off.")
+
+
+def _count(words: list[str], default: int) -> int:
+    if not words:
+        return default
+    if not words[0].isdigit():
+        raise UserError(f"'{words[0]}' isn't a number.")
+    return int(words[0])
+
+
+def _split_ban(words: list[str]) -> tuple[str, timedelta | None]:
+    """``[reason…] [duration]``: a duration may come last or first; the rest is the reason."""
+    duration: timedelta | None = None
+    if words and _is_duration(words[-1]):
+        duration = parse_duration(words.pop())
+    elif words and _is_duration(words[0]):
+        duration = parse_duration(words.pop(0))
+    return " ".join(words), duration
+
+
+async def _dispatch(mod: Moderator, text: str) -> str:
+    command, _, rest = text.partition(" ")
+    command = command.lower()
+    words = rest.split()
+
+    def need(count: int, usage: str) -> None:
+        if len(words) < count:
+            raise UserError(f"Usage: /mod {usage}")
+
+    if command in ("", "help"):
+        return MOD_HELP
+    if command == "block":
+        sub, _, argument = rest.strip().partition(" ")
+        sub = sub.lower()
+        if sub in ("", "list"):
+            return await mod.block_list()
+        if sub == "add":
+            return await mod.block_add(argument)
+        if sub == "add-regex":
+            return await mod.block_add_regex(argument)
+        if sub == "remove":
+            return await mod.block_remove(argument)
+        if sub == "defaults":
+            return await mod.block_defaults(_on_off(argument))
+        if sub == "reveal":
+            return await mod.block_reveal(_on_off(argument))
+        raise UserError("Usage: /mod block list|add|add-regex|remove|defaults|reveal …")
+    if command == "blocked":
+        return await mod.blocked_attempts(_count(words, 10))
+    if command == "quota":
+        sub = words.pop(0).lower() if words else "list"
+        if sub == "show":
+            need(1, "quota show <user>")
+            return await mod.quota_show(words[0])
+        if sub == "set":
+            need(3, "quota set <user|role:id|workspace> <images|trainings|jobs> <n|default>")
+            return await mod.quota_set(words[0], words[1], words[2])
+        if sub == "reset":
+            need(1, "quota reset <user>")
+            return await mod.quota_reset(words[0])
+        if sub == "list":
+            return await mod.quota_list()
+        raise UserError("Usage: /mod quota show|set|reset|list …")
+    if command == "ban":
+        need(1, "ban <user> [reason] [duration, e.g. 7d]")
+        reason, duration = _split_ban(words[1:])
+        return await mod.ban(words[0], reason, duration)
+    if command == "unban":
+        need(1, "unban <user>")
+        return await mod.unban(words[0])
+    if command == "bans":
+        return await mod.bans()
+    if command == "queue":
+        return await mod.queue()
+    if command == "cancel":
+        need(1, "cancel <job id> [reason]")
+        return await mod.cancel(words[0], " ".join(words[1:]))
+    if command == "subjects":
+        need(1, "subjects <user>")
+        return await mod.subjects(words[0])
+    if command == "delete-subject":
+        need(2, "delete-subject <user> <name>")
+        return await mod.delete_subject(words[0], words[1])
+    if command == "log":
+        return await mod.log(_count(words, 20))
+    raise UserError(f"Unknown /mod command '{command}'. Try /mod help.")
+
+
+__all__ = [
+    "CANCEL_KEY_PREFIX",
+    "MOD_HELP",
+    "Moderation",
+    "Moderator",
+    "NotModerator",
+    "parse_duration",
+    "parse_user",
+]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -19,6 +21,18 @@ def _peft_name(name: str) -> str:
     # peft keeps adapters in torch ModuleDicts, whose keys may not contain "."; hashing maps any
     # subject id to a safe, stable name.
     return "subject_" + hashlib.sha1(name.encode()).hexdigest()[:16]
+
+
+def _step_reporter(
+    progress: Callable[[int, int], None], steps: int
+) -> Callable[[StableDiffusionPipeline, int, object, dict[str, Any]], dict[str, Any]]:
+    def on_step_end(
+        pipe: StableDiffusionPipeline, index: int, timestep: object, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        progress(index + 1, steps)
+        return {}  # diffusers merges the returned tensors back; we change nothing
+
+    return on_step_end
 
 
 class Generator:
@@ -63,12 +77,14 @@ class Generator:
         width: int | None = None,
         height: int | None = None,
         adapters: Sequence[AdapterSpec] = (),
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
         """Generate ``count`` images for ``prompt`` in one batch.
 
         The same arguments give the same images. With no ``adapters`` the output is exactly the
         base model's, whatever was generated before. ``width``/``height`` default to the
-        model's native size and must be multiples of 8.
+        model's native size and must be multiples of 8. ``progress(step, steps)`` is called
+        after each denoising step.
         """
         width = width or self.native_size
         height = height or self.native_size
@@ -88,6 +104,7 @@ class Generator:
             height=height,
             generator=torch.Generator(device).manual_seed(seed),
             output_type="pil",
+            callback_on_step_end=_step_reporter(progress, steps) if progress else None,
         )
         return list(result.images)
 
@@ -99,7 +116,7 @@ class Generator:
     def _activate(self, adapters: Sequence[AdapterSpec]) -> None:
         if not adapters:
             # Adapters live inside the shared UNet; switching them off restores the exact base.
-            if self._unet_has_lora():
+            if self._unet_adapters():
                 self._pipe.disable_lora()
             return
         if len(adapters) > self._max_adapters:
@@ -119,9 +136,17 @@ class Generator:
             return
         if name in self._loaded:  # same subject, new file: it was retrained
             self.forget_adapter(name)
-        self._pipe.load_lora_weights(
-            str(path.parent), weight_name=path.name, adapter_name=_peft_name(name)
-        )
+        elif _peft_name(name) in self._unet_adapters():
+            # Loaded into the shared UNet by another Generator, from a file we cannot vouch for.
+            self._pipe.delete_adapters(_peft_name(name))
+        with warnings.catch_warnings():
+            # peft warns whenever a model gets a second adapter; holding several is the point.
+            warnings.filterwarnings(
+                "ignore", message="Already found a `peft_config` attribute", category=UserWarning
+            )
+            self._pipe.load_lora_weights(
+                str(path.parent), weight_name=path.name, adapter_name=_peft_name(name)
+            )
         self._loaded[name] = path
 
     def _evict(self, keep: set[str]) -> None:
@@ -131,5 +156,5 @@ class Generator:
             if name not in keep:
                 self.forget_adapter(name)
 
-    def _unet_has_lora(self) -> bool:
-        return bool(getattr(self._pipe.unet, "peft_config", None))
+    def _unet_adapters(self) -> set[str]:
+        return set(getattr(self._pipe.unet, "peft_config", None) or ())

@@ -38,12 +38,16 @@ def load_pipeline(
     *,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
+    config: str | Path | None = None,
 ) -> StableDiffusionPipeline:
     """Load a Stable Diffusion pipeline from a local diffusers folder or a single checkpoint file.
 
     Nothing is downloaded (``local_files_only``). ``dtype`` defaults to
-    :func:`default_dtype` for ``device``. Raises :class:`ModelLoadError` naming ``source`` when
-    the path is missing or cannot be read as a model.
+    :func:`default_dtype` for ``device``. A single file carries weights only: diffusers takes
+    the component configs (and tokenizer) from ``config``, a local diffusers folder of the same
+    family (weights not needed), or else from the Hugging Face cache. Raises
+    :class:`ModelLoadError` naming ``source`` when the path is missing or cannot be read as a
+    model.
     """
     path = Path(source).expanduser()
     device = resolve_device(device)
@@ -60,8 +64,13 @@ def load_pipeline(
                 requires_safety_checker=False,
             )
         elif path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            # diffusers still tries the Hub for configs it cannot find locally despite
+            # local_files_only; set HF_HUB_OFFLINE=1 on hosts without network.
             pipe = StableDiffusionPipeline.from_single_file(
-                str(path), dtype=dtype, local_files_only=True
+                str(path),
+                dtype=dtype,
+                local_files_only=True,
+                config=str(config) if config is not None else None,
             )
         else:
             raise ModelLoadError(

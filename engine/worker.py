@@ -234,7 +234,13 @@ async def _class_images(
 
 async def train_subject(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any] | None:
     """Train a subject's LoRA adapter with prior preservation, save it, render samples."""
-    from engine.training import TrainConfig, instance_prompt, save_adapter, train_lora
+    from engine.training import (
+        TrainConfig,
+        instance_prompt,
+        native_resolution,
+        save_adapter,
+        train_lora,
+    )
 
     request = TrainRequest.model_validate(payload)
     settings: Settings = ctx["settings"]
@@ -261,7 +267,7 @@ async def train_subject(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[st
         report("loading", 0, len(request.photo_urls))
         photos = [_open_image(await artifacts.aget_bytes(u)) for u in request.photo_urls]
         async with ctx["torch_lock"]:
-            resolution = cfg.resolution or _native_resolution(ctx["pipe"])
+            resolution = cfg.resolution or native_resolution(ctx["pipe"])
             class_images: list[Image.Image] = []
             if cfg.prior_loss_weight > 0 and cfg.class_images > 0:
                 class_images = await _class_images(
@@ -291,7 +297,13 @@ async def train_subject(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[st
                     "rank": str(cfg.rank),
                     "recipe_version": RECIPE_VERSION,
                 }
-                await asyncio.to_thread(save_adapter, outcome.state_dict, local, metadata)
+                await asyncio.to_thread(
+                    save_adapter,
+                    outcome.state_dict,
+                    local,
+                    metadata,
+                    lora_config=outcome.lora_config,
+                )
                 await asyncio.to_thread(artifacts.put_file, request.adapter_url, local)
             sample_urls = await _render(
                 ctx,
@@ -321,10 +333,6 @@ async def train_subject(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[st
         return None
     await _reply(ctx, DELIVER_RESULT, request.reply_queue, request.job_id, result.model_dump())
     return result.model_dump()
-
-
-def _native_resolution(pipe: Any) -> int:
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
 async def _render(

@@ -63,7 +63,8 @@ async def engine(e2e_settings: Settings) -> AsyncIterator[Worker]:
 def _pixels(url: str) -> np.ndarray:
     path = local_path(url)
     assert path is not None and path.is_file()
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 async def test_train_then_imagine_with_v_applies_the_subjects_adapter(
@@ -86,8 +87,9 @@ async def test_train_then_imagine_with_v_applies_the_subjects_adapter(
         assert {"class-priors", "training"} <= phases
 
         with_subject = await core.imagine(owner, {}, "a [V] dog on the beach", count=2, seed=42)
-        without = await core.imagine(owner, {}, f"a {subject.token} dog on the beach",
-                                     count=2, seed=42)
+        without = await core.imagine(
+            owner, {}, f"a {subject.token} dog on the beach", count=2, seed=42
+        )
         first = await sink.wait_for(with_subject.job_id, within=120)
         second = await sink.wait_for(without.job_id, within=120)
         assert isinstance(first, Delivery) and isinstance(second, Delivery)
@@ -97,7 +99,7 @@ async def test_train_then_imagine_with_v_applies_the_subjects_adapter(
         # Same prompt text and seed: only the adapter differs, so the pixels must.
         difference = np.abs(_pixels(first.image_urls[0]) - _pixels(second.image_urls[0]))
         assert difference.mean() > 1.0
-        metadata = read_png_metadata(Path(local_path(first.image_urls[0]) or "").read_bytes())
+        metadata = read_png_metadata(await core.artifacts.aget_bytes(first.image_urls[0]))
         assert metadata["dreambot:seed"] == "42"
         assert metadata["dreambot:subjects"] == subject.id
         job = await runtime.store.get_job(with_subject.job_id)
@@ -138,22 +140,41 @@ def test_shell_through_a_pipe_trains_then_imagines(
         "DREAMBOT_PROGRESS_INTERVAL": "0",
         **{f"DREAMBOT_{key.upper()}": str(value) for key, value in FAST_TRAINING.items()},
     }
-    script = "\n".join([
-        "/help",
-        f"/train rex dog {photo_dir}/rex0.jpg {photo_dir}/rex1.jpg {photo_dir}/rex2.jpg",
-        "/subjects",
-        "/imagine a [V] dog wearing a hat --count 2 --seed 7",
-        "/imagine [nobody] at sea",
-    ]) + "\n"
-    engine = subprocess.Popen([sys.executable, "-m", "bot.cli", "engine"], env=env, cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    script = (
+        "\n".join(
+            [
+                "/help",
+                f"/train rex dog {photo_dir}/rex0.jpg {photo_dir}/rex1.jpg {photo_dir}/rex2.jpg",
+                "/subjects",
+                "/imagine a [V] dog wearing a hat --count 2 --seed 7",
+                "/imagine [nobody] at sea",
+            ]
+        )
+        + "\n"
+    )
+    engine_log = tmp_path / "engine.log"
+    with engine_log.open("wb") as log:
+        engine = subprocess.Popen(
+            [sys.executable, "-m", "bot.cli", "engine"],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        shell = subprocess.run([sys.executable, "-m", "bot.cli", "shell"], input=script,
-                               env=env, cwd=tmp_path, capture_output=True, text=True,
-                               timeout=240)
+        shell = subprocess.run(
+            [sys.executable, "-m", "bot.cli", "shell"],
+            input=script,
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     finally:
         engine.terminate()
         engine.wait(30)
+    assert "rex is ready" in shell.stdout, engine_log.read_text()[-3000:]
     out = shell.stdout
     assert shell.returncode == 0, shell.stderr
     assert "queued (position 1)" in out
@@ -164,4 +185,6 @@ def test_shell_through_a_pipe_trains_then_imagines(
     pngs = [Path(line.strip()) for line in out.splitlines() if line.strip().endswith(".png")]
     assert len(pngs) == 1 + 2  # one training sample, two generated images
     for png in pngs:
-        assert png.is_file() and Image.open(png).size == (64, 64)
+        assert png.is_file()
+        with Image.open(png) as image:
+            assert image.size == (64, 64)

@@ -381,7 +381,9 @@ async def test_migration_0002_on_a_skeleton_database_with_data_loses_nothing(
     try:
         for table, rows in before.items():
             async with store.db.execute(f"SELECT * FROM {table} ORDER BY id") as cur:
-                assert [tuple(row) for row in await cur.fetchall()] == rows, table
+                after = [tuple(row) for row in await cur.fetchall()]
+            # Later migrations may add columns (0003: jobs.options), always at the end.
+            assert [row[: len(rows[0])] for row in after] == rows, table
         async with store.db.execute("SELECT version FROM schema_migrations") as cur:
             assert [row[0] for row in await cur.fetchall()][:2] == [1, 2]
         async with store.db.execute("PRAGMA foreign_key_check") as cur:

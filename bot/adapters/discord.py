@@ -3,9 +3,15 @@
 It only translates. A slash command is deferred at once (Discord allows 3 seconds), its
 attachments are downloaded from Discord's CDN, and the core is called with plain values; the
 core's reply goes back as an ephemeral follow-up. Engine updates arrive through the ``Sink``
-methods: one public progress message per job, edited at most once per ``edit_interval``
-seconds, then the result as a normal channel message mentioning the user (interaction tokens
-expire after 15 minutes, jobs may take longer), or by DM when the channel refuses it.
+methods: one public progress message per job (its id is kept in the job's destination, so it
+is still edited after a restart), edited at most once per ``edit_interval`` seconds, then the
+result as a normal channel message mentioning the user (interaction tokens expire after 15
+minutes, jobs may take longer), or by DM when the channel refuses it.
+
+Who moderates is the one rule decided here: members with Manage Server (as Discord resolves
+it for the interaction) or a configured user/role (``DREAMBOT_MODERATOR_USERS``/``_ROLES``).
+The /mod group is also hidden from others by its default permissions, but the check runs on
+every call, because a server admin can change who sees it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import discord
 from discord import app_commands
@@ -28,6 +34,7 @@ from bot.config import ConfigError, Settings
 from bot.core.commands import Core
 from bot.core.delivery import Delivery, progress_text
 from bot.core.errors import UserError
+from bot.core.moderation import MOD_HELP, Moderator, parse_duration
 from bot.core.store import Job, Owner
 from engine.api import Progress
 
@@ -37,6 +44,13 @@ PLATFORM = "discord"
 MAX_CONTENT = 2000
 MAX_FILES_PER_MESSAGE = 10
 BUTTON_ID = re.compile(r"dreambot:(?P<action>reroll|vary):(?P<job_id>[0-9a-f]{32})")
+MAX_DISCORD_PHOTOS = 10  # photo1..photo10
+
+DISCORD_MOD_NOTE = (
+    "On Discord, pick each command's options in the command box. /mod quota set takes "
+    "what:, limit: (leave it out to go back to the default) and user: or role: (neither "
+    "means the whole server). Users are picked with user:, durations are typed, e.g. 7d."
+)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -51,6 +65,47 @@ def fit(text: str, limit: int = MAX_CONTENT) -> str:
 def owner_of(interaction: discord.Interaction[Any]) -> Owner:
     """The core's owner for the user of an interaction (one workspace per guild)."""
     return Owner(PLATFORM, str(interaction.guild_id), str(interaction.user.id))
+
+
+def role_ids(user: discord.Member | discord.User) -> list[str]:
+    """A member's role ids as strings (none for a user outside a guild).
+
+    Read from the member data Discord sent with the interaction, not from the role cache, so
+    it is right even before the guild is cached.
+    """
+    if not isinstance(user, discord.Member):
+        return []
+    return [str(role_id) for role_id in user._roles]
+
+
+def is_moderator(interaction: discord.Interaction[Any], core: Core) -> bool:
+    """Manage Server in this guild, or a moderator by configuration (user id or role)."""
+    # interaction.permissions is what Discord resolved for this member here (administrators
+    # and the owner included); Manage Server is guild-wide, no channel overwrite changes it.
+    if interaction.guild_id is not None and interaction.permissions.manage_guild:
+        return True
+    return core.moderation.is_configured_moderator(
+        str(interaction.user.id), role_ids(interaction.user)
+    )
+
+
+def usage_text(core: Core) -> str:
+    """The commands as they are typed on Discord, for /help."""
+    settings = core.settings
+    most = min(settings.max_photos, MAX_DISCORD_PHOTOS)
+    return f"""\
+/train name:<name> class:<class> photo1 … photo{most}
+        learn a subject from {settings.min_photos}–{most} photos attached to the command
+        e.g. /train name:rex class:dog with photo1, photo2 and photo3 attached
+/imagine prompt:<text> [negative:<text>] [count:1-4] [seed:<number>]
+        draw a prompt; [V] is your newest subject, [name] a named one
+        e.g. /imagine prompt:a [V] dog wearing a hat
+        under each result: 🎲 Reroll (new seed) and 🔀 Vary (a close variation)
+/subjects              list your subjects and their status
+/forget name:<name>    delete a subject, its photos and its adapter
+/quota                 your usage today and when it resets (midnight UTC)
+/mod help              moderator commands (Manage Server or a moderator role)
+/help                  this text"""
 
 
 def destination_of(interaction: discord.Interaction[Any]) -> dict[str, Any]:
@@ -212,8 +267,8 @@ class DiscordAdapter:
         self.downloader = downloader or Downloader(max_bytes=core.settings.max_photo_bytes)
         self.edits = EditThrottle(edit_interval, clock=clock, sleep=sleep)
         self.client = DreamClient(self, dev_guild=dev_guild)
-        # The core has no place for it yet, so the progress message of a job lives here; after a
-        # restart the next progress update simply posts a new one.
+        # Each job's progress message (None: the channel refused one). Also stored in the job's
+        # destination as ``progress_message_id``, which is where it is found after a restart.
         self.progress_messages: dict[str, int | None] = {}
         self._progress_locks: dict[str, asyncio.Lock] = {}
 
@@ -251,7 +306,12 @@ class DiscordAdapter:
         """/train: download the photos, queue the training, post the progress message."""
         uploads = await self.downloader.fetch_all((a.url, a.filename) for a in photos)
         receipt = await self.core.train(
-            owner_of(interaction), destination_of(interaction), name, class_noun, uploads
+            owner_of(interaction),
+            destination_of(interaction),
+            name,
+            class_noun,
+            uploads,
+            roles=role_ids(interaction.user),
         )
         await self._post_queued(interaction, receipt.job_id, name.strip(), receipt.position)
         return receipt.text
@@ -273,25 +333,44 @@ class DiscordAdapter:
             count=count,
             seed=seed,
             negative_prompt=negative,
+            roles=role_ids(interaction.user),
         )
         await self._post_queued(interaction, receipt.job_id, "your image", receipt.position)
         return receipt.text
 
     async def click(self, interaction: discord.Interaction[Any], action: str, job_id: str) -> None:
-        """Reroll / Vary: redo a finished generation as the user who clicked."""
+        """Reroll / Vary: redo a generation with its options, as (and paid by) the clicker.
+
+        The core refuses when the image shows someone else's subject.
+        """
 
         async def work() -> str:
-            job = await self.core.store.get_job(job_id)
-            if job is None or job.kind != "generate" or not job.prompt:
-                raise UserError("I no longer have that image's prompt; use /imagine instead.")
-            result = job.result or {}
-            seed = None
-            if action == "vary" and isinstance(result.get("seed"), int):
-                seed = (result["seed"] + 1) % 2**32
-            count = len(result.get("image_urls") or []) or None
-            return await self.imagine(interaction, job.prompt, count=count, seed=seed)
+            receipt = await self.core.reimagine(
+                owner_of(interaction),
+                destination_of(interaction),
+                job_id,
+                vary=action == "vary",
+                roles=role_ids(interaction.user),
+                mention=lambda user_id: f"<@{user_id}>",
+            )
+            await self._post_queued(interaction, receipt.job_id, "your image", receipt.position)
+            return receipt.text
 
         await self.respond(interaction, work)
+
+    def moderator(self, interaction: discord.Interaction[Any]) -> Moderator:
+        """The caller's moderator actions; raises NotModerator (a UserError) for others."""
+        return self.core.moderation.acting(
+            owner_of(interaction), is_moderator(interaction, self.core)
+        )
+
+    async def mod(
+        self,
+        interaction: discord.Interaction[Any],
+        action: Callable[[Moderator], Awaitable[str]],
+    ) -> None:
+        """Run one /mod action, privately, after the moderator check."""
+        await self.respond(interaction, lambda: action(self.moderator(interaction)))
 
     async def _post_queued(
         self, interaction: discord.Interaction[Any], job_id: str, label: str, position: int
@@ -301,9 +380,10 @@ class DiscordAdapter:
         try:
             async with self._progress_lock(job_id):
                 if job_id not in self.progress_messages:
-                    self.progress_messages[job_id] = await self._post_progress(
+                    message_id = await self._post_progress(
                         job_id, destination_of(interaction), content
                     )
+                    await self._remember_progress(job_id, message_id)
         except Exception:
             # The job is queued whatever happens here; the next progress update tries again.
             log.warning("job %s: progress message not posted", job_id, exc_info=True)
@@ -317,9 +397,8 @@ class DiscordAdapter:
             if job.id not in self.progress_messages:
                 known = job.destination.get("progress_message_id")
                 if known is None:
-                    self.progress_messages[job.id] = await self._post_progress(
-                        job.id, job.destination, content
-                    )
+                    message_id = await self._post_progress(job.id, job.destination, content)
+                    await self._remember_progress(job.id, message_id)
                     return
                 self.progress_messages[job.id] = int(known)
         message_id = self.progress_messages[job.id]
@@ -350,6 +429,19 @@ class DiscordAdapter:
 
     def _progress_lock(self, job_id: str) -> asyncio.Lock:
         return self._progress_locks.setdefault(job_id, asyncio.Lock())
+
+    async def _remember_progress(self, job_id: str, message_id: int | None) -> None:
+        """Keep the progress message's id here and in the job's destination (for restarts)."""
+        self.progress_messages[job_id] = message_id
+        if message_id is None:
+            return
+        try:
+            await self.core.store.update_job_destination(
+                job_id, {"progress_message_id": message_id}
+            )
+        except Exception:
+            # Best effort: without it a restarted bot posts a new progress message.
+            log.warning("job %s: progress message id not stored", job_id, exc_info=True)
 
     def _channel(self, destination: dict[str, Any]) -> discord.PartialMessageable:
         return self.client.get_partial_messageable(
@@ -445,7 +537,7 @@ def _command_name(interaction: discord.Interaction[Any]) -> str:
 
 
 def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -> None:
-    """Add /train, /imagine, /subjects, /forget and /help to ``tree``, calling ``adapter``."""
+    """Add /train, /imagine, /subjects, /forget, /quota, /help and /mod to ``tree``."""
 
     @tree.command(name="train", description="Teach me a subject from 3-10 photos of it")
     @app_commands.guild_only()
@@ -511,13 +603,167 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
     async def forget(interaction: discord.Interaction[Any], name: str) -> None:
         await adapter.respond(interaction, lambda: adapter.core.forget(owner_of(interaction), name))
 
+    @tree.command(name="quota", description="Your usage today and when it resets")
+    @app_commands.guild_only()
+    async def quota(interaction: discord.Interaction[Any]) -> None:
+        await adapter.respond(
+            interaction,
+            lambda: adapter.core.quota_text(
+                owner_of(interaction), roles=role_ids(interaction.user)
+            ),
+        )
+
     @tree.command(name="help", description="What dreambot can do")
     @app_commands.guild_only()
     async def help_(interaction: discord.Interaction[Any]) -> None:
         async def text() -> str:
-            return f"```\n{adapter.core.help_text()}\n```"
+            return f"```\n{adapter.core.help_text(usage_text(adapter.core))}\n```"
 
         await adapter.respond(interaction, text)
+
+    tree.add_command(mod_commands(adapter))
+
+
+User = discord.Member | discord.User
+
+
+def mod_commands(adapter: DiscordAdapter) -> app_commands.Group:
+    """The /mod group: one subcommand per ``Moderator`` action, checked on every call."""
+    mod = app_commands.Group(
+        name="mod",
+        description="Moderator commands (Manage Server or a moderator role)",
+        guild_only=True,
+        allowed_contexts=app_commands.AppCommandContext(guild=True),
+        # Discord shows it only to members with Manage Server unless the server changes that;
+        # the moderator check in the adapter runs regardless.
+        default_permissions=discord.Permissions(manage_guild=True),
+    )
+    block = app_commands.Group(name="block", description="Blocked prompts", parent=mod)
+    quota = app_commands.Group(name="quota", description="Daily limits", parent=mod)
+    Interaction = discord.Interaction[Any]
+
+    @mod.command(name="help", description="What moderators can do")
+    async def help_(interaction: Interaction) -> None:
+        async def text(moderator: Moderator) -> str:
+            return f"```\n{MOD_HELP}\n```\n{DISCORD_MOD_NOTE}"
+
+        await adapter.mod(interaction, text)
+
+    @block.command(name="list", description="This server's blocked words, phrases and regexes")
+    async def block_list(interaction: Interaction) -> None:
+        await adapter.mod(interaction, lambda m: m.block_list())
+
+    @block.command(name="add", description="Block a word or phrase (evasions included)")
+    @app_commands.describe(phrase="the word or phrase to block")
+    async def block_add(interaction: Interaction, phrase: str) -> None:
+        await adapter.mod(interaction, lambda m: m.block_add(phrase))
+
+    @block.command(name="add-regex", description="Block an RE2 regular expression")
+    @app_commands.describe(pattern="RE2 syntax: no lookarounds or backreferences")
+    async def block_add_regex(interaction: Interaction, pattern: str) -> None:
+        await adapter.mod(interaction, lambda m: m.block_add_regex(pattern))
+
+    @block.command(name="remove", description="Unblock a rule by its number")
+    @app_commands.describe(rule="the rule's number from /mod block list")
+    async def block_remove(interaction: Interaction, rule: app_commands.Range[int, 1]) -> None:
+        await adapter.mod(interaction, lambda m: m.block_remove(str(rule)))
+
+    @block.command(name="defaults", description="Use the built-in list of blocked words")
+    async def block_defaults(interaction: Interaction, enabled: bool) -> None:
+        await adapter.mod(interaction, lambda m: m.block_defaults(enabled))
+
+    @block.command(name="reveal", description="Tell users which rule their prompt hit")
+    async def block_reveal(interaction: Interaction, enabled: bool) -> None:
+        await adapter.mod(interaction, lambda m: m.block_reveal(enabled))
+
+    @mod.command(name="blocked", description="The latest blocked prompts")
+    async def blocked(
+        interaction: Interaction, count: app_commands.Range[int, 1, 100] = 10
+    ) -> None:
+        await adapter.mod(interaction, lambda m: m.blocked_attempts(count))
+
+    @quota.command(name="show", description="A member's usage and limits today")
+    async def quota_show(interaction: Interaction, user: User) -> None:
+        await adapter.mod(interaction, lambda m: m.quota_show(str(user.id), role_ids(user)))
+
+    @quota.command(name="set", description="Set a limit for a member, a role or the server")
+    @app_commands.describe(
+        what="images or trainings per UTC day, or jobs waiting or running at once",
+        limit="the new limit; leave out to go back to the default",
+        user="the member it applies to",
+        role="the role it applies to (members get their most generous role)",
+    )
+    async def quota_set(
+        interaction: Interaction,
+        what: Literal["images", "trainings", "jobs"],
+        limit: app_commands.Range[int, 0, 1_000_000] | None = None,
+        user: User | None = None,
+        role: discord.Role | None = None,
+    ) -> None:
+        async def action(moderator: Moderator) -> str:
+            if user is not None and role is not None:
+                raise UserError("Give a user or a role, not both. Nothing was changed.")
+            target = (
+                str(user.id) if user else f"role:{role.id}" if role is not None else "workspace"
+            )
+            return await moderator.quota_set(target, what, limit)
+
+        await adapter.mod(interaction, action)
+
+    @quota.command(name="reset", description="Give a member back today's images and trainings")
+    async def quota_reset(interaction: Interaction, user: User) -> None:
+        await adapter.mod(interaction, lambda m: m.quota_reset(str(user.id)))
+
+    @quota.command(name="list", description="Every quota override on this server")
+    async def quota_list(interaction: Interaction) -> None:
+        await adapter.mod(interaction, lambda m: m.quota_list())
+
+    @mod.command(name="ban", description="Refuse a member's commands and cancel their jobs")
+    @app_commands.describe(
+        user="who to ban",
+        reason="why (they are told)",
+        duration="how long, e.g. 30m, 12h, 7d, 2w; leave out for until unbanned",
+    )
+    async def ban(
+        interaction: Interaction, user: User, reason: str = "", duration: str | None = None
+    ) -> None:
+        async def action(moderator: Moderator) -> str:
+            length = parse_duration(duration) if duration else None
+            return await moderator.ban(str(user.id), reason, length)
+
+        await adapter.mod(interaction, action)
+
+    @mod.command(name="unban", description="Lift a ban")
+    async def unban(interaction: Interaction, user: User) -> None:
+        await adapter.mod(interaction, lambda m: m.unban(str(user.id)))
+
+    @mod.command(name="bans", description="Who is banned, why, until when")
+    async def bans(interaction: Interaction) -> None:
+        await adapter.mod(interaction, lambda m: m.bans())
+
+    @mod.command(name="queue", description="Jobs waiting and running on this server")
+    async def queue(interaction: Interaction) -> None:
+        await adapter.mod(interaction, lambda m: m.queue())
+
+    @mod.command(name="cancel", description="Abort a waiting or running job")
+    @app_commands.describe(job="the job id from /mod queue (the first 4+ characters)")
+    async def cancel(interaction: Interaction, job: str, reason: str = "") -> None:
+        await adapter.mod(interaction, lambda m: m.cancel(job, reason))
+
+    @mod.command(name="subjects", description="A member's subjects")
+    async def subjects(interaction: Interaction, user: User) -> None:
+        await adapter.mod(interaction, lambda m: m.subjects(str(user.id)))
+
+    @mod.command(name="delete-subject", description="Delete a subject, its photos and adapter")
+    @app_commands.describe(name="the subject's name")
+    async def delete_subject(interaction: Interaction, user: User, name: str) -> None:
+        await adapter.mod(interaction, lambda m: m.delete_subject(str(user.id), name))
+
+    @mod.command(name="log", description="The latest moderator actions")
+    async def log_(interaction: Interaction, count: app_commands.Range[int, 1, 100] = 20) -> None:
+        await adapter.mod(interaction, lambda m: m.log(count))
+
+    return mod
 
 
 def build_adapter(core: Core, settings: Settings) -> DiscordAdapter:

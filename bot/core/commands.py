@@ -11,7 +11,7 @@ import logging
 import random
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from bot.config import Settings
 from bot.core.errors import UserError
 from bot.core.moderation import Moderation
 from bot.core.photos import PhotoRules, Upload, prepare_photos
-from bot.core.prompts import resolve_prompt
+from bot.core.prompts import SUBJECT_REF, resolve_prompt
 from bot.core.quotas import Quotas, check_allowance
 from bot.core.store import Owner, Store, Subject, utcnow
 from bot.core.tokens import pick_token
@@ -43,9 +43,11 @@ log = logging.getLogger(__name__)
 SUBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 CLASS_NOUN = re.compile(r"^[A-Za-z][A-Za-z -]{0,29}$")
 
-HELP = """\
-dreambot teaches an image model your own subject from a few photos, then draws it anywhere.
+HELP_INTRO = (
+    "dreambot teaches an image model your own subject from a few photos, then draws it anywhere."
+)
 
+SHELL_USAGE = """\
 /train <name> <class> <photos…>   learn a subject from 3–20 photos
                                   e.g. /train rex dog a.jpg b.jpg c.jpg
 /imagine <prompt>                 draw a prompt; [V] is your newest subject, [name] a named one
@@ -56,6 +58,11 @@ dreambot teaches an image model your own subject from a few photos, then draws i
 /quota                            your usage today and when it resets (midnight UTC)
 /mod help                         moderator commands (moderators only)
 /help                             this text"""
+"""How the commands are typed in the shell; other adapters pass their own to ``help_text``."""
+
+HELP = f"{HELP_INTRO}\n\n{SHELL_USAGE}"
+
+_ACTIVE_REF = re.compile(r"\[\s*[vV]\s*\]")
 
 
 @dataclass(frozen=True)
@@ -188,11 +195,15 @@ class Core:
         count: int | None = None,
         seed: int | None = None,
         negative_prompt: str = "",
+        width: int | None = None,
+        height: int | None = None,
         roles: Sequence[str] = (),
     ) -> Receipt:
         """Resolve the prompt's subjects, check it against the rules and quotas, queue it.
 
         ``roles`` are the caller's platform role ids, for role-based quota overrides.
+        ``width``/``height`` (multiples of 8) default to the base model's native size.
+        The options are stored with the job, so ``reimagine`` can repeat them.
         """
         await self.moderation.check_not_banned(owner)
         count = self.settings.images_per_prompt if count is None else count
@@ -200,6 +211,9 @@ class Core:
             raise UserError("count must be between 1 and 4.")
         if seed is not None and not 0 <= seed < 2**32:
             raise UserError("seed must be a whole number from 0 to 4294967295.")
+        for side in (width, height):
+            if side is not None and (side % 8 or not 64 <= side <= 2048):
+                raise UserError("width and height must be multiples of 8 from 64 to 2048.")
         subjects = await self.store.list_subjects(owner)
         resolved = resolve_prompt(prompt, subjects, max_chars=self.settings.max_prompt_chars)
         negative = (
@@ -221,6 +235,8 @@ class Core:
             seed=seed,
             steps=self.settings.generate_steps,
             guidance=self.settings.guidance_scale,
+            width=width,
+            height=height,
             adapters=[
                 AdapterRef(name=s.id, url=s.adapter_url or "", scale=1.0) for s in resolved.subjects
             ],
@@ -228,6 +244,15 @@ class Core:
             base_model=self.settings.base_model,
         )
         subject_id = resolved.subjects[0].id if resolved.subjects else None
+        options = {
+            # [V] pinned to the subject it meant now, so a later Reroll draws the same one.
+            "prompt": _pin_active(prompt, subjects),
+            "negative_prompt": _pin_active(negative_prompt, subjects),
+            "count": count,
+            "seed": seed,
+            "width": width,
+            "height": height,
+        }
         await self.store.reserve_job(
             job_id,
             "generate",
@@ -235,6 +260,7 @@ class Core:
             destination,
             subject_id=subject_id,
             prompt=prompt,
+            options=options,
             usage_kind="images",
             units=count,
             check=functools.partial(check_allowance, limits, kind="images", units=count),
@@ -249,6 +275,55 @@ class Core:
             position,
             f"Drawing {count} image{'s' if count > 1 else ''} "
             f"(seed {seed}): queued (position {position}).",
+        )
+
+    async def reimagine(
+        self,
+        owner: Owner,
+        destination: dict[str, Any],
+        job_id: str,
+        *,
+        vary: bool = False,
+        roles: Sequence[str] = (),
+        mention: Callable[[str], str] = str,
+    ) -> Receipt:
+        """Reroll (new seed) or Vary (the next seed) a generation, as ``owner``.
+
+        Whoever clicks queues the job and pays for it from their own quota, with the original
+        prompt, negative prompt, count and size. A prompt that uses a subject may only be
+        redrawn by the subject's owner: subjects resolve per user, and one user's photos must
+        not be drawn on another's request. ``mention`` renders a user id for the refusal.
+        """
+        job = await self.store.get_job(job_id)
+        if job is None or job.kind != "generate" or not job.prompt:
+            raise UserError("I no longer have that image's prompt; use /imagine instead.")
+        options, result = job.options, job.result or {}
+        prompt = options.get("prompt") or job.prompt
+        negative = options.get("negative_prompt") or ""
+        uses_subject = job.subject_id is not None or any(
+            SUBJECT_REF.search(text) for text in (prompt, negative)
+        )
+        if uses_subject and owner != job.owner:
+            raise UserError(
+                f"Only {mention(job.owner.user_id)} can reroll images of their subject. "
+                "Nothing was queued; draw your own with /imagine."
+            )
+        seed = None
+        if vary:
+            original = result.get("seed", options.get("seed"))
+            if isinstance(original, int):
+                seed = (original + 1) % 2**32
+        count = options.get("count") or len(result.get("image_urls") or []) or None
+        return await self.imagine(
+            owner,
+            destination,
+            prompt,
+            count=count,
+            seed=seed,
+            negative_prompt=negative,
+            width=options.get("width"),
+            height=options.get("height"),
+            roles=roles,
         )
 
     async def list_subjects(self, owner: Owner) -> list[Subject]:
@@ -297,9 +372,12 @@ class Core:
         """/mod <text>: a moderator command as one line (see ``Moderation`` for typed calls)."""
         return await self.moderation.handle_text(owner, is_moderator, text)
 
-    def help_text(self) -> str:
-        """/help."""
-        return HELP
+    def help_text(self, usage: str | None = None) -> str:
+        """/help: what dreambot does, then how to type the commands on this platform.
+
+        ``usage`` is the adapter's own command syntax; the default is the shell's.
+        """
+        return f"{HELP_INTRO}\n\n{usage or SHELL_USAGE}"
 
     # Internals.
 
@@ -359,6 +437,14 @@ class Core:
         except (RedisError, OSError) as exc:
             log.exception("enqueue of job %s failed", job_id)
             raise _queue_down() from exc
+
+
+def _pin_active(prompt: str, subjects: Sequence[Subject]) -> str:
+    """``prompt`` with ``[V]`` replaced by ``[name]`` of the subject it means now."""
+    ready = [s for s in subjects if s.status == "ready"]
+    if not ready:
+        return prompt
+    return _ACTIVE_REF.sub(f"[{ready[0].name}]", prompt)
 
 
 def _queue_down() -> UserError:

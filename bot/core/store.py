@@ -7,7 +7,7 @@ import json
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -72,6 +72,8 @@ class Job:
     created_at: str
     updated_at: str
     delivered_at: str | None
+    options: dict[str, Any] = field(default_factory=dict)
+    """How a generation was asked for (JSON column ``options``, migration 0003)."""
 
     @property
     def finished(self) -> bool:
@@ -198,6 +200,7 @@ def _job(row: aiosqlite.Row) -> Job:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         delivered_at=row["delivered_at"],
+        options=json.loads(row["options"] or "{}"),
     )
 
 
@@ -209,11 +212,13 @@ async def _insert_job(
     destination: dict[str, Any],
     subject_id: str | None,
     prompt: str | None,
+    options: dict[str, Any] | None = None,
 ) -> None:
     now = utcnow()
     await db.execute(
         "INSERT INTO jobs (id, kind, platform, workspace, user_id, subject_id, prompt,"
-        " destination, status, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        " destination, status, created_at, updated_at, options)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             job_id,
             kind,
@@ -226,6 +231,7 @@ async def _insert_job(
             "queued",
             now,
             now,
+            json.dumps(options or {}),
         ),
     )
 
@@ -403,10 +409,11 @@ class Store:
         *,
         subject_id: str | None = None,
         prompt: str | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         """Record a job about to be queued."""
         async with self.transaction() as db:
-            await _insert_job(db, job_id, kind, owner, destination, subject_id, prompt)
+            await _insert_job(db, job_id, kind, owner, destination, subject_id, prompt, options)
 
     async def get_job(self, job_id: str) -> Job | None:
         """The job with this id, if any."""
@@ -419,12 +426,26 @@ class Store:
         await self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
-        """Set columns of a job (``result`` is stored as JSON)."""
-        if "result" in fields and fields["result"] is not None:
-            fields["result"] = json.dumps(fields["result"])
+        """Set columns of a job (``result``, ``destination`` and ``options`` are stored as JSON)."""
+        for name in ("result", "destination", "options"):
+            if fields.get(name) is not None:
+                fields[name] = json.dumps(fields[name])
         fields["updated_at"] = utcnow()
         assignments = ", ".join(f"{name} = ?" for name in fields)
         await self._write(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id))
+
+    async def update_job_destination(self, job_id: str, changes: dict[str, Any]) -> bool:
+        """Merge ``changes`` into a job's destination (a key set to None is removed).
+
+        For what an adapter learns after queueing, e.g. the id of its progress message, so it
+        survives a restart. One UPDATE (SQLite's json_patch), so concurrent merges of
+        different keys can't undo each other. False if there is no such job.
+        """
+        changed = await self._write(
+            "UPDATE jobs SET destination = json_patch(destination, ?), updated_at = ? WHERE id = ?",
+            (json.dumps(changes), utcnow(), job_id),
+        )
+        return changed == 1
 
     async def claim_delivery(self, job_id: str) -> bool:
         """Mark a job's final result as delivered; False if it already was (deliver once)."""
@@ -465,6 +486,7 @@ class Store:
         *,
         subject_id: str | None = None,
         prompt: str | None = None,
+        options: dict[str, Any] | None = None,
         usage_kind: UsageKind,
         units: int,
         check: Callable[[Usage], None],
@@ -478,7 +500,7 @@ class Store:
         async with self.transaction() as db:
             day = utcday()
             check(await _usage(db, owner, day))
-            await _insert_job(db, job_id, kind, owner, destination, subject_id, prompt)
+            await _insert_job(db, job_id, kind, owner, destination, subject_id, prompt, options)
             await db.execute(
                 "INSERT INTO quota_usage (job_id, platform, workspace, user_id, kind, units, day,"
                 " created_at) VALUES (?,?,?,?,?,?,?,?)",

@@ -37,6 +37,9 @@ USER_ID = 333
 OTHER_USER_ID = 444
 DM_CHANNEL_ID = 555
 EDIT_INTERVAL = 3.0
+ALL_PERMISSIONS = 2147483647
+MEMBER_PERMISSIONS = 0x400 | 0x800 | 0x80000000  # view channel, send messages, use commands
+MANAGE_GUILD = 0x20
 
 BOT_USER = {
     "id": str(APP_ID),
@@ -69,6 +72,8 @@ class Recorded:
     json: Any
     files: list[tuple[str, bytes]]
     at: float
+    response_id: str | None = None
+    """The id of the message the fake created in reply, if it created one."""
 
     @property
     def content(self) -> str | None:
@@ -221,7 +226,9 @@ class FakeDiscord:
             return self.reply({"message": "Missing Access", "code": 50001}, 403)
         if channel_id in self.missing:
             return self.reply({"message": "Unknown Channel", "code": 10003}, 404)
-        return self.reply(self.message(channel_id, recorded.json))
+        message = self.message(channel_id, recorded.json)
+        recorded.response_id = message["id"]
+        return self.reply(message)
 
     async def edit_message(self, request: web.Request) -> web.Response:
         recorded = await self.record(request)
@@ -352,8 +359,14 @@ def interaction_payload(
     resolved: dict[str, Any] | None = None,
     custom_id: str | None = None,
     user_id: int = USER_ID,
+    permissions: int = ALL_PERMISSIONS,
+    roles: list[int] | None = None,
 ) -> dict[str, Any]:
-    """What Discord sends for a slash command (``command``) or a button click (``custom_id``)."""
+    """What Discord sends for a slash command (``command``) or a button click (``custom_id``).
+
+    ``permissions`` are the member's resolved permissions in the channel, as Discord computes
+    them (all by default); ``roles`` their role ids.
+    """
     interaction_id = next(_interaction_ids)
     payload: dict[str, Any] = {
         "id": str(interaction_id),
@@ -374,12 +387,12 @@ def interaction_payload(
         },
         "member": {
             "user": user_payload(user_id),
-            "roles": [],
+            "roles": [str(role) for role in roles or []],
             "joined_at": "2024-01-01T00:00:00+00:00",
             "deaf": False,
             "mute": False,
             "flags": 0,
-            "permissions": "2147483647",
+            "permissions": str(permissions),
         },
         "app_permissions": "2147483647",
         "locale": "en-US",
@@ -410,6 +423,29 @@ def interaction_payload(
             ],
         }
     return payload
+
+
+def member_payload(user_id: int, roles: list[int] | None = None) -> dict[str, Any]:
+    """A guild member as it appears in an interaction's ``resolved.members``."""
+    return {
+        "roles": [str(role) for role in roles or []],
+        "joined_at": "2024-01-01T00:00:00+00:00",
+        "deaf": False,
+        "mute": False,
+        "flags": 0,
+        "permissions": str(MEMBER_PERMISSIONS),
+    }
+
+
+def user_option(name: str, user_id: int, roles: list[int] | None = None) -> dict[str, Any]:
+    """A user option and its ``resolved`` data (user and member), as Discord sends them."""
+    return {
+        "option": {"name": name, "type": 6, "value": str(user_id)},
+        "resolved": {
+            "users": {str(user_id): user_payload(user_id)},
+            "members": {str(user_id): member_payload(user_id, roles)},
+        },
+    }
 
 
 def attachment_options(urls: dict[str, str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:

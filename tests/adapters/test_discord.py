@@ -15,7 +15,7 @@ from bot.adapters.discord import BUTTON_ID, DiscordAdapter, EditThrottle
 from bot.cli import cmd_discord
 from bot.config import Settings
 from bot.core.delivery import Deliverer, Delivery
-from bot.core.store import Job, Owner
+from bot.core.store import Job, Owner, Subject, utcnow
 from bot.launcher import BotRuntime
 from engine.api import ENGINE_QUEUE, Progress
 from tests.adapters.conftest import (
@@ -24,6 +24,7 @@ from tests.adapters.conftest import (
     DM_CHANNEL_ID,
     EDIT_INTERVAL,
     GUILD_ID,
+    MANAGE_GUILD,
     OTHER_USER_ID,
     USER_ID,
     FakeClock,
@@ -69,6 +70,12 @@ async def engine_queue_length(runtime: BotRuntime) -> int:
     return int(await runtime.queue.zcard(ENGINE_QUEUE))
 
 
+def progress_id(posted: Recorded) -> str:
+    """The id the fake gave the message created by ``posted``."""
+    assert posted.response_id is not None
+    return posted.response_id
+
+
 def serve_photos(fake: FakeDiscord, count: int) -> dict[str, str]:
     urls = {}
     for i in range(count):
@@ -101,8 +108,9 @@ async def test_train_defers_downloads_queues_and_posts_one_progress_message(
     assert await engine_queue_length(runtime) == 1
     [job] = await runtime.store.unfinished_jobs("discord")
     assert job.owner == OWNER
-    assert job.destination == DESTINATION
-    assert adapter.progress_messages[job.id] is not None
+    assert adapter.progress_messages[job.id] == int(progress_id(progress))
+    # The progress message's id is kept with the job, so a restarted bot still edits it.
+    assert job.destination == {**DESTINATION, "progress_message_id": int(progress_id(progress))}
 
 
 @pytest.mark.parametrize(
@@ -208,7 +216,8 @@ async def test_imagine_with_v_but_no_subject_is_answered_privately_and_queues_no
     [
         ("subjects", [], "You have no subjects yet"),
         ("forget", [{"name": "name", "type": 3, "value": "rex"}], "no subject called 'rex'"),
-        ("help", [], "/train <name> <class>"),
+        ("help", [], "/train name:<name> class:<class> photo1 … photo10"),
+        ("quota", [], "images:    0 of 100"),
     ],
 )
 async def test_other_commands_are_answered_privately(
@@ -248,7 +257,22 @@ async def test_commands_are_synced_to_the_dev_guild_when_one_is_set(
     [sync] = fake_discord.find("PUT", "/commands")
     assert sync.path == f"/api/v10/applications/{APP_ID}/guilds/{GUILD_ID}/commands"
     commands = {command["name"]: command for command in sync.json}
-    assert set(commands) == {"train", "imagine", "subjects", "forget", "help"}
+    assert set(commands) == {"train", "imagine", "subjects", "forget", "quota", "help", "mod"}
+    # Discord shows /mod only to members with Manage Server (the adapter checks regardless).
+    assert int(commands["mod"]["default_member_permissions"]) == MANAGE_GUILD
+    assert commands["mod"]["contexts"] == [0]  # guild only
+    mod_options = {o["name"]: o for o in commands["mod"]["options"]}
+    assert set(mod_options) == {
+        "help", "block", "blocked", "quota", "ban", "unban", "bans", "queue", "cancel",
+        "subjects", "delete-subject", "log",
+    }  # fmt: skip
+    assert [o["name"] for o in mod_options["block"]["options"]] == [
+        "list", "add", "add-regex", "remove", "defaults", "reveal",
+    ]  # fmt: skip
+    assert [o["name"] for o in mod_options["quota"]["options"]] == ["show", "set", "reset", "list"]
+    ban_options = {o["name"]: o for o in mod_options["ban"]["options"]}
+    assert ban_options["user"]["type"] == 6 and ban_options["user"]["required"]
+    assert ban_options["duration"]["type"] == 3
     train_options = [(o["name"], o.get("required", False)) for o in commands["train"]["options"]]
     assert train_options[:5] == [
         ("name", True),
@@ -272,12 +296,64 @@ async def test_commands_are_synced_globally_without_a_dev_guild(
 # Buttons.
 
 
-async def finished_generation(runtime: BotRuntime, seed: int = 7) -> str:
-    receipt = await runtime.core.imagine(OWNER, DESTINATION, "a red fox", count=2, seed=seed)
-    result = {"job_id": receipt.job_id, "image_urls": ["a.png", "b.png"], "seed": seed}
+async def finished_generation(
+    runtime: BotRuntime,
+    seed: int = 7,
+    prompt: str = "a red fox",
+    count: int = 2,
+    negative: str = "",
+) -> str:
+    receipt = await runtime.core.imagine(
+        OWNER, DESTINATION, prompt, count=count, seed=seed, negative_prompt=negative
+    )
+    images = [f"{i}.png" for i in range(count)]
+    result = {"job_id": receipt.job_id, "image_urls": images, "seed": seed}
     await runtime.store.update_job(receipt.job_id, status="done", result=result)
     await runtime.queue.delete(f"arq:job:{receipt.job_id}")
+    await runtime.queue.zrem(ENGINE_QUEUE, receipt.job_id)
     return receipt.job_id
+
+
+async def click(
+    runtime: BotRuntime, fake: FakeDiscord, clock: FakeClock, custom_id: str, user_id: int
+) -> Recorded:
+    """A button click on a freshly started adapter (as after a restart); its private reply."""
+    adapter = await start_adapter(runtime, clock)
+    try:
+        payload = interaction_payload(custom_id=custom_id, user_id=user_id)
+        adapter.client._connection.parse_interaction_create(payload)  # type: ignore[arg-type]
+        await fake.wait_until(lambda: bool(fake.find("POST", "/webhooks/")))
+    finally:
+        await adapter.close()
+    return private_reply(fake)
+
+
+async def queued_request(runtime: BotRuntime, job_id: str) -> dict[str, Any]:
+    info = await ArqJob(job_id, runtime.queue, _queue_name=ENGINE_QUEUE).info()
+    assert info is not None
+    request: dict[str, Any] = info.args[0]
+    return request
+
+
+async def ready_subject(runtime: BotRuntime, owner: Owner, name: str, token: str) -> Subject:
+    now = utcnow()
+    subject = Subject(
+        id=f"{name}-{token}",
+        owner=owner,
+        name=name,
+        class_noun="dog",
+        token=token,
+        status="ready",
+        adapter_url=f"file:///adapters/{name}.safetensors",
+        photos_url="file:///photos",
+        photo_count=3,
+        base_model="tiny",
+        error=None,
+        created_at=now,
+        updated_at=now,
+    )
+    await runtime.store.insert_subject(subject)
+    return subject
 
 
 @pytest.mark.parametrize(("action", "expected_seed"), [("reroll", None), ("vary", 8)])
@@ -373,7 +449,7 @@ async def test_a_ten_minute_job_edits_its_progress_under_the_promised_rate(
         await adapter.show_progress(job, f"training {step}/{steps}", progress(step, steps))
     await clock.advance(EDIT_INTERVAL)
     await fake_discord.wait_until(
-        lambda: (fake_discord.find("PATCH") or [None])[-1].content.endswith(f"{steps}/{steps}")  # type: ignore[union-attr]
+        lambda: (fake_discord.find("PATCH") or [None])[-1].content.endswith(f"{steps}/{steps}")  # type: ignore[list-item,union-attr]
     )
 
     edits = fake_discord.find("PATCH", "/channels/")
@@ -544,3 +620,100 @@ async def test_imagine_in_a_channel_the_bot_cannot_write_to_still_queues_and_ans
     assert adapter.progress_messages[job.id] is None  # progress skipped; the result goes by DM
     await adapter.show_progress(job, "your image: drawing", progress(1))
     assert len(fake_discord.find("POST", "/channels/")) == 1 and not fake_discord.find("PATCH")
+
+
+async def test_reroll_by_another_user_keeps_the_negative_prompt_and_count_and_charges_them(
+    runtime: BotRuntime, fake_discord: FakeDiscord, clock: FakeClock
+) -> None:
+    job_id = await finished_generation(runtime, seed=7, count=3, negative="blurry, text")
+
+    reply = await click(runtime, fake_discord, clock, f"dreambot:reroll:{job_id}", OTHER_USER_ID)
+
+    assert (reply.content or "").startswith("Drawing 3 images")
+    clicker = Owner("discord", str(GUILD_ID), str(OTHER_USER_ID))
+    [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
+    assert new_job.owner == clicker
+    request = await queued_request(runtime, new_job.id)
+    assert (request["prompt"], request["negative_prompt"], request["count"]) == (
+        "a red fox",
+        "blurry, text",
+        3,
+    )
+    assert new_job.options["negative_prompt"] == "blurry, text"
+    assert new_job.options["count"] == 3
+    # The clicker pays: their quota, not the original owner's.
+    assert (await runtime.store.usage(clicker)).images == 3
+    assert (await runtime.store.usage(OWNER)).images == 3  # the original job only
+
+
+async def test_another_user_cannot_reroll_an_image_of_someone_elses_subject(
+    runtime: BotRuntime, fake_discord: FakeDiscord, clock: FakeClock
+) -> None:
+    await ready_subject(runtime, OWNER, "rex", "zqv")
+    job_id = await finished_generation(runtime, prompt="a [V] on the beach")
+
+    reply = await click(runtime, fake_discord, clock, f"dreambot:reroll:{job_id}", OTHER_USER_ID)
+
+    assert (reply.content or "").startswith(f"Only <@{USER_ID}> can reroll images of their subject")
+    assert [j.id for j in await runtime.store.unfinished_jobs("discord")] == [job_id]
+    assert await engine_queue_length(runtime) == 0
+    assert not fake_discord.find("POST", "/channels/")
+
+
+async def test_the_owner_can_vary_an_image_of_their_subject_even_after_training_another(
+    runtime: BotRuntime, fake_discord: FakeDiscord, clock: FakeClock
+) -> None:
+    rex = await ready_subject(runtime, OWNER, "rex", "zqv")
+    job_id = await finished_generation(runtime, seed=41, prompt="a [V] on the beach", count=1)
+    await ready_subject(runtime, OWNER, "max", "kbj")  # now the newest: [V] would mean max
+
+    reply = await click(runtime, fake_discord, clock, f"dreambot:vary:{job_id}", USER_ID)
+
+    assert (reply.content or "").startswith("Drawing 1 image (seed 42)")
+    [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
+    request = await queued_request(runtime, new_job.id)
+    assert request["prompt"] == "a zqv dog on the beach"  # still rex
+    assert [a["name"] for a in request["adapters"]] == [rex.id]
+    assert new_job.prompt == "a [rex] on the beach"
+
+
+async def test_the_progress_message_is_edited_after_a_restart_not_posted_again(
+    runtime: BotRuntime, fake_discord: FakeDiscord, clock: FakeClock
+) -> None:
+    first = await start_adapter(runtime, clock)
+    try:
+        await run_command(first, "imagine", [{"name": "prompt", "type": 3, "value": "a fox"}])
+    finally:
+        await first.close()
+    [posted] = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    [job] = await runtime.store.unfinished_jobs("discord")
+    assert job.destination["progress_message_id"] == int(progress_id(posted))
+
+    # A new process: nothing in memory, only what the store kept.
+    second = await start_adapter(runtime, clock)
+    try:
+        deliverer = Deliverer(runtime.core, second)
+        await deliverer.progress({"job_id": job.id, "phase": "generating", "step": 5, "total": 25})
+        [edit] = fake_discord.find("PATCH", "/channels/")
+        assert edit.path.endswith(f"/channels/{CHANNEL_ID}/messages/{progress_id(posted)}")
+        assert "your image: drawing" in (edit.content or "")
+        assert len(fake_discord.find("POST", "/channels/")) == 1  # no second progress message
+
+        images = await write_images(runtime, 1)
+        await deliverer.result(
+            {
+                "job_id": job.id,
+                "image_urls": images,
+                "seed": 5,
+                "width": 64,
+                "height": 64,
+                "steps": 25,
+                "seconds": 1.0,
+            }
+        )
+    finally:
+        await second.close()
+    _, result = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    assert len(result.files) == 1
+    closing = fake_discord.find("PATCH", "/channels/")[-1]
+    assert closing.path == edit.path and "done" in (closing.content or "")

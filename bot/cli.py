@@ -70,16 +70,25 @@ def cmd_discord(settings: Settings, args: argparse.Namespace) -> None:
 
 def cmd_engine(settings: Settings, args: argparse.Namespace) -> None:
     """Run the engine worker (the GPU process) until interrupted."""
-    from arq.worker import run_worker
+    import signal
 
     from engine.models import ModelLoadError
-    from engine.worker import WorkerSettings, engine_worker_kwargs
+    from engine.worker import run_engine
 
     _require_redis(settings)
+
+    async def serve() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        await run_engine(settings)
+
     try:
-        run_worker(WorkerSettings, **engine_worker_kwargs(settings))  # type: ignore[arg-type]
+        asyncio.run(serve())
     except ModelLoadError as exc:
         raise SystemExit(f"engine: {exc}") from exc
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log.info("engine stopped")
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     guidance_scale: float = Field(7.5, ge=0, le=30)
     sample_count: int = Field(4, ge=0, le=16, description="sample images posted after training")
     progress_interval: float = Field(2.0, ge=0, description="seconds between progress updates")
+    train_chunk_steps: int = Field(
+        10, ge=1, description="training steps between chances for waiting generations to run"
+    )
     job_timeout: int = Field(3 * 3600, ge=10, description="seconds before an engine job is killed")
 
     # Bot rules.

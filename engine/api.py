@@ -10,12 +10,26 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-ENGINE_QUEUE = "dreambot:engine"
-"""arq queue the engine workers consume."""
-
-# Engine job names (functions registered on the engine worker).
+# Engine job names (functions registered on the engine workers).
 TRAIN_SUBJECT = "train_subject"
 GENERATE = "generate"
+
+# Training and generation wait in separate queues, so a generation never waits behind a
+# queue of long trainings; the engine serves both and lets generations in between training
+# chunks (see engine/gpu.py).
+TRAIN_QUEUE = "dreambot:engine:train"
+GENERATE_QUEUE = "dreambot:engine:generate"
+ENGINE_QUEUES = {TRAIN_SUBJECT: TRAIN_QUEUE, GENERATE: GENERATE_QUEUE}
+"""The arq queue of each engine job."""
+JOB_KIND_QUEUES = {"train": TRAIN_QUEUE, "generate": GENERATE_QUEUE}
+"""The arq queue for each ``jobs.kind`` of the bot's store."""
+
+
+def cancel_key(job_id: str) -> str:
+    """Redis key set (for a day) when a running job is cancelled; the engine polls it between
+    steps, because arq's own abort cannot reach into a training thread."""
+    return f"dreambot:cancel:{job_id}"
+
 
 # Bot job names (functions registered on the bot's own arq worker).
 DELIVER_PROGRESS = "deliver_progress"

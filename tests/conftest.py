@@ -135,3 +135,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+async def queued(redis: Any) -> int:
+    """How many engine jobs wait (or run) in all the engine's queues."""
+    from engine.api import ENGINE_QUEUES
+
+    return sum([int(await redis.zcard(queue)) for queue in ENGINE_QUEUES.values()])

@@ -10,9 +10,9 @@ from bot.core.errors import UserError
 from bot.core.photos import Upload
 from bot.core.store import Owner
 from bot.launcher import BotRuntime, open_core
-from engine.api import ENGINE_QUEUE, TRAIN_SUBJECT, TrainRequest
+from engine.api import TRAIN_QUEUE, TRAIN_SUBJECT, TrainRequest
 from engine.artifacts import local_path
-from tests.conftest import TEST_PLATFORM, make_photo, make_settings
+from tests.conftest import TEST_PLATFORM, make_photo, make_settings, queued
 
 DEST = {"channel": "c1"}
 
@@ -22,7 +22,7 @@ def _photos(n: int) -> list[Upload]:
 
 
 async def _queued(runtime: BotRuntime) -> int:
-    return int(await runtime.queue.zcard(ENGINE_QUEUE))
+    return int(await queued(runtime.queue))
 
 
 async def _job_count(runtime: BotRuntime) -> int:
@@ -43,8 +43,8 @@ async def test_train_stores_photos_records_subject_and_queues_one_job(
     job = await runtime.store.get_job(receipt.job_id)
     assert job is not None and job.kind == "train" and job.destination == DEST
     # The queued payload carries only references, and the photos are where it says.
-    queued = await runtime.queue.zrange(ENGINE_QUEUE, 0, -1)
-    assert queued == [receipt.job_id.encode()]
+    waiting = await runtime.queue.zrange(TRAIN_QUEUE, 0, -1)
+    assert waiting == [receipt.job_id.encode()]
     info = await runtime.queue._get_job_def(receipt.job_id.encode(), None)
     assert info.function == TRAIN_SUBJECT
     request = TrainRequest.model_validate(info.args[0])

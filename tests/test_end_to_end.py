@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from arq.worker import Worker, create_worker
+from arq.worker import Worker
 from PIL import Image
 
 from bot.config import Settings
@@ -43,21 +43,20 @@ def e2e_settings(tmp_path: Path, redis_clean: str, tiny_model_dir: Path) -> Sett
 
 
 @pytest.fixture
-async def engine(e2e_settings: Settings) -> AsyncIterator[Worker]:
+async def engine(e2e_settings: Settings) -> AsyncIterator[list[Worker]]:
     """The engine's arq worker, running in this event loop on the tiny model."""
-    from engine.worker import WorkerSettings, engine_worker_kwargs
+    from engine.worker import engine_workers, load_resources
 
-    worker = create_worker(
-        WorkerSettings,  # type: ignore[arg-type]
-        **engine_worker_kwargs(e2e_settings),
-        handle_signals=False,
-    )
-    task = asyncio.create_task(worker.async_run())
+    ctx = await load_resources(e2e_settings)
+    workers = engine_workers(e2e_settings, ctx, handle_signals=False)
+    tasks = [asyncio.create_task(worker.async_run()) for worker in workers]
     try:
-        yield worker
+        yield workers
     finally:
-        await worker.close()
-        task.cancel()
+        for worker in workers:
+            await worker.close()
+        for task in tasks:
+            task.cancel()
 
 
 def _pixels(url: str) -> np.ndarray:
@@ -68,7 +67,7 @@ def _pixels(url: str) -> np.ndarray:
 
 
 async def test_train_then_imagine_with_v_applies_the_subjects_adapter(
-    e2e_settings: Settings, engine: Worker, sink: RecordingSink
+    e2e_settings: Settings, engine: list[Worker], sink: RecordingSink
 ) -> None:
     owner = Owner(TEST_PLATFORM, "guild-1", "user-1")
     photos = [Upload(f"rex{i}.jpg", make_photo(i)) for i in range(3)]
@@ -107,7 +106,7 @@ async def test_train_then_imagine_with_v_applies_the_subjects_adapter(
 
 
 async def test_results_wait_in_redis_while_the_bot_is_away(
-    e2e_settings: Settings, engine: Worker, sink: RecordingSink
+    e2e_settings: Settings, engine: list[Worker], sink: RecordingSink
 ) -> None:
     owner = Owner(TEST_PLATFORM, "guild-1", "user-2")
     async with open_core(e2e_settings, TEST_PLATFORM) as runtime:
@@ -188,3 +187,95 @@ def test_shell_through_a_pipe_trains_then_imagines(
         assert png.is_file()
         with Image.open(png) as image:
             assert image.size == (64, 64)
+
+
+async def _wait_for_phase(sink: RecordingSink, job_id: str, phase: str, within: float = 60) -> None:
+    async with asyncio.timeout(within):
+        while not any(j == job_id and p.phase == phase for j, _, p in sink.progress):
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def long_training(tmp_path: Path, redis_clean: str, tiny_model_dir: Path) -> Settings:
+    return make_settings(
+        tmp_path / "data",
+        redis_clean,
+        base_model=str(tiny_model_dir),
+        **{**FAST_TRAINING, "train_steps": 150, "train_chunk_steps": 5},
+    )
+
+
+async def test_a_generation_runs_between_training_chunks(
+    long_training: Settings, sink: RecordingSink
+) -> None:
+    from engine.worker import engine_workers, load_resources
+
+    ctx = await load_resources(long_training)
+    workers = engine_workers(long_training, ctx, handle_signals=False)
+    tasks = [asyncio.create_task(worker.async_run()) for worker in workers]
+    owner = Owner(TEST_PLATFORM, "guild-1", "user-3")
+    photos = [Upload(f"rex{i}.jpg", make_photo(i)) for i in range(3)]
+    try:
+        async with open_core(long_training, TEST_PLATFORM) as runtime, delivering(runtime, sink):
+            training = await runtime.core.train(owner, {}, "rex", "dog", photos)
+            await _wait_for_phase(sink, training.job_id, "training")
+            drawing = await runtime.core.imagine(owner, {}, "a lighthouse", count=1, seed=3)
+            drawn = await sink.wait_for(drawing.job_id, within=120)
+            assert isinstance(drawn, Delivery)
+            # The generation finished while the training was still going.
+            assert training.job_id not in sink.results
+            assert ctx["gpu"].yields >= 1
+            trained = await sink.wait_for(training.job_id, within=240)
+            assert isinstance(trained, Delivery) and "rex is ready" in trained.text
+            steps = [
+                p.step
+                for j, _, p in sink.progress
+                if j == training.job_id and p.phase == "training"
+            ]
+            assert max(steps) == 150
+    finally:
+        for worker in workers:
+            await worker.close()
+        for task in tasks:
+            task.cancel()
+
+
+async def test_cancelling_a_running_training_stops_it_and_writes_no_adapter(
+    long_training: Settings, sink: RecordingSink
+) -> None:
+    from engine.worker import engine_workers, load_resources
+
+    ctx = await load_resources(long_training)
+    workers = engine_workers(long_training, ctx, handle_signals=False)
+    tasks = [asyncio.create_task(worker.async_run()) for worker in workers]
+    owner = Owner(TEST_PLATFORM, "guild-1", "user-4")
+    photos = [Upload(f"rex{i}.jpg", make_photo(i)) for i in range(3)]
+    try:
+        async with open_core(long_training, TEST_PLATFORM) as runtime, delivering(runtime, sink):
+            receipt = await runtime.core.train(owner, {}, "rex", "dog", photos)
+            await _wait_for_phase(sink, receipt.job_id, "training")
+            moderator = Owner(TEST_PLATFORM, "guild-1", "mod")
+            mod = runtime.core.moderation.acting(moderator, True)
+            reply = await mod.cancel(receipt.job_id[:8], "testing cancel")
+            assert "running" in reply
+            told = await sink.wait_for(receipt.job_id, within=60)
+            assert isinstance(told, str) and "testing cancel" in told
+            # The engine stops at its next step and never writes the adapter.
+            async with asyncio.timeout(30):
+                while sum(w.jobs_complete + w.jobs_failed for w in workers[:1]) < 1:
+                    await asyncio.sleep(0.1)
+            subject = await runtime.store.find_subject(owner, "rex")
+            assert subject is not None and subject.status == "failed"
+            adapter = local_path(
+                runtime.core.artifacts.url("subjects", subject.id, "adapter.safetensors")
+            )
+            assert adapter is not None and not adapter.exists()
+            steps = [
+                p.step for j, _, p in sink.progress if j == receipt.job_id and p.phase == "training"
+            ]
+            assert max(steps) < 150
+    finally:
+        for worker in workers:
+            await worker.close()
+        for task in tasks:
+            task.cancel()

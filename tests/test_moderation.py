@@ -18,7 +18,6 @@ from arq.worker import Worker, func
 from bot.core.delivery import Deliverer
 from bot.core.errors import UserError
 from bot.core.moderation import (
-    CANCEL_KEY_PREFIX,
     Moderator,
     NotModerator,
     parse_duration,
@@ -26,9 +25,9 @@ from bot.core.moderation import (
 )
 from bot.core.store import MIGRATIONS_DIR, Owner, Store, apply_migrations
 from bot.launcher import BotRuntime
-from engine.api import ENGINE_QUEUE, GENERATE, GenerateResult, bot_queue
+from engine.api import GENERATE, GENERATE_QUEUE, GenerateResult, bot_queue, cancel_key
 from engine.artifacts import local_path
-from tests.conftest import TEST_PLATFORM, RecordingSink
+from tests.conftest import TEST_PLATFORM, RecordingSink, queued
 from tests.test_commands import _photos
 
 DEST = {"channel": "c1"}
@@ -65,7 +64,7 @@ async def test_a_blocked_prompt_queues_nothing_and_is_logged_for_moderators(
         await runtime.core.imagine(owner, DEST, "a n.u.d.e portrait")
     assert refused.value.message.startswith("That prompt isn't allowed here")
     assert "nude" not in refused.value.message  # generic unless the workspace reveals rules
-    assert await runtime.queue.zcard(ENGINE_QUEUE) == 0
+    assert await queued(runtime.queue) == 0
     assert await _rows(runtime, "jobs") == 0
     assert (await runtime.store.usage(owner)).images == 0
     attempts = await runtime.store.blocked_attempts(owner.platform, owner.workspace, 10)
@@ -81,7 +80,7 @@ async def test_the_negative_prompt_is_checked_and_reveal_names_the_rule(
     await mod.block_reveal(True)
     with pytest.raises(UserError, match="in the negative prompt hits the built-in blocked word"):
         await runtime.core.imagine(owner, DEST, "a cat", negative_prompt="blurry, g0re, nudes")
-    assert await runtime.queue.zcard(ENGINE_QUEUE) == 0
+    assert await queued(runtime.queue) == 0
 
 
 async def test_workspace_rules_take_effect_at_once_and_removing_one_lifts_it(
@@ -106,7 +105,7 @@ async def test_switching_the_built_in_list_off_lets_its_words_through(
 ) -> None:
     await mod.block_defaults(False)
     await runtime.core.imagine(owner, DEST, "a nude marble statue", count=1)
-    assert await runtime.queue.zcard(ENGINE_QUEUE) == 1
+    assert await queued(runtime.queue) == 1
 
 
 async def test_a_subject_with_a_blocked_class_is_not_trained(
@@ -116,7 +115,7 @@ async def test_a_subject_with_a_blocked_class_is_not_trained(
     with pytest.raises(UserError, match="That subject name or class isn't allowed"):
         await runtime.core.train(owner, DEST, "rex", "naked person", _photos(3))
     assert await runtime.store.list_subjects(owner) == []
-    assert await runtime.queue.zcard(ENGINE_QUEUE) == 0
+    assert await queued(runtime.queue) == 0
 
 
 async def test_a_hostile_or_invalid_regex_is_refused_and_nothing_is_stored(
@@ -142,7 +141,7 @@ async def test_a_ban_refuses_the_users_commands_and_cancels_their_queued_jobs(
     reply = await mod.ban(f"<@{owner.user_id}>", "spamming", parse_duration("7d"))
     assert "Banned user-1 until" in reply and "Cancelled 2" in reply
 
-    assert await runtime.queue.zrange(ENGINE_QUEUE, 0, -1) == [other.job_id.encode()]
+    assert await runtime.queue.zrange(GENERATE_QUEUE, 0, -1) == [other.job_id.encode()]
     for receipt in (first, second):
         job = await runtime.store.get_job(receipt.job_id)
         assert job is not None and job.status == "cancelled"
@@ -196,7 +195,7 @@ async def test_cancelling_a_queued_job_removes_it_from_the_queue_and_tells_the_o
 
     reply = await mod.cancel(receipt.job_id[:6], "not today")
     assert "taken out of the queue" in reply
-    assert await runtime.queue.zcard(ENGINE_QUEUE) == 0
+    assert await queued(runtime.queue) == 0
     assert await runtime.queue.exists(f"arq:job:{receipt.job_id}") == 0
     job = await runtime.store.get_job(receipt.job_id)
     assert job is not None and job.status == "cancelled"
@@ -229,7 +228,7 @@ async def test_cancelling_a_running_job_aborts_it_on_an_arq_worker(
     pool = await create_pool(RedisSettings.from_dsn(runtime.settings.redis_url))
     worker = Worker(
         functions=[func(slow_generate, name=GENERATE)],
-        queue_name=ENGINE_QUEUE,
+        queue_name=GENERATE_QUEUE,
         redis_pool=pool,
         allow_abort_jobs=True,
         handle_signals=False,
@@ -243,7 +242,7 @@ async def test_cancelling_a_running_job_aborts_it_on_an_arq_worker(
 
         reply = await mod.cancel(receipt.job_id[:8])
         assert "the engine was asked to stop it" in reply
-        assert await runtime.queue.get(CANCEL_KEY_PREFIX + receipt.job_id) is not None
+        assert await runtime.queue.get(cancel_key(receipt.job_id)) is not None
         await asyncio.wait_for(stopped.wait(), 10)  # arq cancelled the job's task
         job = await runtime.store.get_job(receipt.job_id)
         assert job is not None and job.status == "cancelled"
@@ -288,7 +287,7 @@ async def test_a_moderator_deletes_a_subject_with_its_files_and_stops_its_traini
     assert "Deleted user-1's subject rex" in await mod.delete_subject(owner.user_id, "rex")
     assert await runtime.store.find_subject(owner, "rex") is None
     assert not photos.exists()
-    assert await runtime.queue.zcard(ENGINE_QUEUE) == 0
+    assert await queued(runtime.queue) == 0
     job = await runtime.store.get_job(receipt.job_id)
     assert job is not None and job.status == "cancelled"
 
@@ -318,7 +317,7 @@ async def test_a_non_moderators_mod_attempt_changes_nothing(
         runtime.core.moderation.acting(intruder, False)
     for table in ("bans", "blocked_rules", "workspace_settings", "quota_overrides", "audit_log"):
         assert await _rows(runtime, table) == 0, table
-    assert await runtime.queue.zcard(ENGINE_QUEUE) == 1
+    assert await queued(runtime.queue) == 1
     job = await runtime.store.get_job(receipt.job_id)
     assert job is not None and job.status == "queued"
 

@@ -10,8 +10,7 @@ import pytest
 
 from bot.adapters.shell import ShellAdapter
 from bot.launcher import BotRuntime, open_core
-from engine.api import ENGINE_QUEUE
-from tests.conftest import TEST_PLATFORM, make_settings
+from tests.conftest import TEST_PLATFORM, make_settings, queued
 
 
 async def _say(shell: ShellAdapter, line: str) -> str:
@@ -82,6 +81,6 @@ async def test_a_shell_user_not_listed_as_moderator_is_refused(
     await _say(shell, "/imagine a cat --count 1")
     for line in ("/mod help", "/mod ban bob", "/mod queue", "/mod block add cat"):
         assert "✗ Only moderators can use /mod" in await _say(shell, line)
-    assert await strict_runtime.queue.zcard(ENGINE_QUEUE) == 1
+    assert await queued(strict_runtime.queue) == 1
     alice = ShellAdapter(strict_runtime.core, "alice", out=io.StringIO())
     assert "tester" in await _say(alice, "/mod queue")

@@ -14,8 +14,8 @@ from bot.core.errors import UserError
 from bot.core.quotas import next_reset
 from bot.core.store import Owner
 from bot.launcher import BotRuntime, open_core
-from engine.api import ENGINE_QUEUE, Failure
-from tests.conftest import TEST_PLATFORM, RecordingSink, make_settings
+from engine.api import Failure
+from tests.conftest import TEST_PLATFORM, RecordingSink, make_settings, queued
 
 DEST = {"channel": "c1"}
 
@@ -45,7 +45,7 @@ async def test_fifty_simultaneous_imagines_against_a_limit_of_ten_accept_exactly
     refused = [o for o in outcomes if isinstance(o, BaseException)]
     assert len(accepted) == 10
     assert all(isinstance(o, UserError) and "used all 10" in o.message for o in refused)
-    assert await limited.queue.zcard(ENGINE_QUEUE) == 10
+    assert await queued(limited.queue) == 10
     assert len(await limited.store.active_jobs(owner.platform, owner.workspace)) == 10
     assert (await limited.store.usage(owner)).images == 10
 
@@ -76,7 +76,7 @@ async def test_a_request_for_more_images_than_are_left_is_refused_with_what_is_l
     await limited.core.imagine(owner, DEST, "a cat", count=4)
     with pytest.raises(UserError, match=r"you have 2 left today.*--count 2"):
         await limited.core.imagine(owner, DEST, "a cat", count=4)
-    assert await limited.queue.zcard(ENGINE_QUEUE) == 2
+    assert await queued(limited.queue) == 2
 
 
 async def test_the_cap_on_jobs_at_once_refuses_the_next_job(

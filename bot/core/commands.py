@@ -28,7 +28,7 @@ from bot.core.quotas import Quotas, check_allowance
 from bot.core.store import Owner, Store, Subject, utcnow
 from bot.core.tokens import pick_token
 from engine.api import (
-    ENGINE_QUEUE,
+    ENGINE_QUEUES,
     GENERATE,
     TRAIN_SUBJECT,
     AdapterRef,
@@ -419,7 +419,9 @@ class Core:
 
     async def _check_queue_space(self) -> None:
         try:
-            waiting = await self.queue.zcard(ENGINE_QUEUE)
+            waiting = 0
+            for queue in ENGINE_QUEUES.values():
+                waiting += await self.queue.zcard(queue)
         except (RedisError, OSError) as exc:
             raise _queue_down() from exc
         if waiting >= self.settings.max_queue:
@@ -429,11 +431,10 @@ class Core:
             )
 
     async def _enqueue(self, function: str, job_id: str, payload: dict[str, Any]) -> int:
+        queue = ENGINE_QUEUES[function]
         try:
-            await self.queue.enqueue_job(
-                function, payload, _job_id=job_id, _queue_name=ENGINE_QUEUE
-            )
-            return int(await self.queue.zcard(ENGINE_QUEUE))
+            await self.queue.enqueue_job(function, payload, _job_id=job_id, _queue_name=queue)
+            return int(await self.queue.zcard(queue))
         except (RedisError, OSError) as exc:
             log.exception("enqueue of job %s failed", job_id)
             raise _queue_down() from exc

@@ -41,20 +41,12 @@ from bot.core.store import (
     WorkspaceSettings,
     utcnow,
 )
-from engine.api import DELIVER_FAILURE, ENGINE_QUEUE, Failure, bot_queue
+from engine.api import DELIVER_FAILURE, JOB_KIND_QUEUES, Failure, bot_queue, cancel_key
 
 if TYPE_CHECKING:
     from bot.core.commands import Core
 
 log = logging.getLogger(__name__)
-
-CANCEL_KEY_PREFIX = "dreambot:cancel:"
-"""``dreambot:cancel:<job id>`` is set (for a day) when a running job is cancelled.
-
-arq's own abort only cancels the job's asyncio task (with ``allow_abort_jobs=True``); the
-engine's training loop runs in a thread, so it also polls this key between steps.
-TODO(engine): move this constant to engine/api.py, the bot/engine contract, and import it here.
-"""
 
 # Removing a waiting job must not race with a worker picking it up, so the check and the
 # removal run as one Lua script. A worker marks a job it starts with the in-progress key
@@ -287,7 +279,7 @@ class Moderation:
         if not await self.store.cancel_job(job.id, message):
             return None
         try:
-            state = await self._abort(job.id, message)
+            state = await self._abort(job.id, JOB_KIND_QUEUES[job.kind], message)
         except (RedisError, OSError):
             log.exception("could not abort job %s in the queue", job.id)
             state = "cancelled here, but the queue can't be reached to stop it"
@@ -296,15 +288,15 @@ class Moderation:
         await self._notify(job, message)
         return state
 
-    async def _abort(self, job_id: str, message: str) -> str:
+    async def _abort(self, job_id: str, queue: str, message: str) -> str:
         result = await self._abort_script(
             keys=[
-                ENGINE_QUEUE,
+                queue,
                 in_progress_key_prefix + job_id,
                 job_key_prefix + job_id,
                 abort_jobs_ss,
                 retry_key_prefix + job_id,
-                CANCEL_KEY_PREFIX + job_id,
+                cancel_key(job_id),
             ],
             args=[job_id, int(datetime.now(UTC).timestamp() * 1000), message],
         )
@@ -333,7 +325,7 @@ class Moderation:
         async with queue.pipeline(transaction=False) as pipe:
             for job in jobs:
                 pipe.exists(in_progress_key_prefix + job.id)
-                pipe.zscore(ENGINE_QUEUE, job.id)
+                pipe.zscore(JOB_KIND_QUEUES[job.kind], job.id)
             replies = await pipe.execute()
         states: dict[str, str] = {}
         waiting: list[tuple[float, str]] = []
@@ -795,7 +787,6 @@ async def _dispatch(mod: Moderator, text: str) -> str:
 
 
 __all__ = [
-    "CANCEL_KEY_PREFIX",
     "MOD_HELP",
     "Moderation",
     "Moderator",

@@ -17,7 +17,7 @@ from bot.config import Settings
 from bot.core.delivery import Deliverer, Delivery
 from bot.core.store import Job, Owner, Subject, utcnow
 from bot.launcher import BotRuntime
-from engine.api import ENGINE_QUEUE, Progress
+from engine.api import GENERATE_QUEUE, Progress
 from tests.adapters.conftest import (
     APP_ID,
     CHANNEL_ID,
@@ -34,7 +34,7 @@ from tests.adapters.conftest import (
     interaction_payload,
     start_adapter,
 )
-from tests.conftest import make_photo
+from tests.conftest import make_photo, queued
 
 EPHEMERAL = 64
 OWNER = Owner("discord", str(GUILD_ID), str(USER_ID))
@@ -67,7 +67,7 @@ def private_reply(fake: FakeDiscord) -> Recorded:
 
 
 async def engine_queue_length(runtime: BotRuntime) -> int:
-    return int(await runtime.queue.zcard(ENGINE_QUEUE))
+    return int(await queued(runtime.queue))
 
 
 def progress_id(posted: Recorded) -> str:
@@ -193,7 +193,7 @@ async def test_imagine_passes_its_options_to_the_core(
     assert reply.content == "Drawing 2 images (seed 42): queued (position 1)."
     [job] = await runtime.store.unfinished_jobs("discord")
     assert (job.kind, job.prompt, job.owner) == ("generate", "a red fox in snow", OWNER)
-    request = (await ArqJob(job.id, runtime.queue, _queue_name=ENGINE_QUEUE).info()).args[0]  # type: ignore[union-attr]
+    request = (await ArqJob(job.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]
     assert (request["count"], request["seed"], request["negative_prompt"]) == (2, 42, "blurry")
     [progress] = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
     assert "your image: waiting for the engine" in (progress.content or "")
@@ -310,7 +310,7 @@ async def finished_generation(
     result = {"job_id": receipt.job_id, "image_urls": images, "seed": seed}
     await runtime.store.update_job(receipt.job_id, status="done", result=result)
     await runtime.queue.delete(f"arq:job:{receipt.job_id}")
-    await runtime.queue.zrem(ENGINE_QUEUE, receipt.job_id)
+    await runtime.queue.zrem(GENERATE_QUEUE, receipt.job_id)
     return receipt.job_id
 
 
@@ -329,7 +329,7 @@ async def click(
 
 
 async def queued_request(runtime: BotRuntime, job_id: str) -> dict[str, Any]:
-    info = await ArqJob(job_id, runtime.queue, _queue_name=ENGINE_QUEUE).info()
+    info = await ArqJob(job_id, runtime.queue, _queue_name=GENERATE_QUEUE).info()
     assert info is not None
     request: dict[str, Any] = info.args[0]
     return request
@@ -382,7 +382,7 @@ async def test_a_button_click_after_a_restart_redraws_for_the_clicking_user(
     [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
     assert (new_job.owner, new_job.prompt) == (clicker, "a red fox")
     assert new_job.destination["user_id"] == OTHER_USER_ID
-    request = (await ArqJob(new_job.id, runtime.queue, _queue_name=ENGINE_QUEUE).info()).args[0]  # type: ignore[union-attr]
+    request = (await ArqJob(new_job.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]
     if expected_seed is None:
         assert f"(seed {request['seed']})" in (reply.content or "")
     else:

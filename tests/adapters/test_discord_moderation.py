@@ -12,7 +12,6 @@ import pytest
 from bot.adapters.discord import DiscordAdapter
 from bot.core.store import Owner
 from bot.launcher import BotRuntime
-from engine.api import ENGINE_QUEUE
 from tests.adapters.conftest import (
     GUILD_ID,
     MANAGE_GUILD,
@@ -24,6 +23,7 @@ from tests.adapters.conftest import (
     user_option,
 )
 from tests.adapters.test_discord import DESTINATION, OWNER, private_reply
+from tests.conftest import queued
 
 MODERATOR = MEMBER_PERMISSIONS | MANAGE_GUILD
 OTHER = Owner("discord", str(GUILD_ID), str(OTHER_USER_ID))
@@ -114,7 +114,7 @@ async def test_a_non_moderator_cannot_ban_and_nothing_changes(
     assert await runtime.store.audit_entries("discord", str(GUILD_ID), 10) == []
     job = await runtime.store.get_job(receipt.job_id)
     assert job is not None and job.status == "queued"
-    assert await runtime.queue.zcard(ENGINE_QUEUE) == 1
+    assert await queued(runtime.queue) == 1
 
 
 async def test_a_manage_server_member_bans_cancels_the_jobs_and_it_is_audited(
@@ -134,7 +134,7 @@ async def test_a_manage_server_member_bans_cancels_the_jobs_and_it_is_audited(
     assert abs(expires - (datetime.now(UTC) + timedelta(days=7))) < timedelta(minutes=1)
     job = await runtime.store.get_job(receipt.job_id)
     assert job is not None and job.status == "cancelled"
-    assert await runtime.queue.zcard(ENGINE_QUEUE) == 0
+    assert await queued(runtime.queue) == 0
     [entry] = await runtime.store.audit_entries("discord", str(GUILD_ID), 10)
     assert (entry.moderator, entry.action, entry.target) == (OWNER, "ban", str(OTHER_USER_ID))
     assert "7d" in entry.detail and "spam" in entry.detail
@@ -290,6 +290,6 @@ async def test_a_moderators_block_applies_to_imagine_and_the_log_shows_it(
 
     refused = await chat.command("imagine", [{"name": "prompt", "type": 3, "value": "a z3bra"}])
     assert "isn't allowed here" in refused
-    assert await runtime.queue.zcard(ENGINE_QUEUE) == 0
+    assert await queued(runtime.queue) == 0
     log = await chat.mod("log")
     assert f"{USER_ID}: block-add #1 — word: zebra" in log

@@ -1,0 +1,179 @@
+"""Talking back to the bot from an engine job: progress, results, failures, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from arq.connections import ArqRedis
+
+from engine.api import (
+    DELIVER_FAILURE,
+    DELIVER_PROGRESS,
+    DELIVER_RESULT,
+    Failure,
+    Progress,
+    cancel_key,
+)
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """A job failure whose message can be shown to the user as is."""
+
+
+class JobCancelled(Exception):
+    """A moderator (or the user) cancelled the job while it ran."""
+
+
+class ProgressReporter:
+    """Sends throttled ``Progress`` messages to the bot; callable from a worker thread."""
+
+    def __init__(
+        self,
+        redis: ArqRedis,
+        loop: asyncio.AbstractEventLoop,
+        reply_queue: str,
+        job_id: str,
+        interval: float,
+    ) -> None:
+        self.redis, self.loop, self.reply_queue, self.job_id = redis, loop, reply_queue, job_id
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._sent = 0
+        self._last_sent = 0.0
+        self._phase = ""
+        self._phase_started = time.monotonic()
+
+    def __call__(
+        self, phase: str, step: int = 0, total: int = 0, loss: float | None = None
+    ) -> None:
+        """Report ``step`` of ``total`` in ``phase``; sent at most every ``interval`` seconds,
+        and always at a phase change or the last step."""
+        now = time.monotonic()
+        with self._lock:
+            if phase != self._phase:
+                self._phase, self._phase_started = phase, now
+            elif step < total and now - self._last_sent < self.interval:
+                return
+            eta = None
+            if total and step:
+                eta = (now - self._phase_started) / step * (total - step)
+            self._last_sent = now
+            self._sent += 1
+            progress = Progress(
+                job_id=self.job_id,
+                phase=phase,  # type: ignore[arg-type]
+                step=step,
+                total=total,
+                eta_seconds=eta,
+                loss=loss,
+            )
+            job_key = f"{self.job_id}:progress:{self._sent}"
+        coro = self.redis.enqueue_job(
+            DELIVER_PROGRESS,
+            progress.model_dump(),
+            _job_id=job_key,
+            _queue_name=self.reply_queue,
+            _expires=600,
+        )
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self.loop.create_task(coro)
+        else:
+            asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+
+async def reply(
+    redis: ArqRedis, function: str, reply_queue: str, job_id: str, payload: dict[str, Any]
+) -> None:
+    """Enqueue a bot job answering ``job_id``; its arq id makes a repeated answer a no-op."""
+    await redis.enqueue_job(
+        function, payload, _job_id=f"{job_id}:{function}", _queue_name=reply_queue
+    )
+
+
+async def send_result(redis: ArqRedis, reply_queue: str, job_id: str, result: Any) -> None:
+    """Answer with a result model."""
+    await reply(redis, DELIVER_RESULT, reply_queue, job_id, result.model_dump())
+
+
+async def send_failure(redis: ArqRedis, reply_queue: str, job_id: str, exc: BaseException) -> None:
+    """Answer with a ``Failure``: the message of an EngineError, else a short apology."""
+    if isinstance(exc, EngineError):
+        message = str(exc)
+    elif isinstance(exc, JobCancelled):
+        message = "it was cancelled."
+    else:
+        log.error("job %s failed", job_id, exc_info=exc)
+        message = (
+            f"the engine hit an internal error (job {job_id}). It is logged; try again, and "
+            "tell a moderator if it keeps happening."
+        )
+    failure = Failure(job_id=job_id, message=message, detail=repr(exc)[:2000])
+    await reply(redis, DELIVER_FAILURE, reply_queue, job_id, failure.model_dump())
+
+
+class CancelWatch:
+    """Whether a running job was cancelled, readable from the job's torch thread.
+
+    Set when the job's cancel key appears in Redis (``/mod cancel``) or when arq aborts the
+    job's task; the training loop checks it between steps.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the job should stop."""
+        return self.event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        """Raise JobCancelled if the job should stop."""
+        if self.event.is_set():
+            raise JobCancelled
+
+    @contextlib.asynccontextmanager
+    async def watching(
+        self, redis: ArqRedis, job_id: str, every: float = 1.0
+    ) -> AsyncIterator[CancelWatch]:
+        """Poll the job's cancel key while the block runs."""
+
+        async def poll() -> None:
+            while not self.event.is_set():
+                if await redis.exists(cancel_key(job_id)):
+                    self.event.set()
+                    return
+                await asyncio.sleep(every)
+
+        task = asyncio.create_task(poll())
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def run_in_thread(watch: CancelWatch, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run blocking torch work in a thread. If arq aborts the job meanwhile, tell the thread
+    to stop (it checks ``watch`` between steps) and wait for it before re-raising, so two
+    torch jobs never overlap on the GPU."""
+    task = asyncio.ensure_future(asyncio.to_thread(function, *args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        watch.event.set()
+        with contextlib.suppress(BaseException):
+            await task
+        raise

@@ -160,6 +160,14 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dreambot`` console script."""
+    # Weights only ever come from local paths; keep the ML libraries offline and quiet.
+    for name, value in [
+        ("HF_HUB_OFFLINE", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("DIFFUSERS_VERBOSITY", "error"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ]:
+        os.environ.setdefault(name, value)
     parser = argparse.ArgumentParser(prog="dreambot", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("DREAMBOT_LOG_LEVEL", "WARNING"))
     commands = parser.add_subparsers(dest="command", required=True)

@@ -17,6 +17,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 TINY_MODEL = "tiny"
 """Special value of ``DREAMBOT_BASE_MODEL``: the tiny random model built offline on first use."""
 
+TINY_DEFAULTS = {
+    "train_steps": 60,
+    "train_learning_rate": 1e-2,
+    "class_images": 8,
+    "generate_steps": 10,
+}
+"""Defaults that suit the tiny demo model (used unless set explicitly): a few steps at a
+high learning rate so a subject visibly changes its noise within seconds on a CPU."""
+
 
 class ConfigError(Exception):
     """The environment holds an invalid setting; the message names the variable."""
@@ -52,8 +61,33 @@ class Settings(BaseSettings):
     train_rank: int = Field(4, ge=1, le=256)
     prior_loss_weight: float = Field(1.0, ge=0)
     class_images: int = Field(50, ge=0, le=1000)
-    generate_steps: int = Field(25, ge=1, le=150)
+    generate_steps: int = Field(25, ge=1, le=150, description="default sampler steps")
+    generate_max_steps: int = Field(50, ge=1, le=150, description="most steps a user may ask")
     guidance_scale: float = Field(7.5, ge=0, le=30)
+    guidance_max: float = Field(15.0, ge=0, le=30, description="most guidance a user may ask")
+    subject_strength_max: float = Field(
+        1.5, gt=0, le=4, description="largest subject strength (LoRA scale) a user may ask"
+    )
+    vary_strength: float = Field(
+        0.35, gt=0, le=1, description="img2img strength of Vary: how far it may move"
+    )
+    upscale_factor: int = Field(2, ge=1, le=4, description="Upscale multiplies each side by this")
+    upscale_strength: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="img2img strength of Upscale at the larger size; 0 is a plain resize",
+    )
+    preview_interval: float = Field(
+        3.0, ge=0, description="seconds between live previews of a generation; 0 disables them"
+    )
+    adapter_cache_size: int = Field(8, ge=1, description="subject adapters kept loaded")
+    lora_hotswap: bool = Field(
+        False, description="hot-swap adapters in fixed slots (for a compiled UNet on a GPU)"
+    )
+    compile_unet: bool = Field(
+        False, description="torch.compile the UNet (GPU; implies LORA_HOTSWAP; slow warm-up)"
+    )
     sample_count: int = Field(4, ge=0, le=16, description="sample images posted after training")
     progress_interval: float = Field(2.0, ge=0, description="seconds between progress updates")
     train_chunk_steps: int = Field(
@@ -124,8 +158,16 @@ class Settings(BaseSettings):
     def _check_ranges(self) -> Settings:
         if self.min_photos > self.max_photos:
             raise ValueError("DREAMBOT_MIN_PHOTOS must not exceed DREAMBOT_MAX_PHOTOS")
+        if self.generate_steps > self.generate_max_steps:
+            raise ValueError("DREAMBOT_GENERATE_STEPS must not exceed DREAMBOT_GENERATE_MAX_STEPS")
+        if self.guidance_scale > self.guidance_max:
+            raise ValueError("DREAMBOT_GUIDANCE_SCALE must not exceed DREAMBOT_GUIDANCE_MAX")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("DREAMBOT_REDIS_URL must start with redis://, rediss:// or unix://")
+        if self.base_model == TINY_MODEL:
+            for name, value in TINY_DEFAULTS.items():
+                if name not in self.model_fields_set:
+                    setattr(self, name, value)
         return self
 
     @property

@@ -27,6 +27,7 @@ from engine.artifacts import local_path
 PLATFORM = "shell"
 WORKSPACE = "local"
 DESTINATION = {"kind": "terminal"}
+PROMPT = "you> "
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 _OPTION = re.compile(r'\s--(count|seed|no)\s+("[^"]*"|\S+)')
 
@@ -60,15 +61,20 @@ class ShellAdapter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._progress_open = False
+        self._at_prompt = False
 
     # Output.
 
     def say(self, text: str) -> None:
-        """Print a message (ending any progress line in place)."""
+        """Print a message (ending any progress line in place, keeping the prompt last)."""
         if self._progress_open:
             self.out.write("\n")
             self._progress_open = False
+        elif self._at_prompt:
+            self.out.write("\r\033[K")
         self.out.write(text + "\n")
+        if self._at_prompt:
+            self.out.write(PROMPT)
         self.out.flush()
 
     def _track(self, job_id: str) -> None:
@@ -130,9 +136,11 @@ class ShellAdapter:
         ).start()
         while True:
             if interactive:
-                self.out.write("you> ")
+                self.out.write(PROMPT)
                 self.out.flush()
+                self._at_prompt = True
             line = await lines.get()
+            self._at_prompt = False
             if line is None:
                 break
             if line.strip() in ("/quit", "/exit"):

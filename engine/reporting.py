@@ -52,15 +52,21 @@ class ProgressReporter:
         self._phase_started = time.monotonic()
 
     def __call__(
-        self, phase: str, step: int = 0, total: int = 0, loss: float | None = None
+        self,
+        phase: str,
+        step: int = 0,
+        total: int = 0,
+        loss: float | None = None,
+        preview_url: str | None = None,
     ) -> None:
         """Report ``step`` of ``total`` in ``phase``; sent at most every ``interval`` seconds,
-        and always at a phase change or the last step."""
+        and always at a phase change, the last step, or with a preview (throttled by its
+        maker)."""
         now = time.monotonic()
         with self._lock:
             if phase != self._phase:
                 self._phase, self._phase_started = phase, now
-            elif step < total and now - self._last_sent < self.interval:
+            elif step < total and now - self._last_sent < self.interval and not preview_url:
                 return
             eta = None
             if total and step:
@@ -69,11 +75,12 @@ class ProgressReporter:
             self._sent += 1
             progress = Progress(
                 job_id=self.job_id,
-                phase=phase,  # type: ignore[arg-type]
+                phase=phase,  # type: ignore[arg-type,unused-ignore]
                 step=step,
                 total=total,
                 eta_seconds=eta,
                 loss=loss,
+                preview_url=preview_url,
             )
             job_key = f"{self.job_id}:progress:{self._sent}"
         coro = self.redis.enqueue_job(

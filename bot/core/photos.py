@@ -71,15 +71,17 @@ def _prepare_one(upload: Upload, rules: PhotoRules) -> bytes:
             f"{name} could not be read as an image ({type(exc).__name__}); "
             "send JPEG, PNG or WebP photos."
         ) from exc
-    image = ImageOps.exif_transpose(image)
-    if min(image.size) < rules.min_side:
+    upright = ImageOps.exif_transpose(image)
+    if min(upright.size) < rules.min_side:
         raise UserError(
-            f"{name} is {image.width}×{image.height}; photos need at least {rules.min_side} px "
-            "on the short side. Send a larger photo."
+            f"{name} is {upright.width}×{upright.height}; photos need at least "
+            f"{rules.min_side} px on the short side. Send a larger photo."
         )
-    image = ImageOps.fit(image.convert("RGB"), (rules.size, rules.size), Image.Resampling.LANCZOS)
+    square = ImageOps.fit(
+        upright.convert("RGB"), (rules.size, rules.size), Image.Resampling.LANCZOS
+    )
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    square.save(out, format="PNG")
     return out.getvalue()
 
 

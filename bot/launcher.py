@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from arq import create_pool
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
 
 from bot.config import Settings
+from bot.connections import redis_settings, run_worker_forever
 from bot.core.commands import Core
 from bot.core.delivery import Deliverer, Sink, delivery_worker
 from bot.core.store import Store
@@ -36,7 +37,7 @@ async def open_core(settings: Settings, platform: str) -> AsyncIterator[BotRunti
     store = await Store.open(settings.database_file)
     try:
         queue = await create_pool(
-            RedisSettings.from_dsn(settings.redis_url), default_queue_name=f"dreambot:{platform}"
+            redis_settings(settings.redis_url), default_queue_name=f"dreambot:{platform}"
         )
     except BaseException:
         await store.close()
@@ -54,9 +55,9 @@ async def delivering(runtime: BotRuntime, sink: Sink) -> AsyncIterator[Deliverer
     """Consume the bot's result queue in this event loop while the block runs."""
     deliverer = Deliverer(runtime.core, sink)
     # The worker closes its pool on the way out, so it gets its own.
-    pool = await create_pool(RedisSettings.from_dsn(runtime.settings.redis_url))
+    pool = await create_pool(redis_settings(runtime.settings.redis_url))
     worker = delivery_worker(deliverer, pool, runtime.core.platform)
-    task = asyncio.create_task(worker.async_run())
+    task = asyncio.create_task(run_worker_forever(worker, f"{runtime.core.platform} delivery"))
     try:
         yield deliverer
     finally:

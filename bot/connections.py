@@ -41,9 +41,13 @@ async def run_worker_forever(
         try:
             await worker.async_run()
             return
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, EOFError) as exc:
             if time.monotonic() - started > 60:
                 delay = first_delay  # it ran fine for a while: a fresh outage
             log.warning("%s lost Redis (%s); trying again in %.1fs", name, exc, delay)
+        except Exception:
+            # Anything else ending the poll loop would silently stop the worker: log it loudly
+            # and keep serving; the jobs themselves are safe in Redis.
+            log.exception("%s stopped unexpectedly; restarting in %.1fs", name, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay)

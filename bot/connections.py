@@ -49,5 +49,5 @@ async def run_worker_forever(
             # Anything else ending the poll loop would silently stop the worker: log it loudly
             # and keep serving; the jobs themselves are safe in Redis.
             log.exception("%s stopped unexpectedly; restarting in %.1fs", name, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -51,3 +52,13 @@ async def run_worker_forever(
             log.exception("%s stopped unexpectedly; restarting in %.1fs", name, delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, max_delay)
+
+
+async def stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:
+    """Stop a worker started with ``run_worker_forever``: no new jobs, let running ones end,
+    then close it. (arq's ``close()`` alone cancels jobs mid-finish and raises from them.)"""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    await worker.close()

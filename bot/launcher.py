@@ -12,7 +12,7 @@ from arq import create_pool
 from arq.connections import ArqRedis
 
 from bot.config import Settings
-from bot.connections import redis_settings, run_worker_forever
+from bot.connections import redis_settings, run_worker_forever, stop_worker
 from bot.core.commands import Core
 from bot.core.delivery import Deliverer, Sink, delivery_worker
 from bot.core.store import Store
@@ -61,7 +61,4 @@ async def delivering(runtime: BotRuntime, sink: Sink) -> AsyncIterator[Deliverer
     try:
         yield deliverer
     finally:
-        await worker.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_worker(worker, task)

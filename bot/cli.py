@@ -68,6 +68,26 @@ def cmd_discord(settings: Settings, args: argparse.Namespace) -> None:
         pass
 
 
+def cmd_slack(settings: Settings, args: argparse.Namespace) -> None:
+    """Run the Slack bot (DREAMBOT_SLACK_BOT_TOKEN) until interrupted."""
+    from bot.adapters.slack import run_slack
+
+    if settings.slack_bot_token is None:
+        raise SystemExit("Set DREAMBOT_SLACK_BOT_TOKEN to the bot's token (see the README).")
+    if settings.slack_app_token is None and settings.slack_signing_secret is None:
+        raise SystemExit(
+            "Set DREAMBOT_SLACK_SIGNING_SECRET (HTTP mode) or DREAMBOT_SLACK_APP_TOKEN "
+            "(Socket Mode); see the README."
+        )
+    _require_redis(settings)
+    try:
+        asyncio.run(run_slack(settings))
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from exc
+    except KeyboardInterrupt:
+        pass
+
+
 def cmd_engine(settings: Settings, args: argparse.Namespace) -> None:
     """Run the engine worker (the GPU process) until interrupted."""
     import signal
@@ -85,7 +105,7 @@ def cmd_engine(settings: Settings, args: argparse.Namespace) -> None:
 
     try:
         asyncio.run(serve())
-    except ModelLoadError as exc:
+    except (ModelLoadError, ConfigError) as exc:
         raise SystemExit(f"engine: {exc}") from exc
     except (KeyboardInterrupt, asyncio.CancelledError):
         log.info("engine stopped")
@@ -112,6 +132,22 @@ def cmd_tiny_model(settings: Settings, args: argparse.Namespace) -> None:
 
     target = Path(args.path) if args.path else settings.data_dir / "models" / "tiny-sd"
     print(build_tiny_model(target))
+
+
+def cmd_inspect(settings: Settings, args: argparse.Namespace) -> None:
+    """Show what an image says about its origin: dreambot metadata and invisible watermark."""
+    from engine.images import describe_png
+
+    for index, name in enumerate(args.images):
+        path = Path(name)
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such file")
+        if len(args.images) > 1:
+            print(("\n" if index else "") + f"{path}:")
+        try:
+            print(describe_png(path.read_bytes()))
+        except OSError as exc:
+            raise SystemExit(f"{path}: not an image ({exc})") from exc
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
@@ -175,14 +211,18 @@ def main(argv: list[str] | None = None) -> None:
         ("run", cmd_run),
         ("shell", cmd_shell),
         ("discord", cmd_discord),
+        ("slack", cmd_slack),
         ("engine", cmd_engine),
         ("migrate", cmd_migrate),
         ("tiny-model", cmd_tiny_model),
+        ("inspect", cmd_inspect),
     ]:
         sub = commands.add_parser(name, help=(handler.__doc__ or "").strip().splitlines()[0])
         sub.set_defaults(handler=handler)
         if name == "tiny-model":
             sub.add_argument("path", nargs="?", help="folder to write (default: in DATA_DIR)")
+        if name == "inspect":
+            sub.add_argument("images", nargs="+", help="PNG files written by dreambot")
     args = parser.parse_args(argv)
     level = "INFO" if args.command == "engine" and args.log_level == "WARNING" else args.log_level
     _setup_logging(level.upper())

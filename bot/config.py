@@ -8,14 +8,46 @@ the variable's name instead of at the first job.
 from __future__ import annotations
 
 import getpass
+import json
+import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL = "tiny"
 """Special value of ``DREAMBOT_BASE_MODEL``: the tiny random model built offline on first use."""
+
+TINY_SDXL_MODEL = "tiny-sdxl"
+"""Special model path: the tiny random SDXL-shaped model, built offline on first use."""
+
+TINY_MODEL_FOLDERS = {TINY_MODEL: "tiny-sd", TINY_SDXL_MODEL: "tiny-sdxl"}
+"""Each special tiny model's folder under ``DATA_DIR/models``."""
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
+"""What a name in ``DREAMBOT_MODELS`` may look like (users type it after /train)."""
+
+
+class ModelEntry(BaseModel):
+    """One base model of ``DREAMBOT_MODELS``."""
+
+    path: str = Field(
+        description="'tiny', 'tiny-sdxl', a diffusers folder, or a single .safetensors/.ckpt file"
+    )
+    config: str | None = Field(
+        None,
+        description="for a single file: a diffusers folder of the same family whose configs "
+        "and tokenizers it uses (weights not needed); else the Hugging Face cache is used",
+    )
+
 
 TINY_DEFAULTS = {
     "train_steps": 60,
@@ -53,7 +85,15 @@ class Settings(BaseSettings):
 
     # Engine.
     base_model: str = Field(
-        TINY_MODEL, description="'tiny', a diffusers folder, or a single .safetensors/.ckpt file"
+        TINY_MODEL,
+        description="the default model: a name from MODELS if that is set (default: its first), "
+        "else 'tiny', 'tiny-sdxl', a diffusers folder, or a single .safetensors/.ckpt file",
+    )
+    models: Annotated[dict[str, ModelEntry], NoDecode] = Field(
+        default_factory=dict,
+        description='several base models by name: JSON {"sd15": "/models/sd15", "xl": '
+        '{"path": "/m/xl.safetensors", "config": "/m/xl-configs"}} or '
+        "'sd15=/models/sd15,xl=/m/xl.safetensors'; the engine loads all of them",
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     train_steps: int = Field(400, ge=1, le=10_000)
@@ -94,6 +134,27 @@ class Settings(BaseSettings):
         10, ge=1, description="training steps between chances for waiting generations to run"
     )
     job_timeout: int = Field(3 * 3600, ge=10, description="seconds before an engine job is killed")
+    train_optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="'adamw8bit' needs the bitsandbytes extra (CUDA only)"
+    )
+    train_gradient_checkpointing: bool = Field(
+        False, description="recompute activations: less GPU memory, slower steps"
+    )
+    train_random_flip: bool = Field(False, description="also train on mirrored photos")
+    train_random_crops: int = Field(
+        0, ge=0, le=8, description="extra random (slightly zoomed) framings of each photo"
+    )
+    train_checkpoint_steps: int = Field(
+        100,
+        ge=0,
+        description="training steps between resumable checkpoints in the artifact store; 0: none",
+    )
+    job_lease_seconds: int = Field(
+        60,
+        ge=2,
+        description="an engine's claim on a running job lasts this long and is renewed every "
+        "third of it; a job whose engine died is run again after at most this long",
+    )
 
     # Bot rules.
     images_per_prompt: int = Field(4, ge=1, le=4)
@@ -146,12 +207,73 @@ class Settings(BaseSettings):
         30.0, gt=0, description="seconds allowed to download one attachment"
     )
 
+    # Slack adapter.
+    slack_bot_token: SecretStr | None = Field(
+        None, description="bot token (xoxb-…); `dreambot slack`"
+    )
+    slack_signing_secret: SecretStr | None = Field(
+        None, description="signing secret: verifies Slack's requests in HTTP mode"
+    )
+    slack_app_token: SecretStr | None = Field(
+        None, description="app-level token (xapp-…): set, the bot uses Socket Mode, not HTTP"
+    )
+    slack_host: str = Field("0.0.0.0", description="HTTP mode: the address to listen on")
+    slack_port: int = Field(3000, ge=1, le=65535, description="HTTP mode: the port to listen on")
+    slack_path: str = Field(
+        "/slack/events", description="HTTP mode: the path of the app's Request URL"
+    )
+    slack_edit_interval: float = Field(
+        3.0, ge=1.0, description="seconds between edits of one progress message"
+    )
+    slack_download_timeout: float = Field(
+        30.0, gt=0, description="seconds allowed to download one shared photo"
+    )
+    slack_train_window: float = Field(
+        600.0,
+        ge=30,
+        description="seconds after /train during which the user's next photos there are taken",
+    )
+
     @field_validator("moderator_users", "moderator_roles", "shell_moderators", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         # "123, 456" reads better in an environment file than a JSON list.
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: Any) -> Any:
+        parsed = value
+        text = value.strip() if isinstance(value, str) else None
+        if text == "":
+            return {}
+        if text is not None and text.startswith("{"):
+            try:
+                parsed = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from exc
+        elif text is not None:
+            parsed = {}
+            for part in text.split(","):
+                name, sep, path = part.partition("=")
+                if not sep or not name.strip() or not path.strip():
+                    raise ValueError(f"'{part.strip()}' is not name=path")
+                parsed[name.strip()] = path.strip()
+        if not isinstance(parsed, dict):
+            raise ValueError("must be a JSON object of name → path")
+        return {
+            name: {"path": entry} if isinstance(entry, str) else entry
+            for name, entry in parsed.items()
+        }
+
+    @field_validator("models")
+    @classmethod
+    def _check_model_names(cls, value: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+        for name in value:
+            if not MODEL_NAME.match(name):
+                raise ValueError(f"model name '{name}': use 1-40 letters, digits, '.', '-' or '_'")
         return value
 
     @model_validator(mode="after")
@@ -164,7 +286,15 @@ class Settings(BaseSettings):
             raise ValueError("DREAMBOT_GUIDANCE_SCALE must not exceed DREAMBOT_GUIDANCE_MAX")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("DREAMBOT_REDIS_URL must start with redis://, rediss:// or unix://")
-        if self.base_model == TINY_MODEL:
+        if self.models:
+            if "base_model" not in self.model_fields_set:
+                self.base_model = next(iter(self.models))
+            elif self.base_model not in self.models:
+                raise ValueError(
+                    f"DREAMBOT_BASE_MODEL '{self.base_model}' is not one of DREAMBOT_MODELS: "
+                    + ", ".join(self.models)
+                )
+        if self.model_entry(self.base_model).path in TINY_MODEL_FOLDERS:
             for name, value in TINY_DEFAULTS.items():
                 if name not in self.model_fields_set:
                     setattr(self, name, value)
@@ -181,11 +311,30 @@ class Settings(BaseSettings):
         return self.artifacts_url or (self.data_dir / "artifacts").resolve().as_uri()
 
     @property
+    def model_names(self) -> list[str]:
+        """The names jobs may ask for, default first: the ``DREAMBOT_MODELS`` keys, or else
+        the one ``DREAMBOT_BASE_MODEL`` (its value is its name)."""
+        if not self.models:
+            return [self.base_model]
+        return [self.base_model] + [name for name in self.models if name != self.base_model]
+
+    def model_entry(self, name: str) -> ModelEntry:
+        """The configured entry of model ``name``; KeyError if it is not configured."""
+        if not self.models and name == self.base_model:
+            return ModelEntry(path=self.base_model)
+        return self.models[name]
+
+    def model_source(self, name: str) -> Path:
+        """Local path of model ``name`` (the tiny models map to folders under DATA_DIR)."""
+        path = self.model_entry(name).path
+        if path in TINY_MODEL_FOLDERS:
+            return self.data_dir / "models" / TINY_MODEL_FOLDERS[path]
+        return Path(path).expanduser()
+
+    @property
     def base_model_source(self) -> Path:
-        """Local path of the base model ('tiny' maps to its folder under DATA_DIR)."""
-        if self.base_model == TINY_MODEL:
-            return self.data_dir / "models" / "tiny-sd"
-        return Path(self.base_model).expanduser()
+        """Local path of the default base model ('tiny' maps to its folder under DATA_DIR)."""
+        return self.model_source(self.base_model)
 
 
 def load_settings() -> Settings:

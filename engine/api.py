@@ -13,14 +13,17 @@ from pydantic import BaseModel, Field
 # Engine job names (functions registered on the engine workers).
 TRAIN_SUBJECT = "train_subject"
 GENERATE = "generate"
+SHOWCASE = "showcase"
 
 # Training and generation wait in separate queues, so a generation never waits behind a
 # queue of long trainings; the engine serves both and lets generations in between training
 # chunks (see engine/gpu.py).
 TRAIN_QUEUE = "dreambot:engine:train"
 GENERATE_QUEUE = "dreambot:engine:generate"
-ENGINE_QUEUES = {TRAIN_SUBJECT: TRAIN_QUEUE, GENERATE: GENERATE_QUEUE}
+ENGINE_QUEUES = {TRAIN_SUBJECT: TRAIN_QUEUE, GENERATE: GENERATE_QUEUE, SHOWCASE: GENERATE_QUEUE}
 """The arq queue of each engine job."""
+ALL_ENGINE_QUEUES = (TRAIN_QUEUE, GENERATE_QUEUE)
+"""Every engine queue once (several jobs share one)."""
 JOB_KIND_QUEUES = {"train": TRAIN_QUEUE, "generate": GENERATE_QUEUE}
 """The arq queue for each ``jobs.kind`` of the bot's store."""
 
@@ -42,12 +45,24 @@ def bot_queue(platform: str) -> str:
     return f"dreambot:bot:{platform}"
 
 
+Aspect = Literal["square", "portrait", "landscape", "wide"]
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "square": (1, 1),
+    "portrait": (2, 3),
+    "landscape": (3, 2),
+    "wide": (16, 9),
+}
+"""Width : height of each aspect; the engine maps them to sizes its model draws well
+(``engine.aspects.aspect_size``)."""
+
+
 class AdapterRef(BaseModel):
     """A trained subject adapter to activate during generation."""
 
     name: str = Field(description="stable adapter name, the subject id")
     url: str = Field(description="artifact URL of the .safetensors LoRA file")
-    scale: float = 1.0
+    scale: float = Field(1.0, description="LoRA scale: the subject's strength in the image")
+    token: str = Field("", description="the subject's rare token, recorded in the PNG metadata")
 
 
 class TrainRequest(BaseModel):
@@ -58,6 +73,7 @@ class TrainRequest(BaseModel):
     subject_id: str
     token: str = Field(description="the rare identifier token, e.g. 'zqv'")
     class_noun: str = Field(description="the subject's class, e.g. 'dog'")
+    name: str = Field("", description="the subject's display name (the sample grid's title)")
     photo_urls: list[str]
     adapter_url: str = Field(description="where the engine writes the finished adapter")
     samples_url: str = Field(description="folder URL for the sample images")
@@ -78,8 +94,37 @@ class GenerateRequest(BaseModel):
     guidance: float | None = None
     width: int | None = None
     height: int | None = None
+    aspect: Aspect | None = Field(
+        None, description="mapped by the engine to its model's size; width/height win if given"
+    )
     adapters: list[AdapterRef] = Field(default_factory=list)
     output_url: str = Field(description="folder URL for the generated images")
+    base_model: str
+    init_image_url: str | None = Field(
+        None, description="start from this image (img2img): Vary and Upscale of a result"
+    )
+    init_strength: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="how far img2img may move from the init image; 0 only resizes it",
+    )
+    previews: bool = Field(True, description="send small previews with the progress updates")
+
+
+class ShowcaseRequest(BaseModel):
+    """Payload of the ``showcase`` engine job: one subject across the DreamBooth paper's five
+    capabilities, rendered as one labelled grid (see ``engine.showcase``)."""
+
+    job_id: str
+    reply_queue: str
+    subject: AdapterRef
+    token: str
+    class_noun: str
+    name: str = Field(description="the subject's display name, for the grid's title")
+    seed: int = 0
+    steps: int | None = None
+    output_url: str = Field(description="folder URL for the grid image")
     base_model: str
 
 
@@ -92,6 +137,9 @@ class Progress(BaseModel):
     total: int = 0
     eta_seconds: float | None = None
     loss: float | None = None
+    preview_url: str | None = Field(
+        None, description="a small preview of the image being drawn (artifact URL)"
+    )
 
 
 class TrainResult(BaseModel):

@@ -1,8 +1,9 @@
-"""The ``generate`` engine job, and rendering images to the artifact store."""
+"""The ``generate`` and ``showcase`` engine jobs, and rendering images to the artifact store."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,9 +12,11 @@ from typing import Any
 from PIL import Image
 
 from bot.config import Settings
-from engine.api import GenerateRequest, GenerateResult
+from engine.api import GenerateRequest, GenerateResult, ShowcaseRequest
 from engine.artifacts import ArtifactStore
+from engine.aspects import aspect_size
 from engine.images import encode_png
+from engine.previews import encode_preview
 from engine.reporting import (
     CancelWatch,
     EngineError,
@@ -22,8 +25,10 @@ from engine.reporting import (
     send_failure,
     send_result,
 )
+from engine.showcase import render_showcase
 
 MAX_STEPS = 150
+MAX_SIDE = 2048
 
 
 async def fetch_adapters(
@@ -43,7 +48,7 @@ async def fetch_adapters(
 def draw(
     ctx: dict[str, Any],
     *,
-    prompt: str,
+    prompt: str | list[str],
     negative: str,
     count: int,
     seed: int,
@@ -53,9 +58,16 @@ def draw(
     height: int | None,
     adapters: list[tuple[str, Path, float]],
     on_step: Callable[[int, int], None],
+    init_image: Image.Image | None = None,
+    init_strength: float = 0.5,
+    on_preview: Callable[[int, int, Image.Image], None] | None = None,
+    preview_every: float = 3.0,
+    model: str | None = None,
 ) -> list[Image.Image]:
-    """Generate ``count`` images as one batch on the warm pipeline (blocking; in a thread)."""
-    images: list[Image.Image] = ctx["generator"].generate(
+    """Generate ``count`` images (per prompt) as one batch on the warm pipeline of base model
+    ``model`` (default: the engine's default model) (blocking)."""
+    generator = ctx["generators"][model] if model else ctx["generator"]
+    images: list[Image.Image] = generator.generate(
         prompt,
         negative_prompt=negative,
         count=count,
@@ -65,7 +77,11 @@ def draw(
         width=width,
         height=height,
         adapters=adapters,
+        init_image=init_image,
+        init_strength=init_strength,
         progress=on_step,
+        preview=on_preview,
+        preview_every=preview_every,
     )
     return images
 
@@ -75,12 +91,14 @@ async def store_images(
     images: list[Image.Image],
     output_url: str,
     metadata: dict[str, str],
+    name: Callable[[int], str] = lambda i: f"{i:02d}.png",
 ) -> list[str]:
-    """Write the images as PNGs with provenance metadata; return their URLs."""
+    """Write the images as PNGs with provenance metadata (and the optional invisible
+    watermark); return their URLs."""
     artifacts: ArtifactStore = ctx["artifacts"]
     urls = []
     for i, image in enumerate(images):
-        url = f"{output_url}/{i:02d}.png"
+        url = f"{output_url}/{name(i)}"
         data = await asyncio.to_thread(encode_png, image, {**metadata, "index": str(i)})
         await artifacts.aput_bytes(url, data)
         urls.append(url)
@@ -91,19 +109,79 @@ def image_metadata(
     settings: Settings, request: GenerateRequest, steps: int, guidance: float
 ) -> dict[str, str]:
     """What each PNG records about how it was made."""
-    return {
+    metadata = {
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
         "seed": str(request.seed),
         "steps": str(steps),
         "guidance": str(guidance),
-        "model": settings.base_model,
+        "scheduler": "DPM-Solver++",
+        "model": request.base_model,
         "subjects": ",".join(a.name for a in request.adapters),
+        "subject_tokens": ",".join(a.token for a in request.adapters if a.token),
+        "subject_strengths": ",".join(f"{a.scale:g}" for a in request.adapters),
     }
+    if request.init_image_url:
+        metadata["init_image"] = request.init_image_url
+        metadata["init_strength"] = f"{request.init_strength:g}"
+    return metadata
+
+
+def output_size(
+    request: GenerateRequest, native: int, init: Image.Image | None
+) -> tuple[int | None, int | None]:
+    """The size to draw: explicit width/height, else the aspect's size for this model, else
+    the init image's (snapped to multiples of 8), else the model's native size (None)."""
+    width, height = request.width, request.height
+    if (width is None or height is None) and request.aspect is not None:
+        aspect_w, aspect_h = aspect_size(request.aspect, native)
+        width, height = width or aspect_w, height or aspect_h
+    if (width is None or height is None) and init is not None:
+        width = width or max(8, init.width // 8 * 8)
+        height = height or max(8, init.height // 8 * 8)
+    for side in (width, height):
+        if side is not None and not 8 <= side <= MAX_SIDE:
+            raise EngineError(f"image sides must be from 8 to {MAX_SIDE} pixels.")
+    return width, height
+
+
+def previewer(
+    ctx: dict[str, Any], request: GenerateRequest, report: ProgressReporter, phase: str
+) -> Callable[[int, int, Image.Image], None] | None:
+    """A preview sink that stores each preview beside the outputs and reports its URL (only
+    the reference travels through Redis), or None when previews are off."""
+    settings: Settings = ctx["settings"]
+    if not request.previews or settings.preview_interval <= 0:
+        return None
+    artifacts: ArtifactStore = ctx["artifacts"]
+
+    def send(step: int, total: int, image: Image.Image) -> None:
+        url = f"{request.output_url}/previews/{step:03d}.jpg"
+        artifacts.put_bytes(url, encode_preview(image))
+        report(phase, step, total, preview_url=url)
+
+    return send
+
+
+async def _open_init_image(ctx: dict[str, Any], url: str) -> Image.Image:
+    data = await ctx["artifacts"].aget_bytes(url)
+
+    def decode() -> Image.Image:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+
+    try:
+        return await asyncio.to_thread(decode)
+    except OSError as exc:
+        raise EngineError("the image to vary or upscale can't be read.") from exc
 
 
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any] | None:
-    """Generate images for a prompt with the requested subject adapters active."""
+    """Generate images for a prompt with the requested subject adapters active.
+
+    With ``init_image_url`` the images start from that image (img2img: Vary, Upscale); an
+    ``init_strength`` of 0 only resizes it (Upscale without an upscaling model).
+    """
     request = GenerateRequest.model_validate(payload)
     settings: Settings = ctx["settings"]
     redis = ctx["redis"]
@@ -117,16 +195,24 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
     watch = CancelWatch()
     started = time.monotonic()
     try:
-        if request.base_model != settings.base_model:
-            raise EngineError(
-                f"this engine serves the base model '{settings.base_model}', "
-                f"not '{request.base_model}'."
-            )
-        steps = min(request.steps or settings.generate_steps, MAX_STEPS)
+        from engine.models import served_model
+
+        generator = served_model(ctx, request.base_model).generator
+        steps = min(request.steps or settings.generate_steps, settings.generate_max_steps)
         guidance = settings.guidance_scale if request.guidance is None else request.guidance
+        guidance = min(max(guidance, 0.0), settings.guidance_max)
         adapters = await fetch_adapters(ctx, [(a.name, a.url, a.scale) for a in request.adapters])
+        init = None
+        if request.init_image_url:
+            init = await _open_init_image(ctx, request.init_image_url)
+        width, height = output_size(request, generator.native_size, init)
+        on_preview = previewer(ctx, request, report, "generating")
 
         def work() -> list[Image.Image]:
+            if init is not None and request.init_strength == 0:
+                # No diffusion: a plain Lanczos resize to the requested size.
+                size = (width or init.width, height or init.height)
+                return [init.resize(size, Image.Resampling.LANCZOS)] * request.count
             with ctx["gpu"].generation():
                 watch.raise_if_cancelled()
                 return draw(
@@ -137,10 +223,15 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
                     seed=request.seed,
                     steps=steps,
                     guidance=guidance,
-                    width=request.width,
-                    height=request.height,
+                    width=width,
+                    height=height,
                     adapters=adapters,
+                    init_image=init,
+                    init_strength=request.init_strength,
                     on_step=lambda step, total: report("generating", step, total),
+                    on_preview=on_preview,
+                    preview_every=settings.preview_interval,
+                    model=request.base_model,
                 )
 
         async with watch.watching(redis, request.job_id):
@@ -152,6 +243,136 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
         result = GenerateResult(
             job_id=request.job_id,
             image_urls=urls,
+            seed=request.seed,
+            width=width,
+            height=height,
+            steps=steps,
+            seconds=time.monotonic() - started,
+        )
+    except Exception as exc:
+        await send_failure(redis, request.reply_queue, request.job_id, exc)
+        return None
+    await send_result(redis, request.reply_queue, request.job_id, result)
+    return result.model_dump()
+
+
+async def render_showcase_grid(
+    ctx: dict[str, Any],
+    *,
+    subject_id: str,
+    adapter_url: str,
+    token: str,
+    class_noun: str,
+    name: str,
+    seed: int,
+    steps: int,
+    output_url: str,
+    report: ProgressReporter,
+    phase: str,
+    watch: CancelWatch,
+    hold_gpu: Callable[[], Any],
+    scale: float = 1.0,
+    model: str | None = None,
+) -> tuple[str, tuple[int, int]]:
+    """Draw a subject's showcase grid (``engine.showcase``) and store it; return its URL and
+    size.
+
+    ``hold_gpu`` is the GPU scheduler's context for the caller: a training job keeps the GPU
+    it holds, a showcase job queues like any generation. ``model`` is the base model's name
+    (default: the engine's default model).
+    """
+    settings: Settings = ctx["settings"]
+    generator = ctx["generators"][model] if model else ctx["generator"]
+    adapters = await fetch_adapters(ctx, [(subject_id, adapter_url, scale)])
+    batches = 2
+    done = 0
+
+    def draw_batch(prompts: list[str], batch_seed: int) -> list[Image.Image]:
+        nonlocal done
+        watch.raise_if_cancelled()
+        images = draw(
+            ctx,
+            prompt=prompts,
+            negative="",
+            count=1,
+            seed=batch_seed,
+            steps=steps,
+            guidance=settings.guidance_scale,
+            width=None,
+            height=None,
+            adapters=adapters,
+            on_step=lambda step, total: report(phase, done * total + step, batches * total),
+            model=model,
+        )
+        done += 1
+        return images
+
+    def work() -> Image.Image:
+        with hold_gpu():
+            grid, _ = render_showcase(
+                draw_batch,
+                token=token,
+                class_noun=class_noun,
+                name=name,
+                cell_side=generator.native_size,
+                seed=seed,
+                batch=5,
+            )
+        return grid
+
+    grid = await run_in_thread(watch, work)
+    metadata = {
+        "prompt": f"DreamBooth showcase of {token} {class_noun}",
+        "seed": str(seed),
+        "steps": str(steps),
+        "model": model or settings.base_model,
+        "subjects": subject_id,
+        "subject_tokens": token,
+    }
+    [url] = await store_images(ctx, [grid], output_url, metadata, name=lambda _: "showcase.png")
+    return url, grid.size
+
+
+async def showcase(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any] | None:
+    """Render a subject's showcase grid: the paper's five capabilities, two prompts each."""
+    request = ShowcaseRequest.model_validate(payload)
+    settings: Settings = ctx["settings"]
+    redis = ctx["redis"]
+    report = ProgressReporter(
+        redis,
+        asyncio.get_running_loop(),
+        request.reply_queue,
+        request.job_id,
+        settings.progress_interval,
+    )
+    watch = CancelWatch()
+    started = time.monotonic()
+    steps = min(request.steps or settings.generate_steps, settings.generate_max_steps)
+    try:
+        from engine.models import served_model
+
+        served_model(ctx, request.base_model)  # EngineError for a model not served here
+        async with watch.watching(redis, request.job_id):
+            url, (width, height) = await render_showcase_grid(
+                ctx,
+                subject_id=request.subject.name,
+                adapter_url=request.subject.url,
+                token=request.token,
+                class_noun=request.class_noun,
+                name=request.name,
+                seed=request.seed,
+                steps=steps,
+                output_url=request.output_url,
+                report=report,
+                phase="generating",
+                watch=watch,
+                hold_gpu=ctx["gpu"].generation,
+                scale=request.subject.scale,
+                model=request.base_model,
+            )
+        result = GenerateResult(
+            job_id=request.job_id,
+            image_urls=[url],
             seed=request.seed,
             width=width,
             height=height,

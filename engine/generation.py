@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
 from PIL import Image
+
+from engine.previews import latents_to_preview
 
 AdapterSpec = tuple[str, Path, float]
 """(adapter name, local ``.safetensors`` path, scale)."""
+
+PreviewSink = Callable[[int, int, Image.Image], None]
+"""Called with (step, total steps, small preview image) while an image is being drawn."""
 
 
 def _peft_name(name: str) -> str:
@@ -23,16 +36,50 @@ def _peft_name(name: str) -> str:
     return "subject_" + hashlib.sha1(name.encode()).hexdigest()[:16]
 
 
-def _step_reporter(
-    progress: Callable[[int, int], None], steps: int
-) -> Callable[[StableDiffusionPipeline, int, object, dict[str, Any]], dict[str, Any]]:
-    def on_step_end(
-        pipe: StableDiffusionPipeline, index: int, timestep: object, kwargs: dict[str, Any]
-    ) -> dict[str, Any]:
-        progress(index + 1, steps)
-        return {}  # diffusers merges the returned tensors back; we change nothing
+def _slot_name(index: int) -> str:
+    return f"slot_{index}"
 
-    return on_step_end
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    # peft warns whenever a model gets a second adapter; holding several is the point.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Already found a `peft_config` attribute", category=UserWarning
+        )
+        yield
+
+
+class _StepHook:
+    """The pipeline's per-step callback: progress, and now and then a latent preview."""
+
+    def __init__(
+        self,
+        total: int,
+        progress: Callable[[int, int], None] | None,
+        preview: PreviewSink | None,
+        preview_every: float,
+    ) -> None:
+        self.total, self.progress, self.preview = total, progress, preview
+        self.preview_every = preview_every
+        self._last_preview = time.monotonic()  # the first preview after one interval
+
+    def __call__(
+        self, pipe: Any, index: int, timestep: object, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        step = index + 1
+        if self.progress is not None:
+            self.progress(step, self.total)
+        now = time.monotonic()
+        if (
+            self.preview is not None
+            and step < self.total
+            and now - self._last_preview >= self.preview_every
+            and "latents" in kwargs
+        ):
+            self._last_preview = now
+            self.preview(step, self.total, latents_to_preview(kwargs["latents"][0]))
+        return {}  # diffusers merges the returned tensors back; we change nothing
 
 
 class Generator:
@@ -41,33 +88,76 @@ class Generator:
     Up to ``max_adapters`` adapters stay loaded (least recently used is dropped first), so a
     busy subject costs one file read, not one per request. Not thread-safe: one call at a time
     per pipeline (the scheduler keeps per-run state and adapters are switched per call).
+
+    With ``hotswap`` (for a compiled UNet on a GPU) the UNet instead holds ``hotswap_slots``
+    fixed adapter slots whose weights are replaced in place (diffusers' LoRA hot-swapping),
+    so switching subjects never changes the UNet's structure and a ``torch.compile``d UNet is
+    not recompiled; each switch then reads the adapter file again (small, and in the OS cache).
+    ``compile`` compiles the UNet after the first adapter is loaded (the first generation with
+    a subject pays the warm-up).
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline, *, max_adapters: int = 8) -> None:
+    def __init__(
+        self,
+        pipe: StableDiffusionPipeline | StableDiffusionXLPipeline,
+        *,
+        max_adapters: int = 8,
+        hotswap: bool = False,
+        hotswap_slots: int = 4,
+        hotswap_rank: int = 64,
+        compile: bool = False,
+    ) -> None:
         """Wrap ``pipe``; its modules are shared, its own scheduler is left as it was."""
-        if max_adapters < 1:
-            raise ValueError("max_adapters must be at least 1")
-        # DPM-Solver++ gives good images in ~25 steps. A second pipeline object shares the UNet,
-        # VAE and text encoder but has its own scheduler, so the caller's pipeline (whose
-        # scheduler config training reads) is unchanged. Not from_pipe: it casts the shared
-        # modules to fp32 unless given a dtype.
+        if max_adapters < 1 or hotswap_slots < 1:
+            raise ValueError("max_adapters and hotswap_slots must be at least 1")
+        # DPM-Solver++ (multistep, 2nd order) gives good images in ~25 steps. A second pipeline
+        # object shares the UNet, VAE and text encoder but has its own scheduler, so the
+        # caller's pipeline (whose scheduler config training reads) is unchanged. Not from_pipe:
+        # it casts the shared modules to fp32 unless given a dtype.
         components = dict(pipe.components)
-        components["scheduler"] = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        components["requires_safety_checker"] = False
-        self._pipe = StableDiffusionPipeline(**components)
+        components["scheduler"] = DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+        )
+        text2img: Any
+        img2img: Any
+        if isinstance(pipe, StableDiffusionXLPipeline):
+            # Same loop, two text encoders; our PNG writer watermarks (optionally) instead.
+            text2img, img2img = StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline
+            components["add_watermarker"] = False
+        else:
+            text2img, img2img = StableDiffusionPipeline, StableDiffusionImg2ImgPipeline
+            components["requires_safety_checker"] = False
+        self._pipe = text2img(**components)
         self._pipe.set_progress_bar_config(disable=True)
+        # img2img (Vary, Upscale) on the very same modules and scheduler.
+        self._img2img = img2img(**components)
+        self._img2img.set_progress_bar_config(disable=True)
         self._max_adapters = max_adapters
         self._loaded: OrderedDict[str, Path] = OrderedDict()  # name → file, oldest first
+        self._hotswap = hotswap
+        self._slots: list[tuple[str, Path] | None] = [None] * hotswap_slots
+        self._hotswap_rank = hotswap_rank
+        self._compile = compile
+        self._compiled = False
+        self.adapter_loads = 0
+        """How many adapter files were read into the UNet (for tests and metrics)."""
         self.native_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+    @property
+    def scheduler(self) -> Any:
+        """The sampler used for generation (DPM-Solver++)."""
+        return self._pipe.scheduler
 
     @property
     def loaded_adapters(self) -> list[str]:
         """Names of the adapters held in memory, least recently used first."""
+        if self._hotswap:
+            return [slot[0] for slot in self._slots if slot is not None]
         return list(self._loaded)
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | Sequence[str],
         *,
         negative_prompt: str = "",
         count: int = 4,
@@ -77,14 +167,21 @@ class Generator:
         width: int | None = None,
         height: int | None = None,
         adapters: Sequence[AdapterSpec] = (),
+        init_image: Image.Image | None = None,
+        init_strength: float = 0.5,
         progress: Callable[[int, int], None] | None = None,
+        preview: PreviewSink | None = None,
+        preview_every: float = 2.0,
     ) -> list[Image.Image]:
-        """Generate ``count`` images for ``prompt`` in one batch.
+        """Generate ``count`` images for ``prompt`` (or for each of several prompts) in one batch.
 
         The same arguments give the same images. With no ``adapters`` the output is exactly the
         base model's, whatever was generated before. ``width``/``height`` default to the
-        model's native size and must be multiples of 8. ``progress(step, steps)`` is called
-        after each denoising step.
+        model's native size and must be multiples of 8. With ``init_image`` (img2img, for
+        Vary and Upscale) the image is resized to that size and redrawn from ``init_strength``
+        of the way through the noise schedule (0.3: close to it, 1: ignores it).
+        ``progress(step, steps)`` is called after each denoising step and ``preview(step,
+        steps, image)`` at most every ``preview_every`` seconds with a cheap latent preview.
         """
         width = width or self.native_size
         height = height or self.native_size
@@ -92,28 +189,50 @@ class Generator:
             raise ValueError(f"width and height must be multiples of 8, got {width}x{height}")
         if count < 1:
             raise ValueError("count must be at least 1")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         self._activate(adapters)
         device = self._pipe._execution_device
-        result = self._pipe(
-            prompt,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=count,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            width=width,
-            height=height,
-            generator=torch.Generator(device).manual_seed(seed),
-            output_type="pil",
-            callback_on_step_end=_step_reporter(progress, steps) if progress else None,
-        )
+        common: dict[str, Any] = {
+            "prompt": prompts,
+            "negative_prompt": [negative_prompt] * len(prompts),
+            "num_images_per_prompt": count,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "generator": torch.Generator(device).manual_seed(seed),
+            "output_type": "pil",
+        }
+        if init_image is None:
+            total = steps
+            hook = _StepHook(total, progress, preview, preview_every)
+            result = self._pipe(**common, width=width, height=height, callback_on_step_end=hook)
+        else:
+            # diffusers runs int(steps * strength) of the schedule's last steps.
+            total = min(int(steps * init_strength), steps)
+            if total < 1:
+                raise ValueError("init_strength × steps must be at least 1")
+            start = init_image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+            hook = _StepHook(total, progress, preview, preview_every)
+            result = self._img2img(
+                **common,
+                image=[start] * (len(prompts) * count),
+                strength=init_strength,
+                callback_on_step_end=hook,
+            )
         return list(result.images)
 
     def forget_adapter(self, name: str) -> None:
         """Unload adapter ``name`` if it is loaded (e.g. the subject was deleted or retrained)."""
+        if self._hotswap:
+            # The slot keeps its weights until reused, but is never activated for ``name``.
+            self._slots = [None if s and s[0] == name else s for s in self._slots]
+            return
         if self._loaded.pop(name, None) is not None:
             self._pipe.delete_adapters(_peft_name(name))
 
     def _activate(self, adapters: Sequence[AdapterSpec]) -> None:
+        if self._hotswap:
+            self._activate_slots(adapters)
+            return
         if not adapters:
             # Adapters live inside the shared UNet; switching them off restores the exact base.
             if self._unet_adapters():
@@ -130,6 +249,45 @@ class Generator:
             adapter_weights=[float(scale) for _, _, scale in adapters],
         )
 
+    def _activate_slots(self, adapters: Sequence[AdapterSpec]) -> None:
+        """Hot-swap mode: put the adapters into slots 0..n-1, give unused slots weight 0.
+
+        The set of active adapters never changes once a slot exists (only weights and the
+        slots' tensors do), so a compiled UNet keeps its graph.
+        """
+        if len(adapters) > len(self._slots):
+            raise ValueError(f"at most {len(self._slots)} adapters per generation")
+        for index, (name, path, _scale) in enumerate(adapters):
+            wanted = (name, Path(path))
+            if self._slots[index] == wanted:
+                continue
+            slot = _slot_name(index)
+            exists = slot in self._unet_adapters()
+            if not self._unet_adapters():
+                # Must precede the first load: pads every slot to one rank so any subject fits.
+                self._pipe.enable_lora_hotswap(target_rank=self._hotswap_rank)
+            with _quiet_peft():
+                self._pipe.load_lora_weights(
+                    str(wanted[1].parent),
+                    weight_name=wanted[1].name,
+                    adapter_name=slot,
+                    hotswap=exists,
+                )
+            self.adapter_loads += 1
+            self._slots[index] = wanted
+        slots = [_slot_name(i) for i in range(len(self._slots))]
+        present = [slot for slot in slots if slot in self._unet_adapters()]
+        if not present:
+            return  # nothing was ever loaded: the UNet is the plain base
+        scales = {_slot_name(i): float(scale) for i, (_, _, scale) in enumerate(adapters)}
+        self._pipe.enable_lora()
+        self._pipe.set_adapters(present, adapter_weights=[scales.get(s, 0.0) for s in present])
+        if self._compile and not self._compiled:
+            compiled = torch.compile(self._pipe.unet, mode="reduce-overhead", fullgraph=True)
+            self._pipe.unet = compiled
+            self._img2img.unet = compiled
+            self._compiled = True
+
     def _ensure_loaded(self, name: str, path: Path) -> None:
         if self._loaded.get(name) == path:
             self._loaded.move_to_end(name)
@@ -139,14 +297,11 @@ class Generator:
         elif _peft_name(name) in self._unet_adapters():
             # Loaded into the shared UNet by another Generator, from a file we cannot vouch for.
             self._pipe.delete_adapters(_peft_name(name))
-        with warnings.catch_warnings():
-            # peft warns whenever a model gets a second adapter; holding several is the point.
-            warnings.filterwarnings(
-                "ignore", message="Already found a `peft_config` attribute", category=UserWarning
-            )
+        with _quiet_peft():
             self._pipe.load_lora_weights(
                 str(path.parent), weight_name=path.name, adapter_name=_peft_name(name)
             )
+        self.adapter_loads += 1
         self._loaded[name] = path
 
     def _evict(self, keep: set[str]) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -47,6 +48,7 @@ class ProgressReporter:
         self.interval = interval
         self._lock = threading.Lock()
         self._sent = 0
+        self._run = uuid.uuid4().hex[:8]
         self._last_sent = 0.0
         self._phase = ""
         self._phase_started = time.monotonic()
@@ -82,7 +84,9 @@ class ProgressReporter:
                 loss=loss,
                 preview_url=preview_url,
             )
-            job_key = f"{self.job_id}:progress:{self._sent}"
+            # Unique per run: a retried job's reporter starts counting again, and arq ignores
+            # a job id it has seen (the first run's progress results are kept for a while).
+            job_key = f"{self.job_id}:progress:{self._run}:{self._sent}"
         coro = self.redis.enqueue_job(
             DELIVER_PROGRESS,
             progress.model_dump(),

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 import json
+import logging
 import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from bot.config import TINY_MODEL, Settings
+from bot.config import TINY_MODEL_FOLDERS, Settings
 from engine.api import TrainRequest, TrainResult
 from engine.artifacts import ArtifactStore
-from engine.generate_job import draw, fetch_adapters, store_images
+from engine.generate_job import render_showcase_grid
 from engine.reporting import (
     CancelWatch,
-    EngineError,
     JobCancelled,
     ProgressReporter,
     run_in_thread,
@@ -28,13 +29,20 @@ from engine.reporting import (
     send_result,
 )
 
-RECIPE_VERSION = "1"
+if TYPE_CHECKING:
+    from engine.models import ServedModel
+    from engine.training import TrainConfig, TrainOutcome
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = "2"
+"""Bumped when the training recipe changes what an adapter learns; part of its fingerprint."""
 
 
 def model_key(source: str) -> str:
-    """A short stable name for a base model, used to key caches."""
-    if source == TINY_MODEL:
-        return "tiny-sd"
+    """A short stable name for a base model (its configured path), used to key caches."""
+    if source in TINY_MODEL_FOLDERS:
+        return TINY_MODEL_FOLDERS[source]
     slug = re.sub(r"[^a-z0-9]+", "-", Path(source).name.lower()).strip("-")[:40]
     return f"{slug}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
 
@@ -57,6 +65,7 @@ def _png(image: Image.Image) -> bytes:
 
 async def class_images(
     ctx: dict[str, Any],
+    model: ServedModel,
     class_noun: str,
     resolution: int,
     count: int,
@@ -71,7 +80,7 @@ async def class_images(
     artifacts: ArtifactStore = ctx["artifacts"]
     folder = artifacts.url(
         "priors",
-        model_key(settings.base_model),
+        model.key,
         f"{class_slug(class_noun)}-{resolution}px-{count}",
     )
     marker = f"{folder}/complete.json"
@@ -83,7 +92,7 @@ async def class_images(
         with ctx["gpu"].training():
             watch.raise_if_cancelled()
             images: list[Image.Image] = generate_class_images(
-                ctx["pipe"],
+                model.pipe,
                 class_noun,
                 count,
                 resolution,
@@ -93,7 +102,7 @@ async def class_images(
             )
             return images
 
-    images = await run_in_thread(watch, work)
+    images: list[Image.Image] = await run_in_thread(watch, work)
     for i, image in enumerate(images):
         await artifacts.aput_bytes(f"{folder}/{i:04d}.png", _png(image))
     # The marker goes last: a crash halfway leaves no "complete" cache behind.
@@ -122,48 +131,49 @@ async def train_subject(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[st
         raise
     except Exception as exc:
         await send_failure(redis, request.reply_queue, request.job_id, exc)
+        # The job is over for good (arq does not retry a job that answered), so its
+        # checkpoint could never be resumed.
+        await ctx["artifacts"].adelete_tree(checkpoint_url(request))
         return None
     await send_result(redis, request.reply_queue, request.job_id, result)
     return result.model_dump()
 
 
-async def _train(
-    ctx: dict[str, Any], request: TrainRequest, report: ProgressReporter, watch: CancelWatch
-) -> TrainResult:
-    from engine.training import (
-        TrainConfig,
-        TrainingCancelled,
-        instance_prompt,
-        native_resolution,
-        save_adapter,
-        train_lora,
-    )
+def checkpoint_url(request: TrainRequest) -> str:
+    """Where the job keeps its training checkpoint: beside the adapter, so forgetting the
+    subject removes it too."""
+    return request.adapter_url.rsplit("/", 1)[0] + "/training-checkpoint.pt"
+
+
+async def _train_adapter(
+    ctx: dict[str, Any],
+    model: ServedModel,
+    request: TrainRequest,
+    cfg: TrainConfig,
+    key: str,
+    photo_bytes: list[bytes],
+    report: ProgressReporter,
+    watch: CancelWatch,
+) -> None:
+    """Train (or resume training) the subject's adapter and write it, atomically, with its
+    metadata; checkpoints go to the artifact store every ``train_checkpoint_steps`` steps."""
+    from engine.checkpoints import load_checkpoint, save_checkpoint
+    from engine.training import TrainingCancelled, native_resolution, save_adapter, train_lora
 
     settings: Settings = ctx["settings"]
     artifacts: ArtifactStore = ctx["artifacts"]
-    started = time.monotonic()
-    if request.base_model != settings.base_model:
-        raise EngineError(
-            f"this engine serves the base model '{settings.base_model}', "
-            f"not '{request.base_model}'."
-        )
-    steps = min(request.steps or settings.train_steps, settings.train_steps)
-    cfg = TrainConfig(
-        steps=steps,
-        learning_rate=settings.train_learning_rate,
-        rank=settings.train_rank,
-        alpha=settings.train_rank,
-        prior_loss_weight=settings.prior_loss_weight,
-        class_images=settings.class_images,
-    )
-    report("loading", 0, len(request.photo_urls))
-    photos = [_open_image(await artifacts.aget_bytes(u)) for u in request.photo_urls]
-    resolution = cfg.resolution or native_resolution(ctx["pipe"])
+    photos = [_open_image(data) for data in photo_bytes]
+    resolution = cfg.resolution or native_resolution(model.pipe)
     priors: list[Image.Image] = []
     if cfg.prior_loss_weight > 0 and cfg.class_images > 0:
         priors = await class_images(
-            ctx, request.class_noun, resolution, cfg.class_images, report, watch
+            ctx, model, request.class_noun, resolution, cfg.class_images, report, watch
         )
+    checkpoint = checkpoint_url(request)
+    resume = await asyncio.to_thread(load_checkpoint, artifacts, checkpoint, key)
+    if resume is not None:
+        log.info("job %s: resuming training from step %d", request.job_id, resume.step)
+        report("training", resume.step, cfg.steps)
     chunk = max(1, settings.train_chunk_steps)
     gpu = ctx["gpu"]
     steps_done = 0
@@ -176,10 +186,10 @@ async def _train(
             gpu.yield_to_generations()
         return watch.cancelled
 
-    def work() -> Any:
+    def work() -> TrainOutcome:
         with gpu.training():
             return train_lora(
-                ctx["pipe"],
+                model.pipe,
                 photos,
                 priors,
                 request.token,
@@ -187,61 +197,108 @@ async def _train(
                 cfg,
                 progress=lambda step, total, loss: report("training", step, total, loss),
                 should_stop=at_step_boundary,
+                resume=resume,
+                checkpoint_every=settings.train_checkpoint_steps,
+                # Runs in the training thread: the step waits for its checkpoint to be stored.
+                on_checkpoint=lambda state: save_checkpoint(artifacts, checkpoint, key, state),
             )
 
     try:
         outcome = await run_in_thread(watch, work)
     except TrainingCancelled as exc:
         raise JobCancelled from exc
+    log.info(
+        "job %s: trained steps %d to %d",
+        request.job_id,
+        resume.step + 1 if resume else 1,
+        cfg.steps,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "adapter.safetensors"
         metadata = {
-            "base_model": settings.base_model,
+            "base_model": model.name,
+            "base_model_family": model.family.name,
+            "subject_id": request.subject_id,
             "token": request.token,
             "class_noun": request.class_noun,
-            "steps": str(steps),
+            "steps": str(cfg.steps),
             "rank": str(cfg.rank),
+            "alpha": str(cfg.alpha),
             "recipe_version": RECIPE_VERSION,
+            "fingerprint": key,
         }
         await asyncio.to_thread(
             save_adapter, outcome.state_dict, local, metadata, lora_config=outcome.lora_config
         )
+        # put_file is atomic: a crash leaves either no adapter or the whole one, never half.
         await asyncio.to_thread(artifacts.put_file, request.adapter_url, local)
+    await artifacts.adelete_tree(checkpoint)
+
+
+async def _train(
+    ctx: dict[str, Any], request: TrainRequest, report: ProgressReporter, watch: CancelWatch
+) -> TrainResult:
+    from engine.checkpoints import fingerprint, finished_adapter
+    from engine.models import served_model
+    from engine.training import TrainConfig
+
+    settings: Settings = ctx["settings"]
+    artifacts: ArtifactStore = ctx["artifacts"]
+    started = time.monotonic()
+    model = served_model(ctx, request.base_model)
+    steps = min(request.steps or settings.train_steps, settings.train_steps)
+    cfg = TrainConfig(
+        steps=steps,
+        learning_rate=settings.train_learning_rate,
+        rank=settings.train_rank,
+        alpha=settings.train_rank,
+        prior_loss_weight=settings.prior_loss_weight,
+        class_images=settings.class_images,
+        random_flip=settings.train_random_flip,
+        random_crops=settings.train_random_crops,
+        gradient_checkpointing=settings.train_gradient_checkpointing,
+        optimizer=settings.train_optimizer,
+    )
+    report("loading", 0, len(request.photo_urls))
+    photo_bytes = [await artifacts.aget_bytes(u) for u in request.photo_urls]
+    key = fingerprint(
+        photo_bytes,
+        {
+            "recipe_version": RECIPE_VERSION,
+            "base_model": model.name,
+            "token": request.token,
+            "class_noun": request.class_noun,
+            "config": dataclasses.asdict(cfg),
+        },
+    )
+    if await asyncio.to_thread(finished_adapter, artifacts, request.adapter_url, key):
+        # A retry of a run that wrote its adapter but died before answering: answer now.
+        log.info("job %s: adapter %s is already trained", request.job_id, request.adapter_url)
+        report("training", steps, steps)
+    else:
+        await _train_adapter(ctx, model, request, cfg, key, photo_bytes, report, watch)
 
     sample_urls: list[str] = []
     if settings.sample_count > 0:
-        adapters = await fetch_adapters(ctx, [(request.subject_id, request.adapter_url, 1.0)])
-        prompt = instance_prompt(request.token, request.class_noun)
-
-        def render() -> list[Image.Image]:
-            with gpu.training():
-                return draw(
-                    ctx,
-                    prompt=prompt,
-                    negative="",
-                    count=settings.sample_count,
-                    seed=0,
-                    steps=settings.generate_steps,
-                    guidance=settings.guidance_scale,
-                    width=None,
-                    height=None,
-                    adapters=adapters,
-                    on_step=lambda step, total: report("sampling", step, total),
-                )
-
-        samples = await run_in_thread(watch, render)
-        sample_urls = await store_images(
+        # The sample is the showcase grid: the subject across the paper's five capabilities,
+        # drawn as part of the training job (waiting generations still go first).
+        url, _ = await render_showcase_grid(
             ctx,
-            samples,
-            request.samples_url,
-            {
-                "prompt": prompt,
-                "seed": "0",
-                "model": settings.base_model,
-                "subjects": request.subject_id,
-                "steps": str(settings.generate_steps),
-            },
+            subject_id=request.subject_id,
+            adapter_url=request.adapter_url,
+            token=request.token,
+            class_noun=request.class_noun,
+            name=request.name or request.token,
+            seed=0,
+            steps=settings.generate_steps,
+            output_url=request.samples_url,
+            report=report,
+            phase="sampling",
+            watch=watch,
+            hold_gpu=ctx["gpu"].training,
+            model=model.name,
         )
+        sample_urls = [url]
     return TrainResult(
         job_id=request.job_id,
         subject_id=request.subject_id,

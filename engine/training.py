@@ -15,12 +15,13 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -28,6 +29,7 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
 
 from engine.generation import Generator
+from engine.models import BasePipeline
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 """The UNet attention projections that get LoRA layers (as in diffusers' DreamBooth script)."""
@@ -61,7 +63,15 @@ class TrainConfig:
     center_crop: bool = True
     """Crop the centre square after resizing; False squashes the whole photo into the square."""
     random_flip: bool = False
+    """Also train on the mirror images (a dog facing left is the same dog facing right)."""
+    random_crops: int = 0
+    """Extra framings per photo, cached beside the centre crop: each zooms in by up to 15% and
+    crops a random square, so the subject stays whole while its position varies."""
     max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 20-30% more time."""
+    optimizer: str = "adamw"
+    """"adamw", or "adamw8bit" (bitsandbytes, CUDA only): a quarter of the optimizer memory."""
 
 
 @dataclass
@@ -76,7 +86,30 @@ class TrainOutcome:
     prior_losses: list[float] = field(default_factory=list)
 
 
+@dataclass
+class TrainState:
+    """Everything needed to continue a run exactly where it stopped (a checkpoint's content).
+
+    A run resumed from the state saved after step ``n`` takes the same steps, with the same
+    noise and picks, as the uninterrupted run from step ``n + 1`` on.
+    """
+
+    step: int
+    """Steps completed."""
+    trainable: dict[str, torch.Tensor]
+    """The trainable (LoRA) parameters by module path, on the CPU."""
+    optimizer: dict[str, Any]
+    """``optimizer.state_dict()``: Adam's moments and step counts."""
+    rng: torch.Tensor
+    """State of the CPU generator that draws picks, noise and timesteps."""
+    grad_scaler: dict[str, Any] = field(default_factory=dict)
+    """``GradScaler.state_dict()`` when training in fp16, else empty."""
+    instance_losses: list[float] = field(default_factory=list)
+    prior_losses: list[float] = field(default_factory=list)
+
+
 ProgressCallback = Callable[[int, int, float], None]
+CheckpointCallback = Callable[[TrainState], None]
 
 
 def instance_prompt(token: str, class_noun: str) -> str:
@@ -89,30 +122,68 @@ def class_prompt(class_noun: str) -> str:
     return f"a photo of {class_noun}"
 
 
-def native_resolution(pipe: StableDiffusionPipeline) -> int:
+def native_resolution(pipe: BasePipeline) -> int:
     """The image size in pixels the base model was trained at."""
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
-def prepare_image(image: Image.Image, resolution: int, *, center_crop: bool = True) -> torch.Tensor:
+def prepare_image(
+    image: Image.Image,
+    resolution: int,
+    *,
+    center_crop: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Turn a photo into a ``(3, resolution, resolution)`` float tensor in [-1, 1].
 
     Phone photos carry their rotation in EXIF, so it is applied first. With ``center_crop`` the
     shorter side is resized to ``resolution`` and the centre square kept; otherwise the whole
-    photo is resized to the square.
+    photo is resized to the square. With a ``generator`` the crop is random instead: the
+    shorter side is resized to 100-115% of ``resolution`` and a random square of it kept.
+    """
+    return prepare_image_and_size(image, resolution, center_crop=center_crop, generator=generator)[
+        0
+    ]
+
+
+def prepare_image_and_size(
+    image: Image.Image,
+    resolution: int,
+    *,
+    center_crop: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, tuple[int, int, int, int, int, int]]:
+    """:func:`prepare_image`, and SDXL's size/crop conditioning for the result.
+
+    The six numbers are what SDXL was trained to be told (and what diffusers' SDXL DreamBooth
+    script passes): the photo's original (height, width), the (top, left) of the crop in the
+    resized photo, and the target (height, width).
     """
     image = ImageOps.exif_transpose(image).convert("RGB")
     size = (resolution, resolution)
-    if center_crop:
+    original = (image.height, image.width)
+    top = left = 0
+    if generator is not None:
+        zoom = 1.0 + 0.15 * float(torch.rand((), generator=generator))
+        scale = resolution * zoom / min(image.size)
+        width, height = (max(resolution, round(side * scale)) for side in image.size)
+        image = image.resize((width, height), resample=Image.Resampling.BICUBIC)
+        left = int(torch.randint(width - resolution + 1, (), generator=generator))
+        top = int(torch.randint(height - resolution + 1, (), generator=generator))
+        image = image.crop((left, top, left + resolution, top + resolution))
+    elif center_crop:
+        scale = resolution / min(image.size)
+        top = max(0, round((image.height * scale - resolution) / 2))
+        left = max(0, round((image.width * scale - resolution) / 2))
         image = ImageOps.fit(image, size, method=Image.Resampling.BICUBIC)
     else:
         image = image.resize(size, resample=Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
-    return pixels.permute(2, 0, 1) / 127.5 - 1.0
+    return pixels.permute(2, 0, 1) / 127.5 - 1.0, (*original, top, left, resolution, resolution)
 
 
 def generate_class_images(
-    pipe: StableDiffusionPipeline,
+    pipe: BasePipeline,
     class_noun: str,
     count: int,
     resolution: int,
@@ -145,25 +216,59 @@ def generate_class_images(
 
 
 def cache_latents(
-    pipe: StableDiffusionPipeline,
+    pipe: BasePipeline,
     images: list[Image.Image],
     resolution: int,
     *,
     center_crop: bool,
     random_flip: bool,
     generator: torch.Generator,
+    random_crops: int = 0,
 ) -> torch.Tensor:
     """Encode images to scaled VAE latents once, since the VAE is frozen.
 
-    With ``random_flip`` the mirrored images are encoded too (the batch is doubled), so the
-    training steps can pick either version without running the VAE again.
+    Augmentation happens here, so the steps pick from cached latents instead of running the
+    VAE each step: ``random_crops`` extra random framings of each image (see
+    :func:`prepare_image`), and with ``random_flip`` the mirror of every version.
     """
+    latents, _ = cache_latents_and_sizes(
+        pipe,
+        images,
+        resolution,
+        center_crop=center_crop,
+        random_flip=random_flip,
+        generator=generator,
+        random_crops=random_crops,
+    )
+    return latents
+
+
+def cache_latents_and_sizes(
+    pipe: BasePipeline,
+    images: list[Image.Image],
+    resolution: int,
+    *,
+    center_crop: bool,
+    random_flip: bool,
+    generator: torch.Generator,
+    random_crops: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cache_latents`, and SDXL's size/crop conditioning of each latent, shape
+    ``(n, 6)`` (see :func:`prepare_image_and_size`; a mirrored version keeps its original's)."""
     if not images:
-        return torch.empty(0)
-    pixels = torch.stack([prepare_image(im, resolution, center_crop=center_crop) for im in images])
+        return torch.empty(0), torch.empty(0, 6)
+    versions = [prepare_image_and_size(im, resolution, center_crop=center_crop) for im in images]
+    for _ in range(random_crops):
+        versions += [prepare_image_and_size(im, resolution, generator=generator) for im in images]
+    pixels = torch.stack([pixels for pixels, _ in versions])
+    sizes = torch.tensor([size for _, size in versions], dtype=torch.float32)
     if random_flip:
         pixels = torch.cat([pixels, pixels.flip(-1)])
+        sizes = torch.cat([sizes, sizes])
     vae = pipe.vae
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        # SDXL's VAE overflows in fp16 (diffusers upcasts it to decode, too).
+        vae = copy.deepcopy(vae).float()
     latents = []
     with torch.no_grad():
         for chunk in pixels.split(4):  # bounded memory on large photo sets
@@ -172,17 +277,32 @@ def cache_latents(
             # a CPU generator keeps it reproducible on any device.
             sample = vae.encode(chunk).latent_dist.sample(generator=generator)
             latents.append(sample * vae.config.scaling_factor)
-    return torch.cat(latents).float()
+    return torch.cat(latents).float(), sizes
 
 
-def encode_prompt_once(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
-    """The frozen text encoder's embedding of ``prompt``, shape ``(1, 77, dim)``."""
+def encode_prompt_once(pipe: BasePipeline, prompt: str) -> torch.Tensor:
+    """The frozen text encoder's embedding of ``prompt``, shape ``(1, 77, dim)`` (SDXL: both
+    encoders' features side by side)."""
+    return encode_prompt_pooled(pipe, prompt)[0]
+
+
+def encode_prompt_pooled(
+    pipe: BasePipeline, prompt: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prompt's embedding and, for SDXL, the second encoder's pooled embedding ``(1, d)``
+    that conditions the UNet beside the size/crop numbers (None for SD 1.x/2.x)."""
+    device = pipe.unet.device
     with torch.no_grad():
-        embeds, _ = pipe.encode_prompt(prompt, pipe.unet.device, 1, False)
-    return embeds
+        if isinstance(pipe, StableDiffusionXLPipeline):
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return embeds, pooled
+        embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
+    return embeds, None
 
 
-def unet_with_lora(pipe: StableDiffusionPipeline, cfg: TrainConfig) -> UNet2DConditionModel:
+def unet_with_lora(pipe: BasePipeline, cfg: TrainConfig) -> UNet2DConditionModel:
     """A trainable copy of the base UNet with fresh LoRA layers; ``pipe.unet`` is untouched.
 
     The warm UNet may carry adapters that generation loaded; they are stripped from the copy
@@ -204,14 +324,55 @@ def unet_with_lora(pipe: StableDiffusionPipeline, cfg: TrainConfig) -> UNet2DCon
         unet.add_adapter(lora_config)
     # The trainable LoRA weights stay fp32 even when the base runs in half precision.
     cast_training_params(unet, dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.train()
     return unet
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.optimizer`` over the trainable ``params``."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate)
+    if cfg.optimizer == "adamw8bit":
+        bnb = require_bitsandbytes()
+        optimizer: torch.optim.Optimizer = bnb.optim.AdamW8bit(params, lr=cfg.learning_rate)
+        return optimizer
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamw' or 'adamw8bit'")
+
+
+def require_bitsandbytes() -> Any:
+    """The bitsandbytes module (for 8-bit Adam), or an error that says how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise RuntimeError(
+            "8-bit Adam needs bitsandbytes, which is not installed: "
+            "pip install 'dreambot[engine,bnb]' (CUDA hosts only), or use the 'adamw' optimizer."
+        ) from exc
+    return bitsandbytes
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager[object]:
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         return torch.autocast("cuda", dtype=dtype)
     return nullcontext()
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters that train (the LoRA weights), by module path, in a stable order."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+@dataclass
+class SdxlConditioning:
+    """SDXL's extra UNet inputs besides the prompt embedding: the pooled text embedding of each
+    prompt, and the size/crop numbers of each cached latent (rows match the latents)."""
+
+    instance_pooled: torch.Tensor
+    class_pooled: torch.Tensor
+    instance_sizes: torch.Tensor
+    class_sizes: torch.Tensor
 
 
 def train_steps(
@@ -226,35 +387,69 @@ def train_steps(
     autocast_dtype: torch.dtype,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    resume: TrainState | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: CheckpointCallback | None = None,
+    sdxl: SdxlConditioning | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Run ``cfg.steps`` optimisation steps on the UNet's LoRA weights.
+    """Run the optimisation steps of ``cfg.steps`` on the UNet's LoRA weights.
 
     Each step denoises a batch of subject latents and, for prior preservation, a batch of class
-    latents in one forward pass. Returns the per-step instance and prior losses.
+    latents in one forward pass; an SDXL UNet also gets ``sdxl``'s pooled embeddings and the
+    picked latents' size/crop numbers. With ``resume`` the run continues after
+    ``resume.step``. Every ``checkpoint_every`` steps (and never after the last one, whose
+    result is the adapter) ``on_checkpoint`` receives a :class:`TrainState` to persist.
+    Returns the per-step instance and prior losses of the whole run, resumed part included.
     """
     device = unet.device
     use_prior = len(class_latents) > 0 and cfg.prior_loss_weight > 0
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    named = trainable_parameters(unet)
+    params = list(named.values())
+    optimizer = make_optimizer(params, cfg)
+    # fp16 gradients of small LoRA updates underflow without loss scaling; bf16 and fp32 do not
+    # need it. The LoRA weights themselves are fp32, so unscaling them is always allowed.
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=device.type == "cuda" and autocast_dtype == torch.float16
+    )
     # Noise, timesteps and picks come from one CPU generator: the same seed gives the same run
-    # on any device.
+    # on any device, and its saved state makes a resumed run continue the same sequence.
     rng = torch.Generator().manual_seed(cfg.seed)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     prediction_type = noise_scheduler.config.prediction_type
     bsz = cfg.batch_size
     instance_losses: list[float] = []
     prior_losses: list[float] = []
+    first = 1
+    if resume is not None:
+        with torch.no_grad():
+            for name, param in named.items():
+                param.copy_(resume.trainable[name])
+        optimizer.load_state_dict(resume.optimizer)
+        if resume.grad_scaler:
+            scaler.load_state_dict(resume.grad_scaler)
+        rng.set_state(resume.rng)
+        instance_losses, prior_losses = list(resume.instance_losses), list(resume.prior_losses)
+        first = resume.step + 1
 
-    for step in range(1, cfg.steps + 1):
+    for step in range(first, cfg.steps + 1):
         if should_stop is not None and should_stop():
             raise TrainingCancelled(f"training cancelled at step {step} of {cfg.steps}")
         picks = torch.randint(len(instance_latents), (bsz,), generator=rng)
         latents = instance_latents[picks]
         embeds = instance_embeds.expand(bsz, -1, -1)
+        if sdxl is not None:
+            pooled = sdxl.instance_pooled.expand(bsz, -1)
+            sizes = sdxl.instance_sizes[picks]
         if use_prior:
             class_picks = torch.randint(len(class_latents), (bsz,), generator=rng)
             latents = torch.cat([latents, class_latents[class_picks]])
             embeds = torch.cat([embeds, class_embeds.expand(bsz, -1, -1)])
+            if sdxl is not None:
+                pooled = torch.cat([pooled, sdxl.class_pooled.expand(bsz, -1)])
+                sizes = torch.cat([sizes, sdxl.class_sizes[class_picks]])
+        added: dict[str, torch.Tensor] | None = None
+        if sdxl is not None:
+            added = {"text_embeds": pooled.to(device), "time_ids": sizes.to(device)}
         noise = torch.randn(latents.shape, generator=rng)
         timesteps = torch.randint(num_timesteps, (len(latents),), generator=rng)
         latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
@@ -265,7 +460,9 @@ def train_steps(
             target = noise
 
         with _autocast(device, autocast_dtype):
-            pred = unet(noisy.to(unet.dtype), timesteps, embeds.to(device)).sample
+            pred = unet(
+                noisy.to(unet.dtype), timesteps, embeds.to(device), added_cond_kwargs=added
+            ).sample
         pred, target = pred.float(), target.float()
         instance_loss = F.mse_loss(pred[:bsz], target[:bsz])
         loss = instance_loss
@@ -275,13 +472,41 @@ def train_steps(
             prior_losses.append(prior_loss.item())
         instance_losses.append(instance_loss.item())
 
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if progress is not None:
             progress(step, cfg.steps, loss.item())
+        if on_checkpoint is not None and checkpoint_every > 0:
+            if step % checkpoint_every == 0 and step < cfg.steps:
+                on_checkpoint(
+                    TrainState(
+                        step=step,
+                        trainable={
+                            name: p.detach().to("cpu", copy=True) for name, p in named.items()
+                        },
+                        optimizer=_to_cpu(optimizer.state_dict()),
+                        rng=rng.get_state(),
+                        grad_scaler=scaler.state_dict() if scaler.is_enabled() else {},
+                        instance_losses=list(instance_losses),
+                        prior_losses=list(prior_losses),
+                    )
+                )
     return instance_losses, prior_losses
+
+
+def _to_cpu(value: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
 
 
 def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
@@ -294,7 +519,7 @@ def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
 
 
 def train_lora(
-    pipe: StableDiffusionPipeline,
+    pipe: BasePipeline,
     instance_images: list[Image.Image],
     class_images: list[Image.Image],
     token: str,
@@ -303,6 +528,9 @@ def train_lora(
     *,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    resume: TrainState | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> TrainOutcome:
     """Train one subject as a LoRA adapter on a copy of ``pipe``'s UNet.
 
@@ -310,7 +538,8 @@ def train_lora(
     empty: then no prior-preservation loss). ``progress(step, total, loss)`` is called after
     every step; ``should_stop()`` is checked before every step and raises
     :class:`TrainingCancelled`. The VAE and text encoder are only read. Deterministic for a
-    fixed ``cfg.seed`` on the CPU.
+    fixed ``cfg.seed`` on the CPU. ``resume``, ``checkpoint_every`` and ``on_checkpoint``: see
+    :func:`train_steps`; a resumed run ends with the same weights as an uninterrupted one.
     """
     if not instance_images:
         raise ValueError("train_lora needs at least one instance image")
@@ -319,24 +548,31 @@ def train_lora(
         raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
 
     vae_rng = torch.Generator().manual_seed(cfg.seed)
-    instance_latents = cache_latents(
+    instance_latents, instance_sizes = cache_latents_and_sizes(
         pipe,
         instance_images,
         resolution,
         center_crop=cfg.center_crop,
         random_flip=cfg.random_flip,
         generator=vae_rng,
+        random_crops=cfg.random_crops,
     )
-    class_latents = cache_latents(
+    class_latents, class_sizes = cache_latents_and_sizes(
         pipe,
         class_images if cfg.prior_loss_weight > 0 else [],
         resolution,
         center_crop=cfg.center_crop,
         random_flip=cfg.random_flip,
         generator=vae_rng,
+        random_crops=cfg.random_crops,
     )
-    instance_embeds = encode_prompt_once(pipe, instance_prompt(token, class_noun))
-    class_embeds = encode_prompt_once(pipe, class_prompt(class_noun))
+    instance_embeds, instance_pooled = encode_prompt_pooled(
+        pipe, instance_prompt(token, class_noun)
+    )
+    class_embeds, class_pooled = encode_prompt_pooled(pipe, class_prompt(class_noun))
+    sdxl = None
+    if instance_pooled is not None and class_pooled is not None:
+        sdxl = SdxlConditioning(instance_pooled, class_pooled, instance_sizes, class_sizes)
 
     unet = unet_with_lora(pipe, cfg)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -351,6 +587,10 @@ def train_lora(
         autocast_dtype=pipe.unet.dtype,
         progress=progress,
         should_stop=should_stop,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
+        on_checkpoint=on_checkpoint,
+        sdxl=sdxl,
     )
     lora_config = unet.peft_config["default"].to_dict()
     return TrainOutcome(

@@ -1,8 +1,9 @@
-"""The engine's arq workers: keep the base model warm, train subjects, generate images.
+"""The engine's arq workers: keep the base models warm, train subjects, generate images.
 
 Run with ``dreambot engine``. One engine process serves two arq queues, training and
-generation, with one worker each sharing one ``ctx`` built in ``startup``: the warm pipeline,
-the artifact store and the GPU scheduler that lets generations in between training chunks.
+generation, with one worker each sharing one ``ctx`` built in ``startup``: a warm pipeline per
+configured base model, the artifact store and the GPU scheduler that lets generations in
+between training chunks.
 Job functions (``engine.train_job``, ``engine.generate_job``) take ``ctx`` and a plain payload
 (see ``engine.api``), run torch work in a thread, and always answer on the request's reply
 queue with a result or a ``Failure`` whose message a user can read.
@@ -11,17 +12,21 @@ queue with a result or a ``Failure`` whose message a user can read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
 from arq.worker import Worker, create_worker
+from redis.exceptions import RedisError
 
-from bot.config import TINY_MODEL, Settings, load_settings
+from bot.config import TINY_MODEL, TINY_SDXL_MODEL, ConfigError, Settings, load_settings
+from bot.connections import redis_settings, run_worker_forever
 from engine.api import GENERATE_QUEUE, TRAIN_QUEUE
 from engine.artifacts import ArtifactStore
-from engine.generate_job import generate
+from engine.generate_job import generate, showcase
 from engine.gpu import GpuScheduler
 from engine.train_job import train_subject
 
@@ -29,25 +34,73 @@ log = logging.getLogger(__name__)
 
 
 async def load_resources(settings: Settings) -> dict[str, Any]:
-    """Load the base model once and build the resources every job shares."""
-    from engine.generation import Generator
-    from engine.models import default_dtype, load_pipeline, resolve_device
-    from engine.tiny import build_tiny_model
+    """Load every configured base model once and build the resources every job shares.
 
-    source = settings.base_model_source
-    if settings.base_model == TINY_MODEL:
-        await asyncio.to_thread(build_tiny_model, source)
-    device = resolve_device(settings.device)
-    started = time.monotonic()
-    pipe = await asyncio.to_thread(
-        load_pipeline, source, device=device, dtype=default_dtype(device)
+    Every model's path is checked before any is loaded, so a typo in the configuration fails
+    the start (with the path in the message) instead of the first job, and quickly. ``ctx``
+    gets ``models`` (name → :class:`~engine.models.ServedModel`), ``pipes`` and
+    ``generators`` by name, and ``pipe``/``generator`` for the default model.
+    """
+    from engine.generation import Generator
+    from engine.models import (
+        ServedModel,
+        check_model,
+        default_dtype,
+        load_pipeline,
+        resolve_device,
     )
-    log.info("loaded %s on %s in %.1fs", source, device, time.monotonic() - started)
+    from engine.tiny import build_tiny_model, build_tiny_sdxl_model
+    from engine.train_job import model_key
+
+    if settings.train_optimizer == "adamw8bit":
+        from engine.training import require_bitsandbytes
+
+        try:
+            require_bitsandbytes()
+        except RuntimeError as exc:  # refuse to start rather than fail every training
+            raise ConfigError(f"DREAMBOT_TRAIN_OPTIMIZER: {exc}") from exc
+    builders = {TINY_MODEL: build_tiny_model, TINY_SDXL_MODEL: build_tiny_sdxl_model}
+    families = {}
+    for name in settings.model_names:
+        entry = settings.model_entry(name)
+        source = settings.model_source(name)
+        if entry.path in builders:
+            await asyncio.to_thread(builders[entry.path], source)
+        families[name] = await asyncio.to_thread(check_model, source, config=entry.config)
+    device = resolve_device(settings.device)
+    # Generation hot-swaps adapters to keep a compiled UNet's graph; on the CPU the plain path.
+    hotswap = (settings.lora_hotswap or settings.compile_unet) and device.startswith("cuda")
+    models: dict[str, ServedModel] = {}
+    for name, family in families.items():
+        entry, source = settings.model_entry(name), settings.model_source(name)
+        started = time.monotonic()
+        pipe = await asyncio.to_thread(
+            load_pipeline, source, device=device, dtype=default_dtype(device), config=entry.config
+        )
+        log.info(
+            "loaded model '%s' (%s) from %s on %s in %.1fs",
+            name,
+            family.label,
+            source,
+            device,
+            time.monotonic() - started,
+        )
+        generator = Generator(
+            pipe,
+            max_adapters=settings.adapter_cache_size,
+            hotswap=hotswap,
+            compile=settings.compile_unet and device.startswith("cuda"),
+        )
+        models[name] = ServedModel(name, source, model_key(entry.path), family, pipe, generator)
+    default = models[settings.base_model]
     return {
         "settings": settings,
         "artifacts": ArtifactStore(settings.artifacts),
-        "pipe": pipe,
-        "generator": Generator(pipe),
+        "models": models,
+        "pipes": {name: model.pipe for name, model in models.items()},
+        "generators": {name: model.generator for name, model in models.items()},
+        "pipe": default.pipe,
+        "generator": default.generator,
         "device": device,
         "cache_dir": settings.data_dir / "engine-cache",
         "gpu": GpuScheduler(),
@@ -64,6 +117,37 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     """arq on_shutdown: nothing to release beyond memory."""
 
 
+# A job's lease. arq marks a running job with an "in progress" key that keeps every other
+# worker off it until the key expires; by default it lives for the job timeout (hours for a
+# training), so a job whose engine died would wait that long to run again. Instead the key
+# lives ``job_lease_seconds`` and the engine running the job renews it while the job runs: a
+# crashed engine's job is picked up again within one lease by any engine on the queue, and
+# resumes from its checkpoint.
+
+
+async def _renew_lease(redis: ArqRedis, job_id: str, seconds: int) -> None:
+    key = in_progress_key_prefix + job_id
+    while True:
+        await asyncio.sleep(seconds / 3)
+        try:
+            await redis.pexpire(key, seconds * 1000)
+        except (RedisError, OSError) as exc:  # keep trying: the lease outlives a short outage
+            log.warning("could not renew the lease of job %s: %s", job_id, exc)
+
+
+async def hold_lease(ctx: dict[str, Any]) -> None:
+    """arq on_job_start: keep renewing the job's in-progress key while it runs."""
+    seconds = ctx["settings"].job_lease_seconds
+    ctx["lease"] = asyncio.create_task(_renew_lease(ctx["redis"], ctx["job_id"], seconds))
+
+
+async def release_lease(ctx: dict[str, Any]) -> None:
+    """arq on_job_end: stop renewing; arq deletes the key as it records the outcome."""
+    task = ctx.pop("lease", None)
+    if task is not None:
+        task.cancel()
+
+
 class TrainWorkerSettings:
     """arq settings of the training worker (attributes are ``arq.Worker`` keyword arguments)."""
 
@@ -71,6 +155,8 @@ class TrainWorkerSettings:
     queue_name = TRAIN_QUEUE
     on_startup = startup
     on_shutdown = shutdown
+    on_job_start = hold_lease
+    on_job_end = release_lease
     max_jobs = 1  # one training at a time per GPU
     job_timeout = 3 * 3600
     keep_result = 3600
@@ -82,10 +168,12 @@ class TrainWorkerSettings:
 class GenerateWorkerSettings:
     """arq settings of the generation worker."""
 
-    functions = (generate,)
+    functions = (generate, showcase)
     queue_name = GENERATE_QUEUE
     on_startup = startup
     on_shutdown = shutdown
+    on_job_start = hold_lease
+    on_job_end = release_lease
     # Several may wait for the GPU at once; each runs as one batch when its turn comes.
     max_jobs = 4
     job_timeout = 600
@@ -100,22 +188,26 @@ def engine_workers(
 ) -> list[Worker]:
     """The training and generation workers of one engine process, sharing one ``ctx``."""
     shared = ctx if ctx is not None else {"settings": settings}
-    redis_settings = RedisSettings.from_dsn(settings.redis_url)
-    return [
+    connection = redis_settings(settings.redis_url)
+    workers = [
         create_worker(
             TrainWorkerSettings,  # type: ignore[arg-type]
-            redis_settings=redis_settings,
+            redis_settings=connection,
             job_timeout=settings.job_timeout,
             ctx=shared,
             **overrides,
         ),
         create_worker(
             GenerateWorkerSettings,  # type: ignore[arg-type]
-            redis_settings=redis_settings,
+            redis_settings=connection,
             ctx=shared,
             **overrides,
         ),
     ]
+    for worker in workers:
+        # arq's in-progress key, renewed by hold_lease (see above); arq has no option for it.
+        worker.in_progress_timeout_s = settings.job_lease_seconds
+    return workers
 
 
 async def run_engine(settings: Settings) -> None:
@@ -123,7 +215,12 @@ async def run_engine(settings: Settings) -> None:
     ctx = await load_resources(settings)
     workers = engine_workers(settings, ctx, handle_signals=False)
     try:
-        await asyncio.gather(*(worker.async_run() for worker in workers))
+        await asyncio.gather(
+            *(run_worker_forever(worker, f"engine {worker.queue_name}") for worker in workers)
+        )
     finally:
+        # Cancels running jobs: a training stops at its next step and is retried (resuming
+        # from its checkpoint) by whichever engine takes it next.
         for worker in workers:
-            await worker.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker.close()

@@ -139,6 +139,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def queued(redis: Any) -> int:
     """How many engine jobs wait (or run) in all the engine's queues."""
-    from engine.api import ENGINE_QUEUES
+    from engine.api import ALL_ENGINE_QUEUES
 
-    return sum([int(await redis.zcard(queue)) for queue in ENGINE_QUEUES.values()])
+    return sum([int(await redis.zcard(queue)) for queue in ALL_ENGINE_QUEUES])
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random SDXL-shaped model, built once for the session."""
+    from engine.tiny import build_tiny_sdxl_model
+
+    return build_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")

@@ -15,6 +15,7 @@ from arq.worker import Worker
 from PIL import Image
 
 from bot.config import Settings
+from bot.connections import run_worker_forever, stop_worker
 from bot.core.delivery import Delivery
 from bot.core.photos import Upload
 from bot.core.store import Owner
@@ -49,14 +50,12 @@ async def engine(e2e_settings: Settings) -> AsyncIterator[list[Worker]]:
 
     ctx = await load_resources(e2e_settings)
     workers = engine_workers(e2e_settings, ctx, handle_signals=False)
-    tasks = [asyncio.create_task(worker.async_run()) for worker in workers]
+    tasks = [asyncio.create_task(run_worker_forever(w, w.queue_name)) for w in workers]
     try:
         yield workers
     finally:
-        for worker in workers:
-            await worker.close()
-        for task in tasks:
-            task.cancel()
+        for worker, task in zip(workers, tasks, strict=True):
+            await stop_worker(worker, task)
 
 
 def _pixels(url: str) -> np.ndarray:
@@ -182,11 +181,13 @@ def test_shell_through_a_pipe_trains_then_imagines(
     assert "seed 7" in out
     assert "no subject called 'nobody'" in out
     pngs = [Path(line.strip()) for line in out.splitlines() if line.strip().endswith(".png")]
-    assert len(pngs) == 1 + 2  # one training sample, two generated images
+    assert len(pngs) == 1 + 2  # the training sample (the showcase grid), two generated images
+    sizes = []
     for png in pngs:
         assert png.is_file()
         with Image.open(png) as image:
-            assert image.size == (64, 64)
+            sizes.append(image.size)
+    assert sizes[0][0] > 64 and sizes[1:] == [(64, 64), (64, 64)]
 
 
 async def _wait_for_phase(sink: RecordingSink, job_id: str, phase: str, within: float = 60) -> None:
@@ -212,7 +213,7 @@ async def test_a_generation_runs_between_training_chunks(
 
     ctx = await load_resources(long_training)
     workers = engine_workers(long_training, ctx, handle_signals=False)
-    tasks = [asyncio.create_task(worker.async_run()) for worker in workers]
+    tasks = [asyncio.create_task(run_worker_forever(w, w.queue_name)) for w in workers]
     owner = Owner(TEST_PLATFORM, "guild-1", "user-3")
     photos = [Upload(f"rex{i}.jpg", make_photo(i)) for i in range(3)]
     try:
@@ -234,10 +235,8 @@ async def test_a_generation_runs_between_training_chunks(
             ]
             assert max(steps) == 150
     finally:
-        for worker in workers:
-            await worker.close()
-        for task in tasks:
-            task.cancel()
+        for worker, task in zip(workers, tasks, strict=True):
+            await stop_worker(worker, task)
 
 
 async def test_cancelling_a_running_training_stops_it_and_writes_no_adapter(
@@ -247,7 +246,7 @@ async def test_cancelling_a_running_training_stops_it_and_writes_no_adapter(
 
     ctx = await load_resources(long_training)
     workers = engine_workers(long_training, ctx, handle_signals=False)
-    tasks = [asyncio.create_task(worker.async_run()) for worker in workers]
+    tasks = [asyncio.create_task(run_worker_forever(w, w.queue_name)) for w in workers]
     owner = Owner(TEST_PLATFORM, "guild-1", "user-4")
     photos = [Upload(f"rex{i}.jpg", make_photo(i)) for i in range(3)]
     try:
@@ -275,7 +274,5 @@ async def test_cancelling_a_running_training_stops_it_and_writes_no_adapter(
             ]
             assert max(steps) < 150
     finally:
-        for worker in workers:
-            await worker.close()
-        for task in tasks:
-            task.cancel()
+        for worker, task in zip(workers, tasks, strict=True):
+            await stop_worker(worker, task)

@@ -30,20 +30,21 @@ import discord
 from discord import app_commands
 
 from bot.adapters.downloads import DISCORD_CDN_HOSTS, Downloader
+from bot.adapters.throttle import EditThrottle
 from bot.config import ConfigError, Settings
 from bot.core.commands import Core
 from bot.core.delivery import Delivery, progress_text
 from bot.core.errors import UserError
 from bot.core.moderation import MOD_HELP, Moderator, parse_duration
 from bot.core.store import Job, Owner
-from engine.api import Progress
+from engine.api import ASPECT_RATIOS, Progress
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 MAX_CONTENT = 2000
 MAX_FILES_PER_MESSAGE = 10
-BUTTON_ID = re.compile(r"dreambot:(?P<action>reroll|vary):(?P<job_id>[0-9a-f]{32})")
+BUTTON_ID = re.compile(r"dreambot:(?P<action>reroll|vary|upscale):(?P<job_id>[0-9a-f]{32})")
 MAX_DISCORD_PHOTOS = 10  # photo1..photo10
 
 DISCORD_MOD_NOTE = (
@@ -97,10 +98,14 @@ def usage_text(core: Core) -> str:
 /train name:<name> class:<class> photo1 … photo{most}
         learn a subject from {settings.min_photos}–{most} photos attached to the command
         e.g. /train name:rex class:dog with photo1, photo2 and photo3 attached
-/imagine prompt:<text> [negative:<text>] [count:1-4] [seed:<number>]
+/imagine prompt:<text> [negative:<text>] [count:1-4] [seed:<number>] [aspect:<shape>]
+        [steps:<n>] [guidance:<x>] [strength:<x>]
         draw a prompt; [V] is your newest subject, [name] a named one
-        e.g. /imagine prompt:a [V] dog wearing a hat
-        under each result: 🎲 Reroll (new seed) and 🔀 Vary (a close variation)
+        e.g. /imagine prompt:a [V] dog wearing a hat aspect:portrait
+        under each result: 🎲 Reroll (new seed), 🔀 Vary (a close variation of the first
+        image) and ⬆️ Upscale (the first image at twice the size)
+/showcase [name:<name>]
+        your subject in the DreamBooth paper's five capabilities, as one grid
 /subjects              list your subjects and their status
 /forget name:<name>    delete a subject, its photos and its adapter
 /quota                 your usage today and when it resets (midnight UTC)
@@ -117,63 +122,6 @@ def destination_of(interaction: discord.Interaction[Any]) -> dict[str, Any]:
     }
 
 
-class EditThrottle:
-    """Coalesces updates per key: at most one send per ``interval`` seconds; the latest wins.
-
-    An update that comes too soon is kept and sent when the interval has passed, so the last
-    state is always shown but a chatty job never exceeds the rate promised to Discord.
-    """
-
-    def __init__(
-        self, interval: float, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep
-    ) -> None:
-        self.interval = interval
-        self.clock = clock
-        self.sleep = sleep
-        self._last: dict[str, float] = {}
-        self._pending: dict[str, Send] = {}
-        self._flushers: dict[str, asyncio.Task[None]] = {}
-
-    async def submit(self, key: str, send: Send) -> None:
-        """Send now if the key's interval has passed, else send the latest update later."""
-        last = self._last.get(key)
-        now = self.clock()
-        if key not in self._flushers and (last is None or now - last >= self.interval):
-            self._last[key] = now
-            await send()
-            return
-        self._pending[key] = send
-        if key not in self._flushers:
-            self._flushers[key] = asyncio.create_task(self._flush_later(key))
-
-    async def _flush_later(self, key: str) -> None:
-        try:
-            while key in self._pending:
-                await self.sleep(max(0.0, self._last[key] + self.interval - self.clock()))
-                send = self._pending.pop(key, None)
-                if send is None:
-                    break
-                self._last[key] = self.clock()
-                try:
-                    await send()
-                except Exception:
-                    log.exception("delayed update of %s failed", key)
-        finally:
-            self._flushers.pop(key, None)
-
-    def sent(self, key: str) -> None:
-        """Record that the key's message was just written another way (e.g. posted)."""
-        self._last[key] = self.clock()
-
-    def forget(self, key: str) -> None:
-        """Drop the key's pending update (its job finished)."""
-        self._pending.pop(key, None)
-        self._last.pop(key, None)
-        task = self._flushers.pop(key, None)
-        if task is not None:
-            task.cancel()
-
-
 @dataclass(frozen=True)
 class Outgoing:
     """One message to post: text, image files, optional buttons."""
@@ -186,8 +134,8 @@ class Outgoing:
 class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=BUTTON_ID.pattern):
     """Reroll / Vary under a generated image; the custom_id carries all it needs after restart."""
 
-    LABELS: ClassVar[dict[str, str]] = {"reroll": "Reroll", "vary": "Vary"}
-    EMOJI: ClassVar[dict[str, str]] = {"reroll": "🎲", "vary": "🔀"}
+    LABELS: ClassVar[dict[str, str]] = {"reroll": "Reroll", "vary": "Vary", "upscale": "Upscale"}
+    EMOJI: ClassVar[dict[str, str]] = {"reroll": "🎲", "vary": "🔀", "upscale": "⬆️"}
 
     def __init__(self, action: str, job_id: str) -> None:
         super().__init__(
@@ -218,10 +166,11 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=BUTTON_
 
 
 def job_buttons(job_id: str) -> discord.ui.View:
-    """The Reroll / Vary buttons for a generation job."""
+    """The Reroll / Vary / Upscale buttons for a generation job."""
     view = discord.ui.View(timeout=None)
     view.add_item(JobButton("reroll", job_id))
     view.add_item(JobButton("vary", job_id))
+    view.add_item(JobButton("upscale", job_id))
     return view
 
 
@@ -324,6 +273,10 @@ class DiscordAdapter:
         negative: str = "",
         count: int | None = None,
         seed: int | None = None,
+        aspect: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        strength: float | None = None,
     ) -> str:
         """/imagine (and the buttons): queue a generation as the interaction's user."""
         receipt = await self.core.imagine(
@@ -333,13 +286,29 @@ class DiscordAdapter:
             count=count,
             seed=seed,
             negative_prompt=negative,
+            aspect=aspect,
+            steps=steps,
+            guidance=guidance,
+            strength=strength,
             roles=role_ids(interaction.user),
         )
         await self._post_queued(interaction, receipt.job_id, "your image", receipt.position)
         return receipt.text
 
+    async def showcase(self, interaction: discord.Interaction[Any], name: str | None) -> str:
+        """/showcase: queue a subject's showcase grid as the interaction's user."""
+        receipt = await self.core.showcase(
+            owner_of(interaction),
+            destination_of(interaction),
+            name,
+            roles=role_ids(interaction.user),
+        )
+        await self._post_queued(interaction, receipt.job_id, "the showcase", receipt.position)
+        return receipt.text
+
     async def click(self, interaction: discord.Interaction[Any], action: str, job_id: str) -> None:
-        """Reroll / Vary: redo a generation with its options, as (and paid by) the clicker.
+        """Reroll / Vary / Upscale: redo a generation with its options, as (and paid by) the
+        clicker.
 
         The core refuses when the image shows someone else's subject.
         """
@@ -350,6 +319,7 @@ class DiscordAdapter:
                 destination_of(interaction),
                 job_id,
                 vary=action == "vary",
+                upscale=action == "upscale",
                 roles=role_ids(interaction.user),
                 mention=lambda user_id: f"<@{user_id}>",
             )
@@ -575,6 +545,16 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
         negative="things to avoid",
         count="how many images (1-4)",
         seed="a number to repeat a result",
+        aspect="the picture's shape (sized for the model)",
+        steps="sampler steps (more: slower, finer)",
+        guidance="how closely to follow the prompt (7.5 is usual)",
+        strength="how strongly your subject shows (1 = as trained)",
+    )
+    @app_commands.choices(
+        aspect=[
+            app_commands.Choice(name=f"{name} ({w}:{h})", value=name)
+            for name, (w, h) in ASPECT_RATIOS.items()
+        ]
     )
     async def imagine(
         interaction: discord.Interaction[Any],
@@ -582,13 +562,32 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
         negative: str | None = None,
         count: app_commands.Range[int, 1, 4] | None = None,
         seed: app_commands.Range[int, 0, 4294967295] | None = None,
+        aspect: app_commands.Choice[str] | None = None,
+        steps: app_commands.Range[int, 1, 150] | None = None,
+        guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
+        strength: app_commands.Range[float, 0.0, 4.0] | None = None,
     ) -> None:
+        # The ranges are Discord's outer bounds; the core checks the configured ones.
         await adapter.respond(
             interaction,
             lambda: adapter.imagine(
-                interaction, prompt, negative=negative or "", count=count, seed=seed
+                interaction,
+                prompt,
+                negative=negative or "",
+                count=count,
+                seed=seed,
+                aspect=aspect.value if aspect else None,
+                steps=steps,
+                guidance=guidance,
+                strength=strength,
             ),
         )
+
+    @tree.command(name="showcase", description="Your subject in the paper's five capabilities")
+    @app_commands.guild_only()
+    @app_commands.describe(name="the subject's name (default: your newest)")
+    async def showcase(interaction: discord.Interaction[Any], name: str | None = None) -> None:
+        await adapter.respond(interaction, lambda: adapter.showcase(interaction, name))
 
     @tree.command(name="subjects", description="List your subjects and their status")
     @app_commands.guild_only()

@@ -29,7 +29,7 @@ WORKSPACE = "local"
 DESTINATION = {"kind": "terminal"}
 PROMPT = "you> "
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
-_OPTION = re.compile(r'\s--(count|seed|no)\s+("[^"]*"|\S+)')
+_OPTION = re.compile(r'\s--(count|seed|no|aspect|steps|guidance|strength)\s+("[^"]*"|\S+)')
 
 
 def _read_lines(
@@ -100,6 +100,8 @@ class ShellAdapter:
         lines = [delivery.text]
         for url in delivery.image_urls:
             lines.append(f"  {await self._local_file(url)}")
+        if delivery.job.kind == "generate" and delivery.image_urls:
+            self.last_generation = delivery.job.id
         self.say("\n".join(lines))
         self._done(delivery.job.id)
 
@@ -165,6 +167,12 @@ class ShellAdapter:
                 await self._train(rest)
             elif command == "/imagine":
                 await self._imagine(rest)
+            elif command == "/showcase":
+                receipt = await self.core.showcase(self.owner, DESTINATION, rest.strip() or None)
+                self._track(receipt.job_id)
+                self.say(receipt.text)
+            elif command in ("/reroll", "/vary", "/upscale"):
+                await self._redo(command[1:], rest)
             elif command == "/subjects":
                 self.say(await self.core.subjects_text(self.owner))
             elif command == "/forget":
@@ -230,8 +238,14 @@ class ShellAdapter:
         try:
             count = int(options["count"]) if "count" in options else None
             seed = int(options["seed"]) if "seed" in options else None
+            steps = int(options["steps"]) if "steps" in options else None
         except ValueError:
-            raise UserError("--count and --seed take whole numbers.") from None
+            raise UserError("--count, --seed and --steps take whole numbers.") from None
+        try:
+            guidance = float(options["guidance"]) if "guidance" in options else None
+            strength = float(options["strength"]) if "strength" in options else None
+        except ValueError:
+            raise UserError("--guidance and --strength take numbers, e.g. 7.5 or 0.8.") from None
         receipt = await self.core.imagine(
             self.owner,
             DESTINATION,
@@ -239,6 +253,29 @@ class ShellAdapter:
             count=count,
             seed=seed,
             negative_prompt=options.get("no", ""),
+            aspect=options["aspect"].lower() if "aspect" in options else None,
+            steps=steps,
+            guidance=guidance,
+            strength=strength,
+        )
+        self._track(receipt.job_id)
+        self.say(receipt.text)
+
+    async def _redo(self, action: str, rest: str) -> None:
+        """/reroll, /vary [image number], /upscale [image number] of the last result here."""
+        if self.last_generation is None:
+            raise UserError(f"Nothing to {action} yet: /imagine something first.")
+        try:
+            number = int(rest.strip() or "1")
+        except ValueError:
+            raise UserError(f"Usage: /{action} [image number, from 1]") from None
+        receipt = await self.core.reimagine(
+            self.owner,
+            DESTINATION,
+            self.last_generation,
+            vary=action == "vary",
+            upscale=action == "upscale",
+            index=number - 1,
         )
         self._track(receipt.job_id)
         self.say(receipt.text)

@@ -28,11 +28,15 @@ from bot.core.quotas import Quotas, check_allowance
 from bot.core.store import Owner, Store, Subject, utcnow
 from bot.core.tokens import pick_token
 from engine.api import (
+    ALL_ENGINE_QUEUES,
+    ASPECT_RATIOS,
     ENGINE_QUEUES,
     GENERATE,
+    SHOWCASE,
     TRAIN_SUBJECT,
     AdapterRef,
     GenerateRequest,
+    ShowcaseRequest,
     TrainRequest,
     bot_queue,
 )
@@ -52,7 +56,12 @@ SHELL_USAGE = """\
                                   e.g. /train rex dog a.jpg b.jpg c.jpg
 /imagine <prompt>                 draw a prompt; [V] is your newest subject, [name] a named one
                                   e.g. /imagine a [V] dog wearing a hat
-                                  options: --count N (1-4), --seed N, --no "things to avoid"
+                                  options: --count N (1-4), --seed N, --no "things to avoid",
+                                  --aspect square|portrait|landscape|wide, --steps N,
+                                  --guidance X, --strength X (how strongly your subject shows)
+/reroll, /vary [N], /upscale [N]  redo your last result: new seed, a close variation of
+                                  image N, or image N at twice the size
+/showcase [name]                  your subject in the DreamBooth paper's five capabilities
 /subjects                         list your subjects and their status
 /forget <name>                    delete a subject, its photos and its adapter
 /quota                            your usage today and when it resets (midnight UTC)
@@ -61,6 +70,9 @@ SHELL_USAGE = """\
 """How the commands are typed in the shell; other adapters pass their own to ``help_text``."""
 
 HELP = f"{HELP_INTRO}\n\n{SHELL_USAGE}"
+
+SHOWCASE_CELLS = 10
+"""Images in a showcase grid (five capabilities, two prompts each; see engine.showcase)."""
 
 _ACTIVE_REF = re.compile(r"\[\s*[vV]\s*\]")
 
@@ -111,12 +123,16 @@ class Core:
         uploads: list[Upload],
         *,
         roles: Sequence[str] = (),
+        model: str | None = None,
     ) -> Receipt:
         """Check and store the photos, record the subject and queue its training.
 
         ``roles`` are the caller's platform role ids, for role-based quota overrides.
+        ``model`` names one of the configured base models (default: the default one); the
+        subject is drawn on that model from then on.
         """
         await self.moderation.check_not_banned(owner)
+        base_model = self._base_model_named(model)
         name, class_noun = name.strip(), " ".join(class_noun.lower().split())
         if not SUBJECT_NAME.match(name) or name.lower() == "v":
             raise UserError(
@@ -145,7 +161,7 @@ class Core:
         photos_url = f"{subject_url}/photos"
         photo_urls = [f"{photos_url}/{i:02d}.png" for i in range(len(photos))]
         subject = await self._insert_subject(
-            owner, subject_id, name, class_noun, photos_url, len(photos)
+            owner, subject_id, name, class_noun, photos_url, len(photos), base_model
         )
         job_id = uuid.uuid4().hex
         try:
@@ -167,10 +183,11 @@ class Core:
                 subject_id=subject_id,
                 token=subject.token,
                 class_noun=class_noun,
+                name=name,
                 photo_urls=photo_urls,
                 adapter_url=f"{subject_url}/adapter.safetensors",
                 samples_url=f"{subject_url}/samples",
-                base_model=self.settings.base_model,
+                base_model=base_model,
                 steps=self.settings.train_steps,
             )
             position = await self._enqueue(TRAIN_SUBJECT, job_id, request.model_dump())
@@ -197,13 +214,23 @@ class Core:
         negative_prompt: str = "",
         width: int | None = None,
         height: int | None = None,
+        aspect: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        strength: float | None = None,
+        init_image_url: str | None = None,
+        init_strength: float | None = None,
         roles: Sequence[str] = (),
     ) -> Receipt:
         """Resolve the prompt's subjects, check it against the rules and quotas, queue it.
 
         ``roles`` are the caller's platform role ids, for role-based quota overrides.
-        ``width``/``height`` (multiples of 8) default to the base model's native size.
-        The options are stored with the job, so ``reimagine`` can repeat them.
+        ``width``/``height`` (multiples of 8) default to the base model's native size;
+        ``aspect`` (square, portrait, landscape, wide) lets the engine pick a size its model
+        draws well. ``steps`` and ``guidance`` are bounded by the configuration; ``strength``
+        is the subjects' LoRA scale (1 = as trained). ``init_image_url``/``init_strength``
+        start from an earlier image (Vary, Upscale). The options are stored with the job, so
+        ``reimagine`` can repeat them.
         """
         await self.moderation.check_not_banned(owner)
         count = self.settings.images_per_prompt if count is None else count
@@ -214,6 +241,7 @@ class Core:
         for side in (width, height):
             if side is not None and (side % 8 or not 64 <= side <= 2048):
                 raise UserError("width and height must be multiples of 8 from 64 to 2048.")
+        self._check_generation_options(aspect, steps, guidance, strength)
         subjects = await self.store.list_subjects(owner)
         resolved = resolve_prompt(prompt, subjects, max_chars=self.settings.max_prompt_chars)
         negative = (
@@ -222,6 +250,7 @@ class Core:
             else ""
         )
         await self.moderation.check_prompt(owner, resolved.text, negative)
+        base_model = _common_base_model(resolved.subjects, self.settings.base_model)
         await self._check_queue_space()
         limits = await self.quotas.limits(owner, roles)
         seed = random.SystemRandom().randrange(2**32) if seed is None else seed
@@ -233,15 +262,24 @@ class Core:
             negative_prompt=negative,
             count=count,
             seed=seed,
-            steps=self.settings.generate_steps,
-            guidance=self.settings.guidance_scale,
+            steps=steps or self.settings.generate_steps,
+            guidance=self.settings.guidance_scale if guidance is None else guidance,
             width=width,
             height=height,
+            aspect=aspect,
             adapters=[
-                AdapterRef(name=s.id, url=s.adapter_url or "", scale=1.0) for s in resolved.subjects
+                AdapterRef(
+                    name=s.id,
+                    url=s.adapter_url or "",
+                    scale=1.0 if strength is None else strength,
+                    token=s.token,
+                )
+                for s in resolved.subjects
             ],
             output_url=self.artifacts.url("outputs", job_id),
-            base_model=self.settings.base_model,
+            base_model=base_model,
+            init_image_url=init_image_url,
+            init_strength=0.5 if init_strength is None else init_strength,
         )
         subject_id = resolved.subjects[0].id if resolved.subjects else None
         options = {
@@ -253,6 +291,9 @@ class Core:
             "width": width,
             "height": height,
         }
+        # Only what was asked for, so older jobs and plain requests keep their shape.
+        extra = {"aspect": aspect, "steps": steps, "guidance": guidance, "strength": strength}
+        options.update({key: value for key, value in extra.items() if value is not None})
         await self.store.reserve_job(
             job_id,
             "generate",
@@ -284,10 +325,13 @@ class Core:
         job_id: str,
         *,
         vary: bool = False,
+        upscale: bool = False,
+        index: int = 0,
         roles: Sequence[str] = (),
         mention: Callable[[str], str] = str,
     ) -> Receipt:
-        """Reroll (new seed) or Vary (the next seed) a generation, as ``owner``.
+        """Reroll (new seed), Vary (img2img close to image ``index``) or Upscale (image
+        ``index`` at ``upscale_factor`` times the size) a generation, as ``owner``.
 
         Whoever clicks queues the job and pays for it from their own quota, with the original
         prompt, negative prompt, count and size. A prompt that uses a subject may only be
@@ -308,12 +352,41 @@ class Core:
                 f"Only {mention(job.owner.user_id)} can reroll images of their subject. "
                 "Nothing was queued; draw your own with /imagine."
             )
-        seed = None
-        if vary:
-            original = result.get("seed", options.get("seed"))
-            if isinstance(original, int):
-                seed = (original + 1) % 2**32
+        if options.get("showcase"):
+            raise UserError("That was a showcase; run /showcase again for a new one.")
         count = options.get("count") or len(result.get("image_urls") or []) or None
+        repeat: dict[str, Any] = {
+            key: options.get(key)
+            for key in ("width", "height", "aspect", "steps", "guidance", "strength")
+        }
+        seed = None
+        if vary or upscale:
+            # Vary: img2img from the chosen image at a low strength, with its seed, so the
+            # result stays close to it. Upscale: the same at a larger size (or, with an
+            # upscale strength of 0, a plain resize).
+            urls = result.get("image_urls") or []
+            if not urls:
+                raise UserError("That image isn't finished yet; try again when it is posted.")
+            if not 0 <= index < len(urls):
+                raise UserError(f"Pick an image from 1 to {len(urls)}.")
+            original = result.get("seed", options.get("seed"))
+            seed = original if isinstance(original, int) else None
+            repeat["init_image_url"] = urls[index]
+            repeat["init_strength"] = self.settings.vary_strength
+            if upscale:
+                factor = self.settings.upscale_factor
+                width, height = result.get("width"), result.get("height")
+                if not isinstance(width, int) or not isinstance(height, int):
+                    raise UserError("I no longer know that image's size; use /imagine instead.")
+                if max(width, height) * factor > 2048:
+                    raise UserError("That image is as large as I make them.")
+                repeat.update(
+                    width=width * factor,
+                    height=height * factor,
+                    aspect=None,
+                    init_strength=self.settings.upscale_strength,
+                )
+                count = 1
         return await self.imagine(
             owner,
             destination,
@@ -321,9 +394,67 @@ class Core:
             count=count,
             seed=seed,
             negative_prompt=negative,
-            width=options.get("width"),
-            height=options.get("height"),
             roles=roles,
+            **repeat,
+        )
+
+    async def showcase(
+        self,
+        owner: Owner,
+        destination: dict[str, Any],
+        name: str | None = None,
+        *,
+        roles: Sequence[str] = (),
+    ) -> Receipt:
+        """/showcase [name]: one grid of the subject in the DreamBooth paper's five
+        capabilities (two prompts each, chosen for a living thing or an object).
+
+        Without ``name``, the caller's newest ready subject ([V]). Costs one image per cell.
+        """
+        await self.moderation.check_not_banned(owner)
+        subjects = await self.store.list_subjects(owner)
+        # The prompt resolver gives the same messages as /imagine for unknown or unready names.
+        reference = f"[{name.strip()}]" if name and name.strip() else "[V]"
+        [subject] = resolve_prompt(reference, subjects, max_chars=10_000).subjects
+        await self._check_queue_space()
+        limits = await self.quotas.limits(owner, roles)
+        units = SHOWCASE_CELLS
+        job_id = uuid.uuid4().hex
+        request = ShowcaseRequest(
+            job_id=job_id,
+            reply_queue=bot_queue(self.platform),
+            subject=AdapterRef(name=subject.id, url=subject.adapter_url or "", token=subject.token),
+            token=subject.token,
+            class_noun=subject.class_noun,
+            name=subject.name,
+            seed=random.SystemRandom().randrange(2**32),
+            steps=self.settings.generate_steps,
+            output_url=self.artifacts.url("outputs", job_id),
+            base_model=subject.base_model,
+        )
+        await self.store.reserve_job(
+            job_id,
+            "generate",
+            owner,
+            destination,
+            subject_id=subject.id,
+            prompt=f"showcase of {subject.name}",
+            options={"showcase": subject.name, "seed": request.seed},
+            usage_kind="images",
+            units=units,
+            check=functools.partial(check_allowance, limits, kind="images", units=units),
+        )
+        try:
+            position = await self._enqueue(SHOWCASE, job_id, request.model_dump())
+        except BaseException:
+            await self.store.delete_job(job_id)
+            raise
+        return Receipt(
+            job_id,
+            position,
+            f"Drawing the showcase of {subject.name}: {units} images in one grid "
+            f"(recontextualisation, art renditions, novel views, property modification, "
+            f"accessorisation): queued (position {position}).",
         )
 
     async def list_subjects(self, owner: Owner) -> list[Subject]:
@@ -389,6 +520,7 @@ class Core:
         class_noun: str,
         photos_url: str,
         photo_count: int,
+        base_model: str,
     ) -> Subject:
         for _ in range(5):
             taken = await self.store.workspace_tokens(owner.platform, owner.workspace)
@@ -403,7 +535,7 @@ class Core:
                 adapter_url=None,
                 photos_url=photos_url,
                 photo_count=photo_count,
-                base_model=self.settings.base_model,
+                base_model=base_model,
                 error=None,
                 created_at=now,
                 updated_at=now,
@@ -417,10 +549,43 @@ class Core:
                     raise UserError(f"You already have a subject called {name}.") from None
         raise RuntimeError("could not allocate a unique subject token")
 
+    def _base_model_named(self, model: str | None) -> str:
+        """The configured base model ``model`` names (None or blank: the default one)."""
+        names = self.settings.model_names
+        if model is None or not model.strip():
+            return self.settings.base_model
+        wanted = model.strip()
+        for name in names:
+            if name.lower() == wanted.lower():
+                return name
+        raise UserError(
+            f"There is no model called '{wanted}'. Models: {', '.join(names)} "
+            f"(default {self.settings.base_model})."
+        )
+
+    def _check_generation_options(
+        self,
+        aspect: str | None,
+        steps: int | None,
+        guidance: float | None,
+        strength: float | None,
+    ) -> None:
+        settings = self.settings
+        if aspect is not None and aspect not in ASPECT_RATIOS:
+            raise UserError(f"aspect must be one of {', '.join(ASPECT_RATIOS)}.")
+        if steps is not None and not 1 <= steps <= settings.generate_max_steps:
+            raise UserError(f"steps must be from 1 to {settings.generate_max_steps}.")
+        if guidance is not None and not 0 <= guidance <= settings.guidance_max:
+            raise UserError(f"guidance must be from 0 to {settings.guidance_max:g}.")
+        if strength is not None and not 0 <= strength <= settings.subject_strength_max:
+            raise UserError(
+                f"strength must be from 0 to {settings.subject_strength_max:g} (1 is as trained)."
+            )
+
     async def _check_queue_space(self) -> None:
         try:
             waiting = 0
-            for queue in ENGINE_QUEUES.values():
+            for queue in ALL_ENGINE_QUEUES:
                 waiting += await self.queue.zcard(queue)
         except (RedisError, OSError) as exc:
             raise _queue_down() from exc
@@ -446,6 +611,19 @@ def _pin_active(prompt: str, subjects: Sequence[Subject]) -> str:
     if not ready:
         return prompt
     return _ACTIVE_REF.sub(f"[{ready[0].name}]", prompt)
+
+
+def _common_base_model(subjects: Sequence[Subject], default: str) -> str:
+    """The base model the prompt's subjects were trained on (an adapter only works on its own
+    model); ``default`` for a prompt without subjects."""
+    models = sorted({subject.base_model for subject in subjects})
+    if len(models) > 1:
+        names = ", ".join(f"{s.name} ({s.base_model})" for s in subjects)
+        raise UserError(
+            f"Those subjects were trained on different base models ({names}), so one image "
+            "can't hold them all. Nothing was queued."
+        )
+    return models[0] if models else default
 
 
 def _queue_down() -> UserError:

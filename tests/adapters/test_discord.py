@@ -257,7 +257,14 @@ async def test_commands_are_synced_to_the_dev_guild_when_one_is_set(
     [sync] = fake_discord.find("PUT", "/commands")
     assert sync.path == f"/api/v10/applications/{APP_ID}/guilds/{GUILD_ID}/commands"
     commands = {command["name"]: command for command in sync.json}
-    assert set(commands) == {"train", "imagine", "subjects", "forget", "quota", "help", "mod"}
+    assert set(commands) == {
+        "train", "imagine", "showcase", "subjects", "forget", "quota", "help", "mod",
+    }  # fmt: skip
+    imagine_options = {o["name"]: o for o in commands["imagine"]["options"]}
+    assert [c["value"] for c in imagine_options["aspect"]["choices"]] == [
+        "square", "portrait", "landscape", "wide",
+    ]  # fmt: skip
+    assert {"steps", "guidance", "strength"} <= set(imagine_options)
     # Discord shows /mod only to members with Manage Server (the adapter checks regardless).
     assert int(commands["mod"]["default_member_permissions"]) == MANAGE_GUILD
     assert commands["mod"]["contexts"] == [0]  # guild only
@@ -356,7 +363,8 @@ async def ready_subject(runtime: BotRuntime, owner: Owner, name: str, token: str
     return subject
 
 
-@pytest.mark.parametrize(("action", "expected_seed"), [("reroll", None), ("vary", 8)])
+# Vary keeps the seed and starts from the first image (img2img at a low strength).
+@pytest.mark.parametrize(("action", "expected_seed"), [("reroll", None), ("vary", 7)])
 async def test_a_button_click_after_a_restart_redraws_for_the_clicking_user(
     runtime: BotRuntime,
     fake_discord: FakeDiscord,
@@ -385,8 +393,10 @@ async def test_a_button_click_after_a_restart_redraws_for_the_clicking_user(
     request = (await ArqJob(new_job.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]
     if expected_seed is None:
         assert f"(seed {request['seed']})" in (reply.content or "")
+        assert request["init_image_url"] is None
     else:
         assert request["seed"] == expected_seed
+        assert request["init_image_url"]
 
 
 # The sink: progress, results, failures.
@@ -504,6 +514,7 @@ async def test_a_result_is_a_channel_message_with_files_buttons_and_a_mention(
     assert [b["custom_id"] for b in buttons] == [
         f"dreambot:reroll:{job.id}",
         f"dreambot:vary:{job.id}",
+        f"dreambot:upscale:{job.id}",
     ]
     [closing] = fake_discord.find("PATCH", "/channels/")
     assert "done" in (closing.content or "")
@@ -669,7 +680,7 @@ async def test_the_owner_can_vary_an_image_of_their_subject_even_after_training_
 
     reply = await click(runtime, fake_discord, clock, f"dreambot:vary:{job_id}", USER_ID)
 
-    assert (reply.content or "").startswith("Drawing 1 image (seed 42)")
+    assert (reply.content or "").startswith("Drawing 1 image (seed 41)")
     [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
     request = await queued_request(runtime, new_job.id)
     assert request["prompt"] == "a zqv dog on the beach"  # still rex

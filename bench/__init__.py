@@ -1,0 +1,1 @@
+"""Benchmarks: ``bench/train.py`` (training vs diffusers' script) and ``bench/generate.py``."""

@@ -1,0 +1,316 @@
+"""Generation benchmark: latency, throughput and subject switching of ``engine.generation``.
+
+On the tiny offline model (default, CPU) or the real SD 1.5 architecture with random weights
+(``--full``, meant for ``--device cuda``). Two subjects are trained briefly with the engine's
+trainer, then one warm :class:`engine.generation.Generator` is measured:
+
+- first-image latency right after loading, one warm image, a batch of four (images/s);
+- the first use of a subject (its adapter file is read); the switch between two cached
+  subjects, as the difference between the medians of 1-step images alternating A↔B and
+  repeating A (1-step images keep the switch from drowning in the noise of full generations);
+- a full pipeline reload + generation, what a server without adapter switching pays;
+- the reference path: a plain diffusers pipeline doing ``load_lora_weights`` → generate →
+  ``unload_lora_weights`` for every request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's engine/bench
+
+from bench.machine import describe_device, library_versions, peak_rss_mib, today
+from bench.photos import subject_photos
+from bench.results import RESULTS_FILE, Row, append_results, format_table
+
+COLUMNS = ["measure", "value", "unit", "CPU s", "÷ one generation"]
+SAME_SUBJECT = "one image, same subject again"
+"""The row every time is divided by: one warm generation with a subject."""
+SWITCH_COST = "switch cost (difference of the two above)"
+SUBJECTS = (("subject-a", "sks"), ("subject-b", "zwx"))
+"""(adapter name, token) of the two benchmark subjects."""
+PROMPT = "a photo of {token} toy on the beach"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps", type=int, help="denoising steps (default 25; 2 for --full on CPU)"
+    )
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per median")
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        help="training steps per subject (default 10; 1 for --full on CPU)",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's choice); 1 gives steadier figures when other "
+        "processes share the cores",
+    )
+    parser.add_argument("--full", action="store_true", help="SD 1.5 architecture, random weights")
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip the plain diffusers load/unload path"
+    )
+    parser.add_argument("--work-dir", type=Path, help="scratch folder (default: a temp folder)")
+    parser.add_argument("--results", type=Path, default=RESULTS_FILE)
+    parser.add_argument("--no-results", action="store_true", help="print only, append nothing")
+    return parser.parse_args(argv)
+
+
+class Timing(NamedTuple):
+    """How long something took: wall-clock seconds and this process's CPU seconds."""
+
+    wall: float
+    cpu: float
+
+
+def timed(action: Callable[[], object]) -> Timing:
+    """Time ``action()``, with the GPU's queued work included."""
+    import torch
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    action()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def median_time(actions: Sequence[Callable[[], object]], runs: int) -> Timing:
+    """Medians of ``runs`` timings, cycling through ``actions`` (one, or several to alternate)."""
+    timings = [timed(actions[i % len(actions)]) for i in range(runs)]
+    return Timing(
+        statistics.median(t.wall for t in timings), statistics.median(t.cpu for t in timings)
+    )
+
+
+def row(measure: str, timing: Timing) -> Row:
+    """A table row for a time: wall seconds, with CPU seconds beside them."""
+    return {"measure": measure, "value": timing.wall, "unit": "s", "CPU s": timing.cpu}
+
+
+def build_model(work: Path, full: bool, device: str) -> Path:
+    """The base model folder: the tiny model, or a saved random SD 1.5 (``--full``)."""
+    from engine.models import default_dtype
+    from engine.tiny import build_tiny_model
+
+    tiny = build_tiny_model(work / "tiny-model")
+    if not full:
+        return tiny
+    from bench.full_size import build_random_sd15
+
+    pipe = build_random_sd15(tiny / "tokenizer", device="cpu", dtype=default_dtype(device))
+    pipe.save_pretrained(work / "sd15-random", safe_serialization=True)
+    return work / "sd15-random"
+
+
+def train_subjects(pipe: object, work: Path, steps: int) -> list[tuple[str, Path]]:
+    """Train each benchmark subject briefly (no priors) and save its adapter file."""
+    from engine.training import TrainConfig, native_resolution, save_adapter, train_lora
+
+    size = native_resolution(pipe)  # type: ignore[arg-type]
+    adapters = []
+    for seed, (name, token) in enumerate(SUBJECTS):
+        cfg = TrainConfig(steps=steps, prior_loss_weight=0.0, class_images=0, seed=seed)
+        photos = subject_photos(4, size, seed=seed)
+        outcome = train_lora(pipe, photos, [], token, "toy", cfg)  # type: ignore[arg-type]
+        path = work / "adapters" / f"{name}.safetensors"
+        save_adapter(outcome.state_dict, path, {"token": token}, lora_config=outcome.lora_config)
+        adapters.append((name, path))
+    return adapters
+
+
+def measure_generator(
+    model: Path, adapters: list[tuple[str, Path]], args: argparse.Namespace
+) -> tuple[list[Row], Timing]:
+    """The engine's warm Generator: load, latency, throughput, subject switching, reload."""
+    from engine.generation import Generator
+    from engine.models import load_pipeline
+
+    (a_name, a_path), (b_name, b_path) = adapters
+    tokens = dict(SUBJECTS)
+    options = dict(guidance=args.guidance, seed=1)
+
+    def request(
+        count: int = 1, subject: tuple[str, Path] | None = None, steps: int = args.steps
+    ) -> Callable[[], object]:
+        if subject is None:
+            prompt, adapters_ = PROMPT.format(token="a"), []
+        else:
+            name, path = subject
+            prompt, adapters_ = PROMPT.format(token=tokens[name]), [(name, path, 1.0)]
+        return lambda: generator.generate(
+            prompt, count=count, adapters=adapters_, steps=steps, **options
+        )
+
+    generator: Generator
+    started = time.perf_counter(), time.process_time()
+    pipe = load_pipeline(model, device=args.device)
+    generator = Generator(pipe)
+    load = Timing(time.perf_counter() - started[0], time.process_time() - started[1])
+    first = timed(request())
+    one = median_time([request()], args.repeats)
+    batch = median_time([request(count=4)], args.repeats)
+
+    first_a = timed(request(subject=(a_name, a_path)))  # reads A's file
+    first_b = timed(request(subject=(b_name, b_path)))  # reads B's file
+    same = median_time([request(subject=(a_name, a_path))], args.repeats)
+    # The switch is a small part of a generation: measured on 1-step images, many times, so
+    # the difference of two medians is not lost in the noise of full generations.
+    same_1 = median_time([request(subject=(a_name, a_path), steps=1)], 6 * args.repeats)
+    switching_1 = median_time(
+        [request(subject=(b_name, b_path), steps=1), request(subject=(a_name, a_path), steps=1)],
+        6 * args.repeats,
+    )
+    switch = Timing(switching_1.wall - same_1.wall, switching_1.cpu - same_1.cpu)
+
+    def reload_and_generate() -> None:
+        nonlocal generator
+        generator = Generator(load_pipeline(model, device=args.device))
+        request(subject=(b_name, b_path))()
+
+    reload = median_time([reload_and_generate], max(2, args.repeats // 2))
+    rows = [
+        row("load (load_pipeline + Generator)", load),
+        row("first image after load", first),
+        row("one image, warm (no subject)", one),
+        row("batch of 4", batch),
+        {"measure": "throughput, batches of 4", "value": 4 / batch.wall, "unit": "images/s"},
+        row(SAME_SUBJECT, same),
+        row("first use of subject A (first adapter loaded)", first_a),
+        row("first use of subject B (reads its file)", first_b),
+        row("1-step image, same subject again", same_1),
+        row("1-step image, switching subject A↔B", switching_1),
+        row(SWITCH_COST, switch),
+        row("full reload + one image with subject B", reload),
+    ]
+    return rows, same_1
+
+
+def measure_reference(
+    model: Path, adapters: list[tuple[str, Path]], args: argparse.Namespace, ours_same_1: Timing
+) -> list[Row]:
+    """Plain diffusers: load_lora_weights → generate → unload_lora_weights, per request."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from engine.models import default_dtype
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model, dtype=default_dtype(args.device), safety_checker=None, local_files_only=True
+    ).to(args.device)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    tokens = dict(SUBJECTS)
+
+    def serve(name: str, path: Path, steps: int = args.steps) -> None:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+        pipe(
+            PROMPT.format(token=tokens[name]),
+            num_inference_steps=steps,
+            guidance_scale=args.guidance,
+            generator=torch.Generator(args.device).manual_seed(1),
+        )
+        pipe.unload_lora_weights()
+
+    serve(*adapters[0])  # warm-up, as the Generator had its first image
+    serving = [lambda: serve(*adapters[0]), lambda: serve(*adapters[1])]
+    full = median_time(serving, 2 * args.repeats)
+    serving_1 = [lambda: serve(*adapters[0], steps=1), lambda: serve(*adapters[1], steps=1)]
+    one_step = median_time(serving_1, 6 * args.repeats)
+    overhead = Timing(one_step.wall - ours_same_1.wall, one_step.cpu - ours_same_1.cpu)
+    return [
+        row("reference: load_lora_weights + image + unload_lora_weights", full),
+        row("reference: the same with a 1-step image", one_step),
+        row("reference: per-request adapter cost (vs our 1-step same subject)", overhead),
+    ]
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Fill the last column: each time in units of one warm same-subject generation."""
+    one = next(r["value"] for r in rows if r["measure"] == SAME_SUBJECT)
+    for row_ in rows:
+        if row_["unit"] == "s" and not str(row_["measure"]).startswith("load"):
+            row_["÷ one generation"] = f"{row_['value'] / one:.3f}"  # type: ignore[operator]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import diffusers
+    import torch
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # load_lora_weights notes on every load that the adapters have no text-encoder part.
+    diffusers.utils.logging.set_verbosity_error()
+    if args.steps is None:
+        args.steps = 2 if args.full and args.device == "cpu" else 25
+    if args.train_steps is None:
+        args.train_steps = 1 if args.full and args.device == "cpu" else 10
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dreambot-bench-generate-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        from engine.models import load_pipeline
+        from engine.training import native_resolution
+
+        model = build_model(work, args.full, args.device)
+        trainer_pipe = load_pipeline(model, device=args.device)
+        adapters = train_subjects(trainer_pipe, work, args.train_steps)
+        size = native_resolution(trainer_pipe)
+        del trainer_pipe
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        rows, same_1 = measure_generator(model, adapters, args)
+        if not args.no_reference:
+            rows += measure_reference(model, adapters, args, same_1)
+        add_ratios(rows)
+        rows.append({"measure": "peak RSS of this process", "value": peak_rss_mib(), "unit": "MiB"})
+        if torch.cuda.is_available() and args.device.startswith("cuda"):
+            rows.append(
+                {
+                    "measure": "peak GPU memory while generating",
+                    "value": torch.cuda.max_memory_allocated() / 2**20,
+                    "unit": "MiB",
+                }
+            )
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    model_name = "SD 1.5 architecture, random weights" if args.full else "tiny SD 1.x-shaped"
+    context = [
+        f"device: {describe_device(args.device)}; 1-min load average {os.getloadavg()[0]:.1f} "
+        "at the end (other processes share these cores)",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()),
+        f"model: {model_name}, {size} px; {args.steps} DPM-Solver++ steps, guidance "
+        f"{args.guidance}, 1 image unless said; torch threads {torch.get_num_threads()}; "
+        f"medians of {args.repeats} runs, of {6 * args.repeats} for 1-step images; "
+        f"subjects trained {args.train_steps} steps",
+        "switch cost: median of 1-step images alternating between two cached subjects minus "
+        "the median of 1-step images repeating one subject",
+    ]
+    print()
+    print(format_table(COLUMNS, rows))
+    if not args.no_results:
+        append_results(
+            f"generate, {model_name} — {today()}", context, COLUMNS, rows, path=args.results
+        )
+        print(f"\nappended to {args.results}")
+
+
+if __name__ == "__main__":
+    main()

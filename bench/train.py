@@ -1,0 +1,556 @@
+"""Training benchmark: our DreamBooth LoRA trainer vs diffusers' own script, side by side.
+
+Default mode, on the tiny offline model (CPU): the same synthetic photos, class images, steps,
+rank, resolution, learning rate and prior settings go to
+
+- ours: ``engine.training.train_lora`` (``bench/train_ours.py``), and
+- theirs: diffusers' ``examples/dreambooth/train_dreambooth_lora.py`` from a checkout at a
+  pinned version, run unchanged (``bench/train_diffusers.py`` only times its progress bar).
+
+Both run as child processes of one Python, the bench virtual environment (``--venv``), because
+diffusers' script needs torchvision. Measured per run: wall time of the whole process, time per
+step after warm-up, peak RSS; then the ratio ours/theirs. The class images are drawn once by
+the engine's ``generate_class_images`` (a row of its own) and given to both trainers.
+
+``--full`` builds the real SD 1.5 architecture with random weights instead and times our
+trainer at 512 px in this process (``--device cuda`` on a GPU; a 2-step smoke run on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's engine/bench
+
+from bench.machine import describe_device, library_versions, peak_rss_mib, today
+from bench.photos import save_photos, subject_photos
+from bench.results import RESULTS_FILE, Row, append_results, format_table
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+DIFFUSERS_SCRIPT = Path("dreambooth") / "train_dreambooth_lora.py"
+BENCH_VENV_HELP = """\
+The diffusers comparison needs its own virtual environment (the script imports torchvision):
+  python3 -m venv {venv}
+  {venv}/bin/pip install torch==2.14.1 torchvision==0.29.1
+  {venv}/bin/pip install diffusers=={diffusers} transformers accelerate peft safetensors pillow
+or simply `make bench-venv`. Then pass --venv {venv} (or set DREAMBOT_BENCH_VENV)."""
+DIFFUSERS_HELP = """\
+The diffusers comparison needs a checkout of diffusers' examples at a pinned version, e.g.
+  git clone --depth 1 --branch v0.40.0 https://github.com/huggingface/diffusers {where}
+then pass --diffusers-examples {where}/examples (or set DREAMBOT_DIFFUSERS_EXAMPLES)."""
+
+TOKEN = "sks"
+CLASS_NOUN = "toy"
+TRAIN_COLUMNS = [
+    "run",
+    "wall s",
+    "CPU s",
+    "s/step (after warm-up)",
+    "CPU s/step",
+    "steps/s",
+    "peak RSS MiB",
+]
+PRIOR_COLUMNS = ["class priors", "images", "denoising steps", "generation s"]
+
+
+Paths = dict[str, Path]
+"""Named input folders shared by the runs: model, photos, class_dir (and output)."""
+
+
+@dataclass
+class ChildRun:
+    """A finished child process: its wall time, peak RSS and its own JSON report."""
+
+    wall_s: float
+    cpu_s: float
+    peak_rss_mib: float
+    report: dict[str, object]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=60, help="training steps for both trainers")
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of s/step")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each trainer (medians are reported)"
+    )
+    parser.add_argument("--photos", type=int, default=5, help="synthetic subject photos")
+    parser.add_argument("--class-images", type=int, default=8, help="class-prior images")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=64, help="tiny model's native size")
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads of each trainer (OMP_NUM_THREADS; default: torch's choice). "
+        "1 gives steadier figures when other processes share the cores",
+    )
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        default=os.environ.get("DREAMBOT_BENCH_VENV"),
+        help="virtual environment with torchvision that runs both trainers "
+        "(default $DREAMBOT_BENCH_VENV; without it only ours runs, in this Python)",
+    )
+    parser.add_argument(
+        "--diffusers-examples",
+        type=Path,
+        default=os.environ.get("DREAMBOT_DIFFUSERS_EXAMPLES"),
+        help="diffusers' examples/ folder at a pinned version (default "
+        "$DREAMBOT_DIFFUSERS_EXAMPLES); without it the comparison is skipped",
+    )
+    parser.add_argument(
+        "--diffusers-version-label",
+        default=os.environ.get("DREAMBOT_DIFFUSERS_EXAMPLES_VERSION", ""),
+        help="the tag/commit of that checkout, recorded with the results",
+    )
+    parser.add_argument("--work-dir", type=Path, help="scratch folder (default: a temp folder)")
+    parser.add_argument("--results", type=Path, default=RESULTS_FILE)
+    parser.add_argument("--no-results", action="store_true", help="print only, append nothing")
+    full = parser.add_argument_group("full-size mode (real SD 1.5 architecture, random weights)")
+    full.add_argument("--full", action="store_true")
+    full.add_argument("--device", default="cpu", help="cpu or cuda (full-size mode)")
+    full.add_argument("--full-steps", type=int, help="default: 2 on a CPU, 100 on a GPU")
+    full.add_argument("--no-prior", action="store_true", help="full-size mode without priors")
+    full.add_argument(
+        "--cfg",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="extra TrainConfig field for the full-size run (JSON value), e.g. "
+        "--cfg batch_size=2; repeatable",
+    )
+    return parser.parse_args(argv)
+
+
+def child_environment(threads: int | None) -> dict[str, str]:
+    """The environment of every child: offline, this checkout's packages first, ``threads``."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_child(command: list[str], report: Path, log: Path, *, threads: int | None) -> ChildRun:
+    """Run ``command`` to the end; wall time and peak RSS are the kernel's for that process."""
+    with log.open("w", encoding="utf-8") as output:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            command,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=child_environment(threads),
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+        wall_s = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-4000:]
+        raise RuntimeError(f"{command[1]} failed ({process.returncode}); log {log}:\n{tail}")
+    return ChildRun(
+        wall_s=wall_s,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        peak_rss_mib=usage.ru_maxrss / 1024,  # Linux: KiB
+        report=json.loads(report.read_text(encoding="utf-8")),
+    )
+
+
+def seconds_per_step(step_times: list[float], warmup: int) -> float | None:
+    """Mean time per step after the first ``warmup`` steps, from end-of-step timestamps."""
+    if len(step_times) <= warmup + 1:
+        return None
+    done = step_times[warmup:]
+    return (done[-1] - done[0]) / (len(done) - 1)
+
+
+def find_diffusers_script(examples: Path | None) -> Path | None:
+    """The DreamBooth LoRA script inside ``examples`` (the script itself is accepted too)."""
+    if examples is None:
+        return None
+    for candidate in (
+        examples,
+        examples / DIFFUSERS_SCRIPT,
+        examples / "examples" / DIFFUSERS_SCRIPT,
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def prepare_inputs(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """Build the tiny model and write the subject photos; return (model, photo folder)."""
+    from engine.tiny import build_tiny_model
+
+    model = build_tiny_model(work / "tiny-model", seed=args.seed)
+    photos = work / "instance"
+    save_photos(subject_photos(args.photos, args.resolution * 3 // 2, seed=args.seed), photos, "me")
+    return model, photos
+
+
+def ours_command(python: str, args: argparse.Namespace, work: Path, **paths: Path) -> list[str]:
+    """The command line of one ``bench/train_ours.py`` run."""
+    return [
+        python,
+        str(BENCH / "train_ours.py"),
+        "--model", str(paths["model"]),
+        "--instance-dir", str(paths["photos"]),
+        "--class-dir", str(paths["class_dir"]),
+        "--output", str(work / "ours" / "adapter.safetensors"),
+        "--report", str(paths["report"]),
+        "--token", TOKEN,
+        "--class-noun", CLASS_NOUN,
+        "--class-images", str(args.class_images),
+        "--steps", str(args.steps),
+        "--rank", str(args.rank),
+        "--resolution", str(args.resolution),
+        "--learning-rate", str(args.learning_rate),
+        "--seed", str(args.seed),
+    ]  # fmt: skip
+
+
+def diffusers_command(
+    python: str, script: Path, args: argparse.Namespace, steps: int, **paths: Path
+) -> list[str]:
+    """The command line of diffusers' script with our settings (through the timing shim)."""
+    from engine.training import class_prompt, instance_prompt
+
+    return [
+        python,
+        str(BENCH / "train_diffusers.py"),
+        "--script", str(script),
+        "--report", str(paths["report"]),
+        "--",
+        "--pretrained_model_name_or_path", str(paths["model"]),
+        "--instance_data_dir", str(paths["photos"]),
+        "--class_data_dir", str(paths["class_dir"]),
+        "--with_prior_preservation",
+        "--prior_loss_weight", "1.0",
+        "--num_class_images", str(args.class_images),
+        "--instance_prompt", instance_prompt(TOKEN, CLASS_NOUN),
+        "--class_prompt", class_prompt(CLASS_NOUN),
+        "--resolution", str(args.resolution),
+        "--center_crop",  # ours crops the centre too; its default is a random crop
+        "--train_batch_size", "1",
+        "--max_train_steps", str(steps),
+        "--checkpointing_steps", str(steps + 1),  # ours writes no checkpoint either
+        "--rank", str(args.rank),
+        "--learning_rate", str(args.learning_rate),
+        "--lr_scheduler", "constant",
+        "--lr_warmup_steps", "0",
+        "--seed", str(args.seed),
+        "--mixed_precision", "no",
+        "--report_to", "all",  # "all" = every installed tracker: none in the bench venv
+        "--output_dir", str(paths["output"]),
+    ]  # fmt: skip
+
+
+def bar_times(report: dict[str, object], desc: str, clock: str = "times") -> list[float]:
+    """Timestamps of the script's progress bar named ``desc`` (creation first); ``clock`` is
+    ``times`` (wall) or ``cpu_times``."""
+    for bar in report["bars"]:  # type: ignore[union-attr]
+        if bar["desc"] == desc:
+            return list(bar[clock])
+    raise RuntimeError(f"diffusers' script opened no {desc!r} progress bar")
+
+
+def training_row(
+    name: str,
+    runs: list[ChildRun],
+    step_times: list[list[float]],
+    step_cpu_times: list[list[float]],
+    warmup: int,
+) -> Row:
+    """One table row for a trainer: medians over its repeated runs."""
+    per_step = _median([seconds_per_step(times, warmup) for times in step_times])
+    cpu_per_step = _median([seconds_per_step(times, warmup) for times in step_cpu_times])
+    return {
+        "run": name,
+        "wall s": _median([run.wall_s for run in runs]),
+        "CPU s": _median([run.cpu_s for run in runs]),
+        "s/step (after warm-up)": per_step,
+        "CPU s/step": cpu_per_step,
+        "steps/s": 1 / per_step if per_step else None,
+        "peak RSS MiB": _median([run.peak_rss_mib for run in runs]),
+    }
+
+
+def ratio_row(ours: Row, theirs: Row) -> Row:
+    """ours/theirs for every numeric column."""
+    row: Row = {"run": "ratio ours/theirs"}
+    for column in TRAIN_COLUMNS[1:]:
+        a, b = ours[column], theirs[column]
+        row[column] = f"{a / b:.2f}" if a and b else None  # type: ignore[operator]
+    return row
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def draw_class_priors(python: str, args: argparse.Namespace, work: Path, paths: Paths) -> Row:
+    """The engine's cached class-prior phase, once: its images then feed both trainers."""
+    print(f"class priors: {args.class_images} images with generate_class_images …", flush=True)
+    report = work / "priors.json"
+    command = [*ours_command(python, args, work, report=report, **paths), "--only-class-images"]
+    run = run_child(command, report, work / "logs" / "priors.log", threads=args.threads)
+    return {
+        "class priors": "ours: engine.training.generate_class_images (DPM-Solver++)",
+        "images": args.class_images,
+        "denoising steps": 25,
+        "generation s": run.report["phases"]["class_images_s"],  # type: ignore[index]
+    }
+
+
+def their_class_priors(
+    python: str, script: Path, args: argparse.Namespace, work: Path, paths: Paths
+) -> Row:
+    """diffusers' script drawing its own class images, timed by its progress bar (0 steps)."""
+    print("diffusers' script drawing its own class images (0 training steps) …", flush=True)
+    report = work / "gen.json"
+    own = dict(paths, class_dir=work / "class-images-theirs", output=work / "gen")
+    command = diffusers_command(python, script, args, 0, report=report, **own)
+    run = run_child(
+        command, report, work / "logs" / "theirs-class-images.log", threads=args.threads
+    )
+    times = bar_times(run.report, "Generating class images")
+    return {
+        "class priors": "diffusers script (its DiffusionPipeline defaults: PNDM)",
+        "images": args.class_images,
+        "denoising steps": 50,
+        "generation s": times[-1] - times[0],
+    }
+
+
+def compare_trainers(args: argparse.Namespace, work: Path) -> None:
+    """The default mode: class priors once, then ours and diffusers' script, one table."""
+    python = str(args.venv / "bin" / "python") if args.venv else sys.executable
+    script = find_diffusers_script(args.diffusers_examples)
+    skipped = []
+    if args.venv is None or not Path(python).exists():
+        venv = args.venv or "../bench-venv"
+        skipped.append(BENCH_VENV_HELP.format(venv=venv, diffusers=_diffusers()))
+        python = sys.executable
+    if script is None:
+        skipped.append(DIFFUSERS_HELP.format(where="../diffusers"))
+    compare = not skipped
+    model, photos = prepare_inputs(work, args)
+    (work / "logs").mkdir()
+    paths: Paths = dict(model=model, photos=photos, class_dir=work / "class-images")
+    load_before = os.getloadavg()
+    prior_rows = [draw_class_priors(python, args, work, paths)]
+
+    ours_runs: list[ChildRun] = []
+    theirs_runs: list[ChildRun] = []
+    for repeat in range(args.repeats):
+        # Alternate who goes first, so a neighbour's load hits both alike.
+        order = ["theirs", "ours"] if repeat % 2 == 0 else ["ours", "theirs"]
+        for who in order if compare else ["ours"]:
+            print(f"{who}: {args.steps} steps (run {repeat + 1}/{args.repeats}) …", flush=True)
+            report = work / f"{who}-{repeat}.json"
+            log = work / "logs" / f"{who}-{repeat}.log"
+            if who == "ours":
+                command = ours_command(python, args, work, report=report, **paths)
+                ours_runs.append(run_child(command, report, log, threads=args.threads))
+            else:
+                output = work / f"theirs-{repeat}"
+                command = diffusers_command(
+                    python, script, args, args.steps, report=report, output=output, **paths
+                )
+                theirs_runs.append(run_child(command, report, log, threads=args.threads))
+    if compare:
+        prior_rows.append(their_class_priors(python, script, args, work, paths))
+    load_after = os.getloadavg()
+
+    ours_row = training_row(
+        "ours: engine.training.train_lora",
+        ours_runs,
+        [run.report["step_times"] for run in ours_runs],  # type: ignore[misc]
+        [run.report["step_cpu_times"] for run in ours_runs],  # type: ignore[misc]
+        args.warmup,
+    )
+    rows = [ours_row]
+    if compare:
+        theirs_row = training_row(
+            f"diffusers {DIFFUSERS_SCRIPT.name}",
+            theirs_runs,
+            [bar_times(run.report, "Steps")[1:] for run in theirs_runs],
+            [bar_times(run.report, "Steps", "cpu_times")[1:] for run in theirs_runs],
+            args.warmup,
+        )
+        rows += [theirs_row, ratio_row(ours_row, theirs_row)]
+
+    versions = ours_runs[0].report["versions"]
+    context = [
+        f"device: {describe_device('cpu')}; 1-min load average {load_before[0]:.1f} before, "
+        f"{load_after[0]:.1f} after (other processes share these cores)",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),  # type: ignore[union-attr]
+        f"model: tiny SD 1.x-shaped (engine.tiny), {args.resolution} px, fp32, "
+        "batch 1 photo + 1 class image",
+        f"settings: {args.steps} steps, rank {args.rank}, lr {args.learning_rate}, "
+        f"{args.photos} photos, {args.class_images} class images, prior weight 1.0, "
+        f"seed {args.seed}, torch threads {args.threads or 'default'}; "
+        f"medians of {args.repeats} run(s) each, alternating order; "
+        f"s/step leaves out the first {args.warmup} steps",
+    ]
+    if compare:
+        label = args.diffusers_version_label or "unlabelled checkout"
+        context.append(f"reference: {script.name} at diffusers {label}, run unchanged")
+    notes = [
+        "wall s / CPU s: the whole process, interpreter start to exit (imports, load, latents, "
+        "steps, save); CPU s is user + system time from the kernel.",
+        "diffusers' script runs the VAE and the text encoder at every step; ours encodes the "
+        "photos, class images and prompts once.",
+        "theirs' wall time also holds its closing reload of the pipeline with the new LoRA "
+        "(it generates nothing without --validation_prompt).",
+    ]
+    print()
+    print(format_table(TRAIN_COLUMNS, rows))
+    print()
+    print(format_table(PRIOR_COLUMNS, prior_rows))
+    for note in skipped:
+        print("\nSKIPPED the diffusers comparison.\n" + note)
+    if not args.no_results:
+        title = f"train, tiny model — {today()}"
+        append_results(title, context, TRAIN_COLUMNS, rows, notes, args.results)
+        title = f"class priors, tiny model — {today()}"
+        append_results(title, context[:3], PRIOR_COLUMNS, prior_rows, path=args.results)
+        print(f"\nappended to {args.results}")
+
+
+def _diffusers() -> str:
+    return library_versions()["diffusers"]
+
+
+def config_overrides(pairs: list[str]) -> dict[str, object]:
+    """``FIELD=VALUE`` pairs for TrainConfig; values are JSON (``true``, ``2``) or plain text."""
+    from engine.training import TrainConfig
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides: dict[str, object] = {}
+    for pair in pairs:
+        name, _, raw = pair.partition("=")
+        if name not in known:
+            raise SystemExit(
+                f"--cfg {name}: TrainConfig has no such field ({', '.join(sorted(known))})"
+            )
+        try:
+            overrides[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[name] = raw
+    return overrides
+
+
+def full_size_run(args: argparse.Namespace, work: Path) -> None:
+    """SD 1.5 architecture, random weights, 512 px: our trainer's time per step and memory."""
+    import torch
+
+    from bench.full_size import SD15_RESOLUTION, build_random_sd15
+    from engine.models import default_dtype, resolve_device
+    from engine.tiny import build_tiny_model
+    from engine.training import TrainConfig, train_lora
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = default_dtype(device)
+    steps = args.full_steps or (100 if device.startswith("cuda") else 2)
+    warmup = min(args.warmup, max(steps - 2, 0))
+    tokenizer = build_tiny_model(work / "tiny-model") / "tokenizer"
+    began = time.perf_counter()
+    pipe = build_random_sd15(tokenizer, device=device, dtype=dtype, seed=args.seed)
+    build_s = time.perf_counter() - began
+    photos = subject_photos(args.photos, SD15_RESOLUTION * 5 // 4, seed=args.seed)
+    # Priors' content does not change the cost of a step; drawing them with a random 512 px
+    # model would only add minutes, so other synthetic pictures stand in for them.
+    priors = [] if args.no_prior else subject_photos(args.class_images, SD15_RESOLUTION, seed=99)
+    cfg = TrainConfig(
+        steps=steps,
+        rank=args.rank,
+        alpha=args.rank,
+        learning_rate=args.learning_rate,
+        prior_loss_weight=0.0 if args.no_prior else 1.0,
+        class_images=len(priors),
+        resolution=SD15_RESOLUTION,
+        seed=args.seed,
+        **config_overrides(args.cfg),
+    )
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    step_times: list[float] = []
+    print(f"full-size SD 1.5, {SD15_RESOLUTION} px, {steps} steps on {device} …", flush=True)
+    began = time.perf_counter()
+    train_lora(
+        pipe, photos, priors, TOKEN, CLASS_NOUN, cfg,
+        progress=lambda step, total, loss: step_times.append(time.perf_counter() - began),
+    )  # fmt: skip
+    train_s = time.perf_counter() - began
+    per_step = seconds_per_step(step_times, warmup)
+    if per_step is None:  # too few steps to leave any out: the mean over all of them
+        per_step = step_times[-1] / len(step_times)
+        warmup = 0
+    memory = (
+        torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else peak_rss_mib()
+    )
+    columns = ["run", "steps", "train_lora s", "s/step", "steps/s", "peak memory MiB"]
+    row = {
+        "run": f"SD 1.5 random weights, {SD15_RESOLUTION} px, "
+        + ("no priors" if args.no_prior else "prior preservation"),
+        "steps": steps,
+        "train_lora s": train_s,
+        "s/step": per_step,
+        "steps/s": 1 / per_step,
+        "peak memory MiB": memory,
+    }
+    context = [
+        f"device: {describe_device(device)}, dtype {str(dtype).removeprefix('torch.')}, "
+        f"torch threads {torch.get_num_threads()}",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()),
+        f"settings: {dataclasses.asdict(cfg)}",
+        f"s/step leaves out the first {warmup} steps; model built in {build_s:.1f} s (not counted)",
+        "peak memory: " + ("torch.cuda.max_memory_allocated" if device.startswith("cuda")
+                           else "peak RSS of the whole process, model build included"),
+    ]  # fmt: skip
+    print()
+    print(format_table(columns, [row]))
+    if not args.no_results:
+        append_results(
+            f"train, full-size SD 1.5 — {today()}", context, columns, [row], path=args.results
+        )
+        print(f"\nappended to {args.results}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dreambot-bench-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.full:
+            full_size_run(args, work)
+        else:
+            compare_trainers(args, work)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,878 @@
+"""The Slack adapter: slash commands, buttons and shared photos in; messages, edits, files out.
+
+It only translates, the bolt-python way: every listener acks at once (Slack allows 3 seconds)
+and does its work in a lazy listener, which calls the core with plain values and answers the
+user privately (through the command's ``response_url``, or ``chat.postEphemeral`` for a
+message). Engine updates arrive through the ``Sink`` methods: one progress message per job
+(``chat.postMessage``; its ``ts`` is kept in the job's destination, so it is still updated
+after a restart), updated with ``chat.update`` at most once per ``edit_interval`` seconds, then
+the result's images uploaded into the channel with ``files_upload_v2``, mentioning the user,
+with Reroll / Vary / Upscale buttons below. When the channel refuses (gone, archived, the bot
+not in it), the result goes to the user by DM; if that fails too, it is logged.
+
+Slash commands cannot carry files, so photos come in a message: ``/train rex dog`` opens a
+window (``DREAMBOT_SLACK_TRAIN_WINDOW``) in which the user's next message with photos in that
+channel trains ``rex``; or, without the slash command, one message with the photos and the text
+``@dreambot train rex dog`` (in a DM with the bot: ``train rex dog``). Photos are downloaded
+from files.slack.com only, with the bot token, size-capped while streaming.
+
+Who moderates is the one rule decided here: workspace admins and owners (``users.info``), or a
+configured user id (``DREAMBOT_MODERATOR_USERS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.async_app import AsyncApp
+from slack_bolt.context.async_context import AsyncBoltContext
+from slack_bolt.context.respond.async_respond import AsyncRespond
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncRateLimitErrorRetryHandler,
+    async_default_handlers,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.adapters.downloads import Downloader
+from bot.adapters.throttle import Clock, EditThrottle, Sleep
+from bot.config import ConfigError, Settings
+from bot.core.commands import Core
+from bot.core.delivery import Delivery, progress_text
+from bot.core.errors import UserError
+from bot.core.moderation import MOD_HELP
+from bot.core.photos import Upload
+from bot.core.store import Job, Owner
+from engine.api import Progress
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "slack"
+MAX_TEXT = 3900  # Slack truncates long messages; 4,000 characters is its advice
+MAX_FILES_PER_MESSAGE = 10  # Slack shows at most ten files in one message
+SLACK_FILE_HOSTS = frozenset({"files.slack.com"})
+"""Where Slack serves ``url_private_download``; the bot token is only ever sent there."""
+
+COMMANDS = ("train", "imagine", "showcase", "subjects", "forget", "quota", "mod", "help")
+"""Each is a slash command of its own, and a word after ``/dreambot`` (``/dreambot quota``)."""
+
+ACTIONS = ("reroll", "vary", "upscale")
+ACTION_ID = re.compile(r"^dreambot:(?P<action>reroll|vary|upscale)$")
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+# A channel that won't take a message or a file: post the result by DM instead.
+CHANNEL_REFUSED = frozenset(
+    {
+        "channel_not_found",
+        "not_in_channel",
+        "is_archived",
+        "channel_is_archived",
+        "access_denied",
+        "restricted_action",
+        "restricted_action_read_only_channel",
+        "restricted_action_thread_only_channel",
+        "restricted_action_non_threadable_channel",
+        "team_access_not_granted",
+    }
+)
+# A progress message that can no longer be updated.
+MESSAGE_GONE = CHANNEL_REFUSED | {"message_not_found", "cant_update_message", "edit_window_closed"}
+# A user who can't be written to directly either: log the result.
+DM_REFUSED = CHANNEL_REFUSED | {
+    "user_not_found",
+    "user_disabled",
+    "user_not_visible",
+    "cannot_dm_bot",
+    "not_allowed",
+}
+
+SLACK_MOD_NOTE = (
+    "On Slack, name a user by mentioning them (@name). Moderators are the workspace's admins "
+    "and owners, and the user ids in DREAMBOT_MODERATOR_USERS."
+)
+
+_OPTION = re.compile(
+    r"(?:^|\s)(?:--|—|–)(count|seed|no|aspect|steps|guidance|strength)"
+    r"(?:\s+|=)(\"[^\"]*\"|“[^”]*”|\S+)",
+    re.IGNORECASE,
+)
+_TRAIN_MESSAGE = re.compile(
+    r"^\s*(?:<@(?P<bot>[A-Z0-9]+)(?:\|[^>]*)?>\s*)?train\s+(?P<name>\S+)\s+(?P<noun>[^\n]+?)\s*$",
+    re.IGNORECASE,
+)
+_ESCAPED_USER = re.compile(r"&lt;@([UW][A-Z0-9]+(?:\|[^&<>]*)?)&gt;")
+
+Reply = Callable[[str], Awaitable[None]]
+Work = Callable[[], Awaitable[str]]
+
+
+# Text.
+
+
+def escape(text: str) -> str:
+    """``text`` as Slack message text: ``&``, ``<``, ``>`` escaped, so a prompt can't ping
+    ``<!channel>`` or fake a link; user mentions (``<@U123>``) are kept."""
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _ESCAPED_USER.sub(r"<@\1>", escaped)
+
+
+def unescape(text: str) -> str:
+    """What the user typed: Slack sends ``&``, ``<``, ``>`` escaped in commands and messages."""
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def fit(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut to ``limit`` characters, marked with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def slack_error(exc: SlackApiError) -> str:
+    """Slack's error code (``channel_not_found``…); empty when the answer wasn't Slack's JSON."""
+    data = getattr(exc.response, "data", None)
+    return str(data.get("error") or "") if isinstance(data, dict) else ""
+
+
+def mention(user_id: str) -> str:
+    """A mention of a Slack user."""
+    return f"<@{user_id}>"
+
+
+@dataclass(frozen=True)
+class ImagineArgs:
+    """``/imagine`` parsed: the prompt and its ``--options``."""
+
+    prompt: str
+    negative: str = ""
+    count: int | None = None
+    seed: int | None = None
+    aspect: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    strength: float | None = None
+
+
+def parse_imagine(text: str) -> ImagineArgs:
+    """``a [V] dog --count 2 --seed 7 --no "blur"`` → prompt and options.
+
+    Slack's "smart" punctuation is undone: “quotes” and an em dash for ``--`` both work.
+    """
+    options: dict[str, str] = {}
+
+    def take(match: re.Match[str]) -> str:
+        options[match.group(1).lower()] = match.group(2).strip('"“”')
+        return " "
+
+    prompt = " ".join(_OPTION.sub(take, f" {unescape(text)} ").split())
+    if not prompt:
+        raise UserError('Usage: /imagine <prompt> [--count N] [--seed N] [--no "…"]')
+    try:
+        count = int(options["count"]) if "count" in options else None
+        seed = int(options["seed"]) if "seed" in options else None
+        steps = int(options["steps"]) if "steps" in options else None
+    except ValueError:
+        raise UserError("--count, --seed and --steps take whole numbers.") from None
+    try:
+        guidance = float(options["guidance"]) if "guidance" in options else None
+        strength = float(options["strength"]) if "strength" in options else None
+    except ValueError:
+        raise UserError("--guidance and --strength take numbers, e.g. 7.5 or 0.8.") from None
+    return ImagineArgs(
+        prompt=prompt,
+        negative=options.get("no", ""),
+        count=count,
+        seed=seed,
+        aspect=options["aspect"].lower() if "aspect" in options else None,
+        steps=steps,
+        guidance=guidance,
+        strength=strength,
+    )
+
+
+def usage_text(core: Core, train_window: float) -> str:
+    """The commands as they are typed on Slack, for /dreambot help."""
+    settings = core.settings
+    most = min(settings.max_photos, MAX_FILES_PER_MESSAGE)
+    minutes = max(1, round(train_window / 60))
+    return f"""\
+/train <name> <class>
+        then post {settings.min_photos}–{most} photos of it here, in one message, within \
+{minutes} minutes
+        or, without /train: one message with the photos and "@dreambot train <name> <class>"
+        (in a DM with me just "train <name> <class>")
+        e.g. /train rex dog
+/imagine <prompt> [--count N] [--seed N] [--no "things to avoid"] [--aspect shape]
+        [--steps N] [--guidance X] [--strength X]
+        draw a prompt; [V] is your newest subject, [name] a named one
+        e.g. /imagine a [V] dog wearing a hat --aspect portrait
+        under each result: Reroll (new seed), Vary (a close variation of the first
+        image) and Upscale (the first image at twice the size)
+/showcase [name]       your subject in the DreamBooth paper's five capabilities, as one grid
+/subjects              list your subjects and their status
+/forget <name>         delete a subject, its photos and its adapter
+/quota                 your usage today and when it resets (midnight UTC)
+/mod help              moderator commands (workspace admins and owners)
+/dreambot help         this text; /dreambot <command> … works for every command above"""
+
+
+# Who and where.
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asked, in which workspace and channel."""
+
+    team_id: str
+    user_id: str
+    channel_id: str
+
+    @property
+    def owner(self) -> Owner:
+        """The core's owner (one workspace per Slack team)."""
+        return Owner(PLATFORM, self.team_id, self.user_id)
+
+    @property
+    def destination(self) -> dict[str, Any]:
+        """Where a job's progress and result go: this channel, then the user by DM."""
+        return {"channel_id": self.channel_id, "team_id": self.team_id, "user_id": self.user_id}
+
+
+def caller_of(context: AsyncBoltContext) -> Caller:
+    """The caller of a request as bolt resolved it (the same for commands, actions, events)."""
+    team = context.team_id or context.enterprise_id
+    user = context.user_id
+    channel = context.channel_id
+    if not team or not user or not channel:
+        raise UserError("Use dreambot in a channel or a direct message.")
+    return Caller(team, user, channel)
+
+
+@dataclass(frozen=True)
+class PendingTraining:
+    """A ``/train`` waiting for its photos."""
+
+    name: str
+    class_noun: str
+    until: float
+
+
+class SlackDownloader(Downloader):
+    """Downloads files shared on Slack: from files.slack.com only, with the bot's token.
+
+    ``url_private_download`` needs ``Authorization: Bearer <bot token>``; the host allow-list
+    (checked before any request) keeps the token from going anywhere else, and redirects are
+    never followed.
+    """
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        max_bytes: int,
+        allowed_hosts: Collection[str] = SLACK_FILE_HOSTS,
+        require_https: bool = True,
+        timeout: float = 30.0,
+    ) -> None:
+        super().__init__(
+            max_bytes=max_bytes,
+            allowed_hosts=allowed_hosts,
+            require_https=require_https,
+            timeout=timeout,
+        )
+        self._token = token
+
+    def check_url(self, url: str, filename: str) -> None:
+        """Raise UserError unless ``url`` is on an allowed host (files.slack.com)."""
+        try:
+            super().check_url(url, filename)
+        except UserError:
+            raise UserError(
+                f"{filename} isn't a file shared on Slack, so I didn't download it."
+            ) from None
+
+    async def fetch(self, url: str, filename: str) -> Upload:
+        """Download one shared file with the bot token; UserError when refused or too big."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=self.timeout, headers={"Authorization": f"Bearer {self._token}"}
+            )
+        return await super().fetch(url, filename)
+
+
+# The adapter.
+
+
+class SlackAdapter:
+    """Translates Slack requests into core calls and engine updates into messages."""
+
+    def __init__(
+        self,
+        core: Core,
+        client: AsyncWebClient,
+        *,
+        signing_secret: str = "",
+        socket_mode: bool = False,
+        downloader: Downloader | None = None,
+        edit_interval: float = 3.0,
+        train_window: float = 600.0,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.core = core
+        self.client = client
+        self.downloader = downloader or SlackDownloader(
+            client.token or "", max_bytes=core.settings.max_photo_bytes
+        )
+        self.edits = EditThrottle(edit_interval, clock=clock, sleep=sleep)
+        self.train_window = train_window
+        self.clock = clock
+        # (team, channel, user) → the /train waiting for photos there. In memory: after a
+        # restart the user runs /train again.
+        self.pending: dict[tuple[str, str, str], PendingTraining] = {}
+        # Each job's progress message ts (None: the channel refused one). Also stored in the
+        # job's destination as ``progress_ts``, which is where it is found after a restart.
+        self.progress_messages: dict[str, str | None] = {}
+        self._progress_locks: dict[str, asyncio.Lock] = {}
+        self._commands: dict[str, Callable[[Caller, str], Awaitable[str]]] = {
+            "train": self.train_command,
+            "imagine": self.imagine,
+            "showcase": self.showcase,
+            "subjects": lambda caller, text: self.core.subjects_text(caller.owner),
+            "forget": self.forget,
+            "quota": lambda caller, text: self.core.quota_text(caller.owner),
+            "mod": self.mod,
+            "help": self.help,
+        }
+        self.app = AsyncApp(
+            client=client,
+            # Socket Mode requests come over the app's own authenticated websocket.
+            signing_secret=signing_secret,
+            request_verification_enabled=not socket_mode,
+            logger=logging.getLogger("slack_bolt"),
+        )
+        self._add_listeners()
+
+    async def close(self) -> None:
+        """Close the downloader and the web client's session."""
+        await self.downloader.close()
+        session = getattr(self.client, "session", None)
+        if session is not None and not session.closed:
+            await session.close()
+
+    # HTTP mode.
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """One request from Slack (signed; bolt refuses a bad signature with 401)."""
+        response = await self.app.async_dispatch(await to_bolt_request(request))
+        return await to_aiohttp_response(response)
+
+    def web_app(self, path: str = "/slack/events") -> web.Application:
+        """An aiohttp application serving Slack's requests at ``path``."""
+        app = web.Application()
+        app.router.add_post(path, self.handle)
+        return app
+
+    # Listeners: ack at once, work in a lazy listener.
+
+    def _add_listeners(self) -> None:
+        async def ack_now(ack: Any) -> None:
+            await ack()
+
+        async def on_command(
+            body: dict[str, Any], context: AsyncBoltContext, respond: AsyncRespond
+        ) -> None:
+            name = str(body.get("command", "")).lstrip("/").lower()
+            reply = self._responder(respond)
+            await self.reply(
+                reply,
+                lambda: self.command(caller_of(context), name, body.get("text") or ""),
+                name,
+            )
+
+        async def on_action(
+            body: dict[str, Any], context: AsyncBoltContext, respond: AsyncRespond
+        ) -> None:
+            action = (body.get("actions") or [{}])[0]
+            match = ACTION_ID.match(str(action.get("action_id", "")))
+            job_id = str(action.get("value", ""))
+            if match is None or not JOB_ID.match(job_id):
+                return
+            reply = self._responder(respond)
+            await self.reply(
+                reply, lambda: self.click(caller_of(context), match["action"], job_id), "button"
+            )
+
+        async def on_message(event: dict[str, Any], context: AsyncBoltContext) -> None:
+            await self.message(event, context)
+
+        for name in (*COMMANDS, "dreambot"):
+            self.app.command(f"/{name}")(ack=ack_now, lazy=[on_command])
+        self.app.action(re.compile(ACTION_ID.pattern))(ack=ack_now, lazy=[on_action])
+        self.app.event("message")(ack=ack_now, lazy=[on_message])
+
+    def _responder(self, respond: AsyncRespond) -> Reply:
+        async def send(text: str) -> None:
+            try:
+                response = await respond(
+                    text=text, response_type="ephemeral", replace_original=False
+                )
+            except Exception:
+                log.warning("private reply not sent: %s", text, exc_info=True)
+                return
+            if response.status_code != 200:
+                log.warning("private reply refused (HTTP %s): %s", response.status_code, text)
+
+        return send
+
+    def _ephemeral(self, caller: Caller) -> Reply:
+        async def send(text: str) -> None:
+            try:
+                await self.client.chat_postEphemeral(
+                    channel=caller.channel_id, user=caller.user_id, text=text
+                )
+            except SlackApiError as exc:
+                log.warning("private reply not sent (%s): %s", slack_error(exc), text)
+
+        return send
+
+    async def reply(self, send: Reply, work: Work, what: str) -> None:
+        """Run ``work`` and answer privately with its text or the error."""
+        try:
+            text = await work()
+        except UserError as exc:
+            text = exc.message
+        except Exception:
+            ref = uuid.uuid4().hex[:8]
+            log.exception("slack %s failed (ref %s)", what, ref)
+            text = f"Sorry, something went wrong on my side (ref {ref}). Try again in a minute."
+        await send(fit(escape(text)))
+
+    # Commands.
+
+    async def command(self, caller: Caller, name: str, text: str) -> str:
+        """Run ``/name text``; ``/dreambot name text`` is the same command."""
+        if name == "dreambot":
+            first, _, text = text.strip().partition(" ")
+            name = first.lstrip("/").lower() or "help"
+        handler = self._commands.get(name)
+        if handler is None:
+            raise UserError(f"I don't know /{name}. Try /dreambot help.")
+        return await handler(caller, text.strip())
+
+    async def help(self, caller: Caller, text: str) -> str:
+        """/dreambot help."""
+        return f"```\n{self.core.help_text(usage_text(self.core, self.train_window))}\n```"
+
+    async def train_command(self, caller: Caller, text: str) -> str:
+        """/train <name> <class>: wait for the photos in this channel."""
+        name, _, class_noun = unescape(text).strip().partition(" ")
+        if not name or not class_noun.strip():
+            raise UserError(
+                "Usage: /train <name> <class>, e.g. /train rex dog — then post the photos here."
+            )
+        until = self.clock() + self.train_window
+        self.pending[self._pending_key(caller)] = PendingTraining(name, class_noun.strip(), until)
+        most = min(self.core.settings.max_photos, MAX_FILES_PER_MESSAGE)
+        minutes = max(1, round(self.train_window / 60))
+        return (
+            f"Now post {self.core.settings.min_photos}–{most} photos of {name} "
+            f"({class_noun.strip()}) here, in one message, within {minutes} minutes. "
+            "(If I'm not in this channel, invite me first, or send them to me in a DM with "
+            f"the text: train {name} {class_noun.strip()})"
+        )
+
+    async def message(self, event: dict[str, Any], context: AsyncBoltContext) -> None:
+        """A message: photos for a /train, or photos with ``@dreambot train <name> <class>``."""
+        files = event.get("files") or []
+        user = event.get("user")
+        if not files or not user or event.get("bot_id"):
+            return
+        team = context.team_id or context.enterprise_id
+        if not team or not event.get("channel"):
+            return
+        caller = Caller(team, str(user), str(event["channel"]))
+        text = unescape(event.get("text") or "")
+        match = _TRAIN_MESSAGE.match(text)
+        direct = event.get("channel_type") == "im"
+        pending = self._pending_for(caller)
+        if match and (match["bot"] == context.bot_user_id if match["bot"] else direct):
+            name, class_noun = match["name"], match["noun"]
+        elif pending is not None:
+            name, class_noun = pending.name, pending.class_noun
+        else:
+            return  # photos shared for people, not for us
+        await self.reply(
+            self._ephemeral(caller),
+            lambda: self.train(caller, name, class_noun, files),
+            "train",
+        )
+
+    async def train(
+        self, caller: Caller, name: str, class_noun: str, files: Iterable[dict[str, Any]]
+    ) -> str:
+        """Download the shared photos, queue the training, post the progress message."""
+        shared = [await self._file_info(file) for file in files]
+        uploads = await self.downloader.fetch_all(
+            (str(file["url_private_download"]), str(file.get("name") or file["id"]))
+            for file in shared
+        )
+        receipt = await self.core.train(caller.owner, caller.destination, name, class_noun, uploads)
+        self.pending.pop(self._pending_key(caller), None)
+        await self._post_queued(caller, receipt.job_id, name.strip(), receipt.position)
+        return receipt.text
+
+    async def imagine(self, caller: Caller, text: str) -> str:
+        """/imagine <prompt> [--options]: queue a generation."""
+        args = parse_imagine(text)
+        receipt = await self.core.imagine(
+            caller.owner,
+            caller.destination,
+            args.prompt,
+            count=args.count,
+            seed=args.seed,
+            negative_prompt=args.negative,
+            aspect=args.aspect,
+            steps=args.steps,
+            guidance=args.guidance,
+            strength=args.strength,
+        )
+        await self._post_queued(caller, receipt.job_id, "your image", receipt.position)
+        return receipt.text
+
+    async def showcase(self, caller: Caller, text: str) -> str:
+        """/showcase [name]: queue a subject's showcase grid."""
+        name = unescape(text).strip() or None
+        receipt = await self.core.showcase(caller.owner, caller.destination, name)
+        await self._post_queued(caller, receipt.job_id, "the showcase", receipt.position)
+        return receipt.text
+
+    async def forget(self, caller: Caller, text: str) -> str:
+        """/forget <name>."""
+        name = unescape(text).strip()
+        if not name:
+            raise UserError("Usage: /forget <name> (see /subjects).")
+        return await self.core.forget(caller.owner, name)
+
+    async def click(self, caller: Caller, action: str, job_id: str) -> str:
+        """Reroll / Vary / Upscale: redo a generation, as (and paid by) the clicker."""
+        receipt = await self.core.reimagine(
+            caller.owner,
+            caller.destination,
+            job_id,
+            vary=action == "vary",
+            upscale=action == "upscale",
+            mention=mention,
+        )
+        await self._post_queued(caller, receipt.job_id, "your image", receipt.position)
+        return receipt.text
+
+    async def is_moderator(self, caller: Caller) -> bool:
+        """A workspace admin or owner, or a moderator by configuration (user id)."""
+        if self.core.moderation.is_configured_moderator(caller.user_id):
+            return True
+        try:
+            response = await self.client.users_info(user=caller.user_id)
+        except SlackApiError as exc:
+            log.warning("users.info %s failed (%s)", caller.user_id, slack_error(exc))
+            return False
+        user = response.get("user") or {}
+        return bool(user.get("is_admin") or user.get("is_owner") or user.get("is_primary_owner"))
+
+    async def mod(self, caller: Caller, text: str) -> str:
+        """/mod <command>: checked on every call, before anything changes."""
+        moderator = await self.is_moderator(caller)
+        if moderator and text.strip().lower() in ("", "help"):
+            return f"```\n{MOD_HELP}\n```\n{SLACK_MOD_NOTE}"
+        return await self.core.mod(caller.owner, moderator, unescape(text))
+
+    def _pending_key(self, caller: Caller) -> tuple[str, str, str]:
+        return (caller.team_id, caller.channel_id, caller.user_id)
+
+    def _pending_for(self, caller: Caller) -> PendingTraining | None:
+        key = self._pending_key(caller)
+        pending = self.pending.get(key)
+        if pending is not None and pending.until < self.clock():
+            del self.pending[key]
+            return None
+        return pending
+
+    async def _file_info(self, file: dict[str, Any]) -> dict[str, Any]:
+        """The file with its download URL (some events carry only its id)."""
+        if file.get("url_private_download"):
+            return file
+        if not file.get("id"):
+            raise UserError("A shared file came without its details; post it again.")
+        response = await self.client.files_info(file=str(file["id"]))
+        info = response.get("file") or {}
+        if not info.get("url_private_download"):
+            raise UserError(f"I can't download {info.get('name') or 'a file'}; post it again.")
+        return dict(info)
+
+    # Sink: engine updates.
+
+    async def show_progress(self, job: Job, text: str, progress: Progress) -> None:
+        """Post the job's progress message once, then update it (throttled)."""
+        content = fit(f"{mention(job.destination['user_id'])} · {escape(text)}")
+        async with self._progress_lock(job.id):
+            if job.id not in self.progress_messages:
+                known = job.destination.get("progress_ts")
+                if known is None:
+                    ts = await self._post_progress(job.id, job.destination, content)
+                    await self._remember_progress(job.id, ts)
+                    return
+                self.progress_messages[job.id] = str(known)
+        ts = self.progress_messages[job.id]
+        if ts is not None:
+            await self.edits.submit(job.id, lambda: self._edit_progress(job, ts, content))
+
+    async def show_result(self, delivery: Delivery) -> None:
+        """Upload the result's images (with buttons for generations), mentioning the user."""
+        job = delivery.job
+        files = [
+            (url.rsplit("/", 1)[-1], await self.core.artifacts.aget_bytes(url))
+            for url in delivery.image_urls
+        ]
+        buttons = job.id if job.kind == "generate" and files else None
+        self.edits.forget(job.id)
+        text = f"{mention(job.destination['user_id'])} {escape(delivery.text)}"
+        await self._post_to_user(job, fit(text), files, buttons)
+        await self._finish_progress(job, "✓ done — result below.")
+
+    async def show_failure(self, job: Job, text: str) -> None:
+        """Tell the user in the channel (or by DM) that the job failed."""
+        self.edits.forget(job.id)
+        content = f"{mention(job.destination['user_id'])} ✗ {escape(text)}"
+        await self._post_to_user(job, fit(content), [], None)
+        await self._finish_progress(job, "✗ failed — see below.")
+
+    # Messages.
+
+    def _progress_lock(self, job_id: str) -> asyncio.Lock:
+        return self._progress_locks.setdefault(job_id, asyncio.Lock())
+
+    async def _post_queued(self, caller: Caller, job_id: str, label: str, position: int) -> None:
+        queued = progress_text(Progress(job_id=job_id, phase="queued"), label)
+        content = f"{mention(caller.user_id)} · {escape(queued)} (position {position})"
+        try:
+            async with self._progress_lock(job_id):
+                if job_id not in self.progress_messages:
+                    ts = await self._post_progress(job_id, caller.destination, content)
+                    await self._remember_progress(job_id, ts)
+        except Exception:
+            # The job is queued whatever happens here; the next progress update tries again.
+            log.warning("job %s: progress message not posted", job_id, exc_info=True)
+
+    async def _remember_progress(self, job_id: str, ts: str | None) -> None:
+        """Keep the progress message's ts here and in the job's destination (for restarts)."""
+        self.progress_messages[job_id] = ts
+        if ts is None:
+            return
+        try:
+            await self.core.store.update_job_destination(job_id, {"progress_ts": ts})
+        except Exception:
+            # Best effort: without it a restarted bot posts a new progress message.
+            log.warning("job %s: progress message ts not stored", job_id, exc_info=True)
+
+    async def _post_progress(
+        self, job_id: str, destination: dict[str, Any], content: str
+    ) -> str | None:
+        """Post a progress message; None if the channel refuses (progress is best effort)."""
+        self.edits.sent(job_id)
+        try:
+            response = await self.client.chat_postMessage(
+                channel=str(destination["channel_id"]), text=content, unfurl_links=False
+            )
+        except SlackApiError as exc:
+            if slack_error(exc) not in CHANNEL_REFUSED:
+                raise
+            log.warning("job %s: no progress message in the channel (%s)", job_id, exc)
+            return None
+        return str(response["ts"])
+
+    async def _edit_progress(self, job: Job, ts: str, content: str) -> None:
+        try:
+            await self.client.chat_update(
+                channel=str(job.destination["channel_id"]), ts=ts, text=content
+            )
+        except SlackApiError as exc:
+            if slack_error(exc) not in MESSAGE_GONE:
+                raise
+            log.warning("job %s: progress message %s gone (%s)", job.id, ts, exc)
+            self.progress_messages[job.id] = None
+
+    async def _finish_progress(self, job: Job, note: str) -> None:
+        """Close the job's progress message (best effort: the result is already posted)."""
+        self.edits.forget(job.id)
+        self._progress_locks.pop(job.id, None)
+        ts = self.progress_messages.pop(job.id, job.destination.get("progress_ts"))
+        if ts is not None:
+            content = f"{mention(job.destination['user_id'])} · {note}"
+            try:
+                await self._edit_progress(job, str(ts), content)
+            except Exception:
+                log.warning("job %s: progress message not closed", job.id, exc_info=True)
+
+    async def _post_to_user(
+        self, job: Job, text: str, files: list[tuple[str, bytes]], buttons_for: str | None
+    ) -> None:
+        """Post in the job's channel; by DM if the channel refuses; else log.
+
+        Other errors (Slack down, rate limits beyond the retries) propagate, so the delivery
+        is retried later.
+        """
+        user_id = str(job.destination["user_id"])
+        try:
+            await self._send(str(job.destination["channel_id"]), text, files, buttons_for)
+            return
+        except SlackApiError as exc:
+            if slack_error(exc) not in CHANNEL_REFUSED:
+                raise
+            log.warning("job %s: channel refused the result (%s); sending it by DM", job.id, exc)
+        try:
+            opened = await self.client.conversations_open(users=user_id)
+            await self._send(str(opened["channel"]["id"]), text, files, buttons_for)
+        except SlackApiError as exc:
+            if slack_error(exc) not in DM_REFUSED:
+                raise
+            log.error(
+                "job %s: result could not be delivered to channel %s nor by DM to user %s (%s); "
+                "it was: %s",
+                job.id,
+                job.destination.get("channel_id"),
+                user_id,
+                slack_error(exc),
+                text,
+            )
+
+    async def _send(
+        self, channel: str, text: str, files: list[tuple[str, bytes]], buttons_for: str | None
+    ) -> None:
+        if not files:
+            await self.client.chat_postMessage(channel=channel, text=text, unfurl_links=False)
+        for start in range(0, len(files), MAX_FILES_PER_MESSAGE):
+            batch = files[start : start + MAX_FILES_PER_MESSAGE]
+            await self.client.files_upload_v2(
+                channel=channel,
+                file_uploads=[
+                    {"file": data, "filename": name, "title": name} for name, data in batch
+                ],
+                initial_comment=text if start == 0 else None,
+            )
+        if buttons_for:
+            await self.client.chat_postMessage(
+                channel=channel,
+                text="Reroll, vary or upscale this result",
+                blocks=[job_buttons(buttons_for)],
+            )
+
+
+def job_buttons(job_id: str) -> dict[str, Any]:
+    """An actions block with Reroll / Vary / Upscale for a generation job."""
+    labels = {"reroll": "🎲 Reroll", "vary": "🔀 Vary", "upscale": "⬆️ Upscale"}
+    return {
+        "type": "actions",
+        "block_id": f"dreambot:{job_id}",
+        "elements": [
+            {
+                "type": "button",
+                "text": {"type": "plain_text", "text": labels[action], "emoji": True},
+                "action_id": f"dreambot:{action}",
+                "value": job_id,
+            }
+            for action in ACTIONS
+        ],
+    }
+
+
+def web_client(token: str, base_url: str | None = None) -> AsyncWebClient:
+    """A Web API client that also waits out Slack's rate limits (HTTP 429) twice."""
+    handlers = [*async_default_handlers(), AsyncRateLimitErrorRetryHandler(max_retry_count=2)]
+    if base_url is None:
+        return AsyncWebClient(token=token, retry_handlers=handlers)
+    return AsyncWebClient(token=token, base_url=base_url, retry_handlers=handlers)
+
+
+def build_adapter(core: Core, settings: Settings) -> SlackAdapter:
+    """The adapter as configured (downloads only from files.slack.com)."""
+    if settings.slack_bot_token is None:
+        raise ConfigError("DREAMBOT_SLACK_BOT_TOKEN is not set")
+    token = settings.slack_bot_token.get_secret_value()
+    socket_mode = settings.slack_app_token is not None
+    if not socket_mode and settings.slack_signing_secret is None:
+        raise ConfigError(
+            "DREAMBOT_SLACK_SIGNING_SECRET is not set (needed unless DREAMBOT_SLACK_APP_TOKEN "
+            "selects Socket Mode)"
+        )
+    secret = settings.slack_signing_secret
+    return SlackAdapter(
+        core,
+        web_client(token),
+        signing_secret=secret.get_secret_value() if secret else "",
+        socket_mode=socket_mode,
+        downloader=SlackDownloader(
+            token,
+            max_bytes=settings.max_photo_bytes,
+            timeout=settings.slack_download_timeout,
+        ),
+        edit_interval=settings.slack_edit_interval,
+        train_window=settings.slack_train_window,
+    )
+
+
+async def serve_http(adapter: SlackAdapter, host: str, port: int, path: str) -> None:
+    """Serve Slack's requests over HTTP until cancelled."""
+    runner = web.AppRunner(adapter.web_app(path))
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("serving Slack requests on http://%s:%s%s", host, port, path)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+async def serve_socket_mode(adapter: SlackAdapter, app_token: str) -> None:
+    """Take Slack's requests over a Socket Mode websocket until cancelled."""
+    from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+    handler = AsyncSocketModeHandler(adapter.app, app_token)
+    try:
+        await handler.connect_async()  # type: ignore[no-untyped-call]
+        log.info("connected to Slack in Socket Mode")
+        await asyncio.Event().wait()
+    finally:
+        await handler.close_async()  # type: ignore[no-untyped-call]
+
+
+async def run_slack(settings: Settings) -> None:
+    """Check the token, consume the result queue, and serve Slack until interrupted."""
+    from bot.launcher import delivering, open_core
+
+    async with open_core(settings, PLATFORM) as runtime:
+        adapter = build_adapter(runtime.core, settings)
+        try:
+            try:
+                identity = await adapter.client.auth_test()
+            except SlackApiError as exc:
+                raise ConfigError(
+                    f"Slack refused DREAMBOT_SLACK_BOT_TOKEN ({slack_error(exc)})"
+                ) from exc
+            log.info("signed in to Slack team %s as %s", identity["team"], identity["user"])
+            async with delivering(runtime, adapter):
+                if settings.slack_app_token is not None:
+                    await serve_socket_mode(adapter, settings.slack_app_token.get_secret_value())
+                else:
+                    await serve_http(
+                        adapter, settings.slack_host, settings.slack_port, settings.slack_path
+                    )
+        finally:
+            await adapter.close()

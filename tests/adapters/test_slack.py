@@ -1,0 +1,658 @@
+"""The Slack adapter against a fake Slack, on the real core (SQLite + Redis).
+
+Requests reach the adapter the way Slack sends them in HTTP mode: signed, over HTTP, through
+bolt's request handling. The adapter's Web API calls go to the fake (``slack_fake.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from arq.jobs import Job as ArqJob
+from pydantic import SecretStr
+
+from bot.adapters.slack import (
+    SlackAdapter,
+    SlackDownloader,
+    build_adapter,
+    escape,
+    parse_imagine,
+    serve_http,
+    web_client,
+)
+from bot.cli import cmd_slack
+from bot.config import ConfigError, Settings
+from bot.core.delivery import Delivery
+from bot.core.errors import UserError
+from bot.core.store import Job, Owner
+from bot.launcher import BotRuntime
+from engine.api import GENERATE_QUEUE, Progress
+from tests.adapters.conftest import FakeClock
+from tests.adapters.slack_fake import (
+    ADMIN_ID,
+    BOT_TOKEN,
+    BOT_USER_ID,
+    CHANNEL_ID,
+    DM_CHANNEL_ID,
+    OTHER_USER_ID,
+    TEAM_ID,
+    USER_ID,
+    Call,
+    FakeSlack,
+    action_body,
+    command_body,
+    message_event_body,
+    signed,
+)
+from tests.conftest import make_photo, queued
+
+EDIT_INTERVAL = 3.0
+OWNER = Owner("slack", TEAM_ID, USER_ID)
+DESTINATION = {"channel_id": CHANNEL_ID, "team_id": TEAM_ID, "user_id": USER_ID}
+
+
+# Fixtures: the fake Slack, the adapter on the real core, and the adapter's HTTP endpoint.
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+@pytest.fixture
+async def fake_slack(clock: FakeClock) -> AsyncIterator[FakeSlack]:
+    """The fake Slack on a free local port."""
+    fake = FakeSlack(clock=clock)
+    runner, fake.base = await serve(fake.app())
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def adapter(
+    runtime: BotRuntime, fake_slack: FakeSlack, clock: FakeClock
+) -> AsyncIterator[SlackAdapter]:
+    """The Slack adapter on the real core, talking to the fake, downloading only from it."""
+    downloader = SlackDownloader(
+        BOT_TOKEN,
+        max_bytes=runtime.settings.max_photo_bytes,
+        allowed_hosts={"127.0.0.1"},
+        require_https=False,
+        timeout=2.0,
+    )
+    adapter = SlackAdapter(
+        runtime.core,
+        web_client(BOT_TOKEN, base_url=f"{fake_slack.base}/api/"),
+        signing_secret="test-signing-secret",
+        downloader=downloader,
+        edit_interval=EDIT_INTERVAL,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    try:
+        yield adapter
+    finally:
+        await adapter.close()
+
+
+@pytest.fixture
+async def events_url(adapter: SlackAdapter) -> AsyncIterator[str]:
+    """The adapter's Request URL (HTTP mode)."""
+    runner, base = await serve(adapter.web_app("/slack/events"))
+    try:
+        yield f"{base}/slack/events"
+    finally:
+        await runner.cleanup()
+
+
+async def post(url: str, body: str, headers: dict[str, str]) -> tuple[int, str, float]:
+    """POST to the app; the status, the body, and how long the answer took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=body.encode(), headers=headers) as response:
+            return response.status, await response.text(), loop.time() - started
+
+
+async def send_command(
+    fake: FakeSlack, url: str, command: str, text: str = "", *, user_id: str = USER_ID
+) -> Call:
+    """Send a signed slash command; check it is acked at once; return the private reply."""
+    before = len(fake.find("respond"))
+    body = command_body(fake, command, text, user_id=user_id)
+    status, answer, _ = await post(url, body, signed(body))
+    assert (status, answer) == (200, "")  # acked, with nothing shown in the channel
+    await fake.wait_until(lambda: len(fake.find("respond")) > before)
+    reply = fake.find("respond")[-1]
+    assert reply.args["response_type"] == "ephemeral"
+    return reply
+
+
+async def send_event(fake: FakeSlack, url: str, body: str) -> None:
+    status, _, _ = await post(url, body, signed(body, content_type="application/json"))
+    assert status == 200
+
+
+async def engine_queue_length(runtime: BotRuntime) -> int:
+    return int(await queued(runtime.queue))
+
+
+def serve_photos(fake: FakeSlack, count: int) -> list[dict[str, Any]]:
+    for i in range(count):
+        fake.files[f"p{i}.jpg"] = make_photo(i)
+    return [fake.file_object(f"p{i}.jpg") for i in range(count)]
+
+
+# Requests: signature, ack first.
+
+
+async def test_a_request_with_a_bad_signature_is_refused_and_does_nothing(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    body = command_body(fake_slack, "/imagine", "a red fox")
+    status, _, _ = await post(events_url, body, signed(body, secret="not-the-secret"))
+
+    assert status == 401
+    await asyncio.sleep(0.1)
+    assert fake_slack.calls == []
+    assert await engine_queue_length(runtime) == 0
+
+
+async def test_a_command_is_acked_within_the_request_before_its_work_is_done(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str
+) -> None:
+    fake_slack.users_info_gate = gate = asyncio.Event()  # the /mod check hangs until released
+    body = command_body(fake_slack, "/mod", "bans", user_id=ADMIN_ID)
+
+    status, answer, took = await post(events_url, body, signed(body))
+
+    assert (status, answer) == (200, "")
+    assert took < 3.0  # Slack's limit
+    await fake_slack.wait_until(lambda: bool(fake_slack.find("users.info")))
+    assert fake_slack.find("respond") == []  # the work is still waiting
+    gate.set()
+    await fake_slack.wait_until(lambda: bool(fake_slack.find("respond")))
+    assert fake_slack.find("respond")[0].text == "Nobody is banned here."
+
+
+# Commands.
+
+
+async def test_imagine_queues_a_job_for_the_caller_with_its_options(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    reply = await send_command(
+        fake_slack, events_url, "/imagine", "a red fox &amp; a hen --count 2 —seed 42 --no “blurry”"
+    )
+
+    assert reply.text == "Drawing 2 images (seed 42): queued (position 1)."
+    [job] = await runtime.store.unfinished_jobs("slack")
+    assert (job.kind, job.prompt, job.owner) == ("generate", "a red fox & a hen", OWNER)
+    request = (await ArqJob(job.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]
+    assert (request["count"], request["seed"], request["negative_prompt"]) == (2, 42, "blurry")
+    [progress] = fake_slack.find("chat.postMessage")
+    assert progress.args["channel"] == CHANNEL_ID
+    assert progress.text == f"<@{USER_ID}> · your image: waiting for the engine (position 1)"
+    # The progress message's ts is kept with the job, so a restarted bot still updates it.
+    assert job.destination == {**DESTINATION, "progress_ts": adapter.progress_messages[job.id]}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a red fox --count 9", "count must be between 1 and 4."),
+        ("a [V] dog on the beach", "subject"),
+        ("--seed 3", "Usage: /imagine"),
+        ("a fox --seed soon", "--count, --seed and --steps take whole numbers."),
+    ],
+)
+async def test_imagine_user_errors_are_answered_privately_and_queue_nothing(
+    adapter: SlackAdapter,
+    fake_slack: FakeSlack,
+    events_url: str,
+    runtime: BotRuntime,
+    text: str,
+    expected: str,
+) -> None:
+    reply = await send_command(fake_slack, events_url, "/imagine", text)
+
+    assert expected in reply.text
+    assert await engine_queue_length(runtime) == 0
+    assert await runtime.store.unfinished_jobs("slack") == []
+    assert fake_slack.find("chat.postMessage") == []
+
+
+async def test_dreambot_help_and_the_dreambot_prefix_reach_every_command(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str
+) -> None:
+    help_text = (await send_command(fake_slack, events_url, "/dreambot", "help")).text
+    assert help_text.startswith("```\ndreambot teaches")
+    assert "/train &lt;name&gt; &lt;class&gt;" in help_text  # escaped for Slack
+    assert (await send_command(fake_slack, events_url, "/dreambot", "quota")).text == (
+        await send_command(fake_slack, events_url, "/quota")
+    ).text
+    subjects = await send_command(fake_slack, events_url, "/dreambot", "subjects")
+    assert subjects.text.startswith("You have no subjects yet")
+    unknown = await send_command(fake_slack, events_url, "/dreambot", "dance")
+    assert unknown.text == "I don't know /dance. Try /dreambot help."
+
+
+async def test_mod_by_a_non_admin_is_refused_and_changes_nothing(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    reply = await send_command(
+        fake_slack, events_url, "/mod", f"ban <@{OTHER_USER_ID}|bob> spam", user_id=USER_ID
+    )
+
+    assert reply.text == "Only moderators can use /mod. Nothing was changed."
+    [info] = fake_slack.find("users.info")
+    assert info.args["user"] == USER_ID
+    assert await runtime.store.active_ban(Owner("slack", TEAM_ID, OTHER_USER_ID)) is None
+    assert await runtime.store.audit_entries("slack", TEAM_ID, 10) == []
+
+
+async def test_mod_by_a_workspace_admin_works_and_is_audited(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    reply = await send_command(
+        fake_slack, events_url, "/mod", f"ban <@{OTHER_USER_ID}|bob> spam 7d", user_id=ADMIN_ID
+    )
+
+    assert reply.text.startswith(f"Banned {OTHER_USER_ID} until ")
+    ban = await runtime.store.active_ban(Owner("slack", TEAM_ID, OTHER_USER_ID))
+    assert ban is not None and ban.reason == "spam"
+    [entry] = await runtime.store.audit_entries("slack", TEAM_ID, 10)
+    assert (entry.moderator.user_id, entry.action, entry.target) == (
+        ADMIN_ID,
+        "ban",
+        OTHER_USER_ID,
+    )
+    banned = await send_command(fake_slack, events_url, "/imagine", "a fox", user_id=OTHER_USER_ID)
+    assert banned.text.startswith("You're banned from using dreambot here")
+
+
+async def test_a_configured_moderator_needs_no_admin_lookup(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    runtime.settings.moderator_users.append(USER_ID)
+    reply = await send_command(fake_slack, events_url, "/mod", "help")
+
+    assert reply.text.startswith("```\nModerator commands")
+    assert fake_slack.find("users.info") == []
+
+
+# Training: /train, then photos in a message; or photos with "@dreambot train …".
+
+
+async def test_train_then_photos_in_the_channel_queue_a_training(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    asked = await send_command(fake_slack, events_url, "/train", "rex dog")
+    assert asked.text.startswith("Now post 3–10 photos of rex (dog) here, in one message")
+    assert await engine_queue_length(runtime) == 0
+
+    await send_event(fake_slack, events_url, message_event_body("", serve_photos(fake_slack, 4)))
+    await fake_slack.wait_until(lambda: bool(fake_slack.find("chat.postEphemeral")))
+
+    [reply] = fake_slack.find("chat.postEphemeral")
+    assert (reply.args["channel"], reply.args["user"]) == (CHANNEL_ID, USER_ID)
+    assert reply.text.startswith("Training rex (dog) from 4 photos: queued (position 1)")
+    downloads = fake_slack.find("download")
+    assert len(downloads) == 4
+    assert {d.headers["Authorization"] for d in downloads} == {f"Bearer {BOT_TOKEN}"}
+    [job] = await runtime.store.unfinished_jobs("slack")
+    assert (job.kind, job.owner) == ("train", OWNER)
+    [progress] = fake_slack.find("chat.postMessage")
+    assert progress.text == f"<@{USER_ID}> · rex: waiting for the engine (position 1)"
+    assert adapter.pending == {}  # the window is used up
+
+
+@pytest.mark.parametrize(
+    ("text", "channel_type"),
+    [(f"<@{BOT_USER_ID}> train rex toy car", "channel"), ("Train rex toy car", "im")],
+)
+async def test_photos_with_a_train_mention_queue_a_training_without_the_slash_command(
+    adapter: SlackAdapter,
+    fake_slack: FakeSlack,
+    events_url: str,
+    runtime: BotRuntime,
+    text: str,
+    channel_type: str,
+) -> None:
+    files = serve_photos(fake_slack, 2)
+    fake_slack.files["p2.jpg"] = make_photo(2)
+    files.append(fake_slack.file_object("p2.jpg", with_url=False))  # details via files.info
+
+    body = message_event_body(text, files, channel_type=channel_type)
+    await send_event(fake_slack, events_url, body)
+    await fake_slack.wait_until(lambda: bool(fake_slack.find("chat.postEphemeral")))
+
+    [reply] = fake_slack.find("chat.postEphemeral")
+    assert reply.text.startswith("Training rex (toy car) from 3 photos")
+    assert [call.args["file"] for call in fake_slack.find("files.info")] == ["p2.jpg"]
+    [job] = await runtime.store.unfinished_jobs("slack")
+    assert job.kind == "train"
+
+
+async def test_photos_shared_for_people_are_left_alone(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, clock: FakeClock
+) -> None:
+    files = serve_photos(fake_slack, 3)
+    await send_event(fake_slack, events_url, message_event_body("holiday pics", files))
+    # "train …" in a channel only counts when it mentions the bot.
+    await send_event(fake_slack, events_url, message_event_body("train rex dog", files))
+    # A /train window closes.
+    await send_command(fake_slack, events_url, "/train", "rex dog")
+    await clock.advance(601)
+    await send_event(fake_slack, events_url, message_event_body("", files))
+    await asyncio.sleep(0.2)
+
+    assert fake_slack.find("download") == []
+    assert fake_slack.find("chat.postEphemeral") == []
+
+
+async def test_too_few_photos_are_answered_privately_and_queue_nothing(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    text = f"<@{BOT_USER_ID}> train rex dog"
+    await send_event(fake_slack, events_url, message_event_body(text, serve_photos(fake_slack, 2)))
+    await fake_slack.wait_until(lambda: bool(fake_slack.find("chat.postEphemeral")))
+
+    assert "You sent 2 photos" in fake_slack.find("chat.postEphemeral")[0].text
+    assert await engine_queue_length(runtime) == 0
+    assert await runtime.store.list_subjects(OWNER) == []
+
+
+async def test_the_downloader_sends_the_token_only_to_allowed_hosts_and_caps_the_size(
+    fake_slack: FakeSlack,
+) -> None:
+    fake_slack.files["big.jpg"] = b"x" * 5000
+    fake_slack.files["ok.jpg"] = make_photo(1)
+    url = fake_slack.file_object("ok.jpg")["url_private_download"]
+    async with SlackDownloader(
+        BOT_TOKEN, max_bytes=4096, allowed_hosts={"127.0.0.1"}, require_https=False
+    ) as downloader:
+        assert (await downloader.fetch(url, "ok.jpg")).data == make_photo(1)
+        with pytest.raises(UserError, match="larger than"):
+            await downloader.fetch(url.replace("ok.jpg", "big.jpg"), "big.jpg")
+        with pytest.raises(UserError, match="isn't a file shared on Slack"):
+            await downloader.fetch("https://example.com/files-pri/x/download", "x.jpg")
+    assert [call.headers["Authorization"] for call in fake_slack.find("download")] == [
+        f"Bearer {BOT_TOKEN}"
+    ] * 2
+    # In production only files.slack.com, and only over HTTPS.
+    with pytest.raises(UserError, match="isn't a file shared on Slack"):
+        SlackDownloader(BOT_TOKEN, max_bytes=4096).check_url(url, "ok.jpg")
+
+
+# The Sink: progress, results, failures.
+
+
+def make_job(job_id: str = "a" * 32, kind: str = "generate", **destination: Any) -> Job:
+    return Job(
+        id=job_id,
+        kind=kind,
+        owner=OWNER,
+        subject_id=None,
+        prompt="a red fox",
+        destination={**DESTINATION, **destination},
+        status="running",
+        result=None,
+        error=None,
+        created_at="2025-01-01T00:00:00+00:00",
+        updated_at="2025-01-01T00:00:00+00:00",
+        delivered_at=None,
+    )
+
+
+def progress(step: int, total: int = 400) -> Progress:
+    return Progress(job_id="a" * 32, phase="training", step=step, total=total)
+
+
+async def test_progress_posts_one_message_then_updates_it_at_most_once_per_interval(
+    adapter: SlackAdapter, fake_slack: FakeSlack, clock: FakeClock
+) -> None:
+    job = make_job()
+    for step in range(1, 51):
+        await adapter.show_progress(job, f"rex: training {step}/400", progress(step))
+
+    [posted] = fake_slack.find("chat.postMessage")
+    assert posted.text == f"<@{USER_ID}> · rex: training 1/400"
+    assert fake_slack.find("chat.update") == []  # 49 updates within the interval
+
+    assert await clock.advance(EDIT_INTERVAL) == 1
+    await fake_slack.wait_until(lambda: len(fake_slack.find("chat.update")) == 1)
+    [update] = fake_slack.find("chat.update")
+    assert (update.args["channel"], update.args["ts"]) == (
+        CHANNEL_ID,
+        adapter.progress_messages[job.id],
+    )
+    assert update.text == f"<@{USER_ID}> · rex: training 50/400"  # the latest wins
+
+
+async def test_a_ten_minute_job_updates_its_progress_under_the_promised_rate(
+    adapter: SlackAdapter, fake_slack: FakeSlack, clock: FakeClock
+) -> None:
+    job = make_job()
+    tick, minutes = 0.5, 10
+    steps = int(minutes * 60 / tick)
+    for step in range(1, steps + 1):
+        updates_before = len(fake_slack.find("chat.update"))
+        woken = await clock.advance(tick)
+        if woken:
+            await fake_slack.wait_until(
+                lambda n=updates_before + woken: len(fake_slack.find("chat.update")) >= n  # type: ignore[misc]
+            )
+        await adapter.show_progress(job, f"training {step}/{steps}", progress(step, steps))
+
+    updates = fake_slack.find("chat.update")
+    times = [update.at for update in updates]
+    assert len(fake_slack.find("chat.postMessage")) == 1
+    assert len(updates) <= minutes * 60 / EDIT_INTERVAL + 1
+    assert min(b - a for a, b in itertools.pairwise(times)) >= EDIT_INTERVAL
+
+
+async def test_the_progress_message_is_updated_after_a_restart_not_posted_again(
+    adapter: SlackAdapter, fake_slack: FakeSlack
+) -> None:
+    job = make_job(progress_ts="1699999999.000001")  # posted by the previous process
+    await adapter.show_progress(job, "rex: training 9/400", progress(9))
+
+    assert fake_slack.find("chat.postMessage") == []
+    [update] = fake_slack.find("chat.update")
+    assert update.args["ts"] == "1699999999.000001"
+
+
+async def write_images(runtime: BotRuntime, count: int) -> list[str]:
+    urls = []
+    for i in range(count):
+        url = runtime.core.artifacts.url("outputs", "job", f"{i}.png")
+        await runtime.core.artifacts.aput_bytes(url, make_photo(i, fmt="PNG"))
+        urls.append(url)
+    return urls
+
+
+async def test_a_result_uploads_its_images_mentioning_the_user_with_buttons(
+    adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime
+) -> None:
+    job = make_job()
+    await adapter.show_progress(job, "your image: drawing", progress(1))
+    urls = await write_images(runtime, 2)
+
+    await adapter.show_result(Delivery(job, "“a red fox <!channel>” · seed 7", urls))
+
+    uploads = fake_slack.find("upload")
+    assert [u.body for u in uploads] == [make_photo(0, fmt="PNG"), make_photo(1, fmt="PNG")]
+    names = [c.args["filename"] for c in fake_slack.find("files.getUploadURLExternal")]
+    assert names == ["0.png", "1.png"]
+    [complete] = fake_slack.find("files.completeUploadExternal")
+    assert complete.args["channel_id"] == CHANNEL_ID
+    # The user is mentioned; what the user typed can't ping the channel.
+    assert complete.args["initial_comment"] == f"<@{USER_ID}> “a red fox &lt;!channel&gt;” · seed 7"
+    _, buttons = fake_slack.find("chat.postMessage")
+    [block] = buttons.args["blocks"]
+    assert [(e["action_id"], e["value"]) for e in block["elements"]] == [
+        ("dreambot:reroll", job.id),
+        ("dreambot:vary", job.id),
+        ("dreambot:upscale", job.id),
+    ]
+    [closing] = fake_slack.find("chat.update")
+    assert "done" in closing.text
+    assert job.id not in adapter.progress_messages
+
+
+async def test_a_training_result_with_many_samples_is_uploaded_in_batches_of_ten(
+    adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime
+) -> None:
+    urls = await write_images(runtime, 12)
+    await adapter.show_result(Delivery(make_job(kind="train"), "rex is ready", urls))
+
+    first, second = fake_slack.find("files.completeUploadExternal")
+    assert (len(first.args["files"].split('"id"')), len(second.args["files"].split('"id"'))) == (
+        11,
+        3,
+    )
+    assert first.args["initial_comment"] == f"<@{USER_ID}> rex is ready"
+    assert "initial_comment" not in second.args
+    assert fake_slack.find("chat.postMessage") == []  # no buttons under training samples
+
+
+async def test_a_result_goes_to_the_user_by_dm_when_the_channel_is_not_found(
+    adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime
+) -> None:
+    fake_slack.missing.add(CHANNEL_ID)
+    urls = await write_images(runtime, 1)
+
+    await adapter.show_result(Delivery(make_job(), "“a red fox” · seed 7", urls))
+
+    [opened] = fake_slack.find("conversations.open")
+    assert opened.args["users"] == USER_ID
+    refused, sent = fake_slack.find("files.completeUploadExternal")
+    assert (refused.args["channel_id"], sent.args["channel_id"]) == (CHANNEL_ID, DM_CHANNEL_ID)
+    assert sent.args["initial_comment"] == f"<@{USER_ID}> “a red fox” · seed 7"
+    [buttons] = fake_slack.find("chat.postMessage")
+    assert buttons.args["channel"] == DM_CHANNEL_ID
+
+
+async def test_a_result_nobody_accepts_is_logged_not_lost_silently(
+    adapter: SlackAdapter, fake_slack: FakeSlack, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_slack.missing |= {CHANNEL_ID, DM_CHANNEL_ID}
+    with caplog.at_level(logging.ERROR, logger="bot.adapters.slack"):
+        await adapter.show_failure(make_job(), "Your image could not be drawn: out of memory")
+
+    [record] = caplog.records
+    assert "could not be delivered" in record.getMessage()
+    assert "out of memory" in record.getMessage()
+
+
+async def test_a_failure_is_posted_in_the_channel_mentioning_the_user(
+    adapter: SlackAdapter, fake_slack: FakeSlack
+) -> None:
+    await adapter.show_failure(make_job(), "Training rex failed: out of memory")
+
+    [posted] = fake_slack.find("chat.postMessage")
+    assert posted.text == f"<@{USER_ID}> ✗ Training rex failed: out of memory"
+
+
+# Buttons.
+
+
+async def test_reroll_by_another_user_queues_a_job_they_own(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    await send_command(fake_slack, events_url, "/imagine", "a red fox --count 2")
+    [original] = await runtime.store.unfinished_jobs("slack")
+    body = action_body(fake_slack, "dreambot:reroll", original.id, user_id=OTHER_USER_ID)
+
+    status, answer, _ = await post(events_url, body, signed(body))
+    assert (status, answer) == (200, "")
+    await fake_slack.wait_until(lambda: len(fake_slack.find("respond")) == 2)
+
+    reply = fake_slack.find("respond")[-1]
+    assert reply.args["replace_original"] is False
+    assert reply.text.startswith("Drawing 2 images")
+    rerolled = [j for j in await runtime.store.unfinished_jobs("slack") if j.id != original.id]
+    assert [j.owner for j in rerolled] == [Owner("slack", TEAM_ID, OTHER_USER_ID)]
+
+
+# Text, configuration.
+
+
+def test_imagine_options_survive_slacks_smart_punctuation() -> None:
+    args = parse_imagine("a fox —count 3 –seed=9 --no “blurry, dark” --aspect Wide in snow")
+    assert (args.prompt, args.count, args.seed) == ("a fox in snow", 3, 9)
+    assert (args.negative, args.aspect) == ("blurry, dark", "wide")
+
+
+def test_escape_keeps_user_mentions_and_defuses_everything_else() -> None:
+    assert escape("<@U1> & <@W2|bob> <!here> <https://x|y>") == (
+        "<@U1> &amp; <@W2|bob> &lt;!here&gt; &lt;https://x|y&gt;"
+    )
+
+
+def test_dreambot_slack_without_a_token_exits_with_a_clear_message(settings: Settings) -> None:
+    with pytest.raises(SystemExit, match="DREAMBOT_SLACK_BOT_TOKEN"):
+        cmd_slack(settings, argparse.Namespace())
+
+
+def test_dreambot_slack_needs_a_signing_secret_or_an_app_token(settings: Settings) -> None:
+    with_token = settings.model_copy(update={"slack_bot_token": SecretStr("xoxb-1")})
+    with pytest.raises(SystemExit, match="DREAMBOT_SLACK_SIGNING_SECRET"):
+        cmd_slack(with_token, argparse.Namespace())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_http_mode_serves_signed_requests_at_the_configured_path(
+    adapter: SlackAdapter, fake_slack: FakeSlack
+) -> None:
+    port = free_port()
+    server = asyncio.create_task(serve_http(adapter, "127.0.0.1", port, "/hooks/slack"))
+    try:
+        body = command_body(fake_slack, "/quota")
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(50):  # until it listens
+            try:
+                status, _, _ = await post(f"{url}/hooks/slack", body, signed(body, secret="x"))
+                break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+        assert status == 401
+        status, _, _ = await post(f"{url}/slack/events", body, signed(body))
+        assert status == 404
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+
+
+async def test_socket_mode_needs_no_signing_secret_and_http_mode_does(
+    runtime: BotRuntime,
+) -> None:
+    socket_mode = runtime.settings.model_copy(
+        update={"slack_bot_token": SecretStr("xoxb-1"), "slack_app_token": SecretStr("xapp-1")}
+    )
+    adapter = build_adapter(runtime.core, socket_mode)
+    await adapter.close()
+    http_mode = socket_mode.model_copy(update={"slack_app_token": None})
+    with pytest.raises(ConfigError, match="DREAMBOT_SLACK_SIGNING_SECRET"):
+        build_adapter(runtime.core, http_mode)

@@ -77,7 +77,10 @@ class TrainRequest(BaseModel):
     photo_urls: list[str]
     adapter_url: str = Field(description="where the engine writes the finished adapter")
     samples_url: str = Field(description="folder URL for the sample images")
-    base_model: str
+    base_model: str = Field(
+        description="name of a configured base model (a DREAMBOT_MODELS key, or the one "
+        "DREAMBOT_BASE_MODEL); the engine trains on that model"
+    )
     steps: int | None = None
 
 
@@ -99,7 +102,9 @@ class GenerateRequest(BaseModel):
     )
     adapters: list[AdapterRef] = Field(default_factory=list)
     output_url: str = Field(description="folder URL for the generated images")
-    base_model: str
+    base_model: str = Field(
+        description="the model to draw on: the one the adapters were trained on, else the default"
+    )
     init_image_url: str | None = Field(
         None, description="start from this image (img2img): Vary and Upscale of a result"
     )

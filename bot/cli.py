@@ -1,4 +1,5 @@
-"""The ``dreambot`` command: run the demo, the shell, the engine, migrations, the tiny model."""
+"""The ``dreambot`` command: the demo, the shell, the adapters, the engine, migrations, the tiny
+model, image inspection and subject evaluation."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from bot.config import TINY_MODEL, ConfigError, Settings, load_settings
+from bot.core.store import Owner
 from bot.redis_server import RedisServer, RedisUnavailable, answers
 
 log = logging.getLogger("dreambot")
@@ -150,6 +152,51 @@ def cmd_inspect(settings: Settings, args: argparse.Namespace) -> None:
             raise SystemExit(f"{path}: not an image ({exc})") from exc
 
 
+def eval_owner(text: str | None, default_user: str) -> Owner:
+    """``--user``: ``platform:workspace:user`` (e.g. ``discord:<guild id>:<user id>``), or a
+    shell user name (default: ``DREAMBOT_SHELL_USER``)."""
+    from bot.adapters.shell import PLATFORM, WORKSPACE
+
+    parts = (text or default_user).split(":")
+    if len(parts) == 1:
+        return Owner(PLATFORM, WORKSPACE, parts[0])
+    if len(parts) != 3 or not all(parts):
+        raise SystemExit(f"--user takes platform:workspace:user or a shell user, not {text!r}")
+    return Owner(*parts)
+
+
+def cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
+    """Score a trained subject with the DreamBooth paper's metrics (CLIP-I, CLIP-T, DINO)."""
+    from engine.evaluation import EvalError, EvalOptions, evaluate_subject
+
+    options = EvalOptions(
+        reference=args.subject,
+        owner=eval_owner(args.user, settings.shell_user),
+        prompt_file=Path(args.prompts) if args.prompts else None,
+        images_per_prompt=args.images_per_prompt,
+        limit=args.limit,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        strength=args.strength,
+        save_images=Path(args.save_images) if args.save_images else None,
+    )
+    try:
+        report = asyncio.run(
+            evaluate_subject(settings, options, log=lambda line: print(line, file=sys.stderr))
+        )
+    except EvalError as exc:
+        raise SystemExit(f"eval: {exc}") from exc
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    output = Path(
+        args.output or settings.data_dir / "evaluations" / f"{report.subject}-{stamp}.json"
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report.to_json() + "\n", encoding="utf-8")
+    print(report.table())
+    print(f"written: {output}")
+
+
 def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
     """Everything on this machine: Redis (if none answers), the engine, and the shell."""
     redis_child = None
@@ -194,6 +241,27 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
             redis_child.stop()
 
 
+def _eval_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("subject", help="the subject's name (see --user) or id")
+    sub.add_argument(
+        "--user",
+        help="whose subject: platform:workspace:user, or a shell user (default: the shell's)",
+    )
+    sub.add_argument(
+        "--prompts",
+        help="a file of prompts, one a line, {} where the subject goes "
+        "(default: the DreamBooth dataset's 25 for the subject's kind)",
+    )
+    sub.add_argument("--images-per-prompt", type=int, default=4, help="as in the paper: 4")
+    sub.add_argument("--limit", type=int, help="only the first N prompts (a quick check)")
+    sub.add_argument("--seed", type=int, default=0, help="prompt i is drawn with seed+i")
+    sub.add_argument("--steps", type=int, help="sampler steps (default: GENERATE_STEPS)")
+    sub.add_argument("--guidance", type=float, help="default: GUIDANCE_SCALE")
+    sub.add_argument("--strength", type=float, default=1.0, help="the subject's LoRA scale")
+    sub.add_argument("--output", help="JSON file (default: DATA_DIR/evaluations/…)")
+    sub.add_argument("--save-images", help="also write the generated images to this folder")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dreambot`` console script."""
     # Weights only ever come from local paths; keep the ML libraries offline and quiet.
@@ -216,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         ("migrate", cmd_migrate),
         ("tiny-model", cmd_tiny_model),
         ("inspect", cmd_inspect),
+        ("eval", cmd_eval),
     ]:
         sub = commands.add_parser(name, help=(handler.__doc__ or "").strip().splitlines()[0])
         sub.set_defaults(handler=handler)
@@ -223,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
             sub.add_argument("path", nargs="?", help="folder to write (default: in DATA_DIR)")
         if name == "inspect":
             sub.add_argument("images", nargs="+", help="PNG files written by dreambot")
+        if name == "eval":
+            _eval_arguments(sub)
     args = parser.parse_args(argv)
     level = "INFO" if args.command == "engine" and args.log_level == "WARNING" else args.log_level
     _setup_logging(level.upper())

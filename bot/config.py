@@ -128,6 +128,12 @@ class Settings(BaseSettings):
     compile_unet: bool = Field(
         False, description="torch.compile the UNet (GPU; implies LORA_HOTSWAP; slow warm-up)"
     )
+    eval_clip_path: Path | None = Field(
+        None, description="local CLIP model folder for `dreambot eval` (CLIP-I, CLIP-T)"
+    )
+    eval_dino_path: Path | None = Field(
+        None, description="local DINO ViT-S/16 model folder for `dreambot eval` (DINO)"
+    )
     sample_count: int = Field(4, ge=0, le=16, description="sample images posted after training")
     progress_interval: float = Field(2.0, ge=0, description="seconds between progress updates")
     train_chunk_steps: int = Field(

@@ -4,7 +4,8 @@ It only translates. A slash command is deferred at once (Discord allows 3 second
 attachments are downloaded from Discord's CDN, and the core is called with plain values; the
 core's reply goes back as an ephemeral follow-up. Engine updates arrive through the ``Sink``
 methods: one public progress message per job (its id is kept in the job's destination, so it
-is still edited after a restart), edited at most once per ``edit_interval`` seconds, then the
+is still edited after a restart), edited at most once per ``edit_interval`` seconds (an edit
+carries the latest live preview of the image being drawn, if one came since the last), then the
 result as a normal channel message mentioning the user (interaction tokens expire after 15
 minutes, jobs may take longer), or by DM when the channel refuses it.
 
@@ -44,7 +45,12 @@ log = logging.getLogger(__name__)
 PLATFORM = "discord"
 MAX_CONTENT = 2000
 MAX_FILES_PER_MESSAGE = 10
-BUTTON_ID = re.compile(r"dreambot:(?P<action>reroll|vary|upscale):(?P<job_id>[0-9a-f]{32})")
+# Vary and Upscale carry the image's index (0-3); ids without one (older results) mean the
+# first image.
+BUTTON_ID = re.compile(
+    r"dreambot:(?P<action>reroll|vary|upscale):(?P<job_id>[0-9a-f]{32})(?::(?P<index>[0-3]))?"
+)
+MAX_BUTTON_IMAGES = 4
 MAX_DISCORD_PHOTOS = 10  # photo1..photo10
 
 DISCORD_MOD_NOTE = (
@@ -102,8 +108,8 @@ def usage_text(core: Core) -> str:
         [steps:<n>] [guidance:<x>] [strength:<x>]
         draw a prompt; [V] is your newest subject, [name] a named one
         e.g. /imagine prompt:a [V] dog wearing a hat aspect:portrait
-        under each result: 🎲 Reroll (new seed), 🔀 Vary (a close variation of the first
-        image) and ⬆️ Upscale (the first image at twice the size)
+        under each result: 🎲 Reroll (new seed), and per image V1…V4 (a close variation
+        of that image) and U1…U4 (that image at twice the size)
 /showcase [name:<name>]
         your subject in the DreamBooth paper's five capabilities, as one grid
 /subjects              list your subjects and their status
@@ -129,25 +135,40 @@ class Outgoing:
     content: str
     files: list[tuple[str, bytes]]
     buttons_for: str | None = None
+    """The generation job whose Reroll / Vary / Upscale buttons go under the images."""
+    button_images: int = 1
+    """How many images get their own Vary / Upscale buttons (up to four)."""
 
 
 class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=BUTTON_ID.pattern):
-    """Reroll / Vary under a generated image; the custom_id carries all it needs after restart."""
+    """Reroll, or Vary / Upscale of one image, under a result; the custom_id carries all it
+    needs after a restart."""
 
     LABELS: ClassVar[dict[str, str]] = {"reroll": "Reroll", "vary": "Vary", "upscale": "Upscale"}
     EMOJI: ClassVar[dict[str, str]] = {"reroll": "🎲", "vary": "🔀", "upscale": "⬆️"}
 
-    def __init__(self, action: str, job_id: str) -> None:
+    def __init__(
+        self, action: str, job_id: str, index: int | None = None, *, images: int = 1
+    ) -> None:
+        """``index`` picks the image to vary or upscale; labelled V1, U2… when ``images`` > 1."""
+        custom_id = f"dreambot:{action}:{job_id}"
+        label = self.LABELS[action]
+        if index is not None:
+            custom_id += f":{index}"
+            if images > 1:
+                label = f"{action[0].upper()}{index + 1}"
         super().__init__(
             discord.ui.Button(
-                label=self.LABELS[action],
+                label=label,
                 emoji=self.EMOJI[action],
                 style=discord.ButtonStyle.secondary,
-                custom_id=f"dreambot:{action}:{job_id}",
+                custom_id=custom_id,
+                row=None if index is None or images == 1 else ("vary", "upscale").index(action) + 1,
             )
         )
         self.action = action
         self.job_id = job_id
+        self.index = index or 0
 
     @classmethod
     async def from_custom_id(
@@ -157,20 +178,24 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=BUTTON_
         match: re.Match[str],
         /,
     ) -> JobButton:
-        return cls(match["action"], match["job_id"])
+        index = match["index"]
+        return cls(match["action"], match["job_id"], int(index) if index else None)
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         client = interaction.client
         assert isinstance(client, DreamClient)
-        await client.adapter.click(interaction, self.action, self.job_id)
+        await client.adapter.click(interaction, self.action, self.job_id, self.index)
 
 
-def job_buttons(job_id: str) -> discord.ui.View:
-    """The Reroll / Vary / Upscale buttons for a generation job."""
+def job_buttons(job_id: str, images: int = 1) -> discord.ui.View:
+    """Reroll, then Vary and Upscale for each of the first four images of a generation job
+    (one row each when there are several: V1 V2 … / U1 U2 …)."""
     view = discord.ui.View(timeout=None)
     view.add_item(JobButton("reroll", job_id))
-    view.add_item(JobButton("vary", job_id))
-    view.add_item(JobButton("upscale", job_id))
+    shown = max(1, min(images, MAX_BUTTON_IMAGES))
+    for action in ("vary", "upscale"):
+        for index in range(shown):
+            view.add_item(JobButton(action, job_id, index, images=shown))
     return view
 
 
@@ -220,6 +245,9 @@ class DiscordAdapter:
         # destination as ``progress_message_id``, which is where it is found after a restart.
         self.progress_messages: dict[str, int | None] = {}
         self._progress_locks: dict[str, asyncio.Lock] = {}
+        # The newest live preview not yet shown, per job: it rides on the next edit, so
+        # previews never add edits beyond the throttle's rate.
+        self._previews: dict[str, str] = {}
 
     async def close(self) -> None:
         """Close the client and the downloader."""
@@ -306,9 +334,11 @@ class DiscordAdapter:
         await self._post_queued(interaction, receipt.job_id, "the showcase", receipt.position)
         return receipt.text
 
-    async def click(self, interaction: discord.Interaction[Any], action: str, job_id: str) -> None:
-        """Reroll / Vary / Upscale: redo a generation with its options, as (and paid by) the
-        clicker.
+    async def click(
+        self, interaction: discord.Interaction[Any], action: str, job_id: str, index: int = 0
+    ) -> None:
+        """Reroll / Vary / Upscale (of image ``index``): redo a generation with its options,
+        as (and paid by) the clicker.
 
         The core refuses when the image shows someone else's subject.
         """
@@ -320,6 +350,7 @@ class DiscordAdapter:
                 job_id,
                 vary=action == "vary",
                 upscale=action == "upscale",
+                index=index,
                 roles=role_ids(interaction.user),
                 mention=lambda user_id: f"<@{user_id}>",
             )
@@ -361,8 +392,11 @@ class DiscordAdapter:
     # Sink: engine updates.
 
     async def show_progress(self, job: Job, text: str, progress: Progress) -> None:
-        """Post the job's progress message once, then edit it (throttled)."""
+        """Post the job's progress message once, then edit it (throttled), with the newest
+        live preview image when one came."""
         content = fit(f"<@{job.destination['user_id']}> · {text}")
+        if progress.preview_url:
+            self._previews[job.id] = progress.preview_url
         async with self._progress_lock(job.id):
             if job.id not in self.progress_messages:
                 known = job.destination.get("progress_message_id")
@@ -373,7 +407,9 @@ class DiscordAdapter:
                 self.progress_messages[job.id] = int(known)
         message_id = self.progress_messages[job.id]
         if message_id is not None:
-            await self.edits.submit(job.id, lambda: self._edit_progress(job, message_id, content))
+            await self.edits.submit(
+                job.id, lambda: self._edit_with_preview(job, message_id, content)
+            )
 
     async def show_result(self, delivery: Delivery) -> None:
         """Post the result with its images (and buttons for generations), mentioning the user."""
@@ -382,10 +418,12 @@ class DiscordAdapter:
             (url.rsplit("/", 1)[-1], await self.core.artifacts.aget_bytes(url))
             for url in delivery.image_urls
         ]
-        buttons = job.id if job.kind == "generate" and files else None
+        # A showcase grid can't be rerolled or varied (the core says so); no buttons for it.
+        redo = job.kind == "generate" and files and not job.options.get("showcase")
         self.edits.forget(job.id)
+        content = f"<@{job.destination['user_id']}> {delivery.text}"
         await self._post_to_user(
-            job, Outgoing(f"<@{job.destination['user_id']}> {delivery.text}", files, buttons)
+            job, Outgoing(content, files, job.id if redo else None, len(files))
         )
         await self._finish_progress(job, "✓ done — result below.")
 
@@ -433,10 +471,34 @@ class DiscordAdapter:
             return None
         return message.id
 
-    async def _edit_progress(self, job: Job, message_id: int, content: str) -> None:
+    async def _edit_with_preview(self, job: Job, message_id: int, content: str) -> None:
+        """Edit the progress message, attaching the newest preview not yet shown (if any)."""
+        url = self._previews.pop(job.id, None)
+        preview = None
+        if url is not None:
+            try:
+                data = await self.core.artifacts.aget_bytes(url)
+                preview = [discord.File(io.BytesIO(data), filename="preview.jpg")]
+            except Exception:
+                # Best effort: the text still moves on without the picture.
+                log.warning("job %s: preview %s not read", job.id, url, exc_info=True)
+        await self._edit_progress(job, message_id, content, attachments=preview)
+
+    async def _edit_progress(
+        self,
+        job: Job,
+        message_id: int,
+        content: str,
+        *,
+        attachments: list[discord.File] | None = None,
+    ) -> None:
+        """Edit a progress message; ``attachments`` replace its files ([] removes them)."""
         message = self._channel(job.destination).get_partial_message(message_id)
+        files: dict[str, Any] = {} if attachments is None else {"attachments": attachments}
         try:
-            await message.edit(content=content, allowed_mentions=discord.AllowedMentions.none())
+            await message.edit(
+                content=content, allowed_mentions=discord.AllowedMentions.none(), **files
+            )
         except (discord.Forbidden, discord.NotFound) as exc:
             log.warning("job %s: progress message %s gone (%s)", job.id, message_id, exc)
             self.progress_messages[job.id] = None
@@ -445,11 +507,13 @@ class DiscordAdapter:
         """Close the job's progress message (best effort: the result is already posted)."""
         self.edits.forget(job.id)
         self._progress_locks.pop(job.id, None)
+        self._previews.pop(job.id, None)
         message_id = self.progress_messages.pop(job.id, job.destination.get("progress_message_id"))
         if message_id is not None:
             content = f"<@{job.destination['user_id']}> · {note}"
             try:
-                await self._edit_progress(job, int(message_id), content)
+                # The last preview goes: the result below shows the real images.
+                await self._edit_progress(job, int(message_id), content, attachments=[])
             except Exception:
                 log.warning("job %s: progress message not closed", job.id, exc_info=True)
 
@@ -492,7 +556,7 @@ class DiscordAdapter:
             last = index == len(batches) - 1
             kwargs: dict[str, Any] = {}
             if last and outgoing.buttons_for:
-                kwargs["view"] = job_buttons(outgoing.buttons_for)
+                kwargs["view"] = job_buttons(outgoing.buttons_for, outgoing.button_images)
             await channel.send(
                 fit(outgoing.content) if index == 0 else None,
                 files=[discord.File(io.BytesIO(data), filename=name) for name, data in batch],

@@ -62,6 +62,8 @@ class ShellAdapter:
         self._idle.set()
         self._progress_open = False
         self._at_prompt = False
+        self.last_generation: str | None = None
+        self._previewed: set[str] = set()
 
     # Output.
 
@@ -87,7 +89,12 @@ class ShellAdapter:
             self._idle.set()
 
     async def show_progress(self, job: Job, text: str, progress: Progress) -> None:
-        """Progress updates one line in place on a terminal; one line each when piped."""
+        """Progress updates one line in place on a terminal; one line each when piped. The
+        first live preview's file is named once per job (later ones go to the same folder)."""
+        preview = local_path(progress.preview_url) if progress.preview_url else None
+        if preview is not None and job.id not in self._previewed:
+            self._previewed.add(job.id)
+            self.say(f"  preview: {preview}")
         if self.out.isatty():
             self.out.write("\r\033[K" + text)
             self._progress_open = True
@@ -103,11 +110,13 @@ class ShellAdapter:
         if delivery.job.kind == "generate" and delivery.image_urls:
             self.last_generation = delivery.job.id
         self.say("\n".join(lines))
+        self._previewed.discard(delivery.job.id)
         self._done(delivery.job.id)
 
     async def show_failure(self, job: Job, text: str) -> None:
         """Print a failed job's message."""
         self.say(f"✗ {text}")
+        self._previewed.discard(job.id)
         self._done(job.id)
 
     async def _local_file(self, url: str) -> Path:

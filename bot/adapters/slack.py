@@ -7,8 +7,11 @@ message). Engine updates arrive through the ``Sink`` methods: one progress messa
 (``chat.postMessage``; its ``ts`` is kept in the job's destination, so it is still updated
 after a restart), updated with ``chat.update`` at most once per ``edit_interval`` seconds, then
 the result's images uploaded into the channel with ``files_upload_v2``, mentioning the user,
-with Reroll / Vary / Upscale buttons below. When the channel refuses (gone, archived, the bot
-not in it), the result goes to the user by DM; if that fails too, it is logged.
+with Reroll and per-image Vary / Upscale buttons below. Live previews are not shown: a Slack
+image block needs a public URL, which private artifacts don't have, and uploading each preview
+would post new files instead of updating one message. When the channel refuses (gone,
+archived, the bot not in it), the result goes to the user by DM; if that fails too, it is
+logged.
 
 Slash commands cannot carry files, so photos come in a message: ``/train rex dog`` opens a
 window (``DREAMBOT_SLACK_TRAIN_WINDOW``) in which the user's next message with photos in that
@@ -66,8 +69,9 @@ SLACK_FILE_HOSTS = frozenset({"files.slack.com"})
 COMMANDS = ("train", "imagine", "showcase", "subjects", "forget", "quota", "mod", "help")
 """Each is a slash command of its own, and a word after ``/dreambot`` (``/dreambot quota``)."""
 
-ACTIONS = ("reroll", "vary", "upscale")
-ACTION_ID = re.compile(r"^dreambot:(?P<action>reroll|vary|upscale)$")
+# Vary and Upscale name the image (index 0-3); ids without one (older results) mean the first.
+ACTION_ID = re.compile(r"^dreambot:(?P<action>reroll|vary|upscale)(?::(?P<index>[0-3]))?$")
+MAX_BUTTON_IMAGES = 4
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 # A channel that won't take a message or a file: post the result by DM instead.
@@ -214,8 +218,8 @@ def usage_text(core: Core, train_window: float) -> str:
         [--steps N] [--guidance X] [--strength X]
         draw a prompt; [V] is your newest subject, [name] a named one
         e.g. /imagine a [V] dog wearing a hat --aspect portrait
-        under each result: Reroll (new seed), Vary (a close variation of the first
-        image) and Upscale (the first image at twice the size)
+        under each result: Reroll (new seed), and per image V1…V4 (a close variation of
+        that image) and U1…U4 (that image at twice the size)
 /showcase [name]       your subject in the DreamBooth paper's five capabilities, as one grid
 /subjects              list your subjects and their status
 /forget <name>         delete a subject, its photos and its adapter
@@ -407,8 +411,11 @@ class SlackAdapter:
             if match is None or not JOB_ID.match(job_id):
                 return
             reply = self._responder(respond)
+            index = int(match["index"] or 0)
             await self.reply(
-                reply, lambda: self.click(caller_of(context), match["action"], job_id), "button"
+                reply,
+                lambda: self.click(caller_of(context), match["action"], job_id, index),
+                "button",
             )
 
         async def on_message(event: dict[str, Any], context: AsyncBoltContext) -> None:
@@ -562,14 +569,16 @@ class SlackAdapter:
             raise UserError("Usage: /forget <name> (see /subjects).")
         return await self.core.forget(caller.owner, name)
 
-    async def click(self, caller: Caller, action: str, job_id: str) -> str:
-        """Reroll / Vary / Upscale: redo a generation, as (and paid by) the clicker."""
+    async def click(self, caller: Caller, action: str, job_id: str, index: int = 0) -> str:
+        """Reroll / Vary / Upscale (of image ``index``): redo a generation, as (and paid by)
+        the clicker."""
         receipt = await self.core.reimagine(
             caller.owner,
             caller.destination,
             job_id,
             vary=action == "vary",
             upscale=action == "upscale",
+            index=index,
             mention=mention,
         )
         await self._post_queued(caller, receipt.job_id, "your image", receipt.position)
@@ -641,10 +650,11 @@ class SlackAdapter:
             (url.rsplit("/", 1)[-1], await self.core.artifacts.aget_bytes(url))
             for url in delivery.image_urls
         ]
-        buttons = job.id if job.kind == "generate" and files else None
+        # A showcase grid can't be rerolled or varied (the core says so); no buttons for it.
+        redo = job.kind == "generate" and files and not job.options.get("showcase")
         self.edits.forget(job.id)
         text = f"{mention(job.destination['user_id'])} {escape(delivery.text)}"
-        await self._post_to_user(job, fit(text), files, buttons)
+        await self._post_to_user(job, fit(text), files, job.id if redo else None)
         await self._finish_progress(job, "✓ done — result below.")
 
     async def show_failure(self, job: Job, text: str) -> None:
@@ -771,26 +781,29 @@ class SlackAdapter:
             await self.client.chat_postMessage(
                 channel=channel,
                 text="Reroll, vary or upscale this result",
-                blocks=[job_buttons(buttons_for)],
+                blocks=[job_buttons(buttons_for, len(files))],
             )
 
 
-def job_buttons(job_id: str) -> dict[str, Any]:
-    """An actions block with Reroll / Vary / Upscale for a generation job."""
-    labels = {"reroll": "🎲 Reroll", "vary": "🔀 Vary", "upscale": "⬆️ Upscale"}
-    return {
-        "type": "actions",
-        "block_id": f"dreambot:{job_id}",
-        "elements": [
-            {
-                "type": "button",
-                "text": {"type": "plain_text", "text": labels[action], "emoji": True},
-                "action_id": f"dreambot:{action}",
-                "value": job_id,
-            }
-            for action in ACTIONS
-        ],
-    }
+def job_buttons(job_id: str, images: int = 1) -> dict[str, Any]:
+    """An actions block for a generation job: Reroll, then Vary and Upscale for each of its
+    first four images (🔀 V1 … ⬆️ U1 …; plain "Vary" / "Upscale" for a single image)."""
+    shown = max(1, min(images, MAX_BUTTON_IMAGES))
+
+    def button(text: str, action_id: str) -> dict[str, Any]:
+        return {
+            "type": "button",
+            "text": {"type": "plain_text", "text": text, "emoji": True},
+            "action_id": action_id,
+            "value": job_id,
+        }
+
+    elements = [button("🎲 Reroll", "dreambot:reroll")]
+    for action, emoji, word in (("vary", "🔀", "Vary"), ("upscale", "⬆️", "Upscale")):
+        for index in range(shown):
+            label = word if shown == 1 else f"{word[0]}{index + 1}"
+            elements.append(button(f"{emoji} {label}", f"dreambot:{action}:{index}"))
+    return {"type": "actions", "block_id": f"dreambot:{job_id}", "elements": elements}
 
 
 def web_client(token: str, base_url: str | None = None) -> AsyncWebClient:

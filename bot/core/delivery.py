@@ -53,7 +53,8 @@ class Sink(Protocol):
     """What an adapter implements to show engine updates in its chat."""
 
     async def show_progress(self, job: Job, text: str, progress: Progress) -> None:
-        """Show or update the job's progress message."""
+        """Show or update the job's progress message (``progress.preview_url``, when set, is
+        the artifact URL of a small preview of the image being drawn)."""
 
     async def show_result(self, delivery: Delivery) -> None:
         """Post the final result (text and images) where the job was asked for."""
@@ -93,7 +94,7 @@ class Deliverer:
     def __init__(self, core: Core, sink: Sink) -> None:
         self.core = core
         self.sink = sink
-        self._last_progress: dict[str, tuple[int, int, float]] = {}
+        self._last_progress: dict[str, tuple[int, int, int, float]] = {}
 
     async def _label(self, job: Job) -> str:
         if job.kind == "train" and job.subject_id:
@@ -107,11 +108,12 @@ class Deliverer:
         job = await self.core.store.get_job(progress.job_id)
         if job is None or job.finished:
             return
-        # Progress jobs may be handled out of order; never move a bar backwards.
+        # Progress jobs may be handled out of order; never move a bar backwards. A preview
+        # comes right after the plain update of its step, so it ranks just above it.
         phase_order = list(PHASE_LABELS).index(progress.phase)
-        key = (phase_order, progress.step)
+        key = (phase_order, progress.step, int(progress.preview_url is not None))
         last = self._last_progress.get(job.id)
-        if last is not None and key <= last[:2]:
+        if last is not None and key <= last[:3]:
             return
         self._last_progress[job.id] = (*key, time.monotonic())
         if job.status == "queued":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import logging
 from typing import Any
@@ -34,7 +35,7 @@ from tests.adapters.conftest import (
     interaction_payload,
     start_adapter,
 )
-from tests.conftest import make_photo, queued
+from tests.conftest import RecordingSink, make_photo, queued
 
 EPHEMERAL = 64
 OWNER = Owner("discord", str(GUILD_ID), str(USER_ID))
@@ -510,15 +511,91 @@ async def test_a_result_is_a_channel_message_with_files_buttons_and_a_mention(
     assert result.json["allowed_mentions"]["users"] == [USER_ID]
     assert [name for name, _ in result.files] == ["0.png", "1.png"]
     assert result.files[0][1] == make_photo(0, fmt="PNG")
-    buttons = result.json["components"][0]["components"]
-    assert [b["custom_id"] for b in buttons] == [
-        f"dreambot:reroll:{job.id}",
-        f"dreambot:vary:{job.id}",
-        f"dreambot:upscale:{job.id}",
+    rows = [[b["custom_id"] for b in row["components"]] for row in result.json["components"]]
+    assert rows == [
+        [f"dreambot:reroll:{job.id}"],
+        [f"dreambot:vary:{job.id}:0", f"dreambot:vary:{job.id}:1"],
+        [f"dreambot:upscale:{job.id}:0", f"dreambot:upscale:{job.id}:1"],
     ]
+    labels = [b["label"] for row in result.json["components"] for b in row["components"]]
+    assert labels == ["Reroll", "V1", "V2", "U1", "U2"]
     [closing] = fake_discord.find("PATCH", "/channels/")
     assert "done" in (closing.content or "")
     assert job.id not in adapter.progress_messages
+
+
+async def test_one_image_gets_plain_vary_and_upscale_buttons_and_a_showcase_none(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    [url] = await write_images(runtime, 1)
+    await adapter.show_result(Delivery(make_job(), "one", [url]))
+    showcase = dataclasses.replace(make_job("b" * 32), options={"showcase": "rex"})
+    await adapter.show_result(Delivery(showcase, "grid", [url]))
+
+    single, grid = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    buttons = [b for row in single.json["components"] for b in row["components"]]
+    assert [(b["label"], b["custom_id"]) for b in buttons] == [
+        ("Reroll", f"dreambot:reroll:{'a' * 32}"),
+        ("Vary", f"dreambot:vary:{'a' * 32}:0"),
+        ("Upscale", f"dreambot:upscale:{'a' * 32}:0"),
+    ]
+    assert not grid.json.get("components")
+
+
+async def test_live_previews_ride_on_throttled_edits_and_go_when_the_job_is_done(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime, clock: FakeClock
+) -> None:
+    job = make_job()
+    preview_url = runtime.core.artifacts.url("outputs", job.id, "previews", "003.jpg")
+    await runtime.core.artifacts.aput_bytes(preview_url, b"jpeg bytes")
+    drawing = Progress(job_id=job.id, phase="generating", step=2, total=10)
+    await adapter.show_progress(job, "drawing 2/10", drawing)
+    # A preview, then a plain update, within one interval: one edit, with both.
+    with_preview = drawing.model_copy(update={"step": 3, "preview_url": preview_url})
+    await adapter.show_progress(job, "drawing 3/10", with_preview)
+    await adapter.show_progress(job, "drawing 4/10", drawing.model_copy(update={"step": 4}))
+    assert fake_discord.find("PATCH") == []
+
+    await clock.advance(EDIT_INTERVAL)
+    await fake_discord.wait_until(lambda: len(fake_discord.find("PATCH")) == 1)
+    [edit] = fake_discord.find("PATCH", "/channels/")
+    assert edit.content == f"<@{USER_ID}> · drawing 4/10"
+    assert edit.files == [("preview.jpg", b"jpeg bytes")]
+
+    # The next edit keeps the shown preview (no new upload); the result removes it.
+    await adapter.show_progress(job, "drawing 5/10", drawing.model_copy(update={"step": 5}))
+    await clock.advance(EDIT_INTERVAL)
+    await fake_discord.wait_until(lambda: len(fake_discord.find("PATCH")) == 2)
+    assert fake_discord.find("PATCH")[1].files == []
+    assert "attachments" not in (fake_discord.find("PATCH")[1].json or {})
+    await adapter.show_result(Delivery(job, "done", await write_images(runtime, 1)))
+    closing = fake_discord.find("PATCH")[-1]
+    assert "done" in (closing.content or "") and closing.json["attachments"] == []
+
+
+async def test_a_preview_at_the_step_just_reported_still_reaches_the_adapter(
+    runtime: BotRuntime, sink: RecordingSink
+) -> None:
+    receipt = await runtime.core.imagine(OWNER, DESTINATION, "a red fox", count=1, seed=1)
+    deliverer = Deliverer(runtime.core, sink)
+    step = {"job_id": receipt.job_id, "phase": "generating", "step": 3, "total": 10}
+    await deliverer.progress(step)
+    await deliverer.progress({**step, "preview_url": "file:///p/003.jpg"})
+    await deliverer.progress(step)  # out of order: older than the preview, dropped
+    assert [p.preview_url for _, _, p in sink.progress] == [None, "file:///p/003.jpg"]
+
+
+# Buttons posted before per-image buttons existed carry no index: the first image.
+@pytest.mark.parametrize(("suffix", "start"), [(":1", "1.png"), ("", "0.png")])
+async def test_a_per_image_vary_button_starts_from_that_image(
+    runtime: BotRuntime, fake_discord: FakeDiscord, clock: FakeClock, suffix: str, start: str
+) -> None:
+    job_id = await finished_generation(runtime, seed=7, count=2)
+    reply = await click(runtime, fake_discord, clock, f"dreambot:vary:{job_id}{suffix}", USER_ID)
+
+    assert (reply.content or "").startswith("Drawing 2 images (seed 7)")
+    [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
+    assert (await queued_request(runtime, new_job.id))["init_image_url"] == start
 
 
 async def test_a_training_result_with_many_samples_is_split_into_messages_of_ten(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import socket
@@ -507,9 +508,12 @@ async def test_a_result_uploads_its_images_mentioning_the_user_with_buttons(
     [block] = buttons.args["blocks"]
     assert [(e["action_id"], e["value"]) for e in block["elements"]] == [
         ("dreambot:reroll", job.id),
-        ("dreambot:vary", job.id),
-        ("dreambot:upscale", job.id),
+        ("dreambot:vary:0", job.id),
+        ("dreambot:vary:1", job.id),
+        ("dreambot:upscale:0", job.id),
+        ("dreambot:upscale:1", job.id),
     ]
+    assert [e["text"]["text"] for e in block["elements"]][1:] == ["🔀 V1", "🔀 V2", "⬆️ U1", "⬆️ U2"]
     [closing] = fake_slack.find("chat.update")
     assert "done" in closing.text
     assert job.id not in adapter.progress_messages
@@ -588,6 +592,41 @@ async def test_reroll_by_another_user_queues_a_job_they_own(
     assert reply.text.startswith("Drawing 2 images")
     rerolled = [j for j in await runtime.store.unfinished_jobs("slack") if j.id != original.id]
     assert [j.owner for j in rerolled] == [Owner("slack", TEAM_ID, OTHER_USER_ID)]
+
+
+# Buttons posted before per-image buttons existed carry no index: the first image.
+@pytest.mark.parametrize(("action_id", "start"), [("dreambot:vary:1", 1), ("dreambot:vary", 0)])
+async def test_a_per_image_vary_button_starts_from_that_image(
+    adapter: SlackAdapter,
+    fake_slack: FakeSlack,
+    events_url: str,
+    runtime: BotRuntime,
+    action_id: str,
+    start: int,
+) -> None:
+    await send_command(fake_slack, events_url, "/imagine", "a red fox --count 2 --seed 7")
+    [original] = await runtime.store.unfinished_jobs("slack")
+    images = await write_images(runtime, 2)
+    result = {"job_id": original.id, "image_urls": images, "seed": 7}
+    await runtime.store.update_job(original.id, status="done", result=result)
+    body = action_body(fake_slack, action_id, original.id)
+
+    status, _, _ = await post(events_url, body, signed(body))
+    assert status == 200
+    await fake_slack.wait_until(lambda: len(fake_slack.find("respond")) == 2)
+
+    assert fake_slack.find("respond")[-1].text.startswith("Drawing 2 images (seed 7)")
+    [varied] = [j for j in await runtime.store.unfinished_jobs("slack") if j.id != original.id]
+    request = (await ArqJob(varied.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]
+    assert request["init_image_url"] == images[start]
+
+
+async def test_a_showcase_result_gets_no_buttons(
+    adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime
+) -> None:
+    showcase = dataclasses.replace(make_job(), options={"showcase": "rex"})
+    await adapter.show_result(Delivery(showcase, "grid", await write_images(runtime, 1)))
+    assert fake_slack.find("chat.postMessage") == []
 
 
 # Text, configuration.

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     pipe = load_pipeline(args.model, device=args.device)
     phases["load_s"] = time.perf_counter() - started
+    step_times: list[float] = []  # wall seconds since training began, at each step's end
+    step_cpu_times: list[float] = []  # this process's CPU seconds at each step's end
 
     if args.only_class_images:
         began = time.perf_counter()
@@ -61,8 +63,6 @@ def main(argv: list[str] | None = None) -> None:
         )
         phases["class_images_s"] = time.perf_counter() - began
         save_photos(class_images, args.class_dir, "class")
-        step_times: list[float] = []
-        step_cpu_times = []
     else:
         instance_images = load_photos(args.instance_dir)
         class_images = load_photos(args.class_dir)[: args.class_images]
@@ -76,8 +76,6 @@ def main(argv: list[str] | None = None) -> None:
             resolution=args.resolution,
             seed=args.seed,
         )
-        step_times = []
-        step_cpu_times: list[float] = []
 
         def on_step(step: int, total: int, loss: float) -> None:
             step_times.append(time.perf_counter() - began)

@@ -147,6 +147,17 @@ class Settings(BaseSettings):
         False, description="recompute activations: less GPU memory, slower steps"
     )
     train_random_flip: bool = Field(False, description="also train on mirrored photos")
+    train_text_encoder: bool = Field(
+        False,
+        description="also train LoRA on the text encoder(s): more memory and time per step, "
+        "and the token overfits sooner",
+    )
+    train_text_encoder_lr: float | None = Field(
+        None,
+        gt=0,
+        le=1.0,
+        description="learning rate of the text-encoder LoRA; default: TRAIN_LEARNING_RATE",
+    )
     train_random_crops: int = Field(
         0, ge=0, le=8, description="extra random (slightly zoomed) framings of each photo"
     )

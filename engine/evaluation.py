@@ -28,7 +28,6 @@ facebook/dino-vits16). ``dreambot eval`` (``bot/cli.py``) runs this on the engin
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import re
 import time
@@ -44,10 +43,10 @@ from bot.config import TINY_MODEL_FOLDERS, Settings
 from bot.core.store import Owner, Store, Subject
 from engine.artifacts import ArtifactStore
 from engine.generation import AdapterSpec, Generator
-from engine.images import encode_png
+from engine.images import encode_png, open_rgb
 from engine.showcase import is_living
 
-OBJECT_PROMPTS: tuple[str, ...] = (
+_PLACE_PROMPTS: tuple[str, ...] = (
     "a {} in the jungle",
     "a {} in the snow",
     "a {} on the beach",
@@ -58,6 +57,18 @@ OBJECT_PROMPTS: tuple[str, ...] = (
     "a {} with a mountain in the background",
     "a {} with a blue house in the background",
     "a {} on top of a purple rug in a forest",
+)
+_PROPERTY_PROMPTS: tuple[str, ...] = (
+    "a red {}",
+    "a purple {}",
+    "a shiny {}",
+    "a wet {}",
+    "a cube shaped {}",
+)
+"""The first ten and the last five prompts are the same for objects and live subjects."""
+
+OBJECT_PROMPTS: tuple[str, ...] = (
+    *_PLACE_PROMPTS,
     "a {} with a wheat field in the background",
     "a {} with a tree and autumn leaves in the background",
     "a {} with the Eiffel Tower in the background",
@@ -68,25 +79,12 @@ OBJECT_PROMPTS: tuple[str, ...] = (
     "a {} on top of the sidewalk in a crowded street",
     "a {} on top of a dirt road",
     "a {} on top of a white rug",
-    "a red {}",
-    "a purple {}",
-    "a shiny {}",
-    "a wet {}",
-    "a cube shaped {}",
+    *_PROPERTY_PROMPTS,
 )
 """The DreamBooth dataset's 25 prompts for objects; ``{}`` is "<token> <class>"."""
 
 LIVE_PROMPTS: tuple[str, ...] = (
-    "a {} in the jungle",
-    "a {} in the snow",
-    "a {} on the beach",
-    "a {} on a cobblestone street",
-    "a {} on top of pink fabric",
-    "a {} on top of a wooden floor",
-    "a {} with a city in the background",
-    "a {} with a mountain in the background",
-    "a {} with a blue house in the background",
-    "a {} on top of a purple rug in a forest",
+    *_PLACE_PROMPTS,
     "a {} wearing a red hat",
     "a {} wearing a santa hat",
     "a {} wearing a rainbow scarf",
@@ -97,11 +95,7 @@ LIVE_PROMPTS: tuple[str, ...] = (
     "a {} wearing pink glasses",
     "a {} wearing a yellow shirt",
     "a {} in a purple wizard outfit",
-    "a red {}",
-    "a purple {}",
-    "a shiny {}",
-    "a wet {}",
-    "a cube shaped {}",
+    *_PROPERTY_PROMPTS,
 )
 """The DreamBooth dataset's 25 prompts for live subjects (cats, dogs); ``{}`` as above."""
 
@@ -390,8 +384,7 @@ def real_photos(artifacts: ArtifactStore, subject: Subject) -> list[Image.Image]
     """The subject's stored photos (as ``/train`` kept them: centre-cropped squares)."""
     photos = []
     for url in artifacts.list(subject.photos_url):
-        with Image.open(io.BytesIO(artifacts.get_bytes(url))) as image:
-            photos.append(image.convert("RGB"))
+        photos.append(open_rgb(artifacts.get_bytes(url)))
     if not photos:
         raise EvalError(f"{subject.name} has no photos at {subject.photos_url}")
     return photos

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,15 +14,15 @@ from bot.config import Settings
 from engine.api import GenerateRequest, GenerateResult, ShowcaseRequest
 from engine.artifacts import ArtifactStore
 from engine.aspects import aspect_size
-from engine.images import encode_png
+from engine.images import encode_png, open_rgb
 from engine.previews import encode_preview
 from engine.reporting import (
     CancelWatch,
     EngineError,
     ProgressReporter,
+    answer_job,
+    job_reporter,
     run_in_thread,
-    send_failure,
-    send_result,
 )
 from engine.showcase import render_showcase
 
@@ -165,13 +164,8 @@ def previewer(
 
 async def _open_init_image(ctx: dict[str, Any], url: str) -> Image.Image:
     data = await ctx["artifacts"].aget_bytes(url)
-
-    def decode() -> Image.Image:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-
     try:
-        return await asyncio.to_thread(decode)
+        return await asyncio.to_thread(open_rgb, data)
     except OSError as exc:
         raise EngineError("the image to vary or upscale can't be read.") from exc
 
@@ -184,17 +178,11 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
     """
     request = GenerateRequest.model_validate(payload)
     settings: Settings = ctx["settings"]
-    redis = ctx["redis"]
-    report = ProgressReporter(
-        redis,
-        asyncio.get_running_loop(),
-        request.reply_queue,
-        request.job_id,
-        settings.progress_interval,
-    )
+    report = job_reporter(ctx, request)
     watch = CancelWatch()
     started = time.monotonic()
-    try:
+
+    async def work() -> GenerateResult:
         from engine.models import served_model
 
         generator = served_model(ctx, request.base_model).generator
@@ -208,7 +196,7 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
         width, height = output_size(request, generator.native_size, init)
         on_preview = previewer(ctx, request, report, "generating")
 
-        def work() -> list[Image.Image]:
+        def draw_images() -> list[Image.Image]:
             if init is not None and request.init_strength == 0:
                 # No diffusion: a plain Lanczos resize to the requested size.
                 size = (width or init.width, height or init.height)
@@ -234,26 +222,33 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
                     model=request.base_model,
                 )
 
-        async with watch.watching(redis, request.job_id):
-            images = await run_in_thread(watch, work)
+        async with watch.watching(ctx["redis"], request.job_id):
+            images = await run_in_thread(watch, draw_images)
         urls = await store_images(
             ctx, images, request.output_url, image_metadata(settings, request, steps, guidance)
         )
-        width, height = images[0].size
-        result = GenerateResult(
-            job_id=request.job_id,
-            image_urls=urls,
-            seed=request.seed,
-            width=width,
-            height=height,
-            steps=steps,
-            seconds=time.monotonic() - started,
-        )
-    except Exception as exc:
-        await send_failure(redis, request.reply_queue, request.job_id, exc)
-        return None
-    await send_result(redis, request.reply_queue, request.job_id, result)
-    return result.model_dump()
+        return _result(request, urls, images[0].size, steps, started)
+
+    return await answer_job(ctx["redis"], request, work)
+
+
+def _result(
+    request: GenerateRequest | ShowcaseRequest,
+    urls: list[str],
+    size: tuple[int, int],
+    steps: int,
+    started: float,
+) -> GenerateResult:
+    width, height = size
+    return GenerateResult(
+        job_id=request.job_id,
+        image_urls=urls,
+        seed=request.seed,
+        width=width,
+        height=height,
+        steps=steps,
+        seconds=time.monotonic() - started,
+    )
 
 
 async def render_showcase_grid(
@@ -337,23 +332,17 @@ async def showcase(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
     """Render a subject's showcase grid: the paper's five capabilities, two prompts each."""
     request = ShowcaseRequest.model_validate(payload)
     settings: Settings = ctx["settings"]
-    redis = ctx["redis"]
-    report = ProgressReporter(
-        redis,
-        asyncio.get_running_loop(),
-        request.reply_queue,
-        request.job_id,
-        settings.progress_interval,
-    )
+    report = job_reporter(ctx, request)
     watch = CancelWatch()
     started = time.monotonic()
     steps = min(request.steps or settings.generate_steps, settings.generate_max_steps)
-    try:
+
+    async def work() -> GenerateResult:
         from engine.models import served_model
 
         served_model(ctx, request.base_model)  # EngineError for a model not served here
-        async with watch.watching(redis, request.job_id):
-            url, (width, height) = await render_showcase_grid(
+        async with watch.watching(ctx["redis"], request.job_id):
+            url, size = await render_showcase_grid(
                 ctx,
                 subject_id=request.subject.name,
                 adapter_url=request.subject.url,
@@ -370,17 +359,6 @@ async def showcase(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
                 scale=request.subject.scale,
                 model=request.base_model,
             )
-        result = GenerateResult(
-            job_id=request.job_id,
-            image_urls=[url],
-            seed=request.seed,
-            width=width,
-            height=height,
-            steps=steps,
-            seconds=time.monotonic() - started,
-        )
-    except Exception as exc:
-        await send_failure(redis, request.reply_queue, request.job_id, exc)
-        return None
-    await send_result(redis, request.reply_queue, request.job_id, result)
-    return result.model_dump()
+        return _result(request, [url], size, steps, started)
+
+    return await answer_job(ctx["redis"], request, work)

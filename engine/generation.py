@@ -22,6 +22,7 @@ from diffusers import (
 from PIL import Image
 
 from engine.previews import latents_to_preview
+from engine.text_lora import load_lora_file
 
 AdapterSpec = tuple[str, Path, float]
 """(adapter name, local ``.safetensors`` path, scale)."""
@@ -267,12 +268,7 @@ class Generator:
                 # Must precede the first load: pads every slot to one rank so any subject fits.
                 self._pipe.enable_lora_hotswap(target_rank=self._hotswap_rank)
             with _quiet_peft():
-                self._pipe.load_lora_weights(
-                    str(wanted[1].parent),
-                    weight_name=wanted[1].name,
-                    adapter_name=slot,
-                    hotswap=exists,
-                )
+                load_lora_file(self._pipe, wanted[1], slot, hotswap=exists)
             self.adapter_loads += 1
             self._slots[index] = wanted
         slots = [_slot_name(i) for i in range(len(self._slots))]

@@ -37,9 +37,7 @@ class GpuScheduler:
         try:
             yield
         finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
+            self._release()
 
     @contextmanager
     def training(self) -> Iterator[None]:
@@ -51,9 +49,12 @@ class GpuScheduler:
         try:
             yield
         finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
+            self._release()
+
+    def _release(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
 
     def yield_to_generations(self) -> None:
         """Called by the training thread (which holds the GPU) between chunks of steps."""

@@ -77,6 +77,12 @@ def read_watermark(image: Image.Image) -> bytes | None:
     return payload
 
 
+def open_rgb(data: bytes) -> Image.Image:
+    """Decode image bytes (any format Pillow reads) to an RGB image; OSError if unreadable."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
 def encode_png(image: Image.Image, metadata: dict[str, str], *, watermark: bool = True) -> bytes:
     """The image as PNG bytes with ``metadata`` as text chunks and an AI-generated notice.
 

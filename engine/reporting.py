@@ -8,10 +8,11 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 from arq.connections import ArqRedis
+from pydantic import BaseModel
 
 from engine.api import (
     DELIVER_FAILURE,
@@ -132,6 +133,49 @@ async def send_failure(redis: ArqRedis, reply_queue: str, job_id: str, exc: Base
         )
     failure = Failure(job_id=job_id, message=message, detail=repr(exc)[:2000])
     await reply(redis, DELIVER_FAILURE, reply_queue, job_id, failure.model_dump())
+
+
+class JobRequest(Protocol):
+    """What a job's payload names so that it can be answered: the job and the reply queue."""
+
+    @property
+    def job_id(self) -> str: ...
+
+    @property
+    def reply_queue(self) -> str: ...
+
+
+def job_reporter(ctx: dict[str, Any], request: JobRequest) -> ProgressReporter:
+    """The progress reporter for a job run on the worker's loop, at the configured interval."""
+    return ProgressReporter(
+        ctx["redis"],
+        asyncio.get_running_loop(),
+        request.reply_queue,
+        request.job_id,
+        ctx["settings"].progress_interval,
+    )
+
+
+async def answer_job(
+    redis: ArqRedis,
+    request: JobRequest,
+    work: Callable[[], Awaitable[BaseModel]],
+    on_failure: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, Any] | None:
+    """Run a job's work and answer the bot with its result, or with a ``Failure`` (then run
+    ``on_failure``). Return what arq stores as the job's result: the result's dict, or None.
+
+    An abort by arq (``asyncio.CancelledError``) is not answered: the bot has told the owner.
+    """
+    try:
+        result = await work()
+    except Exception as exc:
+        await send_failure(redis, request.reply_queue, request.job_id, exc)
+        if on_failure is not None:
+            await on_failure()
+        return None
+    await send_result(redis, request.reply_queue, request.job_id, result)
+    return result.model_dump()
 
 
 class CancelWatch:

@@ -31,7 +31,7 @@ LIVING_CLASSES = frozenset(
 only if it ends in a known word, so unknown breeds count as objects; say "dog")."""
 
 # (capability, [(caption, prompt template)]) — ``{s}`` is the subject: "zqv dog".
-LIVING_CAPABILITIES: list[tuple[str, list[tuple[str, str]]]] = [
+_SHARED_CAPABILITIES: list[tuple[str, list[tuple[str, str]]]] = [
     (
         "recontextualisation",
         [("on the beach", "a {s} on the beach"), ("in the jungle", "a {s} in the jungle")],
@@ -47,6 +47,11 @@ LIVING_CAPABILITIES: list[tuple[str, list[tuple[str, str]]]] = [
         "novel views",
         [("from above", "a {s} seen from above"), ("from behind", "a {s} seen from behind")],
     ),
+]
+"""The first three capabilities are shown the same way for living things and objects."""
+
+LIVING_CAPABILITIES: list[tuple[str, list[tuple[str, str]]]] = [
+    *_SHARED_CAPABILITIES,
     (
         "property modification",
         [
@@ -64,21 +69,7 @@ LIVING_CAPABILITIES: list[tuple[str, list[tuple[str, str]]]] = [
 ]
 
 OBJECT_CAPABILITIES: list[tuple[str, list[tuple[str, str]]]] = [
-    (
-        "recontextualisation",
-        [("on the beach", "a {s} on the beach"), ("in the jungle", "a {s} in the jungle")],
-    ),
-    (
-        "art renditions",
-        [
-            ("Van Gogh", "a painting of a {s} in the style of Van Gogh"),
-            ("woodblock print", "a Japanese woodblock print of a {s}"),
-        ],
-    ),
-    (
-        "novel views",
-        [("from above", "a {s} seen from above"), ("from behind", "a {s} seen from behind")],
-    ),
+    *_SHARED_CAPABILITIES,
     (
         "property modification",
         [("red", "a red {s}"), ("made of glass", "a {s} made of glass")],

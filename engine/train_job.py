@@ -20,13 +20,14 @@ from bot.config import TINY_MODEL_FOLDERS, Settings
 from engine.api import TrainRequest, TrainResult
 from engine.artifacts import ArtifactStore
 from engine.generate_job import render_showcase_grid
+from engine.images import open_rgb
 from engine.reporting import (
     CancelWatch,
     JobCancelled,
     ProgressReporter,
+    answer_job,
+    job_reporter,
     run_in_thread,
-    send_failure,
-    send_result,
 )
 
 if TYPE_CHECKING:
@@ -50,11 +51,6 @@ def model_key(source: str) -> str:
 def class_slug(class_noun: str) -> str:
     """The class noun as a safe path segment."""
     return re.sub(r"[^a-z0-9]+", "-", class_noun.lower()).strip("-") or "thing"
-
-
-def _open_image(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
 
 
 def _png(image: Image.Image) -> bytes:
@@ -86,7 +82,7 @@ async def class_images(
     marker = f"{folder}/complete.json"
     if await asyncio.to_thread(artifacts.exists, marker):
         urls = [u for u in await asyncio.to_thread(artifacts.list, folder) if u.endswith(".png")]
-        return [_open_image(await artifacts.aget_bytes(u)) for u in urls]
+        return [open_rgb(await artifacts.aget_bytes(u)) for u in urls]
 
     def work() -> list[Image.Image]:
         with ctx["gpu"].training():
@@ -113,30 +109,19 @@ async def class_images(
 async def train_subject(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any] | None:
     """Train a subject's LoRA adapter with prior preservation, save it, render samples."""
     request = TrainRequest.model_validate(payload)
-    redis = ctx["redis"]
-    settings: Settings = ctx["settings"]
-    report = ProgressReporter(
-        redis,
-        asyncio.get_running_loop(),
-        request.reply_queue,
-        request.job_id,
-        settings.progress_interval,
-    )
+    report = job_reporter(ctx, request)
     watch = CancelWatch()
-    try:
-        async with watch.watching(redis, request.job_id):
-            result = await _train(ctx, request, report, watch)
-    except asyncio.CancelledError:
-        # Aborted by arq (a moderator's cancel): the owner is told by the bot already.
-        raise
-    except Exception as exc:
-        await send_failure(redis, request.reply_queue, request.job_id, exc)
+
+    async def work() -> TrainResult:
+        async with watch.watching(ctx["redis"], request.job_id):
+            return await _train(ctx, request, report, watch)
+
+    async def forget_checkpoint() -> None:
         # The job is over for good (arq does not retry a job that answered), so its
         # checkpoint could never be resumed.
         await ctx["artifacts"].adelete_tree(checkpoint_url(request))
-        return None
-    await send_result(redis, request.reply_queue, request.job_id, result)
-    return result.model_dump()
+
+    return await answer_job(ctx["redis"], request, work, on_failure=forget_checkpoint)
 
 
 def checkpoint_url(request: TrainRequest) -> str:
@@ -162,7 +147,7 @@ async def _train_adapter(
 
     settings: Settings = ctx["settings"]
     artifacts: ArtifactStore = ctx["artifacts"]
-    photos = [_open_image(data) for data in photo_bytes]
+    photos = [open_rgb(data) for data in photo_bytes]
     resolution = cfg.resolution or native_resolution(model.pipe)
     priors: list[Image.Image] = []
     if cfg.prior_loss_weight > 0 and cfg.class_images > 0:
@@ -224,11 +209,17 @@ async def _train_adapter(
             "steps": str(cfg.steps),
             "rank": str(cfg.rank),
             "alpha": str(cfg.alpha),
+            "train_text_encoder": str(cfg.train_text_encoder).lower(),
             "recipe_version": RECIPE_VERSION,
             "fingerprint": key,
         }
         await asyncio.to_thread(
-            save_adapter, outcome.state_dict, local, metadata, lora_config=outcome.lora_config
+            save_adapter,
+            outcome.state_dict,
+            local,
+            metadata,
+            lora_config=outcome.lora_config,
+            text_encoder_lora_config=outcome.text_encoder_lora_config,
         )
         # put_file is atomic: a crash leaves either no adapter or the whole one, never half.
         await asyncio.to_thread(artifacts.put_file, request.adapter_url, local)
@@ -258,6 +249,8 @@ async def _train(
         random_crops=settings.train_random_crops,
         gradient_checkpointing=settings.train_gradient_checkpointing,
         optimizer=settings.train_optimizer,
+        train_text_encoder=settings.train_text_encoder,
+        text_encoder_learning_rate=settings.train_text_encoder_lr,
     )
     report("loading", 0, len(request.photo_urls))
     photo_bytes = [await artifacts.aget_bytes(u) for u in request.photo_urls]

@@ -1,9 +1,9 @@
 """DreamBooth training of one subject as a LoRA adapter, with class-prior preservation.
 
 The flow follows diffusers' ``examples/dreambooth/train_dreambooth_lora.py``, read top to bottom:
-prepare class priors, cache latents and prompt embeddings, add LoRA to a copy of the UNet, run
-the training steps, save the adapter. The warm pipeline is only read: its UNet keeps serving
-generation while a copy trains.
+prepare class priors, cache latents and prompt embeddings, add LoRA to a copy of the UNet (and,
+with ``train_text_encoder``, to copies of the text encoders), run the training steps, save the
+adapter. The warm pipeline is only read: its modules keep serving generation while copies train.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,15 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils.peft_utils import recurse_remove_peft_layers
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
 
 from engine.generation import Generator
 from engine.models import BasePipeline
+from engine.text_lora import ADAPTER_METADATA_KEY, TEXT_ENCODER_NAMES, add_text_encoder_lora
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 """The UNet attention projections that get LoRA layers (as in diffusers' DreamBooth script)."""
@@ -37,8 +40,9 @@ LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 UNET_PREFIX = "unet."
 """Key prefix diffusers' ``load_lora_weights`` expects for UNet LoRA weights."""
 
-ADAPTER_METADATA_KEY = "lora_adapter_metadata"
-"""safetensors metadata key under which diffusers stores the LoraConfig (rank, alpha...)."""
+TEXT_ENCODER_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+"""The CLIP text encoder's attention projections that get LoRA layers with
+``train_text_encoder`` (as in diffusers' DreamBooth LoRA scripts)."""
 
 
 class TrainingCancelled(Exception):
@@ -72,6 +76,13 @@ class TrainConfig:
     """Recompute activations in the backward pass: less memory, about 20-30% more time."""
     optimizer: str = "adamw"
     """"adamw", or "adamw8bit" (bitsandbytes, CUDA only): a quarter of the optimizer memory."""
+    train_text_encoder: bool = False
+    """Also train LoRA layers on the text encoder(s) (diffusers' ``--train_text_encoder``), so
+    the token's embedding can move too. Off by default: more memory and time per step (the
+    prompts are encoded every step instead of once) and the token overfits sooner."""
+    text_encoder_learning_rate: float | None = None
+    """Learning rate of the text-encoder LoRA; None: ``learning_rate``, as diffusers' SD LoRA
+    script trains both with one rate."""
 
 
 @dataclass
@@ -82,6 +93,9 @@ class TrainOutcome:
     """LoRA weights in diffusers format (keys start with ``unet.``), on the CPU, fp32."""
     lora_config: dict[str, object]
     """The peft LoraConfig as a dict; ``save_adapter`` stores it so loading restores alpha."""
+    text_encoder_lora_config: dict[str, object] | None = None
+    """The text encoders' LoraConfig when they were trained (their weights are then in
+    ``state_dict`` under ``text_encoder.`` / ``text_encoder_2.``), else None."""
     instance_losses: list[float] = field(default_factory=list)
     prior_losses: list[float] = field(default_factory=list)
 
@@ -97,7 +111,8 @@ class TrainState:
     step: int
     """Steps completed."""
     trainable: dict[str, torch.Tensor]
-    """The trainable (LoRA) parameters by module path, on the CPU."""
+    """The trainable (LoRA) parameters by module path, on the CPU; text-encoder ones (with
+    ``train_text_encoder``) prefixed ``text_encoder.`` / ``text_encoder_2.``."""
     optimizer: dict[str, Any]
     """``optimizer.state_dict()``: Adam's moments and step counts."""
     rng: torch.Tensor
@@ -292,7 +307,7 @@ def encode_prompt_pooled(
     """The prompt's embedding and, for SDXL, the second encoder's pooled embedding ``(1, d)``
     that conditions the UNet beside the size/crop numbers (None for SD 1.x/2.x)."""
     device = pipe.unet.device
-    with torch.no_grad():
+    with torch.no_grad(), base_text_encoders(pipe):
         if isinstance(pipe, StableDiffusionXLPipeline):
             embeds, _, pooled, _ = pipe.encode_prompt(
                 prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -300,6 +315,26 @@ def encode_prompt_pooled(
             return embeds, pooled
         embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
     return embeds, None
+
+
+@contextmanager
+def base_text_encoders(pipe: BasePipeline) -> Iterator[None]:
+    """Switch off any LoRA layers in ``pipe``'s text encoders meanwhile (generation may have
+    left a subject's text-encoder adapter active), so prompts get the base model's embedding."""
+    layers = [
+        module
+        for name in TEXT_ENCODER_NAMES
+        if getattr(pipe, name, None) is not None
+        for module in getattr(pipe, name).modules()
+        if isinstance(module, BaseTunerLayer) and not module.disable_adapters
+    ]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def unet_with_lora(pipe: BasePipeline, cfg: TrainConfig) -> UNet2DConditionModel:
@@ -330,8 +365,131 @@ def unet_with_lora(pipe: BasePipeline, cfg: TrainConfig) -> UNet2DConditionModel
     return unet
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.optimizer`` over the trainable ``params``."""
+@dataclass
+class TextEncoderTraining:
+    """Trainable copies of the text encoders with LoRA layers, and the two prompts' token ids.
+
+    With ``train_text_encoder`` the prompt embeddings change every step, so instead of cached
+    embeddings each step encodes the instance and class prompts through these copies.
+    """
+
+    encoders: dict[str, torch.nn.Module]
+    """By pipeline attribute name (``text_encoder``, ``text_encoder_2``), in pipeline order."""
+    input_ids: dict[str, torch.Tensor]
+    """Each encoder's token ids of ``[instance prompt, class prompt]``, shape ``(2, 77)``."""
+    attention_mask: dict[str, torch.Tensor | None]
+    """The attention mask to pass, for encoders whose config asks for one (else None)."""
+    sdxl: bool
+    """Encode as SDXL does: both encoders' penultimate hidden states side by side, and the
+    last encoder's pooled (projected) output."""
+    lora_config: dict[str, object]
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable LoRA parameters, prefixed with their encoder's name."""
+        return {
+            f"{name}.{key}": param
+            for name, encoder in self.encoders.items()
+            for key, param in trainable_parameters(encoder).items()
+        }
+
+    def encode(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embeddings of ``[instance prompt, class prompt]``, shape ``(2, 77, dim)``, and
+        for SDXL their pooled embeddings ``(2, d)``; the same as ``pipe.encode_prompt`` gives
+        (see :func:`encode_prompt_pooled`), but with gradients to the LoRA weights."""
+        embeds: list[torch.Tensor] = []
+        pooled: torch.Tensor | None = None
+        for name, encoder in self.encoders.items():
+            ids = self.input_ids[name].to(device)
+            mask = self.attention_mask[name]
+            mask = None if mask is None else mask.to(device)
+            if not self.sdxl:
+                return encoder(ids, attention_mask=mask)[0], None
+            out = encoder(ids, output_hidden_states=True)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
+                pooled = out[0]
+            embeds.append(out.hidden_states[-2])
+        return torch.cat(embeds, dim=-1), pooled
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoders' LoRA weights in diffusers format, keys prefixed with their name."""
+        return {
+            f"{name}.{key}": value
+            for name, encoder in self.encoders.items()
+            for key, value in _diffusers_lora_weights(encoder).items()
+        }
+
+
+def _strip_adapters(model: torch.nn.Module) -> None:
+    """Remove any LoRA layers (and their config) that generation loaded into ``model``."""
+    if getattr(model, "peft_config", None):
+        recurse_remove_peft_layers(model)
+        del model.peft_config
+        model._hf_peft_config_loaded = False
+
+
+def text_encoders_with_lora(
+    pipe: BasePipeline, token: str, class_noun: str, cfg: TrainConfig
+) -> TextEncoderTraining:
+    """Trainable copies of ``pipe``'s text encoder(s) (both for SDXL) with fresh LoRA layers on
+    their attention projections; ``pipe``'s own encoders are untouched."""
+    lora_config = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        init_lora_weights="gaussian",
+        target_modules=TEXT_ENCODER_LORA_TARGET_MODULES,
+    )
+    prompts = [instance_prompt(token, class_noun), class_prompt(class_noun)]
+    encoders: dict[str, torch.nn.Module] = {}
+    input_ids: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor | None] = {}
+    tokenizer_names = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+    for index, name in enumerate(TEXT_ENCODER_NAMES):
+        base = getattr(pipe, name, None)
+        if base is None:
+            continue
+        encoder = copy.deepcopy(base)
+        _strip_adapters(encoder)
+        encoder.requires_grad_(False)
+        # Seeded like the UNet's LoRA, but each encoder draws its own numbers.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1 + index)
+            add_text_encoder_lora(encoder, lora_config)
+        cast_training_params(encoder, dtype=torch.float32)
+        if cfg.gradient_checkpointing:
+            # transformers 5 renamed it (the old name warns); non-reentrant either way, so the
+            # LoRA weights get gradients although the encoder's inputs need none.
+            enable = getattr(encoder, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable()
+            else:
+                encoder.gradient_checkpointing_enable({"use_reentrant": False})
+        encoder.train()
+        tokenizer = getattr(pipe, tokenizer_names[name])
+        tokens = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        encoders[name] = encoder
+        input_ids[name] = tokens.input_ids
+        use_mask = getattr(encoder.config, "use_attention_mask", False)
+        masks[name] = tokens.attention_mask if use_mask else None
+    return TextEncoderTraining(
+        encoders=encoders,
+        input_ids=input_ids,
+        attention_mask=masks,
+        sdxl=isinstance(pipe, StableDiffusionXLPipeline),
+        lora_config=dict(lora_config.to_dict()),
+    )
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter] | list[dict[str, Any]], cfg: TrainConfig
+) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.optimizer`` over the trainable ``params`` (a list of
+    parameters, or of parameter groups that may set their own ``lr``)."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.learning_rate)
     if cfg.optimizer == "adamw8bit":
@@ -391,6 +549,7 @@ def train_steps(
     checkpoint_every: int = 0,
     on_checkpoint: CheckpointCallback | None = None,
     sdxl: SdxlConditioning | None = None,
+    text: TextEncoderTraining | None = None,
 ) -> tuple[list[float], list[float]]:
     """Run the optimisation steps of ``cfg.steps`` on the UNet's LoRA weights.
 
@@ -399,13 +558,22 @@ def train_steps(
     picked latents' size/crop numbers. With ``resume`` the run continues after
     ``resume.step``. Every ``checkpoint_every`` steps (and never after the last one, whose
     result is the adapter) ``on_checkpoint`` receives a :class:`TrainState` to persist.
-    Returns the per-step instance and prior losses of the whole run, resumed part included.
+    With ``text`` its text-encoder LoRA trains jointly: each step encodes the two prompts
+    through it instead of using ``instance_embeds``, ``class_embeds`` and ``sdxl``'s pooled
+    embeddings (which then only give the shapes). Returns the per-step instance and prior
+    losses of the whole run, resumed part included.
     """
     device = unet.device
     use_prior = len(class_latents) > 0 and cfg.prior_loss_weight > 0
     named = trainable_parameters(unet)
+    groups: list[dict[str, Any]] = [{"params": list(named.values())}]
+    if text is not None:
+        text_named = text.named_parameters()
+        named |= text_named
+        lr = cfg.text_encoder_learning_rate or cfg.learning_rate
+        groups.append({"params": list(text_named.values()), "lr": lr})
     params = list(named.values())
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(groups, cfg)
     # fp16 gradients of small LoRA updates underflow without loss scaling; bf16 and fp32 do not
     # need it. The LoRA weights themselves are fp32, so unscaling them is always allowed.
     scaler = torch.amp.GradScaler(
@@ -434,18 +602,28 @@ def train_steps(
     for step in range(first, cfg.steps + 1):
         if should_stop is not None and should_stop():
             raise TrainingCancelled(f"training cancelled at step {step} of {cfg.steps}")
+        step_embeds, step_class_embeds = instance_embeds, class_embeds
+        if sdxl is not None:
+            step_pooled, step_class_pooled = sdxl.instance_pooled, sdxl.class_pooled
+        if text is not None:
+            # The text encoders train too: encode both prompts anew, with gradients.
+            with _autocast(device, autocast_dtype):
+                both, both_pooled = text.encode(device)
+            step_embeds, step_class_embeds = both[:1], both[1:]
+            if sdxl is not None and both_pooled is not None:
+                step_pooled, step_class_pooled = both_pooled[:1], both_pooled[1:]
         picks = torch.randint(len(instance_latents), (bsz,), generator=rng)
         latents = instance_latents[picks]
-        embeds = instance_embeds.expand(bsz, -1, -1)
+        embeds = step_embeds.expand(bsz, -1, -1)
         if sdxl is not None:
-            pooled = sdxl.instance_pooled.expand(bsz, -1)
+            pooled = step_pooled.expand(bsz, -1)
             sizes = sdxl.instance_sizes[picks]
         if use_prior:
             class_picks = torch.randint(len(class_latents), (bsz,), generator=rng)
             latents = torch.cat([latents, class_latents[class_picks]])
-            embeds = torch.cat([embeds, class_embeds.expand(bsz, -1, -1)])
+            embeds = torch.cat([embeds, step_class_embeds.expand(bsz, -1, -1)])
             if sdxl is not None:
-                pooled = torch.cat([pooled, sdxl.class_pooled.expand(bsz, -1)])
+                pooled = torch.cat([pooled, step_class_pooled.expand(bsz, -1)])
                 sizes = torch.cat([sizes, sdxl.class_sizes[class_picks]])
         added: dict[str, torch.Tensor] | None = None
         if sdxl is not None:
@@ -461,7 +639,10 @@ def train_steps(
 
         with _autocast(device, autocast_dtype):
             pred = unet(
-                noisy.to(unet.dtype), timesteps, embeds.to(device), added_cond_kwargs=added
+                noisy.to(unet.dtype),
+                timesteps,
+                embeds.to(device, unet.dtype),
+                added_cond_kwargs=added,
             ).sample
         pred, target = pred.float(), target.float()
         instance_loss = F.mse_loss(pred[:bsz], target[:bsz])
@@ -509,13 +690,18 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The UNet's LoRA weights in the format ``load_lora_weights`` reads, on the CPU in fp32."""
-    peft_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+def _diffusers_lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A model's LoRA weights converted to diffusers' key names, on the CPU in fp32."""
+    peft_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
     return {
-        UNET_PREFIX + key: value.detach().to("cpu", torch.float32).contiguous()
+        key: value.detach().to("cpu", torch.float32).contiguous()
         for key, value in peft_state.items()
     }
+
+
+def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA weights in the format ``load_lora_weights`` reads, on the CPU in fp32."""
+    return {UNET_PREFIX + key: value for key, value in _diffusers_lora_weights(unet).items()}
 
 
 def train_lora(
@@ -537,9 +723,11 @@ def train_lora(
     ``instance_images`` are the subject's photos, ``class_images`` the class priors (may be
     empty: then no prior-preservation loss). ``progress(step, total, loss)`` is called after
     every step; ``should_stop()`` is checked before every step and raises
-    :class:`TrainingCancelled`. The VAE and text encoder are only read. Deterministic for a
-    fixed ``cfg.seed`` on the CPU. ``resume``, ``checkpoint_every`` and ``on_checkpoint``: see
-    :func:`train_steps`; a resumed run ends with the same weights as an uninterrupted one.
+    :class:`TrainingCancelled`. The VAE and text encoder are only read (with
+    ``cfg.train_text_encoder`` copies of the text encoders train, and the outcome holds their
+    LoRA weights too). Deterministic for a fixed ``cfg.seed`` on the CPU. ``resume``,
+    ``checkpoint_every`` and ``on_checkpoint``: see :func:`train_steps`; a resumed run ends
+    with the same weights as an uninterrupted one.
     """
     if not instance_images:
         raise ValueError("train_lora needs at least one instance image")
@@ -575,6 +763,9 @@ def train_lora(
         sdxl = SdxlConditioning(instance_pooled, class_pooled, instance_sizes, class_sizes)
 
     unet = unet_with_lora(pipe, cfg)
+    text = None
+    if cfg.train_text_encoder:
+        text = text_encoders_with_lora(pipe, token, class_noun, cfg)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     instance_losses, prior_losses = train_steps(
         unet,
@@ -591,11 +782,16 @@ def train_lora(
         checkpoint_every=checkpoint_every,
         on_checkpoint=on_checkpoint,
         sdxl=sdxl,
+        text=text,
     )
     lora_config = unet.peft_config["default"].to_dict()
+    state_dict = lora_state_dict(unet)
+    if text is not None:
+        state_dict |= text.state_dict()
     return TrainOutcome(
-        state_dict=lora_state_dict(unet),
+        state_dict=state_dict,
         lora_config=lora_config,
+        text_encoder_lora_config=text.lora_config if text is not None else None,
         instance_losses=instance_losses,
         prior_losses=prior_losses,
     )
@@ -613,12 +809,16 @@ def save_adapter(
     metadata: Mapping[str, str],
     *,
     lora_config: Mapping[str, object] | None = None,
+    text_encoder_lora_config: Mapping[str, object] | None = None,
 ) -> None:
     """Write a LoRA adapter as one ``.safetensors`` file, atomically.
 
     ``metadata`` (string values) is stored in the file header, e.g. subject id and base model.
     Pass the run's ``lora_config`` (``TrainOutcome.lora_config``) so diffusers restores the
-    trained alpha on load; without it the loader assumes ``alpha == rank``. The file loads
+    trained alpha on load; without it the loader assumes ``alpha == rank``;
+    ``text_encoder_lora_config`` (``TrainOutcome.text_encoder_lora_config``) likewise for the
+    text-encoder weights, stored under each text encoder's prefix present in ``state_dict``,
+    as diffusers' ``save_lora_weights`` does. The file loads
     with ``pipe.load_lora_weights(path.parent, weight_name=path.name, adapter_name=...)``.
     The data is written beside ``path`` and renamed over it, so readers never see half a file.
     """
@@ -627,8 +827,16 @@ def save_adapter(
         if key in header or key == ADAPTER_METADATA_KEY:
             raise ValueError(f"metadata key {key!r} is reserved")
         header[key] = str(value)
+    packed: dict[str, object] = {}
     if lora_config is not None:
-        packed = {UNET_PREFIX + k: _json_safe(v) for k, v in lora_config.items()}
+        packed |= {UNET_PREFIX + k: _json_safe(v) for k, v in lora_config.items()}
+    if text_encoder_lora_config is not None:
+        for name in TEXT_ENCODER_NAMES:
+            if any(key.startswith(f"{name}.") for key in state_dict):
+                packed |= {
+                    f"{name}.{k}": _json_safe(v) for k, v in text_encoder_lora_config.items()
+                }
+    if packed:
         header[ADAPTER_METADATA_KEY] = json.dumps(packed, sort_keys=True, default=str)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from arq.jobs import Job as ArqJob
 from PIL import Image, ImageDraw
 from redis import Redis
 
-from bot.config import Settings
+from bot.config import ModelEntry, Settings
 from bot.core.delivery import Delivery
-from bot.core.store import Job, Owner
+from bot.core.store import Job, Owner, Subject, utcnow
 from bot.launcher import BotRuntime, open_core
 from bot.redis_server import RedisServer
-from engine.api import Progress
+from engine.api import GENERATE_QUEUE, TRAIN_QUEUE, Progress, TrainRequest
 
 TEST_PLATFORM = "test"
 
@@ -76,6 +77,76 @@ async def runtime(settings: Settings) -> AsyncIterator[BotRuntime]:
 def owner() -> Owner:
     """A user of the test platform."""
     return Owner(TEST_PLATFORM, "guild-1", "user-1")
+
+
+def running_job(
+    owner: Owner, destination: dict[str, Any], job_id: str = "a" * 32, kind: str = "generate"
+) -> Job:
+    """A job the engine is working on, as a chat adapter's sink sees it."""
+    return Job(
+        id=job_id,
+        kind=kind,
+        owner=owner,
+        subject_id=None,
+        prompt="a red fox",
+        destination=destination,
+        status="running",
+        result=None,
+        error=None,
+        created_at="2025-01-01T00:00:00+00:00",
+        updated_at="2025-01-01T00:00:00+00:00",
+        delivered_at=None,
+    )
+
+
+def training_progress(step: int, total: int = 400) -> Progress:
+    """Step ``step`` of a training's progress, for the job ``running_job`` makes."""
+    return Progress(job_id="a" * 32, phase="training", step=step, total=total)
+
+
+async def queued_generate_request(runtime: BotRuntime, job_id: str) -> dict[str, Any]:
+    """The payload queued for a generation job (``GenerateRequest`` as a dict)."""
+    info = await ArqJob(job_id, runtime.queue, _queue_name=GENERATE_QUEUE).info()
+    assert info is not None
+    request: dict[str, Any] = info.args[0]
+    return request
+
+
+async def ready_subject(runtime: BotRuntime, owner: Owner, name: str, token: str) -> Subject:
+    """Store a subject as if its training had finished, on the default base model."""
+    now = utcnow()
+    subject = Subject(
+        id=f"id-{name}-{token}",
+        owner=owner,
+        name=name,
+        class_noun="dog",
+        token=token,
+        status="ready",
+        adapter_url=f"file:///adapters/{name}.safetensors",
+        photos_url="file:///photos",
+        photo_count=3,
+        base_model=runtime.core.settings.base_model,
+        error=None,
+        created_at=now,
+        updated_at=now,
+    )
+    await runtime.store.insert_subject(subject)
+    return subject
+
+
+def configure_second_model(settings: Settings, name: str = "xl") -> None:
+    """Offer a second base model, ``name``, beside the default one (by name: nothing loads)."""
+    settings.models = {
+        settings.base_model: ModelEntry(path="tiny"),
+        name: ModelEntry(path="tiny-sdxl"),
+    }
+
+
+async def queued_train_request(runtime: BotRuntime) -> TrainRequest:
+    """The payload of the one training job waiting in the engine's queue."""
+    [job_id] = await runtime.queue.zrange(TRAIN_QUEUE, 0, -1)
+    info = await runtime.queue._get_job_def(job_id, None)
+    return TrainRequest.model_validate(info.args[0])
 
 
 def make_photo(seed: int, size: tuple[int, int] = (320, 320), fmt: str = "JPEG") -> bytes:

@@ -22,7 +22,6 @@ import io
 import logging
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -30,8 +29,9 @@ from typing import Any, ClassVar, Literal
 import discord
 from discord import app_commands
 
+from bot.adapters import common
 from bot.adapters.downloads import DISCORD_CDN_HOSTS, Downloader
-from bot.adapters.throttle import EditThrottle
+from bot.adapters.throttle import Clock, EditThrottle, Sleep
 from bot.config import ConfigError, Settings
 from bot.core.commands import Core
 from bot.core.delivery import Delivery, progress_text
@@ -59,14 +59,10 @@ DISCORD_MOD_NOTE = (
     "means the whole server). Users are picked with user:, durations are typed, e.g. 7d."
 )
 
-Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
-Send = Callable[[], Awaitable[None]]
-
 
 def fit(text: str, limit: int = MAX_CONTENT) -> str:
     """``text`` cut to Discord's message length, marked with an ellipsis when cut."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return common.fit(text, limit)
 
 
 def owner_of(interaction: discord.Interaction[Any]) -> Owner:
@@ -101,7 +97,7 @@ def usage_text(core: Core) -> str:
     settings = core.settings
     most = min(settings.max_photos, MAX_DISCORD_PHOTOS)
     return f"""\
-/train name:<name> class:<class> photo1 … photo{most}
+/train name:<name> class:<class> photo1 … photo{most} [model:<base model>]
         learn a subject from {settings.min_photos}–{most} photos attached to the command
         e.g. /train name:rex class:dog with photo1, photo2 and photo3 attached
 /imagine prompt:<text> [negative:<text>] [count:1-4] [seed:<number>] [aspect:<shape>]
@@ -241,10 +237,8 @@ class DiscordAdapter:
         self.downloader = downloader or Downloader(max_bytes=core.settings.max_photo_bytes)
         self.edits = EditThrottle(edit_interval, clock=clock, sleep=sleep)
         self.client = DreamClient(self, dev_guild=dev_guild)
-        # Each job's progress message (None: the channel refused one). Also stored in the job's
-        # destination as ``progress_message_id``, which is where it is found after a restart.
-        self.progress_messages: dict[str, int | None] = {}
-        self._progress_locks: dict[str, asyncio.Lock] = {}
+        self.progress = common.ProgressMessages(core.store, self.edits, "progress_message_id", int)
+        self.progress_messages = self.progress.refs
         # The newest live preview not yet shown, per job: it rides on the next edit, so
         # previews never add edits beyond the throttle's rate.
         self._previews: dict[str, str] = {}
@@ -261,16 +255,13 @@ class DiscordAdapter:
     ) -> None:
         """Defer privately, run ``work`` and follow up privately with its text or the error."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        try:
+
+        async def in_a_server() -> str:
             if interaction.guild_id is None:
                 raise UserError("Use dreambot in a server channel, not in direct messages.")
-            text = await work()
-        except UserError as exc:
-            text = exc.message
-        except Exception:
-            ref = uuid.uuid4().hex[:8]
-            log.exception("command %s failed (ref %s)", _command_name(interaction), ref)
-            text = f"Sorry, something went wrong on my side (ref {ref}). Try again in a minute."
+            return await work()
+
+        text = await common.command_reply(in_a_server, f"command {_command_name(interaction)}")
         await interaction.followup.send(fit(text), ephemeral=True)
 
     async def train(
@@ -279,8 +270,10 @@ class DiscordAdapter:
         name: str,
         class_noun: str,
         photos: list[discord.Attachment],
+        model: str | None = None,
     ) -> str:
         """/train: download the photos, queue the training, post the progress message."""
+        self.core.base_model_named(model)  # an unknown model is refused before the downloads
         uploads = await self.downloader.fetch_all((a.url, a.filename) for a in photos)
         receipt = await self.core.train(
             owner_of(interaction),
@@ -289,6 +282,7 @@ class DiscordAdapter:
             class_noun,
             uploads,
             roles=role_ids(interaction.user),
+            model=model,
         )
         await self._post_queued(interaction, receipt.job_id, name.strip(), receipt.position)
         return receipt.text
@@ -378,16 +372,9 @@ class DiscordAdapter:
     ) -> None:
         queued = progress_text(Progress(job_id=job_id, phase="queued"), label)
         content = f"<@{interaction.user.id}> · {queued} (position {position})"
-        try:
-            async with self._progress_lock(job_id):
-                if job_id not in self.progress_messages:
-                    message_id = await self._post_progress(
-                        job_id, destination_of(interaction), content
-                    )
-                    await self._remember_progress(job_id, message_id)
-        except Exception:
-            # The job is queued whatever happens here; the next progress update tries again.
-            log.warning("job %s: progress message not posted", job_id, exc_info=True)
+        await self.progress.post_queued(
+            job_id, destination_of(interaction), content, self._post_progress
+        )
 
     # Sink: engine updates.
 
@@ -397,34 +384,20 @@ class DiscordAdapter:
         content = fit(f"<@{job.destination['user_id']}> · {text}")
         if progress.preview_url:
             self._previews[job.id] = progress.preview_url
-        async with self._progress_lock(job.id):
-            if job.id not in self.progress_messages:
-                known = job.destination.get("progress_message_id")
-                if known is None:
-                    message_id = await self._post_progress(job.id, job.destination, content)
-                    await self._remember_progress(job.id, message_id)
-                    return
-                self.progress_messages[job.id] = int(known)
-        message_id = self.progress_messages[job.id]
-        if message_id is not None:
-            await self.edits.submit(
-                job.id, lambda: self._edit_with_preview(job, message_id, content)
-            )
+        await self.progress.update(
+            job,
+            content,
+            self._post_progress,
+            lambda message_id: self._edit_with_preview(job, message_id, content),
+        )
 
     async def show_result(self, delivery: Delivery) -> None:
         """Post the result with its images (and buttons for generations), mentioning the user."""
         job = delivery.job
-        files = [
-            (url.rsplit("/", 1)[-1], await self.core.artifacts.aget_bytes(url))
-            for url in delivery.image_urls
-        ]
-        # A showcase grid can't be rerolled or varied (the core says so); no buttons for it.
-        redo = job.kind == "generate" and files and not job.options.get("showcase")
+        files, buttons_for = await common.result_files(self.core.artifacts, delivery)
         self.edits.forget(job.id)
         content = f"<@{job.destination['user_id']}> {delivery.text}"
-        await self._post_to_user(
-            job, Outgoing(content, files, job.id if redo else None, len(files))
-        )
+        await self._post_to_user(job, Outgoing(content, files, buttons_for, len(files)))
         await self._finish_progress(job, "✓ done — result below.")
 
     async def show_failure(self, job: Job, text: str) -> None:
@@ -434,22 +407,6 @@ class DiscordAdapter:
         await self._finish_progress(job, "✗ failed — see below.")
 
     # Messages.
-
-    def _progress_lock(self, job_id: str) -> asyncio.Lock:
-        return self._progress_locks.setdefault(job_id, asyncio.Lock())
-
-    async def _remember_progress(self, job_id: str, message_id: int | None) -> None:
-        """Keep the progress message's id here and in the job's destination (for restarts)."""
-        self.progress_messages[job_id] = message_id
-        if message_id is None:
-            return
-        try:
-            await self.core.store.update_job_destination(
-                job_id, {"progress_message_id": message_id}
-            )
-        except Exception:
-            # Best effort: without it a restarted bot posts a new progress message.
-            log.warning("job %s: progress message id not stored", job_id, exc_info=True)
 
     def _channel(self, destination: dict[str, Any]) -> discord.PartialMessageable:
         return self.client.get_partial_messageable(
@@ -501,21 +458,17 @@ class DiscordAdapter:
             )
         except (discord.Forbidden, discord.NotFound) as exc:
             log.warning("job %s: progress message %s gone (%s)", job.id, message_id, exc)
-            self.progress_messages[job.id] = None
+            self.progress.gone(job.id)
 
     async def _finish_progress(self, job: Job, note: str) -> None:
         """Close the job's progress message (best effort: the result is already posted)."""
-        self.edits.forget(job.id)
-        self._progress_locks.pop(job.id, None)
         self._previews.pop(job.id, None)
-        message_id = self.progress_messages.pop(job.id, job.destination.get("progress_message_id"))
-        if message_id is not None:
-            content = f"<@{job.destination['user_id']}> · {note}"
-            try:
-                # The last preview goes: the result below shows the real images.
-                await self._edit_progress(job, int(message_id), content, attachments=[])
-            except Exception:
-                log.warning("job %s: progress message not closed", job.id, exc_info=True)
+        content = f"<@{job.destination['user_id']}> · {note}"
+        await self.progress.finish(
+            job,
+            # The last preview goes: the result below shows the real images.
+            lambda message_id: self._edit_progress(job, message_id, content, attachments=[]),
+        )
 
     async def _post_to_user(self, job: Job, outgoing: Outgoing) -> None:
         """Post in the job's channel; by DM if the channel is gone or forbidden; else log.
@@ -532,15 +485,7 @@ class DiscordAdapter:
             dm = await self.client.create_dm(discord.Object(user_id))
             await self._send(dm, outgoing, user_id)
         except (discord.Forbidden, discord.NotFound) as exc:
-            log.error(
-                "job %s: result could not be delivered to channel %s nor by DM to user %s (%s); "
-                "it was: %s",
-                job.id,
-                job.destination.get("channel_id"),
-                user_id,
-                exc,
-                outgoing.content,
-            )
+            common.log_undelivered(log, job, exc, outgoing.content)
 
     async def _send(
         self, channel: discord.abc.Messageable, outgoing: Outgoing, user_id: int
@@ -580,6 +525,7 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
         name="a short name for the subject, e.g. rex",
         class_noun="what kind of thing it is, e.g. dog, cat, person, backpack",
         photo1="a clear photo of the subject",
+        model="the base model to learn it on (default: the server's default)",
     )
     async def train(
         interaction: discord.Interaction[Any],
@@ -595,12 +541,25 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
         photo8: discord.Attachment | None = None,
         photo9: discord.Attachment | None = None,
         photo10: discord.Attachment | None = None,
+        model: str | None = None,
     ) -> None:
         given = [photo1, photo2, photo3, photo4, photo5, photo6, photo7, photo8, photo9, photo10]
         photos = [photo for photo in given if photo is not None]
         await adapter.respond(
-            interaction, lambda: adapter.train(interaction, name, class_noun, photos)
+            interaction, lambda: adapter.train(interaction, name, class_noun, photos, model)
         )
+
+    @train.autocomplete("model")
+    async def train_model(
+        interaction: discord.Interaction[Any], current: str
+    ) -> list[app_commands.Choice[str]]:
+        # The core checks the name again: a typed one need not be among these.
+        names = adapter.core.settings.model_names
+        return [
+            app_commands.Choice(name=name, value=name)
+            for name in names
+            if current.lower() in name.lower()
+        ][:25]
 
     @tree.command(name="imagine", description="Draw a prompt; [V] is your newest subject")
     @app_commands.guild_only()

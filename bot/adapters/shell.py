@@ -8,13 +8,13 @@ and every job it queued has been delivered.
 from __future__ import annotations
 
 import asyncio
-import re
 import shlex
 import sys
 import threading
 from pathlib import Path
 from typing import TextIO
 
+from bot.adapters.options import parse_imagine, queue_imagine, split_options
 from bot.core.commands import Core
 from bot.core.delivery import Delivery
 from bot.core.errors import UserError
@@ -29,7 +29,6 @@ WORKSPACE = "local"
 DESTINATION = {"kind": "terminal"}
 PROMPT = "you> "
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
-_OPTION = re.compile(r'\s--(count|seed|no|aspect|steps|guidance|strength)\s+("[^"]*"|\S+)')
 
 
 def _read_lines(
@@ -207,15 +206,20 @@ class ShellAdapter:
         self.say(await self.core.mod(self.owner, self.is_moderator, rest))
 
     async def _train(self, rest: str) -> None:
+        rest, options = split_options(rest, ["model"])
         try:
             words = shlex.split(rest)
         except ValueError:
             words = rest.split()
         if len(words) < 2:
-            raise UserError("Usage: /train <name> <class> <photo files or a folder…>")
+            raise UserError(
+                "Usage: /train <name> <class> <photo files or a folder…> [--model NAME]"
+            )
         name, class_noun, paths = words[0], words[1], [Path(w) for w in words[2:]]
         uploads = await asyncio.to_thread(self._read_uploads, paths)
-        receipt = await self.core.train(self.owner, DESTINATION, name, class_noun, uploads)
+        receipt = await self.core.train(
+            self.owner, DESTINATION, name, class_noun, uploads, model=options.get("model")
+        )
         self._track(receipt.job_id)
         self.say(receipt.text)
 
@@ -237,36 +241,7 @@ class ShellAdapter:
         return uploads
 
     async def _imagine(self, rest: str) -> None:
-        options: dict[str, str] = {}
-
-        def take(match: re.Match[str]) -> str:
-            options[match.group(1)] = match.group(2).strip('"')
-            return " "
-
-        prompt = _OPTION.sub(take, f" {rest} ").strip()
-        try:
-            count = int(options["count"]) if "count" in options else None
-            seed = int(options["seed"]) if "seed" in options else None
-            steps = int(options["steps"]) if "steps" in options else None
-        except ValueError:
-            raise UserError("--count, --seed and --steps take whole numbers.") from None
-        try:
-            guidance = float(options["guidance"]) if "guidance" in options else None
-            strength = float(options["strength"]) if "strength" in options else None
-        except ValueError:
-            raise UserError("--guidance and --strength take numbers, e.g. 7.5 or 0.8.") from None
-        receipt = await self.core.imagine(
-            self.owner,
-            DESTINATION,
-            prompt,
-            count=count,
-            seed=seed,
-            negative_prompt=options.get("no", ""),
-            aspect=options["aspect"].lower() if "aspect" in options else None,
-            steps=steps,
-            guidance=guidance,
-            strength=strength,
-        )
+        receipt = await queue_imagine(self.core, self.owner, DESTINATION, parse_imagine(rest))
         self._track(receipt.job_id)
         self.say(receipt.text)
 

@@ -29,7 +29,6 @@ import asyncio
 import logging
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +46,9 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.adapters import common
 from bot.adapters.downloads import Downloader
+from bot.adapters.options import parse_imagine, queue_imagine, split_options
 from bot.adapters.throttle import Clock, EditThrottle, Sleep
 from bot.config import ConfigError, Settings
 from bot.core.commands import Core
@@ -105,11 +106,6 @@ SLACK_MOD_NOTE = (
     "and owners, and the user ids in DREAMBOT_MODERATOR_USERS."
 )
 
-_OPTION = re.compile(
-    r"(?:^|\s)(?:--|—|–)(count|seed|no|aspect|steps|guidance|strength)"
-    r"(?:\s+|=)(\"[^\"]*\"|“[^”]*”|\S+)",
-    re.IGNORECASE,
-)
 _TRAIN_MESSAGE = re.compile(
     r"^\s*(?:<@(?P<bot>[A-Z0-9]+)(?:\|[^>]*)?>\s*)?train\s+(?P<name>\S+)\s+(?P<noun>[^\n]+?)\s*$",
     re.IGNORECASE,
@@ -136,8 +132,8 @@ def unescape(text: str) -> str:
 
 
 def fit(text: str, limit: int = MAX_TEXT) -> str:
-    """``text`` cut to ``limit`` characters, marked with an ellipsis when cut."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """``text`` cut to Slack's message length, marked with an ellipsis when cut."""
+    return common.fit(text, limit)
 
 
 def slack_error(exc: SlackApiError) -> str:
@@ -151,64 +147,13 @@ def mention(user_id: str) -> str:
     return f"<@{user_id}>"
 
 
-@dataclass(frozen=True)
-class ImagineArgs:
-    """``/imagine`` parsed: the prompt and its ``--options``."""
-
-    prompt: str
-    negative: str = ""
-    count: int | None = None
-    seed: int | None = None
-    aspect: str | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    strength: float | None = None
-
-
-def parse_imagine(text: str) -> ImagineArgs:
-    """``a [V] dog --count 2 --seed 7 --no "blur"`` → prompt and options.
-
-    Slack's "smart" punctuation is undone: “quotes” and an em dash for ``--`` both work.
-    """
-    options: dict[str, str] = {}
-
-    def take(match: re.Match[str]) -> str:
-        options[match.group(1).lower()] = match.group(2).strip('"“”')
-        return " "
-
-    prompt = " ".join(_OPTION.sub(take, f" {unescape(text)} ").split())
-    if not prompt:
-        raise UserError('Usage: /imagine <prompt> [--count N] [--seed N] [--no "…"]')
-    try:
-        count = int(options["count"]) if "count" in options else None
-        seed = int(options["seed"]) if "seed" in options else None
-        steps = int(options["steps"]) if "steps" in options else None
-    except ValueError:
-        raise UserError("--count, --seed and --steps take whole numbers.") from None
-    try:
-        guidance = float(options["guidance"]) if "guidance" in options else None
-        strength = float(options["strength"]) if "strength" in options else None
-    except ValueError:
-        raise UserError("--guidance and --strength take numbers, e.g. 7.5 or 0.8.") from None
-    return ImagineArgs(
-        prompt=prompt,
-        negative=options.get("no", ""),
-        count=count,
-        seed=seed,
-        aspect=options["aspect"].lower() if "aspect" in options else None,
-        steps=steps,
-        guidance=guidance,
-        strength=strength,
-    )
-
-
 def usage_text(core: Core, train_window: float) -> str:
     """The commands as they are typed on Slack, for /dreambot help."""
     settings = core.settings
     most = min(settings.max_photos, MAX_FILES_PER_MESSAGE)
     minutes = max(1, round(train_window / 60))
     return f"""\
-/train <name> <class>
+/train <name> <class> [--model NAME]
         then post {settings.min_photos}–{most} photos of it here, in one message, within \
 {minutes} minutes
         or, without /train: one message with the photos and "@dreambot train <name> <class>"
@@ -267,6 +212,7 @@ class PendingTraining:
     name: str
     class_noun: str
     until: float
+    model: str | None = None
 
 
 class SlackDownloader(Downloader):
@@ -342,10 +288,8 @@ class SlackAdapter:
         # (team, channel, user) → the /train waiting for photos there. In memory: after a
         # restart the user runs /train again.
         self.pending: dict[tuple[str, str, str], PendingTraining] = {}
-        # Each job's progress message ts (None: the channel refused one). Also stored in the
-        # job's destination as ``progress_ts``, which is where it is found after a restart.
-        self.progress_messages: dict[str, str | None] = {}
-        self._progress_locks: dict[str, asyncio.Lock] = {}
+        self.progress = common.ProgressMessages(core.store, self.edits, "progress_ts", str)
+        self.progress_messages = self.progress.refs
         self._commands: dict[str, Callable[[Caller, str], Awaitable[str]]] = {
             "train": self.train_command,
             "imagine": self.imagine,
@@ -453,14 +397,7 @@ class SlackAdapter:
 
     async def reply(self, send: Reply, work: Work, what: str) -> None:
         """Run ``work`` and answer privately with its text or the error."""
-        try:
-            text = await work()
-        except UserError as exc:
-            text = exc.message
-        except Exception:
-            ref = uuid.uuid4().hex[:8]
-            log.exception("slack %s failed (ref %s)", what, ref)
-            text = f"Sorry, something went wrong on my side (ref {ref}). Try again in a minute."
+        text = await common.command_reply(work, f"slack {what}")
         await send(fit(escape(text)))
 
     # Commands.
@@ -480,14 +417,21 @@ class SlackAdapter:
         return f"```\n{self.core.help_text(usage_text(self.core, self.train_window))}\n```"
 
     async def train_command(self, caller: Caller, text: str) -> str:
-        """/train <name> <class>: wait for the photos in this channel."""
-        name, _, class_noun = unescape(text).strip().partition(" ")
+        """/train <name> <class> [--model NAME]: wait for the photos in this channel."""
+        rest, options = split_options(unescape(text), ["model"])
+        name, _, class_noun = rest.strip().partition(" ")
         if not name or not class_noun.strip():
             raise UserError(
-                "Usage: /train <name> <class>, e.g. /train rex dog — then post the photos here."
+                "Usage: /train <name> <class> [--model NAME], e.g. /train rex dog — then post "
+                "the photos here."
             )
+        model = options.get("model")
+        # A model nobody configured is refused now, not after the photos came.
+        self.core.base_model_named(model)
         until = self.clock() + self.train_window
-        self.pending[self._pending_key(caller)] = PendingTraining(name, class_noun.strip(), until)
+        self.pending[self._pending_key(caller)] = PendingTraining(
+            name, class_noun.strip(), until, model
+        )
         most = min(self.core.settings.max_photos, MAX_FILES_PER_MESSAGE)
         minutes = max(1, round(self.train_window / 60))
         return (
@@ -507,24 +451,30 @@ class SlackAdapter:
         if not team or not event.get("channel"):
             return
         caller = Caller(team, str(user), str(event["channel"]))
-        text = unescape(event.get("text") or "")
+        text, options = split_options(unescape(event.get("text") or ""), ["model"])
         match = _TRAIN_MESSAGE.match(text)
         direct = event.get("channel_type") == "im"
         pending = self._pending_for(caller)
         if match and (match["bot"] == context.bot_user_id if match["bot"] else direct):
-            name, class_noun = match["name"], match["noun"]
+            name, class_noun, model = match["name"], match["noun"], options.get("model")
         elif pending is not None:
-            name, class_noun = pending.name, pending.class_noun
+            name, class_noun, model = pending.name, pending.class_noun, pending.model
         else:
             return  # photos shared for people, not for us
         await self.reply(
             self._ephemeral(caller),
-            lambda: self.train(caller, name, class_noun, files),
+            lambda: self.train(caller, name, class_noun, files, model=model),
             "train",
         )
 
     async def train(
-        self, caller: Caller, name: str, class_noun: str, files: Iterable[dict[str, Any]]
+        self,
+        caller: Caller,
+        name: str,
+        class_noun: str,
+        files: Iterable[dict[str, Any]],
+        *,
+        model: str | None = None,
     ) -> str:
         """Download the shared photos, queue the training, post the progress message."""
         shared = [await self._file_info(file) for file in files]
@@ -532,26 +482,17 @@ class SlackAdapter:
             (str(file["url_private_download"]), str(file.get("name") or file["id"]))
             for file in shared
         )
-        receipt = await self.core.train(caller.owner, caller.destination, name, class_noun, uploads)
+        receipt = await self.core.train(
+            caller.owner, caller.destination, name, class_noun, uploads, model=model
+        )
         self.pending.pop(self._pending_key(caller), None)
         await self._post_queued(caller, receipt.job_id, name.strip(), receipt.position)
         return receipt.text
 
     async def imagine(self, caller: Caller, text: str) -> str:
         """/imagine <prompt> [--options]: queue a generation."""
-        args = parse_imagine(text)
-        receipt = await self.core.imagine(
-            caller.owner,
-            caller.destination,
-            args.prompt,
-            count=args.count,
-            seed=args.seed,
-            negative_prompt=args.negative,
-            aspect=args.aspect,
-            steps=args.steps,
-            guidance=args.guidance,
-            strength=args.strength,
-        )
+        args = parse_imagine(unescape(text))
+        receipt = await queue_imagine(self.core, caller.owner, caller.destination, args)
         await self._post_queued(caller, receipt.job_id, "your image", receipt.position)
         return receipt.text
 
@@ -631,30 +572,17 @@ class SlackAdapter:
     async def show_progress(self, job: Job, text: str, progress: Progress) -> None:
         """Post the job's progress message once, then update it (throttled)."""
         content = fit(f"{mention(job.destination['user_id'])} · {escape(text)}")
-        async with self._progress_lock(job.id):
-            if job.id not in self.progress_messages:
-                known = job.destination.get("progress_ts")
-                if known is None:
-                    ts = await self._post_progress(job.id, job.destination, content)
-                    await self._remember_progress(job.id, ts)
-                    return
-                self.progress_messages[job.id] = str(known)
-        ts = self.progress_messages[job.id]
-        if ts is not None:
-            await self.edits.submit(job.id, lambda: self._edit_progress(job, ts, content))
+        await self.progress.update(
+            job, content, self._post_progress, lambda ts: self._edit_progress(job, ts, content)
+        )
 
     async def show_result(self, delivery: Delivery) -> None:
         """Upload the result's images (with buttons for generations), mentioning the user."""
         job = delivery.job
-        files = [
-            (url.rsplit("/", 1)[-1], await self.core.artifacts.aget_bytes(url))
-            for url in delivery.image_urls
-        ]
-        # A showcase grid can't be rerolled or varied (the core says so); no buttons for it.
-        redo = job.kind == "generate" and files and not job.options.get("showcase")
+        files, buttons_for = await common.result_files(self.core.artifacts, delivery)
         self.edits.forget(job.id)
         text = f"{mention(job.destination['user_id'])} {escape(delivery.text)}"
-        await self._post_to_user(job, fit(text), files, job.id if redo else None)
+        await self._post_to_user(job, fit(text), files, buttons_for)
         await self._finish_progress(job, "✓ done — result below.")
 
     async def show_failure(self, job: Job, text: str) -> None:
@@ -666,31 +594,10 @@ class SlackAdapter:
 
     # Messages.
 
-    def _progress_lock(self, job_id: str) -> asyncio.Lock:
-        return self._progress_locks.setdefault(job_id, asyncio.Lock())
-
     async def _post_queued(self, caller: Caller, job_id: str, label: str, position: int) -> None:
         queued = progress_text(Progress(job_id=job_id, phase="queued"), label)
         content = f"{mention(caller.user_id)} · {escape(queued)} (position {position})"
-        try:
-            async with self._progress_lock(job_id):
-                if job_id not in self.progress_messages:
-                    ts = await self._post_progress(job_id, caller.destination, content)
-                    await self._remember_progress(job_id, ts)
-        except Exception:
-            # The job is queued whatever happens here; the next progress update tries again.
-            log.warning("job %s: progress message not posted", job_id, exc_info=True)
-
-    async def _remember_progress(self, job_id: str, ts: str | None) -> None:
-        """Keep the progress message's ts here and in the job's destination (for restarts)."""
-        self.progress_messages[job_id] = ts
-        if ts is None:
-            return
-        try:
-            await self.core.store.update_job_destination(job_id, {"progress_ts": ts})
-        except Exception:
-            # Best effort: without it a restarted bot posts a new progress message.
-            log.warning("job %s: progress message ts not stored", job_id, exc_info=True)
+        await self.progress.post_queued(job_id, caller.destination, content, self._post_progress)
 
     async def _post_progress(
         self, job_id: str, destination: dict[str, Any], content: str
@@ -717,19 +624,12 @@ class SlackAdapter:
             if slack_error(exc) not in MESSAGE_GONE:
                 raise
             log.warning("job %s: progress message %s gone (%s)", job.id, ts, exc)
-            self.progress_messages[job.id] = None
+            self.progress.gone(job.id)
 
     async def _finish_progress(self, job: Job, note: str) -> None:
         """Close the job's progress message (best effort: the result is already posted)."""
-        self.edits.forget(job.id)
-        self._progress_locks.pop(job.id, None)
-        ts = self.progress_messages.pop(job.id, job.destination.get("progress_ts"))
-        if ts is not None:
-            content = f"{mention(job.destination['user_id'])} · {note}"
-            try:
-                await self._edit_progress(job, str(ts), content)
-            except Exception:
-                log.warning("job %s: progress message not closed", job.id, exc_info=True)
+        content = f"{mention(job.destination['user_id'])} · {note}"
+        await self.progress.finish(job, lambda ts: self._edit_progress(job, ts, content))
 
     async def _post_to_user(
         self, job: Job, text: str, files: list[tuple[str, bytes]], buttons_for: str | None
@@ -753,15 +653,7 @@ class SlackAdapter:
         except SlackApiError as exc:
             if slack_error(exc) not in DM_REFUSED:
                 raise
-            log.error(
-                "job %s: result could not be delivered to channel %s nor by DM to user %s (%s); "
-                "it was: %s",
-                job.id,
-                job.destination.get("channel_id"),
-                user_id,
-                slack_error(exc),
-                text,
-            )
+            common.log_undelivered(log, job, slack_error(exc), text)
 
     async def _send(
         self, channel: str, text: str, files: list[tuple[str, bytes]], buttons_for: str | None

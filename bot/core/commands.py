@@ -24,7 +24,7 @@ from bot.core.errors import UserError
 from bot.core.moderation import Moderation
 from bot.core.photos import PhotoRules, Upload, prepare_photos
 from bot.core.prompts import SUBJECT_REF, resolve_prompt
-from bot.core.quotas import Quotas, check_allowance
+from bot.core.quotas import Limits, Quotas, check_allowance
 from bot.core.store import Owner, Store, Subject, utcnow
 from bot.core.tokens import pick_token
 from engine.api import (
@@ -54,6 +54,7 @@ HELP_INTRO = (
 SHELL_USAGE = """\
 /train <name> <class> <photos…>   learn a subject from 3–20 photos
                                   e.g. /train rex dog a.jpg b.jpg c.jpg
+                                  option: --model NAME, one of the configured base models
 /imagine <prompt>                 draw a prompt; [V] is your newest subject, [name] a named one
                                   e.g. /imagine a [V] dog wearing a hat
                                   options: --count N (1-4), --seed N, --no "things to avoid",
@@ -132,7 +133,7 @@ class Core:
         subject is drawn on that model from then on.
         """
         await self.moderation.check_not_banned(owner)
-        base_model = self._base_model_named(model)
+        base_model = self.base_model_named(model)
         name, class_noun = name.strip(), " ".join(class_noun.lower().split())
         if not SUBJECT_NAME.match(name) or name.lower() == "v":
             raise UserError(
@@ -294,23 +295,17 @@ class Core:
         # Only what was asked for, so older jobs and plain requests keep their shape.
         extra = {"aspect": aspect, "steps": steps, "guidance": guidance, "strength": strength}
         options.update({key: value for key, value in extra.items() if value is not None})
-        await self.store.reserve_job(
-            job_id,
-            "generate",
+        position = await self._queue_images(
+            GENERATE,
+            request,
             owner,
             destination,
+            limits,
+            count,
             subject_id=subject_id,
             prompt=prompt,
             options=options,
-            usage_kind="images",
-            units=count,
-            check=functools.partial(check_allowance, limits, kind="images", units=count),
         )
-        try:
-            position = await self._enqueue(GENERATE, job_id, request.model_dump())
-        except BaseException:
-            await self.store.delete_job(job_id)
-            raise
         return Receipt(
             job_id,
             position,
@@ -432,23 +427,17 @@ class Core:
             output_url=self.artifacts.url("outputs", job_id),
             base_model=subject.base_model,
         )
-        await self.store.reserve_job(
-            job_id,
-            "generate",
+        position = await self._queue_images(
+            SHOWCASE,
+            request,
             owner,
             destination,
+            limits,
+            units,
             subject_id=subject.id,
             prompt=f"showcase of {subject.name}",
             options={"showcase": subject.name, "seed": request.seed},
-            usage_kind="images",
-            units=units,
-            check=functools.partial(check_allowance, limits, kind="images", units=units),
         )
-        try:
-            position = await self._enqueue(SHOWCASE, job_id, request.model_dump())
-        except BaseException:
-            await self.store.delete_job(job_id)
-            raise
         return Receipt(
             job_id,
             position,
@@ -549,7 +538,7 @@ class Core:
                     raise UserError(f"You already have a subject called {name}.") from None
         raise RuntimeError("could not allocate a unique subject token")
 
-    def _base_model_named(self, model: str | None) -> str:
+    def base_model_named(self, model: str | None) -> str:
         """The configured base model ``model`` names (None or blank: the default one)."""
         names = self.settings.model_names
         if model is None or not model.strip():
@@ -594,6 +583,39 @@ class Core:
                 f"I'm busy: {waiting} jobs are waiting. Nothing was queued; "
                 "try again in a few minutes."
             )
+
+    async def _queue_images(
+        self,
+        function: str,
+        request: GenerateRequest | ShowcaseRequest,
+        owner: Owner,
+        destination: dict[str, Any],
+        limits: Limits,
+        units: int,
+        *,
+        subject_id: str | None,
+        prompt: str,
+        options: dict[str, Any],
+    ) -> int:
+        """Record an image job with the quota units it spends and queue it; return its queue
+        position. The job's row goes again if the queue refuses it."""
+        await self.store.reserve_job(
+            request.job_id,
+            "generate",
+            owner,
+            destination,
+            subject_id=subject_id,
+            prompt=prompt,
+            options=options,
+            usage_kind="images",
+            units=units,
+            check=functools.partial(check_allowance, limits, kind="images", units=units),
+        )
+        try:
+            return await self._enqueue(function, request.job_id, request.model_dump())
+        except BaseException:
+            await self.store.delete_job(request.job_id)
+            raise
 
     async def _enqueue(self, function: str, job_id: str, payload: dict[str, Any]) -> int:
         queue = ENGINE_QUEUES[function]

@@ -31,7 +31,9 @@ from bot.core.errors import UserError
 from bot.core.prompt_filter import InvalidRule, Match, PromptFilter, Rule, validate_rule
 from bot.core.quotas import FIELD_NAMES, format_duration
 from bot.core.store import (
+    AuditEntry,
     Ban,
+    BlockedAttempt,
     BlockedRule,
     Job,
     OverrideScope,
@@ -167,6 +169,20 @@ def _ban_until(ban: Ban) -> str:
 def _rule_line(rule: BlockedRule) -> str:
     shown = f"/{rule.pattern}/" if rule.kind == "regex" else f"“{rule.pattern}”"
     return f"  #{rule.id}  {rule.kind:5}  {shown}  (by {rule.added_by}, {when(rule.created_at)})"
+
+
+def _attempt_line(attempt: BlockedAttempt) -> str:
+    negative = f" (no: “{attempt.negative_prompt}”)" if attempt.negative_prompt else ""
+    return (
+        f"  {when(attempt.created_at)}  {attempt.owner.user_id}  rule {attempt.rule_label}"
+        f" on “{attempt.fragment}”: “{attempt.prompt}”{negative}"
+    )
+
+
+def _audit_line(entry: AuditEntry) -> str:
+    target = f" {entry.target}" if entry.target else ""
+    detail = f" — {entry.detail}" if entry.detail else ""
+    return f"  {when(entry.created_at)}  {entry.moderator.user_id}: {entry.action}{target}{detail}"
 
 
 def _job_what(job: Job) -> str:
@@ -449,14 +465,7 @@ class Moderator:
         )
         if not attempts:
             return "No prompts have been blocked here."
-        lines = ["Latest blocked prompts:"]
-        for attempt in attempts:
-            negative = f" (no: “{attempt.negative_prompt}”)" if attempt.negative_prompt else ""
-            lines.append(
-                f"  {when(attempt.created_at)}  {attempt.owner.user_id}  rule {attempt.rule_label}"
-                f" on “{attempt.fragment}”: “{attempt.prompt}”{negative}"
-            )
-        return "\n".join(lines)
+        return "\n".join(["Latest blocked prompts:", *map(_attempt_line, attempts)])
 
     # Quotas.
 
@@ -639,15 +648,7 @@ class Moderator:
         )
         if not entries:
             return "No moderator actions yet."
-        lines = ["Latest moderator actions:"]
-        for entry in entries:
-            target = f" {entry.target}" if entry.target else ""
-            detail = f" — {entry.detail}" if entry.detail else ""
-            lines.append(
-                f"  {when(entry.created_at)}  {entry.moderator.user_id}: "
-                f"{entry.action}{target}{detail}"
-            )
-        return "\n".join(lines)
+        return "\n".join(["Latest moderator actions:", *map(_audit_line, entries)])
 
 
 def _bounded(count: int) -> int:

@@ -7,14 +7,18 @@ import json
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 import aiosqlite
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+_Row = TypeVar("_Row", bound="DataclassInstance")
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -168,38 +172,28 @@ class AuditEntry:
     created_at: str
 
 
-def _subject(row: aiosqlite.Row) -> Subject:
-    return Subject(
-        id=row["id"],
-        owner=Owner(row["platform"], row["workspace"], row["user_id"]),
-        name=row["name"],
-        class_noun=row["class_noun"],
-        token=row["token"],
-        status=row["status"],
-        adapter_url=row["adapter_url"],
-        photos_url=row["photos_url"],
-        photo_count=row["photo_count"],
-        base_model=row["base_model"],
-        error=row["error"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
+def _row_owner(row: aiosqlite.Row, user_column: str = "user_id") -> Owner:
+    return Owner(row["platform"], row["workspace"], row[user_column])
+
+
+def _from_row(cls: type[_Row], row: aiosqlite.Row, **computed: Any) -> _Row:
+    """A row dataclass whose fields come from the columns of their names, unless ``computed``."""
+    return cls(
+        **{f.name: computed[f.name] if f.name in computed else row[f.name] for f in fields(cls)}
     )
 
 
+def _subject(row: aiosqlite.Row) -> Subject:
+    return _from_row(Subject, row, owner=_row_owner(row))
+
+
 def _job(row: aiosqlite.Row) -> Job:
-    return Job(
-        id=row["id"],
-        kind=row["kind"],
-        owner=Owner(row["platform"], row["workspace"], row["user_id"]),
-        subject_id=row["subject_id"],
-        prompt=row["prompt"],
+    return _from_row(
+        Job,
+        row,
+        owner=_row_owner(row),
         destination=json.loads(row["destination"]),
-        status=row["status"],
         result=json.loads(row["result"]) if row["result"] else None,
-        error=row["error"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        delivered_at=row["delivered_at"],
         options=json.loads(row["options"] or "{}"),
     )
 
@@ -320,6 +314,21 @@ class Store:
                 raise
             await self.db.commit()
 
+    async def _one(
+        self, convert: Callable[[aiosqlite.Row], _Row], sql: str, params: tuple[Any, ...]
+    ) -> _Row | None:
+        """The first row a query returns, converted; None if it returns none."""
+        async with self.db.execute(sql, params) as cur:
+            row = await cur.fetchone()
+        return convert(row) if row else None
+
+    async def _all(
+        self, convert: Callable[[aiosqlite.Row], _Row], sql: str, params: tuple[Any, ...]
+    ) -> list[_Row]:
+        """Every row a query returns, converted."""
+        async with self.db.execute(sql, params) as cur:
+            return [convert(row) for row in await cur.fetchall()]
+
     async def _write(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         """Run one write statement and commit it; return the number of rows it changed."""
         async with self.transaction() as db:
@@ -355,28 +364,25 @@ class Store:
 
     async def get_subject(self, subject_id: str) -> Subject | None:
         """The subject with this id, if any."""
-        async with self.db.execute("SELECT * FROM subjects WHERE id = ?", (subject_id,)) as cur:
-            row = await cur.fetchone()
-        return _subject(row) if row else None
+        return await self._one(_subject, "SELECT * FROM subjects WHERE id = ?", (subject_id,))
 
     async def find_subject(self, owner: Owner, name: str) -> Subject | None:
         """The owner's subject called ``name`` (case-insensitive), if any."""
-        async with self.db.execute(
+        return await self._one(
+            _subject,
             "SELECT * FROM subjects WHERE platform = ? AND workspace = ? AND user_id = ?"
             " AND lower(name) = lower(?)",
-            (owner.platform, owner.workspace, owner.user_id, name),
-        ) as cur:
-            row = await cur.fetchone()
-        return _subject(row) if row else None
+            (*_owner(owner), name),
+        )
 
     async def list_subjects(self, owner: Owner) -> list[Subject]:
         """The owner's subjects, newest first."""
-        async with self.db.execute(
+        return await self._all(
+            _subject,
             "SELECT * FROM subjects WHERE platform = ? AND workspace = ? AND user_id = ?"
             " ORDER BY created_at DESC, rowid DESC",
-            (owner.platform, owner.workspace, owner.user_id),
-        ) as cur:
-            return [_subject(row) for row in await cur.fetchall()]
+            _owner(owner),
+        )
 
     async def workspace_tokens(self, platform: str, workspace: str) -> set[str]:
         """Every token already taken in a workspace."""
@@ -417,9 +423,7 @@ class Store:
 
     async def get_job(self, job_id: str) -> Job | None:
         """The job with this id, if any."""
-        async with self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cur:
-            row = await cur.fetchone()
-        return _job(row) if row else None
+        return await self._one(_job, "SELECT * FROM jobs WHERE id = ?", (job_id,))
 
     async def delete_job(self, job_id: str) -> None:
         """Forget a job that never reached the queue."""
@@ -457,11 +461,11 @@ class Store:
 
     async def unfinished_jobs(self, platform: str) -> list[Job]:
         """Jobs of a platform whose result has not been delivered yet."""
-        async with self.db.execute(
+        return await self._all(
+            _job,
             "SELECT * FROM jobs WHERE platform = ? AND delivered_at IS NULL ORDER BY created_at",
             (platform,),
-        ) as cur:
-            return [_job(row) for row in await cur.fetchall()]
+        )
 
     # Jobs, seen by moderators and quotas.
 
@@ -474,8 +478,7 @@ class Store:
         if user_id is not None:
             sql += " AND user_id = ?"
             params += (user_id,)
-        async with self.db.execute(sql + " ORDER BY created_at, rowid", params) as cur:
-            return [_job(row) for row in await cur.fetchall()]
+        return await self._all(_job, sql + " ORDER BY created_at, rowid", params)
 
     async def reserve_job(
         self,
@@ -555,22 +558,22 @@ class Store:
     ) -> list[QuotaOverride]:
         """The overrides that apply to a user: the workspace's, their roles', their own."""
         marks = ",".join("?" * len(roles))
-        async with self.db.execute(
+        return await self._all(
+            _override,
             "SELECT * FROM quota_overrides WHERE platform = ? AND workspace = ? AND ("
             " scope = 'workspace' OR (scope = 'user' AND target_id = ?)"
             f" OR (scope = 'role' AND target_id IN ({marks})))",
             (platform, workspace, user_id, *roles),
-        ) as cur:
-            return [_override(row) for row in await cur.fetchall()]
+        )
 
     async def list_quota_overrides(self, platform: str, workspace: str) -> list[QuotaOverride]:
         """Every override of a workspace."""
-        async with self.db.execute(
+        return await self._all(
+            _override,
             "SELECT * FROM quota_overrides WHERE platform = ? AND workspace = ?"
             " ORDER BY scope, target_id",
             (platform, workspace),
-        ) as cur:
-            return [_override(row) for row in await cur.fetchall()]
+        )
 
     async def set_quota_override(
         self,
@@ -609,22 +612,21 @@ class Store:
 
     async def active_ban(self, owner: Owner) -> Ban | None:
         """The owner's ban, unless there is none or it has expired."""
-        async with self.db.execute(
+        return await self._one(
+            _ban,
             "SELECT * FROM bans WHERE platform = ? AND workspace = ? AND user_id = ?"
             " AND (expires_at IS NULL OR expires_at > ?)",
             (*_owner(owner), utcnow()),
-        ) as cur:
-            row = await cur.fetchone()
-        return _ban(row) if row else None
+        )
 
     async def active_bans(self, platform: str, workspace: str) -> list[Ban]:
         """A workspace's bans that have not expired, newest first."""
-        async with self.db.execute(
+        return await self._all(
+            _ban,
             "SELECT * FROM bans WHERE platform = ? AND workspace = ?"
             " AND (expires_at IS NULL OR expires_at > ?) ORDER BY created_at DESC",
             (platform, workspace, utcnow()),
-        ) as cur:
-            return [_ban(row) for row in await cur.fetchall()]
+        )
 
     async def put_ban(self, ban: Ban) -> None:
         """Ban a user, replacing any earlier ban of theirs."""
@@ -683,11 +685,11 @@ class Store:
 
     async def blocked_rules(self, platform: str, workspace: str) -> list[BlockedRule]:
         """A workspace's own rules (not the built-in list), oldest first."""
-        async with self.db.execute(
+        return await self._all(
+            _blocked_rule,
             "SELECT * FROM blocked_rules WHERE platform = ? AND workspace = ? ORDER BY id",
             (platform, workspace),
-        ) as cur:
-            return [_blocked_rule(row) for row in await cur.fetchall()]
+        )
 
     async def add_blocked_rule(
         self, platform: str, workspace: str, kind: str, pattern: str, added_by: str
@@ -737,22 +739,12 @@ class Store:
         self, platform: str, workspace: str, limit: int
     ) -> list[BlockedAttempt]:
         """A workspace's most recent blocked prompts, newest first."""
-        async with self.db.execute(
+        return await self._all(
+            _blocked_attempt,
             "SELECT * FROM blocked_attempts WHERE platform = ? AND workspace = ?"
             " ORDER BY id DESC LIMIT ?",
             (platform, workspace, limit),
-        ) as cur:
-            return [
-                BlockedAttempt(
-                    Owner(row["platform"], row["workspace"], row["user_id"]),
-                    row["rule_label"],
-                    row["fragment"],
-                    row["prompt"],
-                    row["negative_prompt"],
-                    row["created_at"],
-                )
-                for row in await cur.fetchall()
-            ]
+        )
 
     # Audit log.
 
@@ -768,20 +760,11 @@ class Store:
 
     async def audit_entries(self, platform: str, workspace: str, limit: int) -> list[AuditEntry]:
         """A workspace's most recent moderator actions, newest first."""
-        async with self.db.execute(
+        return await self._all(
+            _audit_entry,
             "SELECT * FROM audit_log WHERE platform = ? AND workspace = ? ORDER BY id DESC LIMIT ?",
             (platform, workspace, limit),
-        ) as cur:
-            return [
-                AuditEntry(
-                    Owner(row["platform"], row["workspace"], row["moderator_id"]),
-                    row["action"],
-                    row["target"],
-                    row["detail"],
-                    row["created_at"],
-                )
-                for row in await cur.fetchall()
-            ]
+        )
 
 
 _ACTIVE = "('queued', 'running')"
@@ -825,32 +808,20 @@ async def _touch_workspace(
 
 
 def _override(row: aiosqlite.Row) -> QuotaOverride:
-    return QuotaOverride(
-        scope=row["scope"],
-        target_id=row["target_id"],
-        daily_images=row["daily_images"],
-        daily_trainings=row["daily_trainings"],
-        max_active_jobs=row["max_active_jobs"],
-        set_by=row["set_by"],
-        updated_at=row["updated_at"],
-    )
+    return _from_row(QuotaOverride, row)
 
 
 def _ban(row: aiosqlite.Row) -> Ban:
-    return Ban(
-        owner=Owner(row["platform"], row["workspace"], row["user_id"]),
-        reason=row["reason"],
-        banned_by=row["banned_by"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-    )
+    return _from_row(Ban, row, owner=_row_owner(row))
 
 
 def _blocked_rule(row: aiosqlite.Row) -> BlockedRule:
-    return BlockedRule(
-        id=row["id"],
-        kind=row["kind"],
-        pattern=row["pattern"],
-        added_by=row["added_by"],
-        created_at=row["created_at"],
-    )
+    return _from_row(BlockedRule, row)
+
+
+def _blocked_attempt(row: aiosqlite.Row) -> BlockedAttempt:
+    return _from_row(BlockedAttempt, row, owner=_row_owner(row))
+
+
+def _audit_entry(row: aiosqlite.Row) -> AuditEntry:
+    return _from_row(AuditEntry, row, moderator=_row_owner(row, "moderator_id"))

@@ -16,7 +16,7 @@ from bot.adapters.discord import BUTTON_ID, DiscordAdapter, EditThrottle
 from bot.cli import cmd_discord
 from bot.config import Settings
 from bot.core.delivery import Deliverer, Delivery
-from bot.core.store import Job, Owner, Subject, utcnow
+from bot.core.store import Job, Owner
 from bot.launcher import BotRuntime
 from engine.api import GENERATE_QUEUE, Progress
 from tests.adapters.conftest import (
@@ -35,7 +35,17 @@ from tests.adapters.conftest import (
     interaction_payload,
     start_adapter,
 )
-from tests.conftest import RecordingSink, make_photo, queued
+from tests.conftest import (
+    RecordingSink,
+    configure_second_model,
+    make_photo,
+    queued,
+    queued_generate_request,
+    queued_train_request,
+    ready_subject,
+    running_job,
+    training_progress,
+)
 
 EPHEMERAL = 64
 OWNER = Owner("discord", str(GUILD_ID), str(USER_ID))
@@ -112,6 +122,33 @@ async def test_train_defers_downloads_queues_and_posts_one_progress_message(
     assert adapter.progress_messages[job.id] == int(progress_id(progress))
     # The progress message's id is kept with the job, so a restarted bot still edits it.
     assert job.destination == {**DESTINATION, "progress_message_id": int(progress_id(progress))}
+
+
+def train_options(fake: FakeDiscord, **extra: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """/train name:rex class:dog with three photos, and ``extra`` string options."""
+    photos, resolved = attachment_options(serve_photos(fake, 3))
+    given = {"name": "rex", "class": "dog", **extra}
+    return [{"name": k, "type": 3, "value": v} for k, v in given.items()] + photos, resolved
+
+
+async def test_train_with_a_model_queues_the_training_on_that_model(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    configure_second_model(runtime.settings, "xl")
+    await run_command(adapter, "train", *train_options(fake_discord, model="xl"))
+
+    assert (private_reply(fake_discord).content or "").startswith("Training rex (dog)")
+    assert (await queued_train_request(runtime)).base_model == "xl"
+
+
+async def test_train_with_an_unknown_model_is_refused_and_queues_nothing(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    await run_command(adapter, "train", *train_options(fake_discord, model="sdxl"))
+
+    reply = private_reply(fake_discord).content or ""
+    assert reply.startswith("There is no model called 'sdxl'. Models: tiny")
+    assert await engine_queue_length(runtime) == 0
 
 
 @pytest.mark.parametrize(
@@ -289,7 +326,9 @@ async def test_commands_are_synced_to_the_dev_guild_when_one_is_set(
         ("photo2", True),
         ("photo3", True),
     ]
-    assert len(train_options) == 12 and not any(required for _, required in train_options[5:])
+    assert len(train_options) == 13 and not any(required for _, required in train_options[5:])
+    assert train_options[-1] == ("model", False)
+    assert commands["train"]["options"][-1]["autocomplete"]
     count = next(o for o in commands["imagine"]["options"] if o["name"] == "count")
     assert (count["min_value"], count["max_value"]) == (1, 4)
 
@@ -336,34 +375,6 @@ async def click(
     return private_reply(fake)
 
 
-async def queued_request(runtime: BotRuntime, job_id: str) -> dict[str, Any]:
-    info = await ArqJob(job_id, runtime.queue, _queue_name=GENERATE_QUEUE).info()
-    assert info is not None
-    request: dict[str, Any] = info.args[0]
-    return request
-
-
-async def ready_subject(runtime: BotRuntime, owner: Owner, name: str, token: str) -> Subject:
-    now = utcnow()
-    subject = Subject(
-        id=f"{name}-{token}",
-        owner=owner,
-        name=name,
-        class_noun="dog",
-        token=token,
-        status="ready",
-        adapter_url=f"file:///adapters/{name}.safetensors",
-        photos_url="file:///photos",
-        photo_count=3,
-        base_model="tiny",
-        error=None,
-        created_at=now,
-        updated_at=now,
-    )
-    await runtime.store.insert_subject(subject)
-    return subject
-
-
 # Vary keeps the seed and starts from the first image (img2img at a low strength).
 @pytest.mark.parametrize(("action", "expected_seed"), [("reroll", None), ("vary", 7)])
 async def test_a_button_click_after_a_restart_redraws_for_the_clicking_user(
@@ -404,24 +415,7 @@ async def test_a_button_click_after_a_restart_redraws_for_the_clicking_user(
 
 
 def make_job(job_id: str = "a" * 32, kind: str = "generate", **destination: Any) -> Job:
-    return Job(
-        id=job_id,
-        kind=kind,
-        owner=OWNER,
-        subject_id=None,
-        prompt="a red fox",
-        destination={**DESTINATION, **destination},
-        status="running",
-        result=None,
-        error=None,
-        created_at="2025-01-01T00:00:00+00:00",
-        updated_at="2025-01-01T00:00:00+00:00",
-        delivered_at=None,
-    )
-
-
-def progress(step: int, total: int = 400) -> Progress:
-    return Progress(job_id="a" * 32, phase="training", step=step, total=total)
+    return running_job(OWNER, {**DESTINATION, **destination}, job_id, kind)
 
 
 async def test_progress_posts_one_message_then_edits_it_at_most_once_per_interval(
@@ -429,7 +423,7 @@ async def test_progress_posts_one_message_then_edits_it_at_most_once_per_interva
 ) -> None:
     job = make_job()
     for step in range(1, 51):
-        await adapter.show_progress(job, f"rex: training {step}/400", progress(step))
+        await adapter.show_progress(job, f"rex: training {step}/400", training_progress(step))
 
     [posted] = fake_discord.find("POST", "/channels/")
     assert posted.content == f"<@{USER_ID}> · rex: training 1/400"
@@ -457,7 +451,7 @@ async def test_a_ten_minute_job_edits_its_progress_under_the_promised_rate(
             await fake_discord.wait_until(
                 lambda n=edits_before + woken: len(fake_discord.find("PATCH")) >= n  # type: ignore[misc]
             )
-        await adapter.show_progress(job, f"training {step}/{steps}", progress(step, steps))
+        await adapter.show_progress(job, f"training {step}/{steps}", training_progress(step, steps))
     await clock.advance(EDIT_INTERVAL)
     await fake_discord.wait_until(
         lambda: (fake_discord.find("PATCH") or [None])[-1].content.endswith(f"{steps}/{steps}")  # type: ignore[list-item,union-attr]
@@ -501,7 +495,7 @@ async def test_a_result_is_a_channel_message_with_files_buttons_and_a_mention(
     adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
 ) -> None:
     job = make_job()
-    await adapter.show_progress(job, "your image: drawing", progress(1))
+    await adapter.show_progress(job, "your image: drawing", training_progress(1))
     urls = await write_images(runtime, 2)
 
     await adapter.show_result(Delivery(job, "“a red fox” · seed 7", urls))
@@ -595,7 +589,7 @@ async def test_a_per_image_vary_button_starts_from_that_image(
 
     assert (reply.content or "").startswith("Drawing 2 images (seed 7)")
     [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
-    assert (await queued_request(runtime, new_job.id))["init_image_url"] == start
+    assert (await queued_generate_request(runtime, new_job.id))["init_image_url"] == start
 
 
 async def test_a_training_result_with_many_samples_is_split_into_messages_of_ten(
@@ -706,7 +700,7 @@ async def test_imagine_in_a_channel_the_bot_cannot_write_to_still_queues_and_ans
     assert "queued (position 1)" in (private_reply(fake_discord).content or "")
     [job] = await runtime.store.unfinished_jobs("discord")
     assert adapter.progress_messages[job.id] is None  # progress skipped; the result goes by DM
-    await adapter.show_progress(job, "your image: drawing", progress(1))
+    await adapter.show_progress(job, "your image: drawing", training_progress(1))
     assert len(fake_discord.find("POST", "/channels/")) == 1 and not fake_discord.find("PATCH")
 
 
@@ -721,7 +715,7 @@ async def test_reroll_by_another_user_keeps_the_negative_prompt_and_count_and_ch
     clicker = Owner("discord", str(GUILD_ID), str(OTHER_USER_ID))
     [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
     assert new_job.owner == clicker
-    request = await queued_request(runtime, new_job.id)
+    request = await queued_generate_request(runtime, new_job.id)
     assert (request["prompt"], request["negative_prompt"], request["count"]) == (
         "a red fox",
         "blurry, text",
@@ -759,7 +753,7 @@ async def test_the_owner_can_vary_an_image_of_their_subject_even_after_training_
 
     assert (reply.content or "").startswith("Drawing 1 image (seed 41)")
     [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
-    request = await queued_request(runtime, new_job.id)
+    request = await queued_generate_request(runtime, new_job.id)
     assert request["prompt"] == "a zqv dog on the beach"  # still rex
     assert [a["name"] for a in request["adapters"]] == [rex.id]
     assert new_job.prompt == "a [rex] on the beach"

@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 from bot.adapters.shell import ShellAdapter
 from bot.core.delivery import Delivery
 from bot.core.store import Job, Owner
 from bot.launcher import BotRuntime
 from engine.api import Progress
+from tests.conftest import (
+    configure_second_model,
+    make_photo,
+    queued,
+    queued_train_request,
+    running_job,
+)
 
 
-def job(job_id: str = "a" * 32) -> Job:
-    return Job(
-        id=job_id,
-        kind="generate",
-        owner=Owner("shell", "local", "tester"),
-        subject_id=None,
-        prompt="a red fox",
-        destination={"kind": "terminal"},
-        status="running",
-        result=None,
-        error=None,
-        created_at="2025-01-01T00:00:00+00:00",
-        updated_at="2025-01-01T00:00:00+00:00",
-        delivered_at=None,
-    )
+def job() -> Job:
+    return running_job(Owner("shell", "local", "tester"), {"kind": "terminal"})
 
 
 async def test_the_shell_names_a_jobs_first_preview_file_once(runtime: BotRuntime) -> None:
@@ -46,3 +41,31 @@ async def test_the_shell_names_a_jobs_first_preview_file_once(runtime: BotRuntim
         "done",
     ]
     assert shell.last_generation is None  # no images: nothing to vary
+
+
+async def _train_in_shell(runtime: BotRuntime, tmp_path: Path, model: str) -> str:
+    for i in range(3):
+        (tmp_path / f"p{i}.jpg").write_bytes(make_photo(i))
+    out = io.StringIO()
+    shell = ShellAdapter(runtime.core, "tester", out=out)
+    await shell.handle(f"/train rex dog {tmp_path} --model {model}")
+    return out.getvalue()
+
+
+async def test_train_with_a_model_queues_the_training_on_that_model(
+    runtime: BotRuntime, tmp_path: Path
+) -> None:
+    configure_second_model(runtime.settings, "xl")
+    said = await _train_in_shell(runtime, tmp_path, "xl")
+
+    assert said.startswith("Training rex (dog) from 3 photos: queued")
+    assert (await queued_train_request(runtime)).base_model == "xl"
+
+
+async def test_train_with_an_unknown_model_is_refused_and_queues_nothing(
+    runtime: BotRuntime, tmp_path: Path
+) -> None:
+    said = await _train_in_shell(runtime, tmp_path, "sdxl")
+
+    assert said.startswith("✗ There is no model called 'sdxl'. Models: tiny")
+    assert await queued(runtime.queue) == 0

@@ -22,12 +22,12 @@ from aiohttp import web
 from arq.jobs import Job as ArqJob
 from pydantic import SecretStr
 
+from bot.adapters.options import parse_imagine
 from bot.adapters.slack import (
     SlackAdapter,
     SlackDownloader,
     build_adapter,
     escape,
-    parse_imagine,
     serve_http,
     web_client,
 )
@@ -37,7 +37,7 @@ from bot.core.delivery import Delivery
 from bot.core.errors import UserError
 from bot.core.store import Job, Owner
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE, Progress
+from engine.api import GENERATE_QUEUE
 from tests.adapters.conftest import FakeClock
 from tests.adapters.slack_fake import (
     ADMIN_ID,
@@ -55,7 +55,14 @@ from tests.adapters.slack_fake import (
     message_event_body,
     signed,
 )
-from tests.conftest import make_photo, queued
+from tests.conftest import (
+    configure_second_model,
+    make_photo,
+    queued,
+    queued_train_request,
+    running_job,
+    training_progress,
+)
 
 EDIT_INTERVAL = 3.0
 OWNER = Owner("slack", TEAM_ID, USER_ID)
@@ -322,6 +329,28 @@ async def test_train_then_photos_in_the_channel_queue_a_training(
     assert adapter.pending == {}  # the window is used up
 
 
+async def test_train_with_a_model_queues_the_training_on_that_model(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    configure_second_model(runtime.settings, "xl")
+    asked = await send_command(fake_slack, events_url, "/train", "rex dog --model XL")
+    assert asked.text.startswith("Now post 3–10 photos of rex (dog) here")
+
+    await send_event(fake_slack, events_url, message_event_body("", serve_photos(fake_slack, 3)))
+    await fake_slack.wait_until(lambda: bool(fake_slack.find("chat.postEphemeral")))
+
+    assert (await queued_train_request(runtime)).base_model == "xl"
+
+
+async def test_train_with_an_unknown_model_is_refused_before_the_photos(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    reply = await send_command(fake_slack, events_url, "/train", "rex dog --model sdxl")
+
+    assert reply.text.startswith("There is no model called 'sdxl'. Models: tiny")
+    assert adapter.pending == {}
+
+
 @pytest.mark.parametrize(
     ("text", "channel_type"),
     [(f"<@{BOT_USER_ID}> train rex toy car", "channel"), ("Train rex toy car", "im")],
@@ -404,24 +433,7 @@ async def test_the_downloader_sends_the_token_only_to_allowed_hosts_and_caps_the
 
 
 def make_job(job_id: str = "a" * 32, kind: str = "generate", **destination: Any) -> Job:
-    return Job(
-        id=job_id,
-        kind=kind,
-        owner=OWNER,
-        subject_id=None,
-        prompt="a red fox",
-        destination={**DESTINATION, **destination},
-        status="running",
-        result=None,
-        error=None,
-        created_at="2025-01-01T00:00:00+00:00",
-        updated_at="2025-01-01T00:00:00+00:00",
-        delivered_at=None,
-    )
-
-
-def progress(step: int, total: int = 400) -> Progress:
-    return Progress(job_id="a" * 32, phase="training", step=step, total=total)
+    return running_job(OWNER, {**DESTINATION, **destination}, job_id, kind)
 
 
 async def test_progress_posts_one_message_then_updates_it_at_most_once_per_interval(
@@ -429,7 +441,7 @@ async def test_progress_posts_one_message_then_updates_it_at_most_once_per_inter
 ) -> None:
     job = make_job()
     for step in range(1, 51):
-        await adapter.show_progress(job, f"rex: training {step}/400", progress(step))
+        await adapter.show_progress(job, f"rex: training {step}/400", training_progress(step))
 
     [posted] = fake_slack.find("chat.postMessage")
     assert posted.text == f"<@{USER_ID}> · rex: training 1/400"
@@ -458,7 +470,7 @@ async def test_a_ten_minute_job_updates_its_progress_under_the_promised_rate(
             await fake_slack.wait_until(
                 lambda n=updates_before + woken: len(fake_slack.find("chat.update")) >= n  # type: ignore[misc]
             )
-        await adapter.show_progress(job, f"training {step}/{steps}", progress(step, steps))
+        await adapter.show_progress(job, f"training {step}/{steps}", training_progress(step, steps))
 
     updates = fake_slack.find("chat.update")
     times = [update.at for update in updates]
@@ -471,7 +483,7 @@ async def test_the_progress_message_is_updated_after_a_restart_not_posted_again(
     adapter: SlackAdapter, fake_slack: FakeSlack
 ) -> None:
     job = make_job(progress_ts="1699999999.000001")  # posted by the previous process
-    await adapter.show_progress(job, "rex: training 9/400", progress(9))
+    await adapter.show_progress(job, "rex: training 9/400", training_progress(9))
 
     assert fake_slack.find("chat.postMessage") == []
     [update] = fake_slack.find("chat.update")
@@ -491,7 +503,7 @@ async def test_a_result_uploads_its_images_mentioning_the_user_with_buttons(
     adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime
 ) -> None:
     job = make_job()
-    await adapter.show_progress(job, "your image: drawing", progress(1))
+    await adapter.show_progress(job, "your image: drawing", training_progress(1))
     urls = await write_images(runtime, 2)
 
     await adapter.show_result(Delivery(job, "“a red fox <!channel>” · seed 7", urls))

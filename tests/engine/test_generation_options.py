@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from arq.jobs import Job as ArqJob
 from PIL import Image, ImageFilter
 
 from bot.config import Settings
 from bot.core.errors import UserError
-from bot.core.store import Owner, Subject, utcnow
+from bot.core.store import Owner, utcnow
 from bot.launcher import BotRuntime
 from engine.api import GENERATE_QUEUE, AdapterRef, GenerateRequest
 from engine.aspects import aspect_size
@@ -36,7 +35,7 @@ from engine.showcase import (
     showcase_layout,
     showcase_prompts,
 )
-from tests.conftest import make_settings
+from tests.conftest import make_settings, queued_generate_request, ready_subject
 
 DEST = {"channel": "c1"}
 
@@ -215,34 +214,6 @@ def test_the_showcase_grid_draws_every_image_and_label() -> None:
 # The core: options, showcase, Vary and Upscale.
 
 
-async def queued_request(runtime: BotRuntime, job_id: str) -> dict[str, object]:
-    info = await ArqJob(job_id, runtime.queue, _queue_name=GENERATE_QUEUE).info()
-    assert info is not None
-    request: dict[str, object] = info.args[0]
-    return request
-
-
-async def ready_subject(runtime: BotRuntime, owner: Owner, name: str, token: str) -> Subject:
-    now = utcnow()
-    subject = Subject(
-        id=f"id-{name}",
-        owner=owner,
-        name=name,
-        class_noun="dog",
-        token=token,
-        status="ready",
-        adapter_url=f"file:///adapters/{name}.safetensors",
-        photos_url="file:///photos",
-        photo_count=3,
-        base_model=runtime.core.settings.base_model,
-        error=None,
-        created_at=now,
-        updated_at=now,
-    )
-    await runtime.store.insert_subject(subject)
-    return subject
-
-
 async def test_imagine_passes_aspect_steps_guidance_and_strength(
     runtime: BotRuntime, owner: Owner
 ) -> None:
@@ -250,10 +221,15 @@ async def test_imagine_passes_aspect_steps_guidance_and_strength(
     receipt = await runtime.core.imagine(
         owner, DEST, "a [rex] in snow", aspect="portrait", steps=30, guidance=5.0, strength=0.7
     )
-    request = await queued_request(runtime, receipt.job_id)
+    request = await queued_generate_request(runtime, receipt.job_id)
     assert (request["aspect"], request["steps"], request["guidance"]) == ("portrait", 30, 5.0)
     assert request["adapters"] == [
-        {"name": "id-rex", "url": "file:///adapters/rex.safetensors", "scale": 0.7, "token": "zqv"}
+        {
+            "name": "id-rex-zqv",
+            "url": "file:///adapters/rex.safetensors",
+            "scale": 0.7,
+            "token": "zqv",
+        }
     ]
     job = await runtime.store.get_job(receipt.job_id)
     assert job is not None and job.options["aspect"] == "portrait"
@@ -283,7 +259,7 @@ async def test_showcase_queues_the_grid_for_the_named_or_newest_subject(
     rex = await ready_subject(runtime, owner, "rex", "zqv")
     receipt = await runtime.core.showcase(owner, DEST, "rex")
     assert "showcase of rex" in receipt.text
-    request = await queued_request(runtime, receipt.job_id)
+    request = await queued_generate_request(runtime, receipt.job_id)
     assert (request["token"], request["class_noun"], request["name"]) == ("zqv", "dog", "rex")
     assert request["subject"]["name"] == rex.id  # type: ignore[index]
     assert (await runtime.store.usage(owner)).images == 10
@@ -308,7 +284,7 @@ async def test_vary_redraws_the_chosen_image_at_a_low_strength_with_its_seed(
 ) -> None:
     job_id = await finished(runtime, owner)
     varied = await runtime.core.reimagine(owner, DEST, job_id, vary=True, index=1)
-    request = await queued_request(runtime, varied.job_id)
+    request = await queued_generate_request(runtime, varied.job_id)
     assert request["init_image_url"] == "file:///out/01.png"
     assert request["init_strength"] == runtime.core.settings.vary_strength
     assert request["seed"] == 5 and request["count"] == 2
@@ -321,7 +297,7 @@ async def test_upscale_redraws_one_image_at_twice_the_size(
 ) -> None:
     job_id = await finished(runtime, owner)
     upscaled = await runtime.core.reimagine(owner, DEST, job_id, upscale=True)
-    request = await queued_request(runtime, upscaled.job_id)
+    request = await queued_generate_request(runtime, upscaled.job_id)
     assert (request["width"], request["height"], request["count"]) == (128, 128, 1)
     assert request["init_image_url"] == "file:///out/00.png"
     assert request["init_strength"] == runtime.core.settings.upscale_strength

@@ -1,0 +1,145 @@
+"""What the chat adapters (Discord, Slack) do alike, with no platform in it: answering a
+command with its text or its error, each job's one progress message, a result's files."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+from bot.adapters.throttle import EditThrottle
+from bot.core.delivery import Delivery
+from bot.core.errors import UserError
+from bot.core.store import Job, Store
+from engine.artifacts import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+Ref = TypeVar("Ref")
+"""How a platform names a message: Discord's message id, Slack's ``ts``."""
+
+Post = Callable[[str, dict[str, Any], str], Awaitable[Ref | None]]
+"""Post a job's progress message (job id, destination, text); None if the channel refuses."""
+
+
+def fit(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, marked with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+async def command_reply(work: Callable[[], Awaitable[str]], what: str) -> str:
+    """Run a command's ``work``: its text, the message of a UserError, or (for anything else,
+    logged as ``what`` with a reference) a short apology carrying that reference."""
+    try:
+        return await work()
+    except UserError as exc:
+        return exc.message
+    except Exception:
+        ref = uuid.uuid4().hex[:8]
+        log.exception("%s failed (ref %s)", what, ref)
+        return f"Sorry, something went wrong on my side (ref {ref}). Try again in a minute."
+
+
+async def result_files(
+    artifacts: ArtifactStore, delivery: Delivery
+) -> tuple[list[tuple[str, bytes]], str | None]:
+    """A result's images as (file name, bytes), and the generation job whose Reroll / Vary /
+    Upscale buttons go under them (None for a training or a showcase grid)."""
+    job = delivery.job
+    files = [
+        (url.rsplit("/", 1)[-1], await artifacts.aget_bytes(url)) for url in delivery.image_urls
+    ]
+    # A showcase grid can't be rerolled or varied (the core says so); no buttons for it.
+    redo = job.kind == "generate" and files and not job.options.get("showcase")
+    return files, job.id if redo else None
+
+
+def log_undelivered(logger: logging.Logger, job: Job, reason: object, text: str) -> None:
+    """Log a result that neither the job's channel nor a DM to its user would take."""
+    logger.error(
+        "job %s: result could not be delivered to channel %s nor by DM to user %s (%s); it was: %s",
+        job.id,
+        job.destination.get("channel_id"),
+        job.destination.get("user_id"),
+        reason,
+        text,
+    )
+
+
+class ProgressMessages(Generic[Ref]):
+    """Each job's one progress message: posted once, then edited (throttled by ``edits``).
+
+    Its reference is kept here and in the job's destination under ``key``, which is where a
+    restarted bot finds it (``parse`` reads it back from the JSON). None means the channel
+    refused one: progress is best effort.
+    """
+
+    def __init__(
+        self, store: Store, edits: EditThrottle, key: str, parse: Callable[[Any], Ref]
+    ) -> None:
+        self.store, self.edits, self.key, self.parse = store, edits, key, parse
+        self.refs: dict[str, Ref | None] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, job_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(job_id, asyncio.Lock())
+
+    async def _remember(self, job_id: str, ref: Ref | None) -> None:
+        self.refs[job_id] = ref
+        if ref is None:
+            return
+        try:
+            await self.store.update_job_destination(job_id, {self.key: ref})
+        except Exception:
+            # Best effort: without it a restarted bot posts a new progress message.
+            log.warning("job %s: progress message %s not stored", job_id, self.key, exc_info=True)
+
+    async def post_queued(
+        self, job_id: str, destination: dict[str, Any], content: str, post: Post[Ref]
+    ) -> None:
+        """Post the message a job starts with, unless an update posted one first."""
+        try:
+            async with self._lock(job_id):
+                if job_id not in self.refs:
+                    await self._remember(job_id, await post(job_id, destination, content))
+        except Exception:
+            # The job is queued whatever happens here; the next progress update tries again.
+            log.warning("job %s: progress message not posted", job_id, exc_info=True)
+
+    async def update(
+        self,
+        job: Job,
+        content: str,
+        post: Post[Ref],
+        edit: Callable[[Ref], Awaitable[None]],
+    ) -> None:
+        """Post the job's progress message once, then ``edit`` it (throttled)."""
+        async with self._lock(job.id):
+            if job.id not in self.refs:
+                known = job.destination.get(self.key)
+                if known is None:
+                    await self._remember(job.id, await post(job.id, job.destination, content))
+                    return
+                self.refs[job.id] = self.parse(known)
+        ref = self.refs[job.id]
+        if ref is not None:
+            await self.edits.submit(job.id, lambda: edit(ref))
+
+    def gone(self, job_id: str) -> None:
+        """The job's progress message can no longer be edited: stop trying."""
+        self.refs[job_id] = None
+
+    async def finish(self, job: Job, close: Callable[[Ref], Awaitable[None]]) -> None:
+        """Forget the job's progress message, closing it with ``close`` first (best effort:
+        the result is already posted)."""
+        self.edits.forget(job.id)
+        self._locks.pop(job.id, None)
+        ref = self.refs.pop(job.id) if job.id in self.refs else job.destination.get(self.key)
+        if ref is None:
+            return
+        try:
+            await close(self.parse(ref))
+        except Exception:
+            log.warning("job %s: progress message not closed", job.id, exc_info=True)

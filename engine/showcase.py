@@ -213,6 +213,6 @@ def render_showcase(
         chunk = [p.prompt for p in prompts[start : start + batch]]
         images += draw(chunk, seed + start // batch)
     kind = "living thing" if is_living(class_noun) else "object"
-    title = f"{name} ({class_noun}, {kind}) — DreamBooth showcase · AI-generated"
+    title = f"{name} ({class_noun}, {kind}) · DreamBooth showcase · AI-generated"
     layout = showcase_layout(prompts, cell_side, title)
     return render_grid(layout, images), prompts

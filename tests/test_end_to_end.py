@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -273,6 +274,79 @@ async def test_cancelling_a_running_training_stops_it_and_writes_no_adapter(
                 p.step for j, _, p in sink.progress if j == receipt.job_id and p.phase == "training"
             ]
             assert max(steps) < 150
+    finally:
+        for worker, task in zip(workers, tasks, strict=True):
+            await stop_worker(worker, task)
+
+
+@pytest.fixture
+def two_model_settings(
+    tmp_path: Path, redis_clean: str, tiny_model_dir: Path, tiny_sdxl_dir: Path
+) -> Settings:
+    # As DREAMBOT_MODELS would say it; the first, sd, is the default.
+    return make_settings(
+        tmp_path / "data",
+        redis_clean,
+        models=f"sd={tiny_model_dir},xl={tiny_sdxl_dir}",
+        **FAST_TRAINING,
+    )
+
+
+def _native_size(model_dir: Path) -> int:
+    """A diffusers folder's native image side: UNet sample size × the VAE's scale factor."""
+    unet = json.loads((model_dir / "unet" / "config.json").read_text())
+    vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+async def test_a_subject_trained_on_the_sdxl_model_is_drawn_on_it(
+    two_model_settings: Settings, tiny_sdxl_dir: Path, sink: RecordingSink
+) -> None:
+    from engine.worker import engine_workers, load_resources
+
+    settings = two_model_settings
+    assert settings.model_names == ["sd", "xl"] and settings.base_model == "sd"
+    ctx = await load_resources(settings)
+    workers = engine_workers(settings, ctx, handle_signals=False)
+    tasks = [asyncio.create_task(run_worker_forever(w, w.queue_name)) for w in workers]
+    owner = Owner(TEST_PLATFORM, "guild-1", "user-5")
+    photos = [Upload(f"rex{i}.jpg", make_photo(i)) for i in range(3)]
+    try:
+        async with open_core(settings, TEST_PLATFORM) as runtime, delivering(runtime, sink):
+            core = runtime.core
+            receipt = await core.train(owner, {}, "rex", "dog", photos, model="xl")
+            trained = await sink.wait_for(receipt.job_id, within=120)
+            assert isinstance(trained, Delivery), trained
+            assert "rex is ready" in trained.text
+            subject = await runtime.store.find_subject(owner, "rex")
+            assert subject is not None and subject.status == "ready"
+            assert subject.base_model == "xl"
+
+            with_subject = await core.imagine(owner, {}, "a [V] dog on the beach", count=1, seed=5)
+            # A prompt without subjects is drawn on the workspace's default model: make it xl,
+            # so the comparison below differs only by the adapter.
+            moderator = Owner(owner.platform, owner.workspace, "mod")
+            assert "now xl" in await core.mod(moderator, True, "model xl")
+            without = await core.imagine(
+                owner, {}, f"a {subject.token} dog on the beach", count=1, seed=5
+            )
+            first = await sink.wait_for(with_subject.job_id, within=60)
+            second = await sink.wait_for(without.job_id, within=60)
+            assert isinstance(first, Delivery) and isinstance(second, Delivery)
+            assert len(first.image_urls) == len(second.image_urls) == 1
+            # Drawn on xl (the subject's model, not the default sd), at its native size.
+            side = _native_size(tiny_sdxl_dir)
+            for delivery in (first, second):
+                job = await runtime.store.get_job(delivery.job.id)
+                assert job is not None and job.status == "done"
+                assert _pixels(delivery.image_urls[0]).shape == (side, side, 3)
+                png = await core.artifacts.aget_bytes(delivery.image_urls[0])
+                assert read_png_metadata(png)["dreambot:model"] == "xl"
+            metadata = read_png_metadata(await core.artifacts.aget_bytes(first.image_urls[0]))
+            assert metadata["dreambot:subjects"] == subject.id and metadata["dreambot:seed"] == "5"
+            # Same seed and text: only the adapter differs, so the pixels must.
+            difference = np.abs(_pixels(first.image_urls[0]) - _pixels(second.image_urls[0]))
+            assert difference.mean() > 1.0
     finally:
         for worker, task in zip(workers, tasks, strict=True):
             await stop_worker(worker, task)

@@ -704,6 +704,20 @@ def mod_commands(adapter: DiscordAdapter) -> app_commands.Group:
     ) -> None:
         await adapter.mod(interaction, lambda m: m.blocked_attempts(count))
 
+    @mod.command(name="model", description="The base models; set this server's default")
+    @app_commands.describe(name="a configured model, or 'default' for the configured default")
+    async def model(interaction: Interaction, name: str | None = None) -> None:
+        await adapter.mod(interaction, lambda m: m.model(name))
+
+    @model.autocomplete("name")
+    async def model_name(interaction: Interaction, current: str) -> list[app_commands.Choice[str]]:
+        names = [*adapter.core.settings.model_names, "default"]
+        return [
+            app_commands.Choice(name=name, value=name)
+            for name in names
+            if current.lower() in name.lower()
+        ][:25]
+
     @quota.command(name="show", description="A member's usage and limits today")
     async def quota_show(interaction: Interaction, user: User) -> None:
         await adapter.mod(interaction, lambda m: m.quota_show(str(user.id), role_ids(user)))

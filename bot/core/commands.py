@@ -129,11 +129,15 @@ class Core:
         """Check and store the photos, record the subject and queue its training.
 
         ``roles`` are the caller's platform role ids, for role-based quota overrides.
-        ``model`` names one of the configured base models (default: the default one); the
-        subject is drawn on that model from then on.
+        ``model`` names one of the configured base models (default: the workspace's default
+        model if a moderator set one, else the configured default); the subject is drawn on
+        that model from then on.
         """
         await self.moderation.check_not_banned(owner)
-        base_model = self.base_model_named(model)
+        if model is None or not model.strip():
+            base_model = await self.default_model(owner.platform, owner.workspace)
+        else:
+            base_model = self.base_model_named(model)
         name, class_noun = name.strip(), " ".join(class_noun.lower().split())
         if not SUBJECT_NAME.match(name) or name.lower() == "v":
             raise UserError(
@@ -251,7 +255,9 @@ class Core:
             else ""
         )
         await self.moderation.check_prompt(owner, resolved.text, negative)
-        base_model = _common_base_model(resolved.subjects, self.settings.base_model)
+        base_model = _common_base_model(
+            resolved.subjects, await self.default_model(owner.platform, owner.workspace)
+        )
         await self._check_queue_space()
         limits = await self.quotas.limits(owner, roles)
         seed = random.SystemRandom().randrange(2**32) if seed is None else seed
@@ -538,8 +544,25 @@ class Core:
                     raise UserError(f"You already have a subject called {name}.") from None
         raise RuntimeError("could not allocate a unique subject token")
 
+    async def default_model(self, platform: str, workspace: str) -> str:
+        """The workspace's default base model: the one a moderator chose with /mod model if
+        it is still configured, else the configured default."""
+        chosen = (await self.store.workspace_settings(platform, workspace)).default_model
+        if chosen is not None and chosen in self.settings.model_names:
+            return chosen
+        if chosen is not None:
+            log.warning(
+                "workspace %s/%s's default model %r is no longer configured; using %r",
+                platform,
+                workspace,
+                chosen,
+                self.settings.base_model,
+            )
+        return self.settings.base_model
+
     def base_model_named(self, model: str | None) -> str:
-        """The configured base model ``model`` names (None or blank: the default one)."""
+        """The configured base model ``model`` names (None or blank: the configured default;
+        ``train`` and ``imagine`` use ``default_model`` for the workspace's own)."""
         names = self.settings.model_names
         if model is None or not model.strip():
             return self.settings.base_model

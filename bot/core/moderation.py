@@ -92,6 +92,8 @@ Moderator commands (every change is written to the audit log):
 /mod block defaults on|off           use the built-in list of blocked words
 /mod block reveal on|off             tell users which rule their prompt hit (default off)
 /mod blocked [n]                     the latest blocked prompts
+/mod model [name|default]            the base models; with a name, this workspace's default
+                                     (for /train without a model, and prompts without subjects)
 /mod quota show <user>               a user's usage and limits today
 /mod quota set <who> <what> <n|default>
                                      who: a user, role:<id>, or workspace;
@@ -467,6 +469,47 @@ class Moderator:
             return "No prompts have been blocked here."
         return "\n".join(["Latest blocked prompts:", *map(_attempt_line, attempts)])
 
+    # The workspace's default base model.
+
+    async def model(self, name: str | None = None) -> str:
+        """Without ``name``: the configured base models and the workspace's default. With a
+        name: make that configured model the workspace's default (``default`` clears it)."""
+        core = self.moderation.core
+        platform, workspace = self.owner.platform, self.owner.workspace
+        configured = core.settings.base_model
+        if name is None or not name.strip():
+            chosen = (await self.store.workspace_settings(platform, workspace)).default_model
+            current = await core.default_model(platform, workspace)
+            lines = ["Base models (configured default first):"]
+            lines += [
+                f"  {model}{'  ← this workspace' if model == current else ''}"
+                for model in core.settings.model_names
+            ]
+            if chosen is None:
+                lines.append(f"This workspace uses the configured default, {configured}.")
+            elif chosen != current:
+                lines.append(
+                    f"This workspace chose {chosen}, which is no longer configured, so it "
+                    f"uses {configured}."
+                )
+            else:
+                lines.append(f"This workspace's default is {current} (set by a moderator).")
+            lines.append("Change it with /mod model <name> (or /mod model default).")
+            return "\n".join(lines)
+        wanted = name.strip()
+        if wanted.lower() in ("default", "reset", "-"):
+            await self.store.set_workspace_model(platform, workspace, None, self.owner.user_id)
+            await self._audit("model", detail=f"default ({configured})")
+            return f"This workspace now uses the configured default model, {configured}."
+        model = core.base_model_named(wanted)  # refuses a name that isn't configured
+        await self.store.set_workspace_model(platform, workspace, model, self.owner.user_id)
+        await self._audit("model", detail=model)
+        return (
+            f"This workspace's default model is now {model}: /train without a model trains "
+            "on it, and prompts without subjects are drawn on it. Existing subjects keep "
+            "their own model."
+        )
+
     # Quotas.
 
     async def quota_show(self, user_id: str, roles: Sequence[str] = ()) -> str:
@@ -748,6 +791,10 @@ async def _dispatch(mod: Moderator, text: str) -> str:
         raise UserError("Usage: /mod block list|add|add-regex|remove|defaults|reveal …")
     if command == "blocked":
         return await mod.blocked_attempts(_count(words, 10))
+    if command == "model":
+        if len(words) > 1:
+            raise UserError("Usage: /mod model [name|default]")
+        return await mod.model(words[0] if words else None)
     if command == "quota":
         sub = words.pop(0).lower() if words else "list"
         if sub == "show":

@@ -131,11 +131,13 @@ class Ban:
 
 @dataclass(frozen=True)
 class WorkspaceSettings:
-    """A workspace's moderation switches."""
+    """A workspace's moderation switches and its default base model."""
 
     use_default_rules: bool = True
     reveal_blocked_rule: bool = False
     rules_version: int = 0
+    default_model: str | None = None
+    """The workspace's default base model (a configured name); None: the configured default."""
 
 
 @dataclass(frozen=True)
@@ -654,16 +656,31 @@ class Store:
     # Blocked-prompt rules.
 
     async def workspace_settings(self, platform: str, workspace: str) -> WorkspaceSettings:
-        """A workspace's moderation switches (the defaults if never changed)."""
+        """A workspace's moderation switches and default model (the defaults if never set)."""
         async with self.db.execute(
-            "SELECT use_default_rules, reveal_blocked_rule, rules_version FROM workspace_settings"
-            " WHERE platform = ? AND workspace = ?",
+            "SELECT use_default_rules, reveal_blocked_rule, rules_version, default_model"
+            " FROM workspace_settings WHERE platform = ? AND workspace = ?",
             (platform, workspace),
         ) as cur:
             row = await cur.fetchone()
         if row is None:
             return WorkspaceSettings()
-        return WorkspaceSettings(bool(row[0]), bool(row[1]), row[2])
+        return WorkspaceSettings(bool(row[0]), bool(row[1]), row[2], row[3])
+
+    async def set_workspace_model(
+        self, platform: str, workspace: str, model: str | None, updated_by: str
+    ) -> None:
+        """Set (or with None, clear) a workspace's default base model.
+
+        The rules version is left alone: the prompt filter does not depend on the model.
+        """
+        await self._write(
+            "INSERT INTO workspace_settings (platform, workspace, default_model, updated_by,"
+            " updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
+            " default_model = excluded.default_model, updated_by = excluded.updated_by,"
+            " updated_at = excluded.updated_at",
+            (platform, workspace, model, updated_by, utcnow()),
+        )
 
     async def set_workspace_switch(
         self,

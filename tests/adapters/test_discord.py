@@ -308,8 +308,8 @@ async def test_commands_are_synced_to_the_dev_guild_when_one_is_set(
     assert commands["mod"]["contexts"] == [0]  # guild only
     mod_options = {o["name"]: o for o in commands["mod"]["options"]}
     assert set(mod_options) == {
-        "help", "block", "blocked", "quota", "ban", "unban", "bans", "queue", "cancel",
-        "subjects", "delete-subject", "log",
+        "help", "block", "blocked", "model", "quota", "ban", "unban", "bans", "queue",
+        "cancel", "subjects", "delete-subject", "log",
     }  # fmt: skip
     assert [o["name"] for o in mod_options["block"]["options"]] == [
         "list", "add", "add-regex", "remove", "defaults", "reveal",

@@ -141,6 +141,37 @@ async def test_unreachable_redis_is_reported_and_nothing_is_kept(
     assert await _job_count(runtime) == 0
 
 
+async def test_a_queue_failure_after_the_job_is_queued_keeps_the_job(
+    runtime: BotRuntime, owner: Owner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The queue drops right after taking the job: the user must not hear "nothing was
+    # queued" while the engine goes on to run it, and its row and units must stay.
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    enqueue_job = runtime.queue.enqueue_job
+    zcard = runtime.queue.zcard
+    taken: list[str] = []
+
+    async def enqueue_then_drop(*args: object, **kwargs: object) -> object:
+        job = await enqueue_job(*args, **kwargs)
+        taken.append(str(kwargs["_job_id"]))
+        return job
+
+    async def zcard_while_up(name: str) -> int:
+        if taken:
+            raise RedisConnectionError("connection lost")
+        return int(await zcard(name))
+
+    monkeypatch.setattr(runtime.queue, "enqueue_job", enqueue_then_drop)
+    monkeypatch.setattr(runtime.queue, "zcard", zcard_while_up)
+    receipt = await runtime.core.imagine(owner, DEST, "a cat", count=1)
+
+    assert taken == [receipt.job_id]
+    assert "queued (position 1)" in receipt.text
+    assert await runtime.store.get_job(receipt.job_id) is not None
+    assert (await runtime.store.usage(owner)).images == 1
+
+
 async def test_forget_deletes_the_subject_and_its_files(runtime: BotRuntime, owner: Owner) -> None:
     await runtime.core.train(owner, DEST, "rex", "dog", _photos(3))
     subject = await runtime.store.find_subject(owner, "rex")

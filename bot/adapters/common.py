@@ -37,9 +37,15 @@ async def command_reply(work: Callable[[], Awaitable[str]], what: str) -> str:
     except UserError as exc:
         return exc.message
     except Exception:
-        ref = uuid.uuid4().hex[:8]
-        log.exception("%s failed (ref %s)", what, ref)
-        return f"Sorry, something went wrong on my side (ref {ref}). Try again in a minute."
+        return apology(what)
+
+
+def apology(what: str) -> str:
+    """Log the exception being handled as ``what`` with a fresh reference, and return the
+    short apology carrying that reference which the user sees instead of a traceback."""
+    ref = uuid.uuid4().hex[:8]
+    log.exception("%s failed (ref %s)", what, ref)
+    return f"Sorry, something went wrong on my side (ref {ref}). Try again in a minute."
 
 
 async def result_files(
@@ -48,8 +54,10 @@ async def result_files(
     """A result's images as (file name, bytes), and the generation job whose Reroll / Vary /
     Upscale buttons go under them (None for a training or a showcase grid)."""
     job = delivery.job
+    contents = await asyncio.gather(*(artifacts.aget_bytes(url) for url in delivery.image_urls))
     files = [
-        (url.rsplit("/", 1)[-1], await artifacts.aget_bytes(url)) for url in delivery.image_urls
+        (url.rsplit("/", 1)[-1], data)
+        for url, data in zip(delivery.image_urls, contents, strict=True)
     ]
     # A showcase grid can't be rerolled or varied (the core says so); no buttons for it.
     redo = job.kind == "generate" and files and not job.options.get("showcase")

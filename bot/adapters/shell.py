@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
+from bot.adapters.common import apology
 from bot.adapters.options import parse_imagine, queue_imagine, split_options
 from bot.core.commands import Core
 from bot.core.delivery import Delivery
@@ -38,6 +39,15 @@ def _read_lines(
     for line in stream:
         loop.call_soon_threadsafe(queue.put_nowait, line)
     loop.call_soon_threadsafe(queue.put_nowait, None)
+
+
+def _write_file(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+
+
+def _unreadable(path: Path, exc: OSError) -> UserError:
+    return UserError(f"I can't read {path}: {exc.strerror or exc}.")
 
 
 class ShellAdapter:
@@ -123,8 +133,8 @@ class ShellAdapter:
         if path is not None:
             return path
         target = self.downloads / url.rsplit("/", 2)[-2] / url.rsplit("/", 1)[-1]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(await self.core.artifacts.aget_bytes(url))
+        data = await self.core.artifacts.aget_bytes(url)
+        await asyncio.to_thread(_write_file, target, data)
         return target
 
     # Input.
@@ -195,6 +205,9 @@ class ShellAdapter:
                 self.say(f"Unknown command {command!r}. Type /help for the list.")
         except UserError as exc:
             self.say(f"✗ {exc.message}")
+        except Exception:
+            # One failed command must not end the session (or a script) with a traceback.
+            self.say(f"✗ {apology(f'shell {command}')}")
 
     async def _mod(self, rest: str) -> None:
         if rest.strip().lower() in ("", "help") and self.is_moderator:
@@ -227,7 +240,11 @@ class ShellAdapter:
         files: list[Path] = []
         for path in (p.expanduser() for p in paths):
             if path.is_dir():
-                files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                try:
+                    found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                except OSError as exc:
+                    raise _unreadable(path, exc) from exc
+                files += found
             elif path.is_file():
                 files.append(path)
             else:
@@ -235,9 +252,12 @@ class ShellAdapter:
         limit = self.core.photo_rules.max_bytes
         uploads = []
         for file in files:
-            with file.open("rb") as fh:
-                # Read one byte past the limit: enough to tell it is too big, never more.
-                uploads.append(Upload(file.name, fh.read(limit + 1)))
+            try:
+                with file.open("rb") as fh:
+                    # Read one byte past the limit: enough to tell it is too big, never more.
+                    uploads.append(Upload(file.name, fh.read(limit + 1)))
+            except OSError as exc:
+                raise _unreadable(file, exc) from exc
         return uploads
 
     async def _imagine(self, rest: str) -> None:

@@ -643,8 +643,11 @@ class Core:
     async def _enqueue(self, function: str, job_id: str, payload: dict[str, Any]) -> int:
         queue = ENGINE_QUEUES[function]
         try:
+            # Counted before queueing: once the job is in, no failure may tell the user
+            # "nothing was queued" (and make the caller delete the job's row and refund it).
+            ahead = int(await self.queue.zcard(queue))
             await self.queue.enqueue_job(function, payload, _job_id=job_id, _queue_name=queue)
-            return int(await self.queue.zcard(queue))
+            return ahead + 1
         except (RedisError, OSError) as exc:
             log.exception("enqueue of job %s failed", job_id)
             raise _queue_down() from exc

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
+
+import pytest
 
 from bot.adapters.shell import ShellAdapter
 from bot.core.delivery import Delivery
@@ -69,3 +72,37 @@ async def test_train_with_an_unknown_model_is_refused_and_queues_nothing(
 
     assert said.startswith("✗ There is no model called 'sdxl'. Models: tiny")
     assert await queued(runtime.queue) == 0
+
+
+async def test_an_unreadable_photo_is_a_message_not_a_traceback(
+    runtime: BotRuntime, tmp_path: Path
+) -> None:
+    for i in range(3):
+        (tmp_path / f"p{i}.jpg").write_bytes(make_photo(i))
+    (tmp_path / "p1.jpg").unlink()
+    (tmp_path / "p1.jpg").mkdir()  # open() refuses it, as it would a file without permission
+    out = io.StringIO()
+    shell = ShellAdapter(runtime.core, "tester", out=out)
+    await shell.handle(f"/train rex dog {tmp_path}")
+
+    assert out.getvalue().startswith(f"✗ I can't read {tmp_path / 'p1.jpg'}")
+    assert await queued(runtime.queue) == 0
+
+
+async def test_an_unexpected_error_is_an_apology_and_the_shell_goes_on(
+    runtime: BotRuntime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(owner: Owner) -> str:
+        raise RuntimeError("database on fire")
+
+    monkeypatch.setattr(runtime.core, "subjects_text", broken)
+    out = io.StringIO()
+    shell = ShellAdapter(runtime.core, "tester", out=out)
+    with caplog.at_level(logging.ERROR):
+        await shell.handle("/subjects")
+    await shell.handle("/help")
+
+    said = out.getvalue()
+    assert said.startswith("✗ Sorry, something went wrong on my side (ref ")
+    assert "dreambot teaches an image model" in said
+    assert "database on fire" in caplog.text

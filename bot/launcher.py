@@ -36,9 +36,8 @@ async def open_core(settings: Settings, platform: str) -> AsyncIterator[BotRunti
     """Open the store (migrating it) and the queue, and build the core for ``platform``."""
     store = await Store.open(settings.database_file)
     try:
-        queue = await create_pool(
-            redis_settings(settings.redis_url), default_queue_name=f"dreambot:{platform}"
-        )
+        # Every enqueue names its queue (engine.api), so the pool needs no default one.
+        queue = await create_pool(redis_settings(settings.redis_url))
     except BaseException:
         await store.close()
         raise

@@ -23,7 +23,7 @@ from bot.config import Settings
 from bot.core.errors import UserError
 from bot.core.moderation import Moderation
 from bot.core.photos import PhotoRules, Upload, prepare_photos
-from bot.core.prompts import SUBJECT_REF, resolve_prompt
+from bot.core.prompts import SUBJECT_REF, active_subject, resolve_prompt
 from bot.core.quotas import Limits, Quotas, check_allowance
 from bot.core.store import Owner, Store, Subject, utcnow
 from bot.core.tokens import pick_token
@@ -462,10 +462,10 @@ class Core:
         subjects = await self.list_subjects(owner)
         if not subjects:
             return "You have no subjects yet. Train one: `/train <name> <class> <photos…>`."
-        ready = [s for s in subjects if s.status == "ready"]
+        active = active_subject(subjects)
         lines = ["Your subjects:"]
         for subject in subjects:
-            marker = "  ← [V]" if ready and subject is ready[0] else ""
+            marker = "  ← [V]" if subject is active else ""
             detail = f" ({subject.error})" if subject.status == "failed" and subject.error else ""
             lines.append(
                 f"  {subject.name}: {subject.class_noun}, {subject.status}{detail}, "
@@ -655,10 +655,10 @@ class Core:
 
 def _pin_active(prompt: str, subjects: Sequence[Subject]) -> str:
     """``prompt`` with ``[V]`` replaced by ``[name]`` of the subject it means now."""
-    ready = [s for s in subjects if s.status == "ready"]
-    if not ready:
+    active = active_subject(subjects)
+    if active is None:
         return prompt
-    return _ACTIVE_REF.sub(f"[{ready[0].name}]", prompt)
+    return _ACTIVE_REF.sub(f"[{active.name}]", prompt)
 
 
 def _common_base_model(subjects: Sequence[Subject], default: str) -> str:

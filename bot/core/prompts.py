@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bot.core.errors import UserError
@@ -18,6 +19,11 @@ class ResolvedPrompt:
 
     text: str
     subjects: list[Subject]
+
+
+def active_subject(subjects: Sequence[Subject]) -> Subject | None:
+    """The subject ``[V]`` means: the caller's newest ready one (``subjects`` newest first)."""
+    return next((s for s in subjects if s.status == "ready"), None)
 
 
 def _format_names(subjects: list[Subject]) -> str:
@@ -38,9 +44,9 @@ def resolve_prompt(prompt: str, subjects: list[Subject], *, max_chars: int) -> R
 
     def lookup(ref: str) -> Subject:
         if ref.lower() == ACTIVE:
-            ready = [s for s in subjects if s.status == "ready"]
-            if ready:
-                return ready[0]
+            active = active_subject(subjects)
+            if active is not None:
+                return active
             if subjects:
                 raise UserError(
                     f"Your subject {subjects[0].name} is still {subjects[0].status}; "

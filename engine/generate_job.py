@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -26,7 +26,9 @@ from engine.reporting import (
 )
 from engine.showcase import render_showcase
 
-MAX_STEPS = 150
+if TYPE_CHECKING:
+    from engine.generation import Generator
+
 MAX_SIDE = 2048
 
 
@@ -42,6 +44,12 @@ async def fetch_adapters(
         path = await asyncio.to_thread(artifacts.fetch_local, url, ctx["cache_dir"])
         local.append((name, path, scale))
     return local
+
+
+def _generator(ctx: dict[str, Any], model: str | None) -> Generator:
+    """The warm generator of base model ``model``, or of the engine's default model."""
+    generator: Generator = ctx["generators"][model] if model else ctx["generator"]
+    return generator
 
 
 def draw(
@@ -65,7 +73,7 @@ def draw(
 ) -> list[Image.Image]:
     """Generate ``count`` images (per prompt) as one batch on the warm pipeline of base model
     ``model`` (default: the engine's default model) (blocking)."""
-    generator = ctx["generators"][model] if model else ctx["generator"]
+    generator = _generator(ctx, model)
     images: list[Image.Image] = generator.generate(
         prompt,
         negative_prompt=negative,
@@ -277,7 +285,7 @@ async def render_showcase_grid(
     (default: the engine's default model).
     """
     settings: Settings = ctx["settings"]
-    generator = ctx["generators"][model] if model else ctx["generator"]
+    generator = _generator(ctx, model)
     adapters = await fetch_adapters(ctx, [(subject_id, adapter_url, scale)])
     batches = 2
     done = 0

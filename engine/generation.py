@@ -60,9 +60,12 @@ class _StepHook:
         progress: Callable[[int, int], None] | None,
         preview: PreviewSink | None,
         preview_every: float,
+        family: str,
     ) -> None:
         self.total, self.progress, self.preview = total, progress, preview
         self.preview_every = preview_every
+        self.family = family
+        """Which latent-to-RGB factors the previews use (``engine.previews.LATENT_RGB``)."""
         self._last_preview = time.monotonic()  # the first preview after one interval
 
     def __call__(
@@ -79,7 +82,8 @@ class _StepHook:
             and "latents" in kwargs
         ):
             self._last_preview = now
-            self.preview(step, self.total, latents_to_preview(kwargs["latents"][0]))
+            image = latents_to_preview(kwargs["latents"][0], self.family)
+            self.preview(step, self.total, image)
         return {}  # diffusers merges the returned tensors back; we change nothing
 
 
@@ -125,9 +129,11 @@ class Generator:
             # Same loop, two text encoders; our PNG writer watermarks (optionally) instead.
             text2img, img2img = StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline
             components["add_watermarker"] = False
+            self._latent_family = "sdxl"
         else:
             text2img, img2img = StableDiffusionPipeline, StableDiffusionImg2ImgPipeline
             components["requires_safety_checker"] = False
+            self._latent_family = "sd"
         self._pipe = text2img(**components)
         self._pipe.set_progress_bar_config(disable=True)
         # img2img (Vary, Upscale) on the very same modules and scheduler.
@@ -204,7 +210,7 @@ class Generator:
         }
         if init_image is None:
             total = steps
-            hook = _StepHook(total, progress, preview, preview_every)
+            hook = _StepHook(total, progress, preview, preview_every, self._latent_family)
             result = self._pipe(**common, width=width, height=height, callback_on_step_end=hook)
         else:
             # diffusers runs int(steps * strength) of the schedule's last steps.
@@ -212,7 +218,7 @@ class Generator:
             if total < 1:
                 raise ValueError("init_strength × steps must be at least 1")
             start = init_image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-            hook = _StepHook(total, progress, preview, preview_every)
+            hook = _StepHook(total, progress, preview, preview_every, self._latent_family)
             result = self._img2img(
                 **common,
                 image=[start] * (len(prompts) * count),

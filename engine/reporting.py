@@ -53,6 +53,7 @@ class ProgressReporter:
         self._last_sent = 0.0
         self._phase = ""
         self._phase_started = time.monotonic()
+        self._phase_first_step = 0
 
     def __call__(
         self,
@@ -64,16 +65,24 @@ class ProgressReporter:
     ) -> None:
         """Report ``step`` of ``total`` in ``phase``; sent at most every ``interval`` seconds,
         and always at a phase change, the last step, or with a preview (throttled by its
-        maker)."""
+        maker).
+
+        The ETA extrapolates the pace of the steps taken since the phase's first report, so a
+        phase that starts part-way (a training resumed from its checkpoint) is not credited
+        with steps it did not time.
+        """
         now = time.monotonic()
         with self._lock:
             if phase != self._phase:
-                self._phase, self._phase_started = phase, now
+                self._phase, self._phase_started, self._phase_first_step = phase, now, step
             elif step < total and now - self._last_sent < self.interval and not preview_url:
                 return
             eta = None
-            if total and step:
-                eta = (now - self._phase_started) / step * (total - step)
+            timed = step - self._phase_first_step
+            if total and step >= total:
+                eta = 0.0
+            elif total and timed > 0:
+                eta = (now - self._phase_started) / timed * (total - step)
             self._last_sent = now
             self._sent += 1
             progress = Progress(

@@ -59,6 +59,11 @@ def _png(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
+async def _open_all(images: list[bytes]) -> list[Image.Image]:
+    # Decoding dozens of photos or priors would stall the loop that renews the job's lease.
+    return await asyncio.to_thread(list, map(open_rgb, images))
+
+
 async def class_images(
     ctx: dict[str, Any],
     model: ServedModel,
@@ -82,10 +87,19 @@ async def class_images(
     marker = f"{folder}/complete.json"
     if await asyncio.to_thread(artifacts.exists, marker):
         urls = [u for u in await asyncio.to_thread(artifacts.list, folder) if u.endswith(".png")]
-        return [open_rgb(await artifacts.aget_bytes(u)) for u in urls]
+        return await _open_all([await artifacts.aget_bytes(u) for u in urls])
+
+    gpu = ctx["gpu"]
+
+    def after_batch(done: int, total: int) -> None:
+        report("class-priors", done, total)
+        # Drawing the priors can take minutes: between batches, let waiting generations use
+        # the GPU and stop if the job was cancelled, as between chunks of training steps.
+        gpu.yield_to_generations()
+        watch.raise_if_cancelled()
 
     def work() -> list[Image.Image]:
-        with ctx["gpu"].training():
+        with gpu.training():
             watch.raise_if_cancelled()
             images: list[Image.Image] = generate_class_images(
                 model.pipe,
@@ -94,13 +108,13 @@ async def class_images(
                 resolution,
                 seed=0,
                 steps=settings.generate_steps,
-                progress=lambda step, total: report("class-priors", step, total),
+                progress=after_batch,
             )
             return images
 
     images: list[Image.Image] = await run_in_thread(watch, work)
     for i, image in enumerate(images):
-        await artifacts.aput_bytes(f"{folder}/{i:04d}.png", _png(image))
+        await artifacts.aput_bytes(f"{folder}/{i:04d}.png", await asyncio.to_thread(_png, image))
     # The marker goes last: a crash halfway leaves no "complete" cache behind.
     await artifacts.aput_bytes(marker, json.dumps({"class": class_noun, "count": count}).encode())
     return images
@@ -147,7 +161,7 @@ async def _train_adapter(
 
     settings: Settings = ctx["settings"]
     artifacts: ArtifactStore = ctx["artifacts"]
-    photos = [open_rgb(data) for data in photo_bytes]
+    photos = await _open_all(photo_bytes)
     resolution = cfg.resolution or native_resolution(model.pipe)
     priors: list[Image.Image] = []
     if cfg.prior_loss_weight > 0 and cfg.class_images > 0:
@@ -254,7 +268,8 @@ async def _train(
     )
     report("loading", 0, len(request.photo_urls))
     photo_bytes = [await artifacts.aget_bytes(u) for u in request.photo_urls]
-    key = fingerprint(
+    key = await asyncio.to_thread(
+        fingerprint,
         photo_bytes,
         {
             "recipe_version": RECIPE_VERSION,

@@ -15,6 +15,7 @@ from arq.connections import RedisSettings
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
+import engine.generation
 from engine.api import GenerateRequest, GenerateResult, TrainRequest
 from engine.artifacts import ArtifactStore, local_path
 from engine.generate_job import generate
@@ -62,6 +63,29 @@ def test_sdxl_prompts_give_both_encoders_features_and_a_pooled_embedding(
 
     assert embeds.shape == (1, 77, 32 + 64)
     assert pooled is not None and pooled.shape == (1, 32)
+
+
+def test_sdxl_previews_use_the_sdxl_latent_colours(
+    sdxl_pipe: StableDiffusionXLPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    families: list[str] = []
+    to_preview = engine.generation.latents_to_preview
+
+    def recording(latents: Any, family: str = "sd", **kwargs: Any) -> Image.Image:
+        families.append(family)
+        return to_preview(latents, family, **kwargs)
+
+    monkeypatch.setattr(engine.generation, "latents_to_preview", recording)
+    Generator(sdxl_pipe).generate(
+        "a photo of a dog",
+        count=1,
+        seed=0,
+        steps=2,
+        preview=lambda step, total, image: None,
+        preview_every=0.0,
+    )
+
+    assert families == ["sdxl"]  # SD 1.x factors would give the SDXL latents wrong colours
 
 
 def test_sdxl_model_trains_and_its_adapter_changes_the_images(

@@ -10,9 +10,11 @@ import pytest
 from arq import create_pool
 from arq.connections import RedisSettings
 
+import engine.train_job
 import engine.training
 from engine.api import TrainRequest
 from engine.artifacts import ArtifactStore, local_path
+from engine.reporting import CancelWatch
 from engine.train_job import train_subject
 from tests.conftest import make_photo, make_settings
 
@@ -106,3 +108,37 @@ async def test_a_retry_after_the_adapter_was_written_trains_nothing_and_answers_
     assert adapter.stat().st_mtime_ns == written
     answers = await engine_ctx["redis"].zrange(REPLY_QUEUE, 0, -1)
     assert [a for a in answers if a.endswith(b":deliver_result")] == [b"job-rex:deliver_result"]
+
+
+async def test_a_cancel_while_class_images_are_drawn_stops_after_the_current_batch(
+    engine_ctx: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine_ctx["settings"] = engine_ctx["settings"].model_copy(update={"class_images": 8})
+    watches: list[CancelWatch] = []
+
+    class RecordedWatch(CancelWatch):
+        def __init__(self) -> None:
+            super().__init__()
+            watches.append(self)
+
+    batches: list[int] = []
+    draw_class_images = engine.training.generate_class_images
+
+    def cancelled_after_one_batch(*args: Any, progress: Any, **kwargs: Any) -> Any:
+        def on_batch(done: int, total: int) -> None:
+            batches.append(done)
+            watches[0].event.set()  # a moderator cancels while the priors are drawn
+            progress(done, total)
+
+        return draw_class_images(*args, progress=on_batch, **kwargs)
+
+    monkeypatch.setattr(engine.train_job, "CancelWatch", RecordedWatch)
+    monkeypatch.setattr(engine.training, "generate_class_images", cancelled_after_one_batch)
+    request = train_request(engine_ctx, "rex")
+
+    assert await train_subject(engine_ctx, request.model_dump()) is None
+    assert batches == [4]  # of 8 class images, drawn 4 at a time
+    answers = await engine_ctx["redis"].zrange(REPLY_QUEUE, 0, -1)
+    assert [a for a in answers if b":deliver_" in a] == [b"job-rex:deliver_failure"]
+    priors = local_path(engine_ctx["artifacts"].url("priors"))
+    assert priors is not None and not list(priors.rglob("complete.json"))

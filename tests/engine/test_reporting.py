@@ -1,0 +1,67 @@
+"""The engine's progress reports: what the ETA a user sees is based on."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+import engine.reporting
+from engine.reporting import ProgressReporter
+
+
+class RecordingRedis:
+    """Keeps the progress payloads a reporter enqueues (the ETA is what is under test)."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    async def enqueue_job(self, function: str, payload: dict[str, Any], **_: Any) -> None:
+        self.sent.append(payload)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def reporter_with_clock(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Clock, RecordingRedis]:
+    clock = Clock()
+    monkeypatch.setattr(engine.reporting.time, "monotonic", clock)
+    redis = RecordingRedis()
+    reporter = ProgressReporter(
+        redis,  # type: ignore[arg-type]
+        asyncio.get_running_loop(),
+        "bot:test",
+        "job-1",
+        interval=0,
+    )
+    return reporter, clock, redis
+
+
+async def test_eta_of_a_resumed_training_counts_only_the_steps_it_timed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    report, clock, redis = await reporter_with_clock(monkeypatch)
+    report("training", 300, 400)  # resumed from a checkpoint after step 300
+    clock.now += 10.0
+    report("training", 310, 400)  # ten steps in ten seconds: 90 to go, 90 seconds
+    await asyncio.sleep(0)
+    assert redis.sent[0]["eta_seconds"] is None
+    assert redis.sent[1]["eta_seconds"] == pytest.approx(90.0)
+
+
+async def test_eta_of_a_phase_is_unknown_until_a_step_was_timed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    report, clock, redis = await reporter_with_clock(monkeypatch)
+    report("generating", 1, 25)
+    clock.now += 2.0
+    report("generating", 3, 25)  # two steps in two seconds
+    await asyncio.sleep(0)
+    assert redis.sent[0]["eta_seconds"] is None
+    assert redis.sent[1]["eta_seconds"] == pytest.approx(22.0)

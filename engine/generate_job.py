@@ -17,6 +17,7 @@ from engine.aspects import aspect_size
 from engine.images import encode_png, open_rgb
 from engine.previews import encode_preview
 from engine.reporting import (
+    TIME_LIMIT_MARGIN,
     CancelWatch,
     EngineError,
     ProgressReporter,
@@ -25,6 +26,9 @@ from engine.reporting import (
     run_in_thread,
 )
 from engine.showcase import render_showcase
+
+GENERATE_JOB_TIMEOUT = 600
+"""arq's timeout for generation jobs, seconds (a batch waits for the GPU, then draws)."""
 
 if TYPE_CHECKING:
     from engine.generation import Generator
@@ -237,7 +241,9 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
         )
         return _result(request, urls, images[0].size, steps, started)
 
-    return await answer_job(ctx["redis"], request, work)
+    return await answer_job(
+        ctx["redis"], request, work, time_limit=GENERATE_JOB_TIMEOUT - TIME_LIMIT_MARGIN
+    )
 
 
 def _result(
@@ -369,4 +375,6 @@ async def showcase(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
             )
         return _result(request, [url], size, steps, started)
 
-    return await answer_job(ctx["redis"], request, work)
+    return await answer_job(
+        ctx["redis"], request, work, time_limit=GENERATE_JOB_TIMEOUT - TIME_LIMIT_MARGIN
+    )

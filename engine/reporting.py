@@ -165,19 +165,36 @@ def job_reporter(ctx: dict[str, Any], request: JobRequest) -> ProgressReporter:
     )
 
 
+TIME_LIMIT_MARGIN = 15.0
+"""Seconds before arq's job timeout at which a job stops itself and answers (see answer_job)."""
+
+
 async def answer_job(
     redis: ArqRedis,
     request: JobRequest,
     work: Callable[[], Awaitable[BaseModel]],
     on_failure: Callable[[], Awaitable[None]] | None = None,
+    *,
+    time_limit: float | None = None,
 ) -> dict[str, Any] | None:
     """Run a job's work and answer the bot with its result, or with a ``Failure`` (then run
     ``on_failure``). Return what arq stores as the job's result: the result's dict, or None.
 
     An abort by arq (``asyncio.CancelledError``) is not answered: the bot has told the owner.
+    ``time_limit`` should end the work a little before arq's own job timeout: arq's timeout
+    arrives as a cancellation that would go unanswered (and arq does not retry it), while
+    this one is answered with a ``Failure`` the user can read.
     """
     try:
-        result = await work()
+        try:
+            async with asyncio.timeout(time_limit):
+                result = await work()
+        except TimeoutError as exc:
+            minutes = (time_limit or 0) / 60
+            raise EngineError(
+                f"it ran longer than the engine's limit of {minutes:.0f} minutes and was "
+                "stopped. Try fewer steps or images, or ask a moderator to raise the limit."
+            ) from exc
     except Exception as exc:
         await send_failure(redis, request.reply_queue, request.job_id, exc)
         if on_failure is not None:

@@ -22,6 +22,7 @@ from engine.artifacts import ArtifactStore
 from engine.generate_job import render_showcase_grid
 from engine.images import open_rgb
 from engine.reporting import (
+    TIME_LIMIT_MARGIN,
     CancelWatch,
     JobCancelled,
     ProgressReporter,
@@ -135,7 +136,13 @@ async def train_subject(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[st
         # checkpoint could never be resumed.
         await ctx["artifacts"].adelete_tree(checkpoint_url(request))
 
-    return await answer_job(ctx["redis"], request, work, on_failure=forget_checkpoint)
+    return await answer_job(
+        ctx["redis"],
+        request,
+        work,
+        on_failure=forget_checkpoint,
+        time_limit=ctx["settings"].job_timeout - TIME_LIMIT_MARGIN,
+    )
 
 
 def checkpoint_url(request: TrainRequest) -> str:

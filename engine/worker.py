@@ -26,7 +26,7 @@ from bot.config import TINY_MODEL, TINY_SDXL_MODEL, ConfigError, Settings, load_
 from bot.connections import redis_settings, run_worker_forever
 from engine.api import GENERATE_QUEUE, TRAIN_QUEUE
 from engine.artifacts import ArtifactStore
-from engine.generate_job import generate, showcase
+from engine.generate_job import GENERATE_JOB_TIMEOUT, generate, showcase
 from engine.gpu import GpuScheduler
 from engine.train_job import train_subject
 
@@ -176,7 +176,7 @@ class GenerateWorkerSettings:
     on_job_end = release_lease
     # Several may wait for the GPU at once; each runs as one batch when its turn comes.
     max_jobs = 4
-    job_timeout = 600
+    job_timeout = GENERATE_JOB_TIMEOUT
     keep_result = 3600
     max_tries = 3
     poll_delay = 0.1

@@ -65,3 +65,40 @@ async def test_eta_of_a_phase_is_unknown_until_a_step_was_timed(
     await asyncio.sleep(0)
     assert redis.sent[0]["eta_seconds"] is None
     assert redis.sent[1]["eta_seconds"] == pytest.approx(22.0)
+
+
+async def test_a_job_past_its_time_limit_is_answered_with_a_failure() -> None:
+    from pydantic import BaseModel
+
+    from engine.api import DELIVER_FAILURE
+    from engine.reporting import answer_job
+
+    class Request(BaseModel):
+        job_id: str = "job-2"
+        reply_queue: str = "bot:test"
+
+    class Sent(RecordingRedis):
+        async def enqueue_job(self, function: str, payload: dict[str, Any], **_: Any) -> None:
+            self.sent.append({"function": function, **payload})
+
+    async def slow() -> BaseModel:
+        await asyncio.sleep(30)
+        raise AssertionError("the time limit should have stopped this")
+
+    failed: list[bool] = []
+
+    async def on_failure() -> None:
+        failed.append(True)
+
+    redis = Sent()
+    answer = await answer_job(
+        redis,  # type: ignore[arg-type]
+        Request(),  # type: ignore[arg-type]
+        slow,
+        on_failure,
+        time_limit=0.1,
+    )
+    assert answer is None and failed == [True]
+    [sent] = redis.sent
+    assert sent["function"] == DELIVER_FAILURE and sent["job_id"] == "job-2"
+    assert "ran longer than the engine's limit" in sent["message"]

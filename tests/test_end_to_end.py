@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,6 +39,21 @@ FAST_TRAINING = {
 }
 
 
+@contextlib.asynccontextmanager
+async def running_engine(settings: Settings) -> AsyncIterator[tuple[dict[str, Any], list[Worker]]]:
+    """The engine's workers running in this event loop (as `dreambot engine` runs them)."""
+    from engine.worker import engine_workers, load_resources
+
+    ctx = await load_resources(settings)
+    workers = engine_workers(settings, ctx, handle_signals=False)
+    tasks = [asyncio.create_task(run_worker_forever(w, w.queue_name)) for w in workers]
+    try:
+        yield ctx, workers
+    finally:
+        for worker, task in zip(workers, tasks, strict=True):
+            await stop_worker(worker, task)
+
+
 @pytest.fixture
 def e2e_settings(tmp_path: Path, redis_clean: str, tiny_model_dir: Path) -> Settings:
     return make_settings(
@@ -47,16 +64,8 @@ def e2e_settings(tmp_path: Path, redis_clean: str, tiny_model_dir: Path) -> Sett
 @pytest.fixture
 async def engine(e2e_settings: Settings) -> AsyncIterator[list[Worker]]:
     """The engine's arq worker, running in this event loop on the tiny model."""
-    from engine.worker import engine_workers, load_resources
-
-    ctx = await load_resources(e2e_settings)
-    workers = engine_workers(e2e_settings, ctx, handle_signals=False)
-    tasks = [asyncio.create_task(run_worker_forever(w, w.queue_name)) for w in workers]
-    try:
+    async with running_engine(e2e_settings) as (_, workers):
         yield workers
-    finally:
-        for worker, task in zip(workers, tasks, strict=True):
-            await stop_worker(worker, task)
 
 
 def _pixels(url: str) -> np.ndarray:
@@ -210,14 +219,9 @@ def long_training(tmp_path: Path, redis_clean: str, tiny_model_dir: Path) -> Set
 async def test_a_generation_runs_between_training_chunks(
     long_training: Settings, sink: RecordingSink
 ) -> None:
-    from engine.worker import engine_workers, load_resources
-
-    ctx = await load_resources(long_training)
-    workers = engine_workers(long_training, ctx, handle_signals=False)
-    tasks = [asyncio.create_task(run_worker_forever(w, w.queue_name)) for w in workers]
     owner = Owner(TEST_PLATFORM, "guild-1", "user-3")
     photos = [Upload(f"rex{i}.jpg", make_photo(i)) for i in range(3)]
-    try:
+    async with running_engine(long_training) as (ctx, _):
         async with open_core(long_training, TEST_PLATFORM) as runtime, delivering(runtime, sink):
             training = await runtime.core.train(owner, {}, "rex", "dog", photos)
             await _wait_for_phase(sink, training.job_id, "training")
@@ -235,22 +239,14 @@ async def test_a_generation_runs_between_training_chunks(
                 if j == training.job_id and p.phase == "training"
             ]
             assert max(steps) == 150
-    finally:
-        for worker, task in zip(workers, tasks, strict=True):
-            await stop_worker(worker, task)
 
 
 async def test_cancelling_a_running_training_stops_it_and_writes_no_adapter(
     long_training: Settings, sink: RecordingSink
 ) -> None:
-    from engine.worker import engine_workers, load_resources
-
-    ctx = await load_resources(long_training)
-    workers = engine_workers(long_training, ctx, handle_signals=False)
-    tasks = [asyncio.create_task(run_worker_forever(w, w.queue_name)) for w in workers]
     owner = Owner(TEST_PLATFORM, "guild-1", "user-4")
     photos = [Upload(f"rex{i}.jpg", make_photo(i)) for i in range(3)]
-    try:
+    async with running_engine(long_training) as (_, workers):
         async with open_core(long_training, TEST_PLATFORM) as runtime, delivering(runtime, sink):
             receipt = await runtime.core.train(owner, {}, "rex", "dog", photos)
             await _wait_for_phase(sink, receipt.job_id, "training")
@@ -274,9 +270,6 @@ async def test_cancelling_a_running_training_stops_it_and_writes_no_adapter(
                 p.step for j, _, p in sink.progress if j == receipt.job_id and p.phase == "training"
             ]
             assert max(steps) < 150
-    finally:
-        for worker, task in zip(workers, tasks, strict=True):
-            await stop_worker(worker, task)
 
 
 @pytest.fixture
@@ -302,16 +295,12 @@ def _native_size(model_dir: Path) -> int:
 async def test_a_subject_trained_on_the_sdxl_model_is_drawn_on_it(
     two_model_settings: Settings, tiny_sdxl_dir: Path, sink: RecordingSink
 ) -> None:
-    from engine.worker import engine_workers, load_resources
 
     settings = two_model_settings
     assert settings.model_names == ["sd", "xl"] and settings.base_model == "sd"
-    ctx = await load_resources(settings)
-    workers = engine_workers(settings, ctx, handle_signals=False)
-    tasks = [asyncio.create_task(run_worker_forever(w, w.queue_name)) for w in workers]
     owner = Owner(TEST_PLATFORM, "guild-1", "user-5")
     photos = [Upload(f"rex{i}.jpg", make_photo(i)) for i in range(3)]
-    try:
+    async with running_engine(settings):
         async with open_core(settings, TEST_PLATFORM) as runtime, delivering(runtime, sink):
             core = runtime.core
             receipt = await core.train(owner, {}, "rex", "dog", photos, model="xl")
@@ -347,6 +336,3 @@ async def test_a_subject_trained_on_the_sdxl_model_is_drawn_on_it(
             # Same seed and text: only the adapter differs, so the pixels must.
             difference = np.abs(_pixels(first.image_urls[0]) - _pixels(second.image_urls[0]))
             assert difference.mean() > 1.0
-    finally:
-        for worker, task in zip(workers, tasks, strict=True):
-            await stop_worker(worker, task)

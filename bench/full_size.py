@@ -1,9 +1,10 @@
-"""Full-size mode: the real Stable Diffusion 1.5 architecture with random weights.
+"""Full-size mode: the real Stable Diffusion 1.5 and SDXL architectures with random weights.
 
-Nothing is downloaded: the UNet, VAE and text encoder are built from the published SD 1.5
-configs written out below (runwayml/stable-diffusion-v1-5's ``config.json`` files), with
-random weights. Speed and memory depend on the architecture, not on the weight values, so the
-time per step and the peak memory are those of a real SD 1.5 LoRA DreamBooth run. The
+Nothing is downloaded: the UNets, VAEs and text encoders are built from the published configs
+written out below (the ``config.json`` files of runwayml/stable-diffusion-v1-5 and
+stabilityai/stable-diffusion-xl-base-1.0), with random weights. Speed and memory depend on the
+architecture, not on the weight values, so the time per step and the peak memory are those of a
+real LoRA DreamBooth run. The
 tokenizer is the tiny model's byte-level one (the real CLIP vocabulary is not on disk); it
 still pads every prompt to 77 tokens, so the text encoder does the real amount of work.
 """
@@ -17,9 +18,15 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 SD15_UNET = {
     "act_fn": "silu",
@@ -89,27 +96,98 @@ SD15_SCHEDULER = {
 SD15_RESOLUTION = 512
 
 
-def build_random_sd15(
-    tokenizer_dir: Path, *, device: str, dtype: torch.dtype, seed: int = 0
-) -> StableDiffusionPipeline:
-    """An SD 1.5-shaped pipeline with random weights on ``device`` in ``dtype``."""
-    torch.manual_seed(seed)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    text_config = CLIPTextConfig(
-        **SD15_TEXT_ENCODER,
+SDXL_UNET = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+SDXL_VAE = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+
+SDXL_TEXT_ENCODER_2 = {  # OpenCLIP ViT-bigG/14's text tower, with its projection
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+    "vocab_size": 49408,
+}
+
+SDXL_SCHEDULER = {**SD15_SCHEDULER, "timestep_spacing": "leading"}
+
+RESOLUTIONS = {"sd15": SD15_RESOLUTION, "sdxl": 1024}
+"""Each architecture's native training and generation size in pixels."""
+NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+
+
+def _text_config(tokenizer: CLIPTokenizer, shape: dict[str, object]) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        **shape,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**SD15_VAE),
-        text_encoder=CLIPTextModel(text_config),
-        tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**SD15_UNET),
-        scheduler=DDPMScheduler(**SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+
+
+def build_random(
+    arch: str, tokenizer_dir: Path, *, device: str, dtype: torch.dtype, seed: int = 0
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """The ``arch`` ("sd15" or "sdxl") pipeline with random weights on ``device`` in ``dtype``.
+
+    The modules are created on ``device`` (random initialisation of SDXL's 3.5 billion weights
+    takes a minute on a CPU, a second on a GPU), then cast to ``dtype``.
+    """
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    with torch.device(device):
+        if arch == "sd15":
+            pipe: StableDiffusionPipeline | StableDiffusionXLPipeline = StableDiffusionPipeline(
+                vae=AutoencoderKL(**SD15_VAE),
+                text_encoder=CLIPTextModel(_text_config(tokenizer, SD15_TEXT_ENCODER)),
+                tokenizer=tokenizer,
+                unet=UNet2DConditionModel(**SD15_UNET),
+                scheduler=DDPMScheduler(**SD15_SCHEDULER),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        elif arch == "sdxl":
+            pipe = StableDiffusionXLPipeline(
+                vae=AutoencoderKL(**SDXL_VAE),
+                text_encoder=CLIPTextModel(_text_config(tokenizer, SD15_TEXT_ENCODER)),
+                text_encoder_2=CLIPTextModelWithProjection(
+                    _text_config(tokenizer, SDXL_TEXT_ENCODER_2)
+                ),
+                tokenizer=tokenizer,
+                tokenizer_2=tokenizer,
+                unet=UNet2DConditionModel(**SDXL_UNET),
+                scheduler=DDPMScheduler(**SDXL_SCHEDULER),
+                add_watermarker=False,
+            )
+        else:
+            raise ValueError(f"unknown architecture {arch!r}; use one of {sorted(RESOLUTIONS)}")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)

@@ -122,11 +122,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, help="scratch folder (default: a temp folder)")
     parser.add_argument("--results", type=Path, default=RESULTS_FILE)
     parser.add_argument("--no-results", action="store_true", help="print only, append nothing")
-    full = parser.add_argument_group("full-size mode (real SD 1.5 architecture, random weights)")
+    full = parser.add_argument_group(
+        "full-size mode (real SD 1.5 / SDXL architecture, random weights)"
+    )
     full.add_argument("--full", action="store_true")
+    full.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     full.add_argument("--device", default="cpu", help="cpu or cuda (full-size mode)")
     full.add_argument("--full-steps", type=int, help="default: 2 on a CPU, 100 on a GPU")
     full.add_argument("--no-prior", action="store_true", help="full-size mode without priors")
+    full.add_argument(
+        "--class-generation",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time drawing N class-prior images with the engine (25 steps), as a job "
+        "whose class has no cached priors does before training",
+    )
     full.add_argument(
         "--cfg",
         action="append",
@@ -460,28 +471,40 @@ def config_overrides(pairs: list[str]) -> dict[str, object]:
 
 
 def full_size_run(args: argparse.Namespace, work: Path) -> None:
-    """SD 1.5 architecture, random weights, 512 px: our trainer's time per step and memory."""
+    """SD 1.5 (512 px) or SDXL (1024 px), random weights: our trainer's time per step, memory."""
     import torch
 
-    from bench.full_size import SD15_RESOLUTION, build_random_sd15
+    from bench.full_size import NAMES, RESOLUTIONS, build_random
     from engine.models import default_dtype, resolve_device
     from engine.tiny import build_tiny_model
-    from engine.training import TrainConfig, train_lora
+    from engine.training import TrainConfig, generate_class_images, train_lora
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = default_dtype(device)
-    steps = args.full_steps or (100 if device.startswith("cuda") else 2)
+    on_gpu = device.startswith("cuda")
+    steps = args.full_steps or (100 if on_gpu else 2)
     warmup = min(args.warmup, max(steps - 2, 0))
+    resolution, name = RESOLUTIONS[args.arch], NAMES[args.arch]
     tokenizer = build_tiny_model(work / "tiny-model") / "tokenizer"
     began = time.perf_counter()
-    pipe = build_random_sd15(tokenizer, device=device, dtype=dtype, seed=args.seed)
+    pipe = build_random(args.arch, tokenizer, device=device, dtype=dtype, seed=args.seed)
     build_s = time.perf_counter() - began
-    photos = subject_photos(args.photos, SD15_RESOLUTION * 5 // 4, seed=args.seed)
-    # Priors' content does not change the cost of a step; drawing them with a random 512 px
-    # model would only add minutes, so other synthetic pictures stand in for them.
-    priors = [] if args.no_prior else subject_photos(args.class_images, SD15_RESOLUTION, seed=99)
+    photos = subject_photos(args.photos, resolution * 5 // 4, seed=args.seed)
+    overrides = config_overrides(args.cfg)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    class_s = None
+    if args.class_generation and not args.no_prior:
+        print(f"drawing {args.class_generation} class images …", flush=True)
+        began = time.perf_counter()
+        generate_class_images(pipe, CLASS_NOUN, args.class_generation, resolution, seed=0)
+        if on_gpu:
+            torch.cuda.synchronize()
+        class_s = time.perf_counter() - began
+    # Priors' content does not change the cost of a step: other synthetic pictures stand in.
+    priors = [] if args.no_prior else subject_photos(args.class_images, resolution, seed=99)
     cfg = TrainConfig(
         steps=steps,
         rank=args.rank,
@@ -489,35 +512,41 @@ def full_size_run(args: argparse.Namespace, work: Path) -> None:
         learning_rate=args.learning_rate,
         prior_loss_weight=0.0 if args.no_prior else 1.0,
         class_images=len(priors),
-        resolution=SD15_RESOLUTION,
+        resolution=resolution,
         seed=args.seed,
-        **config_overrides(args.cfg),
+        **overrides,
     )
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
     step_times: list[float] = []
-    print(f"full-size SD 1.5, {SD15_RESOLUTION} px, {steps} steps on {device} …", flush=True)
+
+    def progress(step: int, total: int, loss: float) -> None:
+        step_times.append(time.perf_counter() - began)
+        if step % 100 == 0 or step == total:  # a run killed at its time limit still says this
+            print(f"  step {step}/{total}: {step_times[-1]:.1f} s", flush=True)
+
+    print(f"full-size {name}, {resolution} px, {steps} steps on {device} …", flush=True)
     began = time.perf_counter()
-    train_lora(
-        pipe, photos, priors, TOKEN, CLASS_NOUN, cfg,
-        progress=lambda step, total, loss: step_times.append(time.perf_counter() - began),
-    )  # fmt: skip
+    train_lora(pipe, photos, priors, TOKEN, CLASS_NOUN, cfg, progress=progress)
+    if on_gpu:
+        torch.cuda.synchronize()
     train_s = time.perf_counter() - began
     per_step = seconds_per_step(step_times, warmup)
     if per_step is None:  # too few steps to leave any out: the mean over all of them
         per_step = step_times[-1] / len(step_times)
         warmup = 0
-    memory = (
-        torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else peak_rss_mib()
-    )
-    columns = ["run", "steps", "train_lora s", "s/step", "steps/s", "peak memory MiB"]
+    memory = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else peak_rss_mib()
+    extras = ", ".join(f"{k}={v}" for k, v in overrides.items())
+    columns = [
+        "run", "steps", "train_lora s", "s/step", "steps/s", "class images s", "peak memory MiB"
+    ]  # fmt: skip
     row = {
-        "run": f"SD 1.5 random weights, {SD15_RESOLUTION} px, "
-        + ("no priors" if args.no_prior else "prior preservation"),
+        "run": f"{name} random weights, {resolution} px, "
+        + ("no priors" if args.no_prior else "prior preservation")
+        + (f", {extras}" if extras else ""),
         "steps": steps,
         "train_lora s": train_s,
         "s/step": per_step,
         "steps/s": 1 / per_step,
+        "class images s": "–" if class_s is None else f"{class_s:.1f} ({args.class_generation})",
         "peak memory MiB": memory,
     }
     context = [
@@ -525,15 +554,19 @@ def full_size_run(args: argparse.Namespace, work: Path) -> None:
         f"torch threads {torch.get_num_threads()}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()),
         f"settings: {dataclasses.asdict(cfg)}",
-        f"s/step leaves out the first {warmup} steps; model built in {build_s:.1f} s (not counted)",
-        "peak memory: " + ("torch.cuda.max_memory_allocated" if device.startswith("cuda")
+        f"s/step leaves out the first {warmup} steps; model built in {build_s:.1f} s (not "
+        "counted); train_lora s: caching latents and prompts, all steps, the adapter's "
+        "weights copied out",
+        "class images s: the engine drawing that many class-prior images (25 DPM-Solver++ "
+        "steps, batches of 4), timed apart; the training itself uses synthetic priors",
+        "peak memory: " + ("torch.cuda.max_memory_allocated" if on_gpu
                            else "peak RSS of the whole process, model build included"),
     ]  # fmt: skip
     print()
     print(format_table(columns, [row]))
     if not args.no_results:
         append_results(
-            f"train, full-size SD 1.5 — {today()}", context, columns, [row], path=args.results
+            f"train, full-size {name} — {today()}", context, columns, [row], path=args.results
         )
         print(f"\nappended to {args.results}")
 

@@ -285,9 +285,9 @@ class Generator:
         self._pipe.enable_lora()
         self._pipe.set_adapters(present, adapter_weights=[scales.get(s, 0.0) for s in present])
         if self._compile and not self._compiled:
-            compiled = torch.compile(self._pipe.unet, mode="reduce-overhead", fullgraph=True)
-            self._pipe.unet = compiled
-            self._img2img.unet = compiled
+            # In place (nn.Module.compile): the UNet stays a diffusers model, so the LoRA
+            # loaders still find its adapters; both pipelines share it.
+            self._pipe.unet.compile(mode="reduce-overhead", fullgraph=True)
             self._compiled = True
 
     def _ensure_loaded(self, name: str, path: Path) -> None:

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, for a machine with one CUDA GPU: the engine's GPU tests, then the
+# full-size training and generation benchmarks, most important first. Each step has its own
+# time limit and the whole run a budget (BUDGET seconds, default 520): a step that would not
+# fit is skipped and says so. Results go to $OUT/RESULTS.md (append them to bench/RESULTS.md by
+# hand), the whole log to $OUT/gpu.log.
+#
+# Usage, from the repository root:  OUT=/tmp/gpu BUDGET=520 bash bench/gpu.sh
+# Python packages: the machine's python3 with torch (CUDA); if .whl/ holds wheels (diffusers,
+# transformers, peft, …) they are installed first into /tmp/site, and .whl/bnb (an unpacked
+# bitsandbytes) is put on the path, for machines that cannot reach a package index.
+set -u
+OUT=${OUT:-/tmp/dreambot-gpu}
+BUDGET=${BUDGET:-520}
+mkdir -p "$OUT"
+LOG=$OUT/gpu.log
+RESULTS=$OUT/RESULTS.md
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+deadline=$((SECONDS + BUDGET))
+
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+[ -d "$WHEELS/bnb" ] && export PYTHONPATH=$PWD/$WHEELS/bnb:$PYTHONPATH
+
+# step NAME LIMIT COMMAND...: run COMMAND for at most LIMIT seconds (less if the budget is
+# nearly spent), its output into the log, its table (the last lines) onto the screen.
+step() {
+    local name=$1 limit=$2 left=$((deadline - SECONDS))
+    shift 2
+    if [ "$left" -lt 40 ]; then
+        echo "== $name: skipped, $left s of the budget left" | tee -a "$LOG"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit $limit s)" | tee -a "$LOG"
+    local began=$SECONDS lines
+    lines=$(wc -l <"$LOG")
+    timeout -k 5 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    tail -n +"$((lines + 2))" "$LOG" |
+        grep -E '^\||step [0-9]+/|passed|failed|skipped|Error|error:' | tail -n 24
+    echo "   exit $rc after $((SECONDS - began)) s" | tee -a "$LOG"
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    $PY -c 'import torch, diffusers, transformers, peft, accelerate; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__version__)'
+    $PY -c 'import bitsandbytes; print("bitsandbytes", bitsandbytes.__version__)' 2>&1 | tail -1
+} 2>&1 | tee -a "$LOG"
+
+TRAIN=(bench/train.py --full --device "$DEVICE" --results "$RESULTS")
+GEN=(bench/generate.py --full --device "$DEVICE" --results "$RESULTS" --repeats 3)
+step sd15-train-800-prior 150 $PY "${TRAIN[@]}" --full-steps 800 --class-generation 48
+step gpu-tests 100 ${PYTEST:-$PY -m pytest} tests/engine/test_gpu.py --noconftest -q -p no:cacheprovider \
+    -o addopts="" -W ignore::pytest.PytestConfigWarning
+step sd15-generate 110 $PY "${GEN[@]}"
+step sdxl-train-prior 90 $PY "${TRAIN[@]}" --arch sdxl --full-steps 30 --warmup 5
+step sd15-generate-compiled 130 $PY "${GEN[@]}" --compile --no-reference
+step sd15-train-ckpt 50 $PY "${TRAIN[@]}" --full-steps 100 --cfg gradient_checkpointing=true
+step sd15-train-8bit 50 $PY "${TRAIN[@]}" --full-steps 100 --cfg optimizer=adamw8bit
+step sdxl-train-ckpt-8bit 80 $PY "${TRAIN[@]}" --arch sdxl --full-steps 30 --warmup 5 \
+    --cfg gradient_checkpointing=true --cfg optimizer=adamw8bit
+step sd15-train-no-prior 45 $PY "${TRAIN[@]}" --full-steps 100 --no-prior
+step sdxl-generate 120 $PY "${GEN[@]}" --arch sdxl --repeats 2 --no-reference
+echo "== done; budget left $((deadline - SECONDS)) s" | tee -a "$LOG"

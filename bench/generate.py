@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     mode = mode or (", hot-swap slots" if args.hotswap else "")
     context = [
         f"device: {describe_device(args.device)}; 1-min load average {os.getloadavg()[0]:.1f} "
-        "at the end (other processes share these cores)",
+        "at the end",
         "versions: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()),
         f"model: {model_name}, {size} px; {args.steps} DPM-Solver++ steps, guidance "
         f"{args.guidance}, 1 image unless said; torch threads {torch.get_num_threads()}; "

@@ -6,6 +6,9 @@
 # hand), the whole log to $OUT/gpu.log.
 #
 # Usage, from the repository root:  OUT=/tmp/gpu BUDGET=520 bash bench/gpu.sh
+# ONLY="name name …" runs only those steps. The comparison with diffusers' own script runs when
+# DIFFUSERS_EXAMPLES (default .whl/examples) holds examples/dreambooth/train_dreambooth_lora.py
+# from a pinned checkout (DIFFUSERS_TAG, default v0.40.0) and python3 has torchvision.
 # Python packages: the machine's python3 with torch (CUDA); if .whl/ holds wheels (diffusers,
 # transformers, peft, …) they are installed first into /tmp/site, and .whl/bnb (an unpacked
 # bitsandbytes) is put on the path, for machines that cannot reach a package index.
@@ -34,6 +37,9 @@ fi
 step() {
     local name=$1 limit=$2 left=$((deadline - SECONDS))
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+        return
+    fi
     if [ "$left" -lt 40 ]; then
         echo "== $name: skipped, $left s of the budget left" | tee -a "$LOG"
         return
@@ -59,6 +65,13 @@ step() {
 TRAIN=(bench/train.py --full --device "$DEVICE" --results "$RESULTS")
 GEN=(bench/generate.py --full --device "$DEVICE" --results "$RESULTS" --repeats 3)
 step sd15-train-800-prior 150 $PY "${TRAIN[@]}" --full-steps 800 --class-generation 48
+EXAMPLES=${DIFFUSERS_EXAMPLES:-.whl/examples}
+if [ -f "$EXAMPLES/dreambooth/train_dreambooth_lora.py" ]; then
+    step sd15-vs-diffusers 170 $PY bench/train.py --model sd15 --device "$DEVICE" --steps 100 \
+        --warmup 10 --venv "$($PY -c 'import sys; print(sys.prefix)')" \
+        --diffusers-examples "$EXAMPLES" --diffusers-version-label "${DIFFUSERS_TAG:-v0.40.0}" \
+        --results "$RESULTS"
+fi
 step gpu-tests 100 ${PYTEST:-$PY -m pytest} tests/engine/test_gpu.py --noconftest -q -p no:cacheprovider \
     -o addopts="" -W ignore::pytest.PytestConfigWarning
 step sd15-generate 110 $PY "${GEN[@]}"

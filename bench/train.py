@@ -91,7 +91,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--photos", type=int, default=5, help="synthetic subject photos")
     parser.add_argument("--class-images", type=int, default=8, help="class-prior images")
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--resolution", type=int, default=64, help="tiny model's native size")
+    parser.add_argument(
+        "--resolution", type=int, help="training size (default: the model's, 64 tiny, 512 SD 1.5)"
+    )
+    parser.add_argument(
+        "--model",
+        choices=["tiny", "sd15"],
+        default="tiny",
+        help="the base model both trainers get: the tiny model, or the SD 1.5 architecture with "
+        "random weights (for --device cuda; theirs then runs with --mixed_precision bf16)",
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -127,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     full.add_argument("--full", action="store_true")
     full.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
-    full.add_argument("--device", default="cpu", help="cpu or cuda (full-size mode)")
+    full.add_argument("--device", default="cpu", help="cpu or cuda (both modes)")
     full.add_argument("--full-steps", type=int, help="default: 2 on a CPU, 100 on a GPU")
     full.add_argument("--no-prior", action="store_true", help="full-size mode without priors")
     full.add_argument(
@@ -207,10 +216,20 @@ def find_diffusers_script(examples: Path | None) -> Path | None:
 
 
 def prepare_inputs(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """Build the tiny model and write the subject photos; return (model, photo folder)."""
+    """Build the base model and write the subject photos; return (model, photo folder)."""
     from engine.tiny import build_tiny_model
 
     model = build_tiny_model(work / "tiny-model", seed=args.seed)
+    if args.model == "sd15":
+        from bench.full_size import build_random
+        from engine.models import default_dtype
+
+        pipe = build_random(
+            "sd15", model / "tokenizer", device=args.device, dtype=default_dtype(args.device)
+        )
+        model = work / "sd15-random"
+        pipe.save_pretrained(model, safe_serialization=True)
+        del pipe
     photos = work / "instance"
     save_photos(subject_photos(args.photos, args.resolution * 3 // 2, seed=args.seed), photos, "me")
     return model, photos
@@ -234,6 +253,7 @@ def ours_command(python: str, args: argparse.Namespace, work: Path, **paths: Pat
         "--resolution", str(args.resolution),
         "--learning-rate", str(args.learning_rate),
         "--seed", str(args.seed),
+        "--device", args.device,
     ]  # fmt: skip
 
 
@@ -267,7 +287,8 @@ def diffusers_command(
         "--lr_scheduler", "constant",
         "--lr_warmup_steps", "0",
         "--seed", str(args.seed),
-        "--mixed_precision", "no",
+        # fp32 on the CPU as ours; on a GPU bf16 autocast with fp32 LoRA weights, as ours.
+        "--mixed_precision", "bf16" if args.device.startswith("cuda") else "no",
         "--report_to", "all",  # "all" = every installed tracker: none in the bench venv
         "--output_dir", str(paths["output"]),
     ]  # fmt: skip
@@ -410,11 +431,18 @@ def compare_trainers(args: argparse.Namespace, work: Path) -> None:
         rows += [theirs_row, ratio_row(ours_row, theirs_row)]
 
     versions = ours_runs[0].report["versions"]
+    model_label = (
+        "SD 1.5 architecture, random weights"
+        if args.model == "sd15"
+        else "tiny SD 1.x-shaped (engine.tiny)"
+    )
+    on_gpu = args.device.startswith("cuda")
+    precision = "bf16 weights, fp32 LoRA (autocast)" if on_gpu else "fp32"
     context = [
-        f"device: {describe_device('cpu')}; 1-min load average {load_before[0]:.1f} before, "
-        f"{load_after[0]:.1f} after (other processes share these cores)",
+        f"device: {describe_device(args.device)}; 1-min load average {load_before[0]:.1f} "
+        f"before, {load_after[0]:.1f} after",
         "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),  # type: ignore[union-attr]
-        f"model: tiny SD 1.x-shaped (engine.tiny), {args.resolution} px, fp32, "
+        f"model: {model_label}, {args.resolution} px, {precision}, "
         "batch 1 photo + 1 class image",
         f"settings: {args.steps} steps, rank {args.rank}, lr {args.learning_rate}, "
         f"{args.photos} photos, {args.class_images} class images, prior weight 1.0, "
@@ -440,9 +468,9 @@ def compare_trainers(args: argparse.Namespace, work: Path) -> None:
     for note in skipped:
         print("\nSKIPPED the diffusers comparison.\n" + note)
     if not args.no_results:
-        title = f"train, tiny model — {today()}"
+        title = f"train, {model_label} — {today()}"
         append_results(title, context, TRAIN_COLUMNS, rows, notes, args.results)
-        title = f"class priors, tiny model — {today()}"
+        title = f"class priors, {model_label} — {today()}"
         append_results(title, context[:3], PRIOR_COLUMNS, prior_rows, path=args.results)
         print(f"\nappended to {args.results}")
 
@@ -573,6 +601,8 @@ def full_size_run(args: argparse.Namespace, work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.resolution is None:
+        args.resolution = 512 if args.model == "sd15" else 64
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dreambot-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     try:

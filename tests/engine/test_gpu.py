@@ -100,6 +100,9 @@ def _pixels(generator: Generator, adapter: tuple[str, Path] | None) -> np.ndarra
     return np.asarray(image, dtype=np.int16)
 
 
+# Dynamo and inductor warn as they compile (an lru_cache traced through in diffusers'
+# upsampling, torch.jit deprecations); the suite turns warnings into errors.
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 @pytest.mark.parametrize("compile_unet", [False, True], ids=["hotswap", "hotswap+compile"])
 def test_hotswap_switches_subjects_and_back(tiny: Path, tmp_path: Path, compile_unet: bool) -> None:
     """Slots swap weights in place: A, B and A again; A comes back (bf16 kernels may differ

@@ -442,8 +442,7 @@ def compare_trainers(args: argparse.Namespace, work: Path) -> None:
         f"device: {describe_device(args.device)}; 1-min load average {load_before[0]:.1f} "
         f"before, {load_after[0]:.1f} after",
         "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),  # type: ignore[union-attr]
-        f"model: {model_label}, {args.resolution} px, {precision}, "
-        "batch 1 photo + 1 class image",
+        f"model: {model_label}, {args.resolution} px, {precision}, batch 1 photo + 1 class image",
         f"settings: {args.steps} steps, rank {args.rank}, lr {args.learning_rate}, "
         f"{args.photos} photos, {args.class_images} class images, prior weight 1.0, "
         f"seed {args.seed}, torch threads {args.threads or 'default'}; "

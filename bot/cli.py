@@ -129,11 +129,16 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_tiny_model(settings: Settings, args: argparse.Namespace) -> None:
-    """Build the tiny random Stable Diffusion model (offline)."""
-    from engine.tiny import build_tiny_model
+    """Build a tiny random Stable Diffusion model (offline): SD 1.x-, SD 2.x- or SDXL-shaped."""
+    from engine.tiny import build_tiny_model, build_tiny_sd2_model, build_tiny_sdxl_model
 
-    target = Path(args.path) if args.path else settings.data_dir / "models" / "tiny-sd"
-    print(build_tiny_model(target))
+    builder, folder = {
+        "sd1": (build_tiny_model, "tiny-sd"),
+        "sd2": (build_tiny_sd2_model, "tiny-sd2"),
+        "sdxl": (build_tiny_sdxl_model, "tiny-sdxl"),
+    }[args.family]
+    target = Path(args.path) if args.path else settings.data_dir / "models" / folder
+    print(builder(target))
 
 
 def cmd_inspect(settings: Settings, args: argparse.Namespace) -> None:
@@ -290,6 +295,12 @@ def main(argv: list[str] | None = None) -> None:
         sub.set_defaults(handler=handler)
         if name == "tiny-model":
             sub.add_argument("path", nargs="?", help="folder to write (default: in DATA_DIR)")
+            sub.add_argument(
+                "--family",
+                choices=("sd1", "sd2", "sdxl"),
+                default="sd1",
+                help="shape of the model (sd2: v-prediction, as SD 2.x 768 px models)",
+            )
         if name == "inspect":
             sub.add_argument("images", nargs="+", help="PNG files written by dreambot")
         if name == "eval":

@@ -143,8 +143,10 @@ class Settings(BaseSettings):
     train_optimizer: Literal["adamw", "adamw8bit"] = Field(
         "adamw", description="'adamw8bit' needs the bitsandbytes extra (CUDA only)"
     )
-    train_gradient_checkpointing: bool = Field(
-        False, description="recompute activations: less GPU memory, slower steps"
+    train_gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="recompute activations: less GPU memory, slower steps; 'auto': on for "
+        "SDXL on a GPU, off otherwise (see README, Training)",
     )
     train_random_flip: bool = Field(False, description="also train on mirrored photos")
     train_text_encoder: bool = Field(

@@ -34,6 +34,13 @@ def cancel_key(job_id: str) -> str:
     return f"dreambot:cancel:{job_id}"
 
 
+def rare_tokens_key(model: str) -> str:
+    """Redis key where an engine publishes, at start, base model ``model``'s rare identifier
+    tokens: a JSON list of words its tokenizer(s) read as one token and that carry no prior
+    meaning (``engine.rare_tokens``). The bot draws each new subject's token from it."""
+    return f"dreambot:engine:rare-tokens:{model}"
+
+
 # Bot job names (functions registered on the bot's own arq worker).
 DELIVER_PROGRESS = "deliver_progress"
 DELIVER_RESULT = "deliver_result"

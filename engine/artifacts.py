@@ -8,13 +8,20 @@ Torch-free: the bot uses it too.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 import os
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from urllib.parse import unquote, urlparse
 
 import fsspec
 from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactStore:
@@ -99,6 +106,95 @@ class ArtifactStore:
     async def adelete_tree(self, url: str) -> None:
         """``delete_tree`` off the event loop."""
         await asyncio.to_thread(self.delete_tree, url)
+
+
+class BackgroundWrites:
+    """Artifact writes handed over by a worker thread and done on the event loop.
+
+    A torch thread holding the GPU must not wait for an upload (to S3 it may take seconds):
+    it calls :meth:`put` with the bytes and carries on. The writes run one at a time in the
+    order they were handed over, each atomic (:meth:`ArtifactStore.put_bytes`), so a file is
+    whole before anyone can read it. A write still waiting when a newer one for the same URL
+    arrives is skipped: only the newest checkpoint matters, and a slow store never piles up
+    old copies in memory. A failed write is logged and counted (``failures``), never raised
+    into the thread: a missed checkpoint or preview must not end a training. ``then`` runs on
+    the loop once its write is done (report a preview only when it can be read).
+    Use as ``async with``: leaving it waits for every write handed over (:meth:`close`).
+    """
+
+    def __init__(self, artifacts: ArtifactStore) -> None:
+        self.artifacts = artifacts
+        self.loop = asyncio.get_running_loop()
+        self.failures = 0
+        self._lock = threading.Lock()
+        self._order = asyncio.Lock()
+        self._newest: dict[str, tuple[int, bytes, Callable[[], None] | None]] = {}
+        self._count = 0
+        self._pending: set[concurrent.futures.Future[None]] = set()
+        self._closed = False
+
+    def put(self, url: str, data: bytes, then: Callable[[], None] | None = None) -> None:
+        """Write ``data`` at ``url`` soon, without waiting (callable from any thread)."""
+        with self._lock:
+            if self._closed:
+                log.warning("not writing %s: its job has ended", url)
+                return
+            self._count += 1
+            self._newest[url] = (self._count, data, then)
+            future = asyncio.run_coroutine_threadsafe(self._write(url, self._count), self.loop)
+            self._pending.add(future)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    async def _write(self, url: str, number: int) -> None:
+        async with self._order:  # FIFO: writes happen in the order they were handed over
+            with self._lock:
+                newest = self._newest.get(url)
+                if newest is None or newest[0] != number:
+                    return  # a newer write of this URL is queued behind this one
+                del self._newest[url]
+            _, data, then = newest
+            try:
+                await asyncio.to_thread(self.artifacts.put_bytes, url, data)
+            except Exception as exc:
+                self.failures += 1
+                log.warning("could not write %s: %s", url, exc)
+                return
+        if then is not None:
+            try:
+                then()
+            except Exception:
+                log.exception("after writing %s", url)
+
+    async def close(self) -> None:
+        """Take no more writes and wait until every one handed over is done (also when the
+        caller is cancelled meanwhile: no write may land after what the job does next, such
+        as deleting its checkpoint)."""
+        with self._lock:
+            self._closed = True
+            pending = list(self._pending)
+        if not pending:
+            return
+        done = asyncio.gather(*(asyncio.wrap_future(f) for f in pending), return_exceptions=True)
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            await done
+            raise
+
+    async def __aenter__(self) -> BackgroundWrites:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
 
 
 def local_path(url: str) -> Path | None:

@@ -43,6 +43,12 @@ def save_checkpoint(artifacts: ArtifactStore, url: str, key: str, state: TrainSt
     The artifact store replaces the file atomically, so a crash while writing leaves the
     previous checkpoint readable.
     """
+    artifacts.put_bytes(url, checkpoint_bytes(key, state))
+
+
+def checkpoint_bytes(key: str, state: TrainState) -> bytes:
+    """The checkpoint file of ``state``, tagged with the run's fingerprint ``key`` (what
+    :func:`save_checkpoint` writes; :func:`load_checkpoint` reads it)."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "fingerprint": key,
@@ -56,7 +62,7 @@ def save_checkpoint(artifacts: ArtifactStore, url: str, key: str, state: TrainSt
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    artifacts.put_bytes(url, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def load_checkpoint(artifacts: ArtifactStore, url: str, key: str) -> TrainState | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ from PIL import Image
 
 from bot.config import Settings
 from engine.api import GenerateRequest, GenerateResult, ShowcaseRequest
-from engine.artifacts import ArtifactStore
+from engine.artifacts import ArtifactStore, BackgroundWrites
 from engine.aspects import aspect_size
 from engine.images import encode_png, open_rgb
 from engine.previews import encode_preview
@@ -52,8 +53,9 @@ async def fetch_adapters(
 
 def _generator(ctx: dict[str, Any], model: str | None) -> Generator:
     """The warm generator of base model ``model``, or of the engine's default model."""
-    generator: Generator = ctx["generators"][model] if model else ctx["generator"]
-    return generator
+    from engine.models import served_model
+
+    return served_model(ctx, model or ctx["settings"].base_model).generator
 
 
 def draw(
@@ -157,19 +159,29 @@ def output_size(
 
 
 def previewer(
-    ctx: dict[str, Any], request: GenerateRequest, report: ProgressReporter, phase: str
+    ctx: dict[str, Any],
+    request: GenerateRequest,
+    report: ProgressReporter,
+    phase: str,
+    writes: BackgroundWrites,
 ) -> Callable[[int, int, Image.Image], None] | None:
     """A preview sink that stores each preview beside the outputs and reports its URL (only
-    the reference travels through Redis), or None when previews are off."""
+    the reference travels through Redis), or None when previews are off.
+
+    It runs in the torch thread, which holds the GPU: it only encodes the JPEG and hands it
+    to ``writes``; the URL is reported once the file is stored.
+    """
     settings: Settings = ctx["settings"]
     if not request.previews or settings.preview_interval <= 0:
         return None
-    artifacts: ArtifactStore = ctx["artifacts"]
 
     def send(step: int, total: int, image: Image.Image) -> None:
         url = f"{request.output_url}/previews/{step:03d}.jpg"
-        artifacts.put_bytes(url, encode_preview(image))
-        report(phase, step, total, preview_url=url)
+        writes.put(
+            url,
+            encode_preview(image),
+            then=lambda: report(phase, step, total, preview_url=url),
+        )
 
     return send
 
@@ -206,14 +218,15 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
         if request.init_image_url:
             init = await _open_init_image(ctx, request.init_image_url)
         width, height = output_size(request, generator.native_size, init)
-        on_preview = previewer(ctx, request, report, "generating")
 
-        def draw_images() -> list[Image.Image]:
+        def draw_images(
+            on_preview: Callable[[int, int, Image.Image], None] | None,
+        ) -> list[Image.Image]:
             if init is not None and request.init_strength == 0:
                 # No diffusion: a plain Lanczos resize to the requested size.
                 size = (width or init.width, height or init.height)
                 return [init.resize(size, Image.Resampling.LANCZOS)] * request.count
-            with ctx["gpu"].generation():
+            with ctx["gpu"].generation(cancel=watch.event):
                 watch.raise_if_cancelled()
                 return draw(
                     ctx,
@@ -235,7 +248,11 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
                 )
 
         async with watch.watching(ctx["redis"], request.job_id):
-            images = await run_in_thread(watch, draw_images)
+            # Leaving the block waits for the previews' writes: they are all stored and
+            # reported before the result is.
+            async with BackgroundWrites(ctx["artifacts"]) as writes:
+                on_preview = previewer(ctx, request, report, "generating", writes)
+                images = await run_in_thread(watch, draw_images, on_preview)
         urls = await store_images(
             ctx, images, request.output_url, image_metadata(settings, request, steps, guidance)
         )
@@ -279,15 +296,16 @@ async def render_showcase_grid(
     report: ProgressReporter,
     phase: str,
     watch: CancelWatch,
-    hold_gpu: Callable[[], Any],
+    hold_gpu: Callable[..., AbstractContextManager[Any]],
     scale: float = 1.0,
     model: str | None = None,
 ) -> tuple[str, tuple[int, int]]:
     """Draw a subject's showcase grid (``engine.showcase``) and store it; return its URL and
     size.
 
-    ``hold_gpu`` is the GPU scheduler's context for the caller: a training job keeps the GPU
-    it holds, a showcase job queues like any generation. ``model`` is the base model's name
+    ``hold_gpu`` is the GPU scheduler's context for the caller (called with
+    ``cancel=watch.event``): a training job takes the GPU as a training, a showcase job queues
+    like any generation. ``model`` is the base model's name
     (default: the engine's default model).
     """
     settings: Settings = ctx["settings"]
@@ -317,7 +335,7 @@ async def render_showcase_grid(
         return images
 
     def work() -> Image.Image:
-        with hold_gpu():
+        with hold_gpu(cancel=watch.event):
             grid, _ = render_showcase(
                 draw_batch,
                 token=token,

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from arq.connections import ArqRedis
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 
 from engine.api import (
     DELIVER_FAILURE,
@@ -228,22 +229,47 @@ class CancelWatch:
     async def watching(
         self, redis: ArqRedis, job_id: str, every: float = 1.0
     ) -> AsyncIterator[CancelWatch]:
-        """Poll the job's cancel key while the block runs."""
+        """Poll the job's cancel key while the block runs.
+
+        A Redis error only skips one poll. When the block ends the poll is asked to stop and
+        awaited (for a few seconds at most) rather than cancelled mid-command, which could
+        leave a half-opened Redis connection behind.
+        """
+        stop = asyncio.Event()
 
         async def poll() -> None:
-            while not self.event.is_set():
-                if await redis.exists(cancel_key(job_id)):
-                    self.event.set()
-                    return
-                await asyncio.sleep(every)
+            while not (self.event.is_set() or stop.is_set()):
+                try:
+                    if await redis.exists(cancel_key(job_id)):
+                        self.event.set()
+                        return
+                except (RedisError, OSError) as exc:
+                    log.warning("could not read the cancel key of job %s: %s", job_id, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), every)
 
         task = asyncio.create_task(poll())
         try:
             yield self
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            stop.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 5)
+            except TimeoutError:  # Redis hangs: give up on the poll
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+async def cancel_requested(redis: ArqRedis, job_id: str) -> bool:
+    """Whether the job's cancel key is set: a moderator (or the user) stopped it for good, as
+    opposed to an engine shutting down (the job is then run again). False when Redis cannot
+    be asked."""
+    try:
+        return bool(await redis.exists(cancel_key(job_id)))
+    except (RedisError, OSError) as exc:
+        log.warning("could not read the cancel key of job %s: %s", job_id, exc)
+        return False
 
 
 async def run_in_thread(watch: CancelWatch, function: Any, *args: Any, **kwargs: Any) -> Any:

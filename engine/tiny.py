@@ -1,4 +1,4 @@
-"""Tiny random Stable Diffusion models (SD 1.x- and SDXL-shaped), built offline.
+"""Tiny random Stable Diffusion models (SD 1.x-, SD 2.x- and SDXL-shaped), built offline.
 
 No machine here can download weights, so tests and the default demo use these models instead.
 Each is saved as an ordinary diffusers folder and loaded by the same code as a real base model:
@@ -33,6 +33,8 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from engine.families import detect_family
+
 MODEL_MAX_LENGTH = 77
 """Token length the tokenizer pads/truncates to, as in real SD 1.x models."""
 
@@ -54,14 +56,33 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
+TINY_WORDS = ("sun", "hat", "xjk", "vbq", "pqz", "kzx", "wzj", "qjx", "zwx", "bfq", "gvk", "jqd")
+"""Whole words the tiny tokenizer reads as one token (BPE merges at the end of its vocabulary,
+as a real CLIP vocabulary's rare words are): two common words and ten rare, vowel-less ones,
+so the engine's rare-token lookup (``engine.rare_tokens``) has something to find and reject.
+None is a token or class noun the tests train with, so their prompts tokenize byte by byte."""
+
+
 def _write_tokenizer_files(folder: Path) -> None:
-    """Write a byte-level vocab (each byte char, its ``</w>`` form, the two specials) and an
-    empty merges file: every text tokenizes (into single bytes) without any learned BPE."""
+    """Write a byte-level vocab (each byte char, its ``</w>`` form, the two specials), then
+    the merges that make each of :data:`TINY_WORDS` one token; other text tokenizes into
+    single bytes (or the few merged pairs)."""
     chars = list(_bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    merges: list[str] = []
+    for word in TINY_WORDS:  # "xjk": "x j" → "xj", then "xj k</w>" → "xjk</w>"
+        for merge, merged in (
+            (f"{word[0]} {word[1]}", word[:2]),
+            (f"{word[:2]} {word[2]}</w>", f"{word}</w>"),
+        ):
+            if merge not in merges:
+                merges.append(merge)
+                tokens.append(merged)
     vocab = {tok: i for i, tok in enumerate(tokens)}
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8"
+    )
 
 
 def _tokenizer(scratch: Path) -> CLIPTokenizer:
@@ -69,6 +90,18 @@ def _tokenizer(scratch: Path) -> CLIPTokenizer:
     # is the stable way to build it from vocab.json + merges.txt across versions.
     _write_tokenizer_files(scratch)
     return CLIPTokenizer.from_pretrained(str(scratch), model_max_length=MODEL_MAX_LENGTH)
+
+
+_BYTE_VOCAB_SIZE = 2 * 256 + 2
+"""The byte-level part of the tiny vocabulary: each byte, its word-final form, two specials."""
+
+
+def _add_word_rows(tokenizer: CLIPTokenizer, *encoders: CLIPTextModel) -> None:
+    """Give the text encoders embedding rows for :data:`TINY_WORDS`' merged tokens. Done
+    after every module is built, so the models' other random weights do not depend on how
+    many words the vocabulary learned."""
+    for encoder in encoders:
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
 
 
 def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
@@ -81,7 +114,7 @@ def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
         layer_norm_eps=1e-5,
         num_attention_heads=4,
         num_hidden_layers=5,
-        vocab_size=len(tokenizer),
+        vocab_size=_BYTE_VOCAB_SIZE,  # the learned words' rows come last: _add_word_rows
         max_position_embeddings=MODEL_MAX_LENGTH,
         projection_dim=32,
     )
@@ -131,12 +164,45 @@ def _build_pipeline(scratch: Path, seed: int) -> StableDiffusionPipeline:
     unet = UNet2DConditionModel(**_UNET_SHAPE, cross_attention_dim=32)  # type: ignore[arg-type]
     vae = _vae()
     text_encoder = CLIPTextModel(_text_config(tokenizer))
+    _add_word_rows(tokenizer, text_encoder)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
         scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sd2_pipeline(scratch: Path, seed: int, v_prediction: bool) -> StableDiffusionPipeline:
+    """Assemble the random SD 2.x-shaped pipeline: SD 1.x's pipeline with a wider text encoder
+    (OpenCLIP ViT-H's 1024 in SD 2.x, GELU activations) that the cross attention matches, linear
+    projections in the UNet's transformer blocks, and with ``v_prediction`` a scheduler that
+    predicts the velocity, as the 768 px "-v" models do (else the noise, as "base" models)."""
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(scratch)
+    config = _text_config(tokenizer)
+    config.hidden_size = 64
+    config.hidden_act = "gelu"
+    unet = UNet2DConditionModel(
+        **_UNET_SHAPE,  # type: ignore[arg-type]
+        cross_attention_dim=config.hidden_size,
+        use_linear_projection=True,
+        attention_head_dim=(2, 4),
+    )
+    prediction_type = "v_prediction" if v_prediction else "epsilon"
+    vae = _vae()
+    text_encoder = CLIPTextModel(config)
+    _add_word_rows(tokenizer, text_encoder)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler.from_config(_scheduler().config, prediction_type=prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -170,8 +236,10 @@ def _build_sdxl_pipeline(scratch: Path, seed: int) -> StableDiffusionXLPipeline:
         use_linear_projection=True,
         attention_head_dim=(2, 4),
     )
+    vae = _vae()
+    _add_word_rows(tokenizer, text_encoder, text_encoder_2)
     return StableDiffusionXLPipeline(
-        vae=_vae(),
+        vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
@@ -195,6 +263,12 @@ def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
 def build_tiny_sdxl_model(path: Path, *, seed: int = 0) -> Path:
     """Build the tiny random SDXL-shaped model into ``path``, like :func:`build_tiny_model`."""
     return _build_into(Path(path), lambda scratch: _build_sdxl_pipeline(scratch, seed))
+
+
+def build_tiny_sd2_model(path: Path, *, seed: int = 0, v_prediction: bool = True) -> Path:
+    """Build the tiny random SD 2.x-shaped model into ``path``, like :func:`build_tiny_model`;
+    its scheduler predicts the velocity (``v_prediction``) unless told otherwise."""
+    return _build_into(Path(path), lambda scratch: _build_sd2_pipeline(scratch, seed, v_prediction))
 
 
 def _build_into(path: Path, build: Callable[[Path], DiffusionPipeline]) -> Path:
@@ -346,15 +420,23 @@ def _clip_to_ldm(encoder: CLIPTextModel, prefix: str) -> dict[str, torch.Tensor]
     }
 
 
-def _open_clip_to_ldm(encoder: CLIPTextModelWithProjection, prefix: str) -> dict[str, torch.Tensor]:
-    state = encoder.state_dict()
+def _open_clip_to_ldm(
+    encoder: CLIPTextModel | CLIPTextModelWithProjection, prefix: str
+) -> dict[str, torch.Tensor]:
+    # SD 2.x's encoder is a (flattened, in transformers >= 5.6) CLIPTextModel without the
+    # projection, which diffusers ignores in SD 2.x checkpoints; SDXL's second one has it.
+    state = {
+        key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key: value
+        for key, value in encoder.state_dict().items()
+    }
     out = {
         "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
         "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
         "ln_final.weight": state["text_model.final_layer_norm.weight"],
         "ln_final.bias": state["text_model.final_layer_norm.bias"],
-        "text_projection": state["text_projection.weight"].T.contiguous(),
     }
+    if "text_projection.weight" in state:
+        out["text_projection"] = state["text_projection.weight"].T.contiguous()
     names = {
         "self_attn.out_proj": "attn.out_proj",
         "layer_norm1": "ln_1",
@@ -377,17 +459,22 @@ def _open_clip_to_ldm(encoder: CLIPTextModelWithProjection, prefix: str) -> dict
 def save_single_file(folder: Path, file: Path) -> Path:
     """Write the diffusers model in ``folder`` as one ``.safetensors`` checkpoint in the
     original layout (``model.diffusion_model.*``, ``first_stage_model.*``, and
-    ``cond_stage_model.transformer.*`` or SDXL's ``conditioner.embedders.{0,1}.*``).
+    ``cond_stage_model.transformer.*``, SD 2.x's ``cond_stage_model.model.*`` or SDXL's
+    ``conditioner.embedders.{0,1}.*``).
 
     Meant for the tiny models (their random weights must be exercised as a real downloaded
-    checkpoint would be); it handles SD-style UNets and VAEs of any depth, CLIP and SDXL's
-    OpenCLIP-layout second encoder, not SD 2.x's OpenCLIP encoder. Returns ``file``.
+    checkpoint would be); it handles SD-style UNets and VAEs of any depth, CLIP, and the
+    OpenCLIP layout of SD 2.x's encoder and SDXL's second one. An SD 2.x file holds only the
+    encoder layers its diffusers folder has (a real one has one more, which diffusers drops,
+    and a text projection it ignores). Returns ``file``.
     """
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     tensors = _unet_to_ldm(pipe.unet) | _vae_to_ldm(pipe.vae)
     if getattr(pipe, "text_encoder_2", None) is not None:
         tensors |= _clip_to_ldm(pipe.text_encoder, "conditioner.embedders.0.transformer.")
         tensors |= _open_clip_to_ldm(pipe.text_encoder_2, "conditioner.embedders.1.model.")
+    elif detect_family(folder).name == "sd2":
+        tensors |= _open_clip_to_ldm(pipe.text_encoder, "cond_stage_model.model.")
     else:
         tensors |= _clip_to_ldm(pipe.text_encoder, "cond_stage_model.transformer.")
     file.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from bot.config import TINY_MODEL_FOLDERS, Settings
 from engine.api import TrainRequest, TrainResult
-from engine.artifacts import ArtifactStore
+from engine.artifacts import ArtifactStore, BackgroundWrites
 from engine.generate_job import render_showcase_grid
 from engine.images import open_rgb
 from engine.reporting import (
@@ -27,6 +27,7 @@ from engine.reporting import (
     JobCancelled,
     ProgressReporter,
     answer_job,
+    cancel_requested,
     job_reporter,
     run_in_thread,
 )
@@ -100,7 +101,7 @@ async def class_images(
         watch.raise_if_cancelled()
 
     def work() -> list[Image.Image]:
-        with gpu.training():
+        with gpu.training(cancel=watch.event):
             watch.raise_if_cancelled()
             images: list[Image.Image] = generate_class_images(
                 model.pipe,
@@ -136,13 +137,21 @@ async def train_subject(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[st
         # checkpoint could never be resumed.
         await ctx["artifacts"].adelete_tree(checkpoint_url(request))
 
-    return await answer_job(
-        ctx["redis"],
-        request,
-        work,
-        on_failure=forget_checkpoint,
-        time_limit=ctx["settings"].job_timeout - TIME_LIMIT_MARGIN,
-    )
+    try:
+        return await answer_job(
+            ctx["redis"],
+            request,
+            work,
+            on_failure=forget_checkpoint,
+            time_limit=ctx["settings"].job_timeout - TIME_LIMIT_MARGIN,
+        )
+    except asyncio.CancelledError:
+        # arq aborted the job. A moderator's cancel (the bot sets the cancel key, then aborts)
+        # ends it for good: drop its checkpoint. An engine shutting down sets no key: arq runs
+        # the job again, and it resumes from the checkpoint.
+        if await cancel_requested(ctx["redis"], request.job_id):
+            await forget_checkpoint()
+        raise
 
 
 def checkpoint_url(request: TrainRequest) -> str:
@@ -162,8 +171,9 @@ async def _train_adapter(
     watch: CancelWatch,
 ) -> None:
     """Train (or resume training) the subject's adapter and write it, atomically, with its
-    metadata; checkpoints go to the artifact store every ``train_checkpoint_steps`` steps."""
-    from engine.checkpoints import load_checkpoint, save_checkpoint
+    metadata; checkpoints go to the artifact store every ``train_checkpoint_steps`` steps,
+    written on the event loop while training goes on (see ``BackgroundWrites``)."""
+    from engine.checkpoints import checkpoint_bytes, load_checkpoint
     from engine.training import TrainingCancelled, native_resolution, save_adapter, train_lora
 
     settings: Settings = ctx["settings"]
@@ -192,8 +202,8 @@ async def _train_adapter(
             gpu.yield_to_generations()
         return watch.cancelled
 
-    def work() -> TrainOutcome:
-        with gpu.training():
+    def work(writes: BackgroundWrites) -> TrainOutcome:
+        with gpu.training(cancel=watch.event):
             return train_lora(
                 model.pipe,
                 photos,
@@ -205,12 +215,17 @@ async def _train_adapter(
                 should_stop=at_step_boundary,
                 resume=resume,
                 checkpoint_every=settings.train_checkpoint_steps,
-                # Runs in the training thread: the step waits for its checkpoint to be stored.
-                on_checkpoint=lambda state: save_checkpoint(artifacts, checkpoint, key, state),
+                # Serialised in the training thread (an in-memory copy), stored by the loop
+                # while the next steps run: a slow store never holds the GPU.
+                on_checkpoint=lambda state: writes.put(checkpoint, checkpoint_bytes(key, state)),
             )
 
     try:
-        outcome = await run_in_thread(watch, work)
+        # Leaving the block waits for the checkpoint writes still under way, whatever ended
+        # the training, so none can land after the checkpoint is deleted below (or by the
+        # job's failure or cancellation).
+        async with BackgroundWrites(artifacts) as writes:
+            outcome = await run_in_thread(watch, work, writes)
     except TrainingCancelled as exc:
         raise JobCancelled from exc
     log.info(
@@ -247,6 +262,17 @@ async def _train_adapter(
     await artifacts.adelete_tree(checkpoint)
 
 
+def gradient_checkpointing(setting: bool | str, sdxl: bool, device: str) -> bool:
+    """``DREAMBOT_TRAIN_GRADIENT_CHECKPOINTING``, with "auto" decided as the benchmark says
+    (bench/RESULTS.md, H200): SDXL at 1024 px peaked at 26.0 GiB without it and at 12.9 GiB
+    with it and 8-bit Adam (8-bit Adam alone changed nothing for SD 1.5's LoRA: 6021 vs 6022
+    MiB), so it is on for SDXL on a GPU; SD 1.5 at 512 px peaked at 5.9 GiB without it and
+    took 1.8× longer per step with it, so it stays off there, and on the CPU."""
+    if isinstance(setting, bool):
+        return setting
+    return sdxl and device.startswith("cuda")
+
+
 async def _train(
     ctx: dict[str, Any], request: TrainRequest, report: ProgressReporter, watch: CancelWatch
 ) -> TrainResult:
@@ -268,7 +294,9 @@ async def _train(
         class_images=settings.class_images,
         random_flip=settings.train_random_flip,
         random_crops=settings.train_random_crops,
-        gradient_checkpointing=settings.train_gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing(
+            settings.train_gradient_checkpointing, model.family.is_sdxl, ctx["device"]
+        ),
         optimizer=settings.train_optimizer,
         train_text_encoder=settings.train_text_encoder,
         text_encoder_learning_rate=settings.train_text_encoder_lr,

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -28,6 +30,7 @@ from engine.api import GENERATE_QUEUE, TRAIN_QUEUE
 from engine.artifacts import ArtifactStore
 from engine.generate_job import GENERATE_JOB_TIMEOUT, generate, showcase
 from engine.gpu import GpuScheduler
+from engine.rare_tokens import publish_rare_tokens
 from engine.train_job import train_subject
 
 log = logging.getLogger(__name__)
@@ -38,8 +41,9 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
 
     Every model's path is checked before any is loaded, so a typo in the configuration fails
     the start (with the path in the message) instead of the first job, and quickly. ``ctx``
-    gets ``models`` (name → :class:`~engine.models.ServedModel`), ``pipes`` and
-    ``generators`` by name, and ``pipe``/``generator`` for the default model.
+    gets ``models`` (name → :class:`~engine.models.ServedModel`; jobs find theirs with
+    :func:`engine.models.served_model`), and ``pipe``, the default model's pipeline, which
+    ``startup`` takes as the sign that the resources are loaded.
     """
     from engine.generation import Generator
     from engine.models import (
@@ -97,10 +101,7 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
         "settings": settings,
         "artifacts": ArtifactStore(settings.artifacts),
         "models": models,
-        "pipes": {name: model.pipe for name, model in models.items()},
-        "generators": {name: model.generator for name, model in models.items()},
         "pipe": default.pipe,
-        "generator": default.generator,
         "device": device,
         "cache_dir": settings.data_dir / "engine-cache",
         "gpu": GpuScheduler(),
@@ -111,6 +112,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     """arq on_startup: load the shared resources unless another worker already did."""
     if "pipe" not in ctx:
         ctx.update(await load_resources(ctx.get("settings") or load_settings()))
+    if not ctx.get("rare_tokens_published"):  # once per engine, by whichever worker is first
+        ctx["rare_tokens_published"] = True
+        pipes = {name: model.pipe for name, model in ctx["models"].items()}
+        await publish_rare_tokens(ctx["redis"], pipes)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -135,28 +140,38 @@ async def _renew_lease(redis: ArqRedis, job_id: str, seconds: int) -> None:
             log.warning("could not renew the lease of job %s: %s", job_id, exc)
 
 
-async def hold_lease(ctx: dict[str, Any]) -> None:
-    """arq on_job_start: keep renewing the job's in-progress key while it runs."""
-    seconds = ctx["settings"].job_lease_seconds
-    ctx["lease"] = asyncio.create_task(_renew_lease(ctx["redis"], ctx["job_id"], seconds))
+JobFunction = Callable[[dict[str, Any], dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
-async def release_lease(ctx: dict[str, Any]) -> None:
-    """arq on_job_end: stop renewing; arq deletes the key as it records the outcome."""
-    task = ctx.pop("lease", None)
-    if task is not None:
-        task.cancel()
+def leased(function: JobFunction) -> JobFunction:
+    """``function`` as an arq job that renews its lease (its in-progress key) while it runs.
+
+    The renewal lives inside the job's own task and stops in a ``finally``, so it ends exactly
+    when the job does, however it ends (result, failure, abort, shutdown); arq's on_job_end
+    hook is not reached on every path. arq deletes the key as it records the outcome.
+    """
+
+    @functools.wraps(function)
+    async def job(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any] | None:
+        seconds = ctx["settings"].job_lease_seconds
+        renewal = asyncio.create_task(_renew_lease(ctx["redis"], ctx["job_id"], seconds))
+        try:
+            return await function(ctx, payload)
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+
+    return job
 
 
 class TrainWorkerSettings:
     """arq settings of the training worker (attributes are ``arq.Worker`` keyword arguments)."""
 
-    functions = (train_subject,)
+    functions = (leased(train_subject),)
     queue_name = TRAIN_QUEUE
     on_startup = startup
     on_shutdown = shutdown
-    on_job_start = hold_lease
-    on_job_end = release_lease
     max_jobs = 1  # one training at a time per GPU
     job_timeout = 3 * 3600
     keep_result = 3600
@@ -168,12 +183,10 @@ class TrainWorkerSettings:
 class GenerateWorkerSettings:
     """arq settings of the generation worker."""
 
-    functions = (generate, showcase)
+    functions = (leased(generate), leased(showcase))
     queue_name = GENERATE_QUEUE
     on_startup = startup
     on_shutdown = shutdown
-    on_job_start = hold_lease
-    on_job_end = release_lease
     # Several may wait for the GPU at once; each runs as one batch when its turn comes.
     max_jobs = 4
     job_timeout = GENERATE_JOB_TIMEOUT
@@ -205,7 +218,7 @@ def engine_workers(
         ),
     ]
     for worker in workers:
-        # arq's in-progress key, renewed by hold_lease (see above); arq has no option for it.
+        # arq's in-progress key, renewed by leased jobs (see above); arq has no option for it.
         worker.in_progress_timeout_s = settings.job_lease_seconds
     return workers
 

@@ -1,5 +1,6 @@
 """The core's commands against a real SQLite file and a real Redis, without the engine."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,9 @@ from bot.core.commands import Core
 from bot.core.errors import UserError
 from bot.core.photos import Upload
 from bot.core.store import Owner
+from bot.core.tokens import CANDIDATES
 from bot.launcher import BotRuntime, open_core
-from engine.api import TRAIN_QUEUE, TRAIN_SUBJECT, TrainRequest
+from engine.api import TRAIN_QUEUE, TRAIN_SUBJECT, TrainRequest, rare_tokens_key
 from engine.artifacts import local_path
 from tests.conftest import TEST_PLATFORM, make_photo, make_settings, queued
 
@@ -193,3 +195,28 @@ async def test_bad_names_and_classes_are_refused(
 ) -> None:
     with pytest.raises(UserError):
         await runtime.core.train(owner, DEST, name, noun, _photos(3))
+
+
+async def test_tokens_come_from_the_models_published_rare_words(
+    runtime: BotRuntime, settings: Settings
+) -> None:
+    """The engine's rare single-token words first (common abbreviations dropped), unique in
+    the workspace; once they are all taken, three-consonant strings."""
+    words = ["zqv", "pdf", "xjk"]
+    await runtime.queue.set(rare_tokens_key(settings.base_model), json.dumps(words))
+    tokens = []
+    for i in range(3):
+        user = Owner(TEST_PLATFORM, "guild-1", f"user-{i}")
+        await runtime.core.train(user, DEST, "rex", "dog", _photos(3))
+        subject = await runtime.store.find_subject(user, "rex")
+        assert subject is not None
+        tokens.append(subject.token)
+    assert sorted(tokens[:2]) == ["xjk", "zqv"]
+    assert tokens[2] not in words and tokens[2] in CANDIDATES
+
+
+async def test_unusable_published_tokens_fall_back(runtime: BotRuntime, settings: Settings) -> None:
+    await runtime.queue.set(rare_tokens_key(settings.base_model), "not json")
+    await runtime.core.train(Owner(TEST_PLATFORM, "g", "u"), DEST, "rex", "dog", _photos(3))
+    subject = await runtime.store.find_subject(Owner(TEST_PLATFORM, "g", "u"), "rex")
+    assert subject is not None and subject.token in CANDIDATES

@@ -23,8 +23,10 @@ from bot.core.delivery import Delivery
 from bot.core.photos import Upload
 from bot.core.store import Owner
 from bot.launcher import delivering, open_core
+from engine.api import rare_tokens_key
 from engine.artifacts import local_path
 from engine.images import read_png_metadata
+from engine.tiny import TINY_WORDS
 from tests.conftest import TEST_PLATFORM, RecordingSink, make_photo, make_settings
 
 pytestmark = pytest.mark.model
@@ -82,12 +84,19 @@ async def test_train_then_imagine_with_v_applies_the_subjects_adapter(
     photos = [Upload(f"rex{i}.jpg", make_photo(i)) for i in range(3)]
     async with open_core(e2e_settings, TEST_PLATFORM) as runtime, delivering(runtime, sink):
         core = runtime.core
+        key = rare_tokens_key(e2e_settings.base_model)
+        for _ in range(200):  # the engine publishes its rare tokens as its workers start
+            if await runtime.queue.exists(key):
+                break
+            await asyncio.sleep(0.05)
         receipt = await core.train(owner, {"channel": "c"}, "rex", "dog", photos)
         trained = await sink.wait_for(receipt.job_id, within=240)
         assert isinstance(trained, Delivery), trained
         assert "rex is ready" in trained.text and "/imagine a [V] dog" in trained.text
         subject = await runtime.store.find_subject(owner, "rex")
         assert subject is not None and subject.status == "ready"
+        # The engine published the tiny vocabulary's rare words; the token is one of them.
+        assert subject.token in TINY_WORDS and subject.token not in ("sun", "hat")
         adapter = local_path(subject.adapter_url or "")
         assert adapter is not None and adapter.is_file() and adapter.suffix == ".safetensors"
         assert len(trained.image_urls) == 1
@@ -246,10 +255,20 @@ async def test_cancelling_a_running_training_stops_it_and_writes_no_adapter(
 ) -> None:
     owner = Owner(TEST_PLATFORM, "guild-1", "user-4")
     photos = [Upload(f"rex{i}.jpg", make_photo(i)) for i in range(3)]
-    async with running_engine(long_training) as (_, workers):
-        async with open_core(long_training, TEST_PLATFORM) as runtime, delivering(runtime, sink):
+    settings = long_training.model_copy(update={"train_checkpoint_steps": 5})
+    async with running_engine(settings) as (_, workers):
+        async with open_core(settings, TEST_PLATFORM) as runtime, delivering(runtime, sink):
             receipt = await runtime.core.train(owner, {}, "rex", "dog", photos)
             await _wait_for_phase(sink, receipt.job_id, "training")
+            found = await runtime.store.find_subject(owner, "rex")
+            assert found is not None
+            checkpoint = local_path(
+                runtime.core.artifacts.url("subjects", found.id, "training-checkpoint.pt")
+            )
+            assert checkpoint is not None
+            async with asyncio.timeout(60):
+                while not checkpoint.exists():
+                    await asyncio.sleep(0.02)
             moderator = Owner(TEST_PLATFORM, "guild-1", "mod")
             mod = runtime.core.moderation.acting(moderator, True)
             reply = await mod.cancel(receipt.job_id[:8], "testing cancel")
@@ -266,6 +285,7 @@ async def test_cancelling_a_running_training_stops_it_and_writes_no_adapter(
                 runtime.core.artifacts.url("subjects", subject.id, "adapter.safetensors")
             )
             assert adapter is not None and not adapter.exists()
+            assert not checkpoint.exists()  # cancelled for good: nothing left to resume
             steps = [
                 p.step for j, _, p in sink.progress if j == receipt.job_id and p.phase == "training"
             ]

@@ -66,6 +66,24 @@ async def test_quota_in_the_shell_shows_usage_and_the_utc_reset(shell: ShellAdap
     assert "reset at 00:00 UTC (in " in reply
 
 
+async def test_mod_quota_show_says_the_shell_cannot_see_roles_when_role_limits_exist(
+    shell: ShellAdapter,
+) -> None:
+    # No role limits: roles could change nothing, so nothing is said about them.
+    shown = await _say(shell, "/mod quota show bob")
+    assert "images:    0 of 100" in shown and "roles" not in shown.lower()
+
+    await _say(shell, "/mod quota set role:42 images 7")
+    await _say(shell, "/mod quota set role:7 jobs 1")
+    shown = await _say(shell, "/mod quota show bob")
+    # The base limits are shown, but not passed off as bob's whole story.
+    assert "images:    0 of 100" in shown
+    assert (
+        "Roles: I can't see bob's roles here, so role limits (role:42, role:7) are not "
+        "counted above." in shown
+    )
+
+
 @pytest.fixture
 async def strict_runtime(tmp_path: Path, redis_clean: str) -> AsyncIterator[BotRuntime]:
     """A core whose shell moderators are only 'alice'."""

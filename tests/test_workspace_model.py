@@ -130,6 +130,41 @@ async def test_setting_the_model_keeps_the_workspaces_rules_and_switches(
         await runtime.core.imagine(owner, {}, "a lighthouse", count=1)
 
 
+async def test_train_and_imagine_read_the_workspace_settings_once(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    # The default model and the prompt filter's switches come from one read of the row.
+    configure_second_model(runtime.settings, "xl")
+    mod = runtime.core.moderation.acting(owner, True)
+    await mod.model("xl")
+    await mod.block_reveal(True)
+    await mod.block_add("lighthouse")
+    reads: list[str] = []
+
+    def trace(statement: str) -> None:
+        if "FROM workspace_settings" in statement:
+            reads.append(statement)
+
+    await runtime.store.db.set_trace_callback(trace)
+    try:
+        await runtime.core.train(owner, {}, "rex", "dog", _photos(3))
+        assert len(reads) == 1
+        assert (await queued_train_request(runtime)).base_model == "xl"
+
+        reads.clear()
+        receipt = await runtime.core.imagine(owner, {}, "a harbour", count=1)
+        assert len(reads) == 1
+        assert (await queued_generate_request(runtime, receipt.job_id))["base_model"] == "xl"
+
+        # The one read still carries the switches: the rule is revealed.
+        reads.clear()
+        with pytest.raises(UserError, match="“lighthouse”"):
+            await runtime.core.imagine(owner, {}, "a lighthouse", count=1)
+        assert len(reads) == 1
+    finally:
+        await runtime.store.db.set_trace_callback(None)
+
+
 async def test_migration_0004_on_a_database_with_0001_to_0003_data_loses_nothing(
     tmp_path: Path,
 ) -> None:

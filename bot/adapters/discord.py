@@ -81,6 +81,20 @@ def role_ids(user: discord.Member | discord.User) -> list[str]:
     return [str(role_id) for role_id in user._roles]
 
 
+def target_roles(
+    interaction: discord.Interaction[Any], user: discord.Member | discord.User
+) -> list[str] | None:
+    """Another member's role ids, for a moderator's view of them; None if unknown.
+
+    Discord resolves a user option to a member (with roles) when they are in the server; a
+    plain user is looked up in the guild's cache, and is otherwise not known as a member.
+    """
+    if isinstance(user, discord.Member):
+        return role_ids(user)
+    member = interaction.guild.get_member(user.id) if interaction.guild is not None else None
+    return role_ids(member) if member is not None else None
+
+
 def is_moderator(interaction: discord.Interaction[Any], core: Core) -> bool:
     """Manage Server in this guild, or a moderator by configuration (user id or role)."""
     # interaction.permissions is what Discord resolved for this member here (administrators
@@ -720,7 +734,8 @@ def mod_commands(adapter: DiscordAdapter) -> app_commands.Group:
 
     @quota.command(name="show", description="A member's usage and limits today")
     async def quota_show(interaction: Interaction, user: User) -> None:
-        await adapter.mod(interaction, lambda m: m.quota_show(str(user.id), role_ids(user)))
+        roles = target_roles(interaction, user)
+        await adapter.mod(interaction, lambda m: m.quota_show(str(user.id), roles))
 
     @quota.command(name="set", description="Set a limit for a member, a role or the server")
     @app_commands.describe(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -47,7 +48,24 @@ def _write_file(target: Path, data: bytes) -> None:
 
 
 def _unreadable(path: Path, exc: OSError) -> UserError:
+    if isinstance(exc, PermissionError):
+        return UserError(
+            f"I can't read {path}: permission denied (on it or on a folder above it). "
+            "Give the user dreambot runs as read access (e.g. chmod a+rx on the folders, "
+            "a+r on the photos), or copy the photos somewhere it can read."
+        )
     return UserError(f"I can't read {path}: {exc.strerror or exc}.")
+
+
+def _not_there(path: Path, exc: OSError) -> UserError:
+    """Why ``path`` (which could not be looked up) can't be used for /train."""
+    if isinstance(exc, FileNotFoundError):
+        return UserError(f"{path} does not exist.")
+    if isinstance(exc, NotADirectoryError):
+        blocker = next((p for p in reversed(path.parents) if p.is_file()), None)
+        if blocker is not None:
+            return UserError(f"{path} does not exist: {blocker} is a file, not a folder.")
+    return _unreadable(path, exc)
 
 
 class ShellAdapter:
@@ -239,16 +257,22 @@ class ShellAdapter:
     def _read_uploads(self, paths: list[Path]) -> list[Upload]:
         files: list[Path] = []
         for path in (p.expanduser() for p in paths):
-            if path.is_dir():
+            # stat(), not is_dir()/is_file(): they hide why a path can't be looked at (a
+            # folder above it unreadable, a file on the way), answering False or raising.
+            try:
+                mode = path.stat().st_mode
+            except OSError as exc:
+                raise _not_there(path, exc) from exc
+            if stat.S_ISDIR(mode):
                 try:
                     found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
                 except OSError as exc:
                     raise _unreadable(path, exc) from exc
                 files += found
-            elif path.is_file():
+            elif stat.S_ISREG(mode):
                 files.append(path)
             else:
-                raise UserError(f"{path} does not exist.")
+                raise UserError(f"{path} is neither a photo file nor a folder.")
         limit = self.core.photo_rules.max_bytes
         uploads = []
         for file in files:

@@ -25,8 +25,8 @@ from bot.core.moderation import Moderation
 from bot.core.photos import PhotoRules, Upload, prepare_photos
 from bot.core.prompts import SUBJECT_REF, active_subject, resolve_prompt
 from bot.core.quotas import Limits, Quotas, check_allowance
-from bot.core.store import Owner, Store, Subject, utcnow
-from bot.core.tokens import pick_token
+from bot.core.store import Owner, Store, Subject, WorkspaceSettings, utcnow
+from bot.core.tokens import pick_token, usable_vocabulary_tokens
 from engine.api import (
     ALL_ENGINE_QUEUES,
     ASPECT_RATIOS,
@@ -39,6 +39,7 @@ from engine.api import (
     ShowcaseRequest,
     TrainRequest,
     bot_queue,
+    rare_tokens_key,
 )
 from engine.artifacts import ArtifactStore
 
@@ -134,8 +135,12 @@ class Core:
         that model from then on.
         """
         await self.moderation.check_not_banned(owner)
+        # Read once: the default model and the prompt filter both come from these.
+        workspace_settings = await self.store.workspace_settings(owner.platform, owner.workspace)
         if model is None or not model.strip():
-            base_model = await self.default_model(owner.platform, owner.workspace)
+            base_model = await self.default_model(
+                owner.platform, owner.workspace, workspace_settings
+            )
         else:
             base_model = self.base_model_named(model)
         name, class_noun = name.strip(), " ".join(class_noun.lower().split())
@@ -149,7 +154,9 @@ class Core:
                 f"'{class_noun}' isn't a class: say what kind of thing it is in a word or two, "
                 "e.g. dog, cat, person, backpack, toy car."
             )
-        await self.moderation.check_prompt(owner, f"{name} {class_noun}", subject=True)
+        await self.moderation.check_prompt(
+            owner, f"{name} {class_noun}", subject=True, settings=workspace_settings
+        )
         existing = await self.store.find_subject(owner, name)
         if existing:
             raise UserError(
@@ -254,9 +261,14 @@ class Core:
             if negative_prompt.strip()
             else ""
         )
-        await self.moderation.check_prompt(owner, resolved.text, negative)
+        # Read once: the prompt filter and the default model both come from these.
+        workspace_settings = await self.store.workspace_settings(owner.platform, owner.workspace)
+        await self.moderation.check_prompt(
+            owner, resolved.text, negative, settings=workspace_settings
+        )
         base_model = _common_base_model(
-            resolved.subjects, await self.default_model(owner.platform, owner.workspace)
+            resolved.subjects,
+            await self.default_model(owner.platform, owner.workspace, workspace_settings),
         )
         await self._check_queue_space()
         limits = await self.quotas.limits(owner, roles)
@@ -517,6 +529,7 @@ class Core:
         photo_count: int,
         base_model: str,
     ) -> Subject:
+        vocabulary = await self._rare_tokens(base_model)
         for _ in range(5):
             taken = await self.store.workspace_tokens(owner.platform, owner.workspace)
             now = utcnow()
@@ -525,7 +538,7 @@ class Core:
                 owner=owner,
                 name=name,
                 class_noun=class_noun,
-                token=pick_token(taken),
+                token=pick_token(taken, vocabulary=vocabulary),
                 status="queued",
                 adapter_url=None,
                 photos_url=photos_url,
@@ -544,10 +557,24 @@ class Core:
                     raise UserError(f"You already have a subject called {name}.") from None
         raise RuntimeError("could not allocate a unique subject token")
 
-    async def default_model(self, platform: str, workspace: str) -> str:
+    async def _rare_tokens(self, base_model: str) -> list[str]:
+        """The rare tokens the engine published for ``base_model`` ([] if none yet)."""
+        try:
+            published = await self.queue.get(rare_tokens_key(base_model))
+        except (RedisError, OSError) as exc:  # the job is queued next; that will say more
+            log.warning("could not read the rare tokens of %s: %s", base_model, exc)
+            return []
+        return usable_vocabulary_tokens(published)
+
+    async def default_model(
+        self, platform: str, workspace: str, settings: WorkspaceSettings | None = None
+    ) -> str:
         """The workspace's default base model: the one a moderator chose with /mod model if
-        it is still configured, else the configured default."""
-        chosen = (await self.store.workspace_settings(platform, workspace)).default_model
+        it is still configured, else the configured default. ``settings``: the workspace's,
+        if the caller already read them (else they are read here)."""
+        if settings is None:
+            settings = await self.store.workspace_settings(platform, workspace)
+        chosen = settings.default_model
         if chosen is not None and chosen in self.settings.model_names:
             return chosen
         if chosen is not None:

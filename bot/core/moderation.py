@@ -240,7 +240,13 @@ class Moderation:
         raise UserError(f"You're banned from using dreambot here, {_ban_until(ban)}.{reason}")
 
     async def check_prompt(
-        self, owner: Owner, prompt: str, negative_prompt: str = "", *, subject: bool = False
+        self,
+        owner: Owner,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        subject: bool = False,
+        settings: WorkspaceSettings | None = None,
     ) -> None:
         """Raise UserError if a blocked-prompt rule hits the (resolved) prompt or negative.
 
@@ -248,8 +254,10 @@ class Moderation:
         class-prior images from the class noun, so it is a prompt too.
         A hit is logged for moderators. The user learns which rule only if the workspace
         turned ``reveal`` on: by default we don't hand out a map of the filter.
+        ``settings``: the workspace's, if the caller already read them (else read here).
         """
-        settings = await self.store.workspace_settings(owner.platform, owner.workspace)
+        if settings is None:
+            settings = await self.store.workspace_settings(owner.platform, owner.workspace)
         prompt_filter = await self._filter(owner.platform, owner.workspace, settings)
         match = prompt_filter.check(prompt, negative_prompt)
         if match is None:
@@ -512,9 +520,25 @@ class Moderator:
 
     # Quotas.
 
-    async def quota_show(self, user_id: str, roles: Sequence[str] = ()) -> str:
-        """A user's usage today and effective limits (``roles``: their platform role ids)."""
-        return await self.moderation.core.quotas.usage_text(self._user(user_id), roles, you=False)
+    async def quota_show(self, user_id: str, roles: Sequence[str] | None = None) -> str:
+        """A user's usage today and effective limits.
+
+        ``roles``: their platform role ids, as the adapter knows them; None when it can't
+        tell another user's roles (the text form: the shell, Slack). Then the reply says so
+        if the workspace has role limits, rather than pass base limits off as theirs.
+        """
+        user = self._user(user_id)
+        text = await self.moderation.core.quotas.usage_text(user, roles or (), you=False)
+        if roles is not None:
+            return text
+        overrides = await self.store.list_quota_overrides(self.owner.platform, self.owner.workspace)
+        role_limits = sorted({o.target_id for o in overrides if o.scope == "role"})
+        if not role_limits:
+            return text
+        return (
+            f"{text}\nRoles: I can't see {user.user_id}'s roles here, so role limits "
+            f"({', '.join(f'role:{role}' for role in role_limits)}) are not counted above."
+        )
 
     async def quota_set(self, target: str, what: str, value: str | int | None) -> str:
         """Set a limit for a user, a role (``role:<id>``) or the workspace; None clears it."""

@@ -1,9 +1,17 @@
-"""Rare identifier tokens for subjects ("a photo of zqv dog")."""
+"""Rare identifier tokens for subjects ("a photo of zqv dog").
+
+The engine publishes each base model's rare single-token words from its own vocabulary
+(``engine.rare_tokens``, the DreamBooth paper's choice); :func:`pick_token` draws from those
+when given them, and otherwise (no engine has started yet, or the vocabulary has none left)
+from three-consonant strings, which carry no meaning either but may take several tokens.
+"""
 
 from __future__ import annotations
 
 import itertools
+import json
 import random
+from collections.abc import Sequence
 
 _CONSONANTS = "bcdfghjklmnpqrstvwxz"
 # Consonant triples that are common abbreviations or words, which would carry meaning.
@@ -54,9 +62,35 @@ CANDIDATES: tuple[str, ...] = tuple(
 """Three-consonant strings such as 'zqv': short, unpronounceable, and without prior meaning."""
 
 
-def pick_token(taken: set[str], rng: random.Random | None = None) -> str:
-    """A rare token not in ``taken`` (the tokens already used in the workspace)."""
+def usable_vocabulary_tokens(published: str | bytes | None) -> list[str]:
+    """The engine's published rare tokens (a JSON list), less common abbreviations and
+    anything that is not a short lower-case word; [] if there is no usable list."""
+    if not published:
+        return []
+    try:
+        words = json.loads(published)
+    except ValueError:
+        return []
+    if not isinstance(words, list):
+        return []
+    return [
+        w
+        for w in words
+        if isinstance(w, str) and 2 <= len(w) <= 4 and w.isascii() and w.isalpha()
+        and w.islower() and w not in _COMMON
+    ]  # fmt: skip
+
+
+def pick_token(
+    taken: set[str], rng: random.Random | None = None, vocabulary: Sequence[str] = ()
+) -> str:
+    """A rare token not in ``taken`` (the tokens already used in the workspace): one of
+    ``vocabulary`` (the base model's rare single tokens) while any is free, else one of
+    :data:`CANDIDATES`."""
     rng = rng or random.SystemRandom()
+    free_words = [w for w in vocabulary if w not in taken]
+    if free_words:
+        return rng.choice(free_words)
     for _ in range(64):
         token = rng.choice(CANDIDATES)
         if token not in taken:

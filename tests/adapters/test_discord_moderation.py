@@ -200,6 +200,29 @@ async def test_quota_shows_the_members_usage_and_their_roles_limits(
     )
 
 
+async def test_quota_show_of_a_user_discord_sends_no_member_data_for_says_so(
+    chat: Chat, runtime: BotRuntime
+) -> None:
+    mod = runtime.core.moderation.acting(OWNER, True)
+    await mod.quota_set("role:55", "images", 7)
+
+    # A member: Discord resolves their roles, and the role's limit is theirs.
+    member = user_option("user", OTHER_USER_ID, roles=[55])
+    shown = await chat.mod("quota show", [member["option"]], member["resolved"])
+    assert "images:    0 of 7" in shown and "can't see" not in shown
+
+    # Someone Discord sends as a plain user (not a member here): their roles are unknown,
+    # and the reply says the role limits are left out instead of passing 100 off as theirs.
+    stranger = user_option("user", OTHER_USER_ID)
+    resolved = {"users": stranger["resolved"]["users"]}
+    shown = await chat.mod("quota show", [stranger["option"]], resolved)
+    assert "images:    0 of 100" in shown
+    assert (
+        f"Roles: I can't see {OTHER_USER_ID}'s roles here, so role limits (role:55) are not "
+        "counted above." in shown
+    )
+
+
 async def test_quota_set_with_both_a_user_and_a_role_changes_nothing(
     chat: Chat, runtime: BotRuntime
 ) -> None:

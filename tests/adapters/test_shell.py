@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,6 +89,63 @@ async def test_an_unreadable_photo_is_a_message_not_a_traceback(
     await shell.handle(f"/train rex dog {tmp_path}")
 
     assert out.getvalue().startswith(f"✗ I can't read {tmp_path / 'p1.jpg'}")
+    assert await queued(runtime.queue) == 0
+
+
+@contextlib.contextmanager
+def _permissions_bite() -> Iterator[None]:
+    """Make file permissions apply, also when the tests run as root: root reads anything,
+    so the effective user becomes nobody (65534) until the block ends."""
+    if os.geteuid() != 0:
+        yield
+        return
+    try:
+        os.seteuid(65534)
+    except PermissionError:
+        pytest.skip("root without CAP_SETUID: permissions can't be made to apply")
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+async def test_a_folder_whose_parent_cannot_be_read_is_not_called_missing(
+    runtime: BotRuntime, tmp_path: Path
+) -> None:
+    folder = tmp_path / "locked" / "photos"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"p{i}.jpg").write_bytes(make_photo(i))
+    out = io.StringIO()
+    shell = ShellAdapter(runtime.core, "tester", out=out)
+    (tmp_path / "locked").chmod(0)
+    try:
+        with _permissions_bite():
+            with pytest.raises(PermissionError):  # the situation under test, for real
+                folder.stat()
+            await shell.handle(f"/train rex dog {folder}")
+    finally:
+        (tmp_path / "locked").chmod(0o700)
+
+    said = out.getvalue()
+    assert said.startswith(f"✗ I can't read {folder}: permission denied")
+    assert "does not exist" not in said
+    assert "chmod" in said  # what to do about it
+    assert await queued(runtime.queue) == 0
+
+
+async def test_a_folder_under_a_file_is_missing_and_the_file_is_named(
+    runtime: BotRuntime, tmp_path: Path
+) -> None:
+    (tmp_path / "notes.txt").write_text("not a folder")
+    out = io.StringIO()
+    shell = ShellAdapter(runtime.core, "tester", out=out)
+    await shell.handle(f"/train rex dog {tmp_path / 'notes.txt' / 'photos'}")
+
+    assert out.getvalue() == (
+        f"✗ {tmp_path / 'notes.txt' / 'photos'} does not exist: "
+        f"{tmp_path / 'notes.txt'} is a file, not a folder.\n"
+    )
     assert await queued(runtime.queue) == 0
 
 

@@ -12,7 +12,7 @@ import torch
 from bot.config import Settings
 from engine.families import ModelFamily, ModelFormatError, detect_family
 from engine.generation import Generator
-from engine.models import ModelLoadError, load_pipeline
+from engine.models import ModelLoadError, load_pipeline, served_model
 from engine.tiny import save_single_file
 from tests.conftest import make_settings
 
@@ -149,6 +149,7 @@ async def test_engine_serves_every_configured_model_by_name(
 
     assert list(ctx["models"]) == ["xl", "sd"]
     assert ctx["models"]["xl"].family.is_sdxl and not ctx["models"]["sd"].family.is_sdxl
-    assert ctx["pipe"] is ctx["pipes"]["xl"] and ctx["generator"] is ctx["generators"]["xl"]
-    assert type(ctx["pipes"]["sd"]).__name__ == "StableDiffusionPipeline"
+    assert ctx["pipe"] is served_model(ctx, "xl").pipe
+    assert "pipes" not in ctx and "generators" not in ctx and "generator" not in ctx
+    assert type(served_model(ctx, "sd").pipe).__name__ == "StableDiffusionPipeline"
     assert ctx["models"]["sd"].key != ctx["models"]["xl"].key

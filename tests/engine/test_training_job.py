@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from arq import create_pool
 from arq.connections import RedisSettings
 
 import engine.train_job
 import engine.training
-from engine.api import TrainRequest
+from engine.api import TrainRequest, cancel_key
 from engine.artifacts import ArtifactStore, local_path
 from engine.reporting import CancelWatch
-from engine.train_job import train_subject
+from engine.train_job import checkpoint_url, gradient_checkpointing, train_subject
 from tests.conftest import make_photo, make_settings
 
 pytestmark = pytest.mark.model
@@ -142,3 +146,100 @@ async def test_a_cancel_while_class_images_are_drawn_stops_after_the_current_bat
     assert [a for a in answers if b":deliver_" in a] == [b"job-rex:deliver_failure"]
     priors = local_path(engine_ctx["artifacts"].url("priors"))
     assert priors is not None and not list(priors.rglob("complete.json"))
+
+
+@pytest.mark.parametrize(
+    ("setting", "sdxl", "device", "expected"),
+    [
+        ("auto", True, "cuda", True),
+        ("auto", True, "cuda:1", True),
+        ("auto", True, "cpu", False),
+        ("auto", False, "cuda", False),
+        (True, False, "cpu", True),
+        (False, True, "cuda", False),
+    ],
+)
+def test_gradient_checkpointing_auto_is_on_for_sdxl_on_a_gpu(
+    setting: bool | str, sdxl: bool, device: str, expected: bool
+) -> None:
+    assert gradient_checkpointing(setting, sdxl, device) is expected
+
+
+async def _wait_for(condition: Any, within: float = 60.0) -> None:
+    async with asyncio.timeout(within):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("moderator", [True, False], ids=["moderator-cancel", "shutdown"])
+async def test_an_aborted_training_drops_its_checkpoint_only_when_a_moderator_cancelled_it(
+    engine_ctx: dict[str, Any], caplog: pytest.LogCaptureFixture, moderator: bool
+) -> None:
+    # arq aborts the job's task either way: after a moderator's cancel (the bot sets the cancel
+    # key first) or when the engine shuts down (no key: arq runs the job again).
+    # Few progress messages: cancelling the job's cancel-key poll while it opens a new Redis
+    # connection (the pool is busy sending progress) can leave that socket unclosed.
+    engine_ctx["settings"] = engine_ctx["settings"].model_copy(
+        update={"train_steps": 60, "train_checkpoint_steps": 2, "progress_interval": 60.0}
+    )
+    request = train_request(engine_ctx, "rex")
+    checkpoint = local_path(checkpoint_url(request))
+    assert checkpoint is not None
+    job = asyncio.create_task(train_subject(engine_ctx, request.model_dump()))
+    await _wait_for(checkpoint.exists)
+    if moderator:
+        await engine_ctx["redis"].set(cancel_key(request.job_id), "testing", ex=60)
+    job.cancel()  # what arq's abort (and its shutdown) does to the job's task
+
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    answers = await engine_ctx["redis"].zrange(REPLY_QUEUE, 0, -1)
+    assert [a for a in answers if a.endswith((b":deliver_result", b":deliver_failure"))] == []
+    assert checkpoint.exists() is not moderator
+    if not moderator:  # the retried job resumes from the checkpoint it kept
+        with caplog.at_level("INFO", logger="engine.train_job"):
+            assert await train_subject(engine_ctx, request.model_dump()) is not None
+        assert "resuming training from step" in caplog.text
+        assert not checkpoint.exists()
+
+
+async def test_checkpoints_are_stored_while_training_goes_on(
+    engine_ctx: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trained = threading.Event()
+    waited: list[bool] = []
+    stored_steps: list[int] = []
+
+    class SlowStore(ArtifactStore):
+        """A store whose checkpoint uploads take until the training has finished."""
+
+        def put_bytes(self, url: str, data: bytes) -> None:
+            if url.endswith("training-checkpoint.pt"):
+                waited.append(trained.wait(10))
+                stored_steps.append(torch.load(io.BytesIO(data), weights_only=True)["step"])
+            super().put_bytes(url, data)
+
+    train_lora = engine.training.train_lora
+
+    def training_then_tell(*args: Any, **kwargs: Any) -> Any:
+        outcome = train_lora(*args, **kwargs)
+        trained.set()
+        return outcome
+
+    monkeypatch.setattr(engine.training, "train_lora", training_then_tell)
+    engine_ctx["artifacts"] = SlowStore(engine_ctx["artifacts"].base_url)
+    engine_ctx["settings"] = engine_ctx["settings"].model_copy(
+        update={"train_steps": 6, "train_checkpoint_steps": 2}
+    )
+    request = train_request(engine_ctx, "rex")
+
+    result = await train_subject(engine_ctx, request.model_dump())
+
+    assert result is not None
+    # The training ran on while its first checkpoint was still being uploaded ...
+    assert waited and all(waited)
+    # ... and every checkpoint was stored, in order, before the finished job deleted it.
+    assert stored_steps == [2, 4]
+    checkpoint, adapter = local_path(checkpoint_url(request)), local_path(request.adapter_url)
+    assert checkpoint is not None and not checkpoint.exists()
+    assert adapter is not None and adapter.is_file()

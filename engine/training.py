@@ -587,6 +587,23 @@ def train_steps(
     bsz = cfg.batch_size
     instance_losses: list[float] = []
     prior_losses: list[float] = []
+    # On a GPU a step's losses are copied to the host without waiting, and read once the next
+    # step is queued: waiting right away would leave the GPU idle while Python queues the
+    # next step. So there step n is reported during step n + 1, the last after the loop.
+    pending: _PendingLosses | None = None
+
+    def settle() -> None:
+        nonlocal pending
+        if pending is None:
+            return
+        done, instance_loss, prior_loss, loss = pending.read()
+        pending = None
+        instance_losses.append(instance_loss)
+        if prior_loss is not None:
+            prior_losses.append(prior_loss)
+        if progress is not None:
+            progress(done, cfg.steps, loss)
+
     first = 1
     if resume is not None:
         with torch.no_grad():
@@ -627,10 +644,10 @@ def train_steps(
                 sizes = torch.cat([sizes, sdxl.class_sizes[class_picks]])
         added: dict[str, torch.Tensor] | None = None
         if sdxl is not None:
-            added = {"text_embeds": pooled.to(device), "time_ids": sizes.to(device)}
+            added = {"text_embeds": _to(pooled, device), "time_ids": _to(sizes, device)}
         noise = torch.randn(latents.shape, generator=rng)
         timesteps = torch.randint(num_timesteps, (len(latents),), generator=rng)
-        latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+        latents, noise, timesteps = _to(latents, device), _to(noise, device), _to(timesteps, device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         if prediction_type == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -647,11 +664,10 @@ def train_steps(
         pred, target = pred.float(), target.float()
         instance_loss = F.mse_loss(pred[:bsz], target[:bsz])
         loss = instance_loss
+        prior_loss = None
         if use_prior:
             prior_loss = F.mse_loss(pred[bsz:], target[bsz:])
             loss = instance_loss + cfg.prior_loss_weight * prior_loss
-            prior_losses.append(prior_loss.item())
-        instance_losses.append(instance_loss.item())
 
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -659,10 +675,13 @@ def train_steps(
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if progress is not None:
-            progress(step, cfg.steps, loss.item())
+        settle()  # the previous step's losses: it has finished or nearly
+        pending = _PendingLosses(step, instance_loss, prior_loss, loss)
+        if device.type != "cuda":
+            settle()  # the CPU computed the step already: nothing to overlap
         if on_checkpoint is not None and checkpoint_every > 0:
             if step % checkpoint_every == 0 and step < cfg.steps:
+                settle()  # the checkpoint holds every loss so far
                 on_checkpoint(
                     TrainState(
                         step=step,
@@ -676,7 +695,43 @@ def train_steps(
                         prior_losses=list(prior_losses),
                     )
                 )
+    settle()
     return instance_losses, prior_losses
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device``. To a GPU through pinned memory without waiting:
+    a plain copy from pageable memory waits for all the GPU work queued before it."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class _PendingLosses:
+    """One step's losses on their way to the host: on a GPU copied into pinned memory
+    behind the step's work, with an event to wait for just that copy."""
+
+    def __init__(
+        self, step: int, instance: torch.Tensor, prior: torch.Tensor | None, loss: torch.Tensor
+    ) -> None:
+        self.step = step
+        self.has_prior = prior is not None
+        values = torch.stack([instance, prior if prior is not None else loss, loss]).detach()
+        self.event: torch.cuda.Event | None = None
+        if values.device.type == "cuda":
+            self.values = torch.empty(3, dtype=values.dtype, pin_memory=True)
+            self.values.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.values = values
+
+    def read(self) -> tuple[int, float, float | None, float]:
+        """(step, instance loss, prior loss or None, total loss), waiting for the copy."""
+        if self.event is not None:
+            self.event.synchronize()
+        instance, prior, loss = self.values.tolist()
+        return self.step, instance, prior if self.has_prior else None, loss
 
 
 def _to_cpu(value: Any) -> Any:

@@ -162,15 +162,26 @@ def _build_pipeline(scratch: Path, seed: int) -> StableDiffusionPipeline:
     torch.manual_seed(seed)  # the random weights are the model: make them reproducible
     tokenizer = _tokenizer(scratch)
     unet = UNet2DConditionModel(**_UNET_SHAPE, cross_attention_dim=32)  # type: ignore[arg-type]
+    return _sd_pipeline(tokenizer, unet, _text_config(tokenizer), _scheduler())
+
+
+def _sd_pipeline(
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+    text_config: CLIPTextConfig,
+    scheduler: DDPMScheduler,
+) -> StableDiffusionPipeline:
+    """The rest of an SD 1.x/2.x-shaped pipeline around ``unet``: the VAE, then the text
+    encoder (in that order: the random weights depend on it)."""
     vae = _vae()
-    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    text_encoder = CLIPTextModel(text_config)
     _add_word_rows(tokenizer, text_encoder)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -194,19 +205,8 @@ def _build_sd2_pipeline(scratch: Path, seed: int, v_prediction: bool) -> StableD
         attention_head_dim=(2, 4),
     )
     prediction_type = "v_prediction" if v_prediction else "epsilon"
-    vae = _vae()
-    text_encoder = CLIPTextModel(config)
-    _add_word_rows(tokenizer, text_encoder)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDPMScheduler.from_config(_scheduler().config, prediction_type=prediction_type),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    scheduler = DDPMScheduler.from_config(_scheduler().config, prediction_type=prediction_type)
+    return _sd_pipeline(tokenizer, unet, config, scheduler)
 
 
 SDXL_TIME_EMBED_DIM = 8

@@ -564,6 +564,8 @@ def train_steps(
     losses of the whole run, resumed part included.
     """
     device = unet.device
+    # Once: diffusers' ModelMixin.dtype walks the modules on every read (ms on a LoRA UNet).
+    unet_dtype = unet.dtype
     use_prior = len(class_latents) > 0 and cfg.prior_loss_weight > 0
     named = trainable_parameters(unet)
     groups: list[dict[str, Any]] = [{"params": list(named.values())}]
@@ -656,9 +658,9 @@ def train_steps(
 
         with _autocast(device, autocast_dtype):
             pred = unet(
-                noisy.to(unet.dtype),
+                noisy.to(unet_dtype),
                 timesteps,
-                embeds.to(device, unet.dtype),
+                embeds.to(device, unet_dtype),
                 added_cond_kwargs=added,
             ).sample
         pred, target = pred.float(), target.float()

@@ -42,8 +42,7 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
     Every model's path is checked before any is loaded, so a typo in the configuration fails
     the start (with the path in the message) instead of the first job, and quickly. ``ctx``
     gets ``models`` (name → :class:`~engine.models.ServedModel`; jobs find theirs with
-    :func:`engine.models.served_model`), and ``pipe``, the default model's pipeline, which
-    ``startup`` takes as the sign that the resources are loaded.
+    :func:`engine.models.served_model`; the configured default comes first).
     """
     from engine.generation import Generator
     from engine.models import (
@@ -96,12 +95,10 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
             compile=settings.compile_unet and device.startswith("cuda"),
         )
         models[name] = ServedModel(name, source, model_key(entry.path), family, pipe, generator)
-    default = models[settings.base_model]
     return {
         "settings": settings,
         "artifacts": ArtifactStore(settings.artifacts),
         "models": models,
-        "pipe": default.pipe,
         "device": device,
         "cache_dir": settings.data_dir / "engine-cache",
         "gpu": GpuScheduler(),
@@ -110,7 +107,7 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
 
 async def startup(ctx: dict[str, Any]) -> None:
     """arq on_startup: load the shared resources unless another worker already did."""
-    if "pipe" not in ctx:
+    if "models" not in ctx:
         ctx.update(await load_resources(ctx.get("settings") or load_settings()))
     if not ctx.get("rare_tokens_published"):  # once per engine, by whichever worker is first
         ctx["rare_tokens_published"] = True

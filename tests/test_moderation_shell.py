@@ -102,3 +102,19 @@ async def test_a_shell_user_not_listed_as_moderator_is_refused(
     assert await queued(strict_runtime.queue) == 1
     alice = ShellAdapter(strict_runtime.core, "alice", out=io.StringIO())
     assert "tester" in await _say(alice, "/mod queue")
+
+
+async def test_a_role_limit_set_in_the_shell_says_it_applies_to_nobody(
+    tmp_path: Path, redis_clean: str
+) -> None:
+    from bot.adapters import shell as shell_adapter
+    from bot.adapters import slack as slack_adapter
+    from bot.core.moderation import PLATFORMS_WITHOUT_ROLES
+
+    assert {shell_adapter.PLATFORM, slack_adapter.PLATFORM} == PLATFORMS_WITHOUT_ROLES
+    settings = make_settings(tmp_path / "data", redis_clean)
+    async with open_core(settings, shell_adapter.PLATFORM) as runtime:
+        shell = ShellAdapter(runtime.core, "tester", out=io.StringIO())
+        reply = await _say(shell, "/mod quota set role:42 images 7")
+    assert "Images per day for role 42: now 7." in reply
+    assert "shell doesn't tell me people's roles, so role limits apply to nobody here" in reply

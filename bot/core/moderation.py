@@ -71,6 +71,8 @@ return 'gone'
 _DURATION = re.compile(r"^(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?$")
 _FOREVER = {"forever", "permanent", "permanently", "never"}
 MAX_BAN = timedelta(days=3650)
+PLATFORMS_WITHOUT_ROLES = frozenset({"slack", "shell"})
+"""Platforms whose adapters pass no roles: a role limit set there applies to nobody."""
 _MENTION = re.compile(r"^<@[!&]?([A-Za-z0-9_.-]+)(?:\|[^>]*)?>$")
 _ROLE_MENTION = re.compile(r"^<@&([0-9]+)>$")
 _FIELD_ALIASES: dict[str, QuotaField] = {
@@ -486,8 +488,9 @@ class Moderator:
         platform, workspace = self.owner.platform, self.owner.workspace
         configured = core.settings.base_model
         if name is None or not name.strip():
-            chosen = (await self.store.workspace_settings(platform, workspace)).default_model
-            current = await core.default_model(platform, workspace)
+            workspace_settings = await self.store.workspace_settings(platform, workspace)
+            chosen = workspace_settings.default_model
+            current = await core.default_model(platform, workspace, workspace_settings)
             lines = ["Base models (configured default first):"]
             lines += [
                 f"  {model}{'  ← this workspace' if model == current else ''}"
@@ -558,7 +561,13 @@ class Moderator:
         )
         shown = "the default" if limit is None else str(limit)
         await self._audit("quota-set", label, f"{FIELD_NAMES[field]} = {shown}")
-        return f"{FIELD_NAMES[field].capitalize()} for {label}: now {shown}."
+        reply = f"{FIELD_NAMES[field].capitalize()} for {label}: now {shown}."
+        if scope == "role" and self.owner.platform in PLATFORMS_WITHOUT_ROLES:
+            reply += (
+                f"\nNote: {self.owner.platform} doesn't tell me people's roles, so role limits "
+                "apply to nobody here; set limits per user or for the workspace instead."
+            )
+        return reply
 
     async def quota_reset(self, user_id: str) -> str:
         """Give a user back everything they spent today."""

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench bench-venv clean
+.PHONY: run test test-fast lint bench bench-venv gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,26 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) bench/train.py --venv $(BENCH_VENV) --diffusers-examples $(DIFFUSERS_EXAMPLES) \
 		--diffusers-version-label $(DIFFUSERS_TAG) $(BENCH_ARGS)
 	$(PY) bench/generate.py $(BENCH_ARGS)
+
+# For a lent GPU machine without a package index (bench/gpu.sh): the project's diffusers,
+# transformers, peft and regex as Python 3.12 wheels, bitsandbytes unpacked with only its
+# CUDA 13.0 and CPU libraries, and diffusers' DreamBooth LoRA script, all under .whl/
+# (ignored by git: `echo /.whl/ >> .git/info/exclude`), to carry with the run.
+WHEEL_PLATFORMS := --python-version 3.12 --implementation cp --only-binary=:all: \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+gpu-wheels: $(STAMP)
+	mkdir -p .whl/examples/dreambooth
+	$(PY) -m pip freeze | grep -iE '^(diffusers|transformers|peft|regex)==' > .whl/wanted.txt
+	$(PY) -m pip download -q --no-deps $(WHEEL_PLATFORMS) -d .whl -r .whl/wanted.txt
+	$(PY) -m pip download -q --no-deps $(WHEEL_PLATFORMS) -d .whl/bnb-wheel bitsandbytes
+	unzip -q -o .whl/bnb-wheel/*.whl -d .whl/bnb -x 'bitsandbytes/libbitsandbytes_cuda1[12]*' \
+		'bitsandbytes/libbitsandbytes_cuda132*' 'bitsandbytes/libbitsandbytes_rocm*' \
+		'bitsandbytes/libbitsandbytes_xpu*'
+	rm -rf .whl/bnb-wheel .whl/wanted.txt
+	cp $(DIFFUSERS_EXAMPLES)/dreambooth/train_dreambooth_lora.py .whl/examples/dreambooth/
+	du -sh .whl
 
 clean:
 	rm -rf $(VENV) data

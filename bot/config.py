@@ -29,7 +29,14 @@ TINY_MODEL = "tiny"
 TINY_SDXL_MODEL = "tiny-sdxl"
 """Special model path: the tiny random SDXL-shaped model, built offline on first use."""
 
-TINY_MODEL_FOLDERS = {TINY_MODEL: "tiny-sd", TINY_SDXL_MODEL: "tiny-sdxl"}
+TINY_SD2_MODEL = "tiny-sd2"
+"""Special model path: the tiny random SD 2.x-shaped (v-prediction) model, built on first use."""
+
+TINY_MODEL_FOLDERS = {
+    TINY_MODEL: "tiny-sd",
+    TINY_SD2_MODEL: "tiny-sd2",
+    TINY_SDXL_MODEL: "tiny-sdxl",
+}
 """Each special tiny model's folder under ``DATA_DIR/models``."""
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
@@ -40,7 +47,8 @@ class ModelEntry(BaseModel):
     """One base model of ``DREAMBOT_MODELS``."""
 
     path: str = Field(
-        description="'tiny', 'tiny-sdxl', a diffusers folder, or a single .safetensors/.ckpt file"
+        description="'tiny', 'tiny-sd2', 'tiny-sdxl', a diffusers folder, or a single "
+        ".safetensors/.ckpt file"
     )
     config: str | None = Field(
         None,
@@ -87,7 +95,8 @@ class Settings(BaseSettings):
     base_model: str = Field(
         TINY_MODEL,
         description="the default model: a name from MODELS if that is set (default: its first), "
-        "else 'tiny', 'tiny-sdxl', a diffusers folder, or a single .safetensors/.ckpt file",
+        "else 'tiny', 'tiny-sd2', 'tiny-sdxl', a diffusers folder, or a single .safetensors/.ckpt "
+        "file",
     )
     models: Annotated[dict[str, ModelEntry], NoDecode] = Field(
         default_factory=dict,

@@ -393,7 +393,7 @@ def real_photos(artifacts: ArtifactStore, subject: Subject) -> list[Image.Image]
 def load_generator(settings: Settings, model: str) -> Generator:
     """A warm generator for the configured base model ``model`` (the subject's)."""
     from engine.models import default_dtype, load_pipeline, resolve_device
-    from engine.tiny import build_tiny_model, build_tiny_sdxl_model
+    from engine.tiny import build_tiny_named
 
     if model not in settings.model_names:
         raise EvalError(
@@ -402,8 +402,7 @@ def load_generator(settings: Settings, model: str) -> Generator:
         )
     entry, source = settings.model_entry(model), settings.model_source(model)
     if entry.path in TINY_MODEL_FOLDERS:
-        builder = build_tiny_model if entry.path == "tiny" else build_tiny_sdxl_model
-        builder(source)
+        build_tiny_named(entry.path, source)
     device = resolve_device(settings.device)
     pipe = load_pipeline(source, device=device, dtype=default_dtype(device), config=entry.config)
     return Generator(pipe, max_adapters=1)

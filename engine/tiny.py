@@ -260,6 +260,17 @@ def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
     return _build_into(Path(path), lambda scratch: _build_pipeline(scratch, seed))
 
 
+def build_tiny_named(name: str, path: Path) -> Path:
+    """Build the tiny model called ``name`` in the configuration (``tiny``, ``tiny-sd2``,
+    ``tiny-sdxl``, the keys of ``bot.config.TINY_MODEL_FOLDERS``) into ``path``."""
+    builders: dict[str, Callable[[Path], Path]] = {
+        "tiny": build_tiny_model,
+        "tiny-sd2": build_tiny_sd2_model,
+        "tiny-sdxl": build_tiny_sdxl_model,
+    }
+    return builders[name](path)
+
+
 def build_tiny_sdxl_model(path: Path, *, seed: int = 0) -> Path:
     """Build the tiny random SDXL-shaped model into ``path``, like :func:`build_tiny_model`."""
     return _build_into(Path(path), lambda scratch: _build_sdxl_pipeline(scratch, seed))

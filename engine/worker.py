@@ -24,7 +24,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Worker, create_worker
 from redis.exceptions import RedisError
 
-from bot.config import TINY_MODEL, TINY_SDXL_MODEL, ConfigError, Settings, load_settings
+from bot.config import TINY_MODEL_FOLDERS, ConfigError, Settings, load_settings
 from bot.connections import redis_settings, run_worker_forever
 from engine.api import GENERATE_QUEUE, TRAIN_QUEUE
 from engine.artifacts import ArtifactStore
@@ -52,7 +52,7 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
         load_pipeline,
         resolve_device,
     )
-    from engine.tiny import build_tiny_model, build_tiny_sdxl_model
+    from engine.tiny import build_tiny_named
     from engine.train_job import model_key
 
     if settings.train_optimizer == "adamw8bit":
@@ -62,13 +62,12 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
             require_bitsandbytes()
         except RuntimeError as exc:  # refuse to start rather than fail every training
             raise ConfigError(f"DREAMBOT_TRAIN_OPTIMIZER: {exc}") from exc
-    builders = {TINY_MODEL: build_tiny_model, TINY_SDXL_MODEL: build_tiny_sdxl_model}
     families = {}
     for name in settings.model_names:
         entry = settings.model_entry(name)
         source = settings.model_source(name)
-        if entry.path in builders:
-            await asyncio.to_thread(builders[entry.path], source)
+        if entry.path in TINY_MODEL_FOLDERS:
+            await asyncio.to_thread(build_tiny_named, entry.path, source)
         families[name] = await asyncio.to_thread(check_model, source, config=entry.config)
     device = resolve_device(settings.device)
     # Generation hot-swaps adapters to keep a compiled UNet's graph; on the CPU the plain path.

@@ -145,3 +145,18 @@ def test_sd2_single_file_with_open_clip_encoder_loads_offline_with_the_same_weig
     a = Generator(pipe).generate(PROMPT, count=1, seed=3, steps=2)
     b = Generator(sd2_pipe).generate(PROMPT, count=1, seed=3, steps=2)
     assert a[0].tobytes() == b[0].tobytes()
+
+
+async def test_the_engine_builds_and_serves_tiny_sd2_by_name(tmp_path: Path) -> None:
+    """``tiny-sd2`` as a model path builds the tiny SD 2.x model on first use, like ``tiny``."""
+    from engine.models import served_model
+    from engine.worker import load_resources
+    from tests.conftest import make_settings
+
+    settings = make_settings(
+        tmp_path / "data", "redis://127.0.0.1:1/0", models="v=tiny-sd2", base_model="v"
+    )
+    ctx = await load_resources(settings)
+    model = served_model(ctx, "v")
+    assert model.source == tmp_path / "data" / "models" / "tiny-sd2"
+    assert model.family == ModelFamily("sd2", "v_prediction", 64)

@@ -702,9 +702,10 @@ def train_steps(
 
 
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` (on the CPU) on ``device``. To a GPU through pinned memory without waiting:
-    a plain copy from pageable memory waits for all the GPU work queued before it."""
-    if device.type != "cuda":
+    """``tensor`` on ``device``. From the CPU to a GPU through pinned memory without waiting:
+    a plain copy from pageable memory waits for all the GPU work queued before it. (Cached
+    latents and embeddings already live on the GPU: nothing to copy.)"""
+    if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
@@ -718,13 +719,16 @@ class _PendingLosses:
     ) -> None:
         self.step = step
         self.has_prior = prior is not None
-        values = torch.stack([instance, prior if prior is not None else loss, loss]).detach()
+        values = torch.stack(
+            [t.detach() for t in (instance, prior if prior is not None else loss, loss)]
+        )
         self.event: torch.cuda.Event | None = None
         if values.device.type == "cuda":
             self.values = torch.empty(3, dtype=values.dtype, pin_memory=True)
             self.values.copy_(values, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            # On the stream of the losses' own GPU (the current device may be another one).
+            self.event.record(torch.cuda.current_stream(values.device))
         else:
             self.values = values
 

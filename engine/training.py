@@ -632,14 +632,14 @@ def train_steps(
             if sdxl is not None and both_pooled is not None:
                 step_pooled, step_class_pooled = both_pooled[:1], both_pooled[1:]
         picks = torch.randint(len(instance_latents), (bsz,), generator=rng)
-        latents = instance_latents[picks]
+        latents = instance_latents[_to(picks, instance_latents.device)]
         embeds = step_embeds.expand(bsz, -1, -1)
         if sdxl is not None:
             pooled = step_pooled.expand(bsz, -1)
             sizes = sdxl.instance_sizes[picks]
         if use_prior:
             class_picks = torch.randint(len(class_latents), (bsz,), generator=rng)
-            latents = torch.cat([latents, class_latents[class_picks]])
+            latents = torch.cat([latents, class_latents[_to(class_picks, class_latents.device)]])
             embeds = torch.cat([embeds, step_class_embeds.expand(bsz, -1, -1)])
             if sdxl is not None:
                 pooled = torch.cat([pooled, step_class_pooled.expand(bsz, -1)])

@@ -5,13 +5,19 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from arq import create_pool
+from arq.connections import RedisSettings
 from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
+from bot.config import Settings
 from engine.models import load_pipeline
 from engine.training import (
     TrainConfig,
@@ -79,3 +85,17 @@ def trained_subject(
     metadata = {"subject": "red-square"}
     save_adapter(outcome.state_dict, adapter, metadata, lora_config=outcome.lora_config)
     return TrainedSubject(outcome, adapter)
+
+
+@contextlib.asynccontextmanager
+async def engine_context(settings: Settings) -> AsyncIterator[dict[str, Any]]:
+    """The engine's shared ``ctx`` for ``settings``, as its workers get it: the loaded
+    resources and an arq pool on the settings' Redis (closed at the end)."""
+    from engine.worker import load_resources
+
+    ctx = await load_resources(settings)
+    ctx["redis"] = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        yield ctx
+    finally:
+        await ctx["redis"].aclose()

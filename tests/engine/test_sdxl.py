@@ -10,8 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 import safetensors
-from arq import create_pool
-from arq.connections import RedisSettings
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
@@ -31,7 +29,7 @@ from engine.training import (
     train_lora,
 )
 from tests.conftest import make_photo, make_settings
-from tests.engine.conftest import red_square_photo
+from tests.engine.conftest import engine_context, red_square_photo
 
 pytestmark = pytest.mark.model
 
@@ -127,8 +125,6 @@ async def two_model_ctx(
     tmp_path: Path, redis_clean: str, tiny_model_dir: Path, tiny_sdxl_dir: Path
 ) -> AsyncIterator[dict[str, Any]]:
     """An engine serving the tiny SD model (default) and the tiny SDXL model as "xl"."""
-    from engine.worker import load_resources
-
     settings = make_settings(
         tmp_path / "data",
         redis_clean,
@@ -138,12 +134,8 @@ async def two_model_ctx(
         generate_steps=2,
         sample_count=1,
     )
-    ctx = await load_resources(settings)
-    ctx["redis"] = await create_pool(RedisSettings.from_dsn(redis_clean))
-    try:
+    async with engine_context(settings) as ctx:
         yield ctx
-    finally:
-        await ctx["redis"].aclose()
 
 
 def _train_request(ctx: dict[str, Any], subject_id: str, model: str) -> TrainRequest:

@@ -11,8 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from arq import create_pool
-from arq.connections import RedisSettings
 
 import engine.train_job
 import engine.training
@@ -21,6 +19,7 @@ from engine.artifacts import ArtifactStore, local_path
 from engine.reporting import CancelWatch
 from engine.train_job import checkpoint_url, gradient_checkpointing, train_subject
 from tests.conftest import make_photo, make_settings
+from tests.engine.conftest import engine_context
 
 pytestmark = pytest.mark.model
 
@@ -32,8 +31,6 @@ async def engine_ctx(
     tmp_path: Path, redis_clean: str, tiny_model_dir: Path
 ) -> AsyncIterator[dict[str, Any]]:
     """The engine's shared ``ctx`` (as its workers get it) for a short training recipe."""
-    from engine.worker import load_resources
-
     settings = make_settings(
         tmp_path / "data",
         redis_clean,
@@ -43,12 +40,8 @@ async def engine_ctx(
         generate_steps=2,
         sample_count=0,
     )
-    ctx = await load_resources(settings)
-    ctx["redis"] = await create_pool(RedisSettings.from_dsn(redis_clean))
-    try:
+    async with engine_context(settings) as ctx:
         yield ctx
-    finally:
-        await ctx["redis"].aclose()
 
 
 def train_request(ctx: dict[str, Any], subject_id: str, class_noun: str = "dog") -> TrainRequest:

@@ -28,7 +28,7 @@ from engine.training import (
     train_lora,
 )
 from tests.conftest import make_settings
-from tests.engine.conftest import TrainedSubject, red_square_photo
+from tests.engine.conftest import TrainedSubject, engine_context, red_square_photo
 
 pytestmark = pytest.mark.model
 
@@ -266,12 +266,8 @@ def test_the_flag_and_its_learning_rate_are_part_of_the_fingerprint() -> None:
 async def test_the_training_job_reads_the_flag_and_stores_it_with_the_adapter(
     tmp_path: Path, redis_clean: str, tiny_model_dir: Path
 ) -> None:
-    from arq import create_pool
-    from arq.connections import RedisSettings
-
     from engine.artifacts import local_path
     from engine.train_job import train_subject
-    from engine.worker import load_resources
     from tests.engine.test_training_job import train_request
 
     settings = make_settings(
@@ -284,13 +280,9 @@ async def test_the_training_job_reads_the_flag_and_stores_it_with_the_adapter(
         train_text_encoder=True,
         train_text_encoder_lr=1e-3,
     )
-    ctx = await load_resources(settings)
-    ctx["redis"] = await create_pool(RedisSettings.from_dsn(redis_clean))
-    try:
+    async with engine_context(settings) as ctx:
         request = train_request(ctx, "rex")
         assert await train_subject(ctx, request.model_dump()) is not None
-    finally:
-        await ctx["redis"].aclose()
 
     adapter = local_path(request.adapter_url)
     assert adapter is not None

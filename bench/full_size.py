@@ -191,3 +191,14 @@ def build_random(
             raise ValueError(f"unknown architecture {arch!r}; use one of {sorted(RESOLUTIONS)}")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
+
+
+def save_random(arch: str, tokenizer_dir: Path, folder: Path, *, device: str) -> Path:
+    """Build the ``arch`` pipeline with random weights on ``device``, in the engine's dtype
+    there, and save it as the diffusers folder ``folder`` (for code that loads a model by
+    path: the trainers' child processes, the generation benchmark)."""
+    from engine.models import default_dtype
+
+    pipe = build_random(arch, tokenizer_dir, device=device, dtype=default_dtype(device))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -119,18 +119,16 @@ def row(measure: str, timing: Timing) -> Row:
 
 def build_model(work: Path, args: argparse.Namespace) -> Path:
     """The base model folder: the tiny model, or a saved random ``--arch`` (``--full``)."""
-    from engine.models import default_dtype
     from engine.tiny import build_tiny_model
 
     tiny = build_tiny_model(work / "tiny-model")
     if not args.full:
         return tiny
-    from bench.full_size import build_random
+    from bench.full_size import save_random
 
-    dtype = default_dtype(args.device)
-    pipe = build_random(args.arch, tiny / "tokenizer", device=args.device, dtype=dtype)
-    pipe.save_pretrained(work / f"{args.arch}-random", safe_serialization=True)
-    return work / f"{args.arch}-random"
+    return save_random(
+        args.arch, tiny / "tokenizer", work / f"{args.arch}-random", device=args.device
+    )
 
 
 def train_subjects(pipe: object, work: Path, steps: int) -> list[tuple[str, Path]]:

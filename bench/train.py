@@ -221,15 +221,9 @@ def prepare_inputs(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
 
     model = build_tiny_model(work / "tiny-model", seed=args.seed)
     if args.model == "sd15":
-        from bench.full_size import build_random
-        from engine.models import default_dtype
+        from bench.full_size import save_random
 
-        pipe = build_random(
-            "sd15", model / "tokenizer", device=args.device, dtype=default_dtype(args.device)
-        )
-        model = work / "sd15-random"
-        pipe.save_pretrained(model, safe_serialization=True)
-        del pipe
+        model = save_random("sd15", model / "tokenizer", work / "sd15-random", device=args.device)
     photos = work / "instance"
     save_photos(subject_photos(args.photos, args.resolution * 3 // 2, seed=args.seed), photos, "me")
     return model, photos

@@ -13,7 +13,14 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from bot.config import TINY_MODEL, ConfigError, Settings, load_settings
+from bot.config import (
+    TINY_MODEL,
+    TINY_SD2_MODEL,
+    TINY_SDXL_MODEL,
+    ConfigError,
+    Settings,
+    load_settings,
+)
 from bot.core.store import Owner
 from bot.redis_server import RedisServer, RedisUnavailable, answers
 
@@ -130,15 +137,11 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
 
 def cmd_tiny_model(settings: Settings, args: argparse.Namespace) -> None:
     """Build a tiny random Stable Diffusion model (offline): SD 1.x-, SD 2.x- or SDXL-shaped."""
-    from engine.tiny import build_tiny_model, build_tiny_sd2_model, build_tiny_sdxl_model
+    from engine.tiny import build_tiny_named
 
-    builder, folder = {
-        "sd1": (build_tiny_model, "tiny-sd"),
-        "sd2": (build_tiny_sd2_model, "tiny-sd2"),
-        "sdxl": (build_tiny_sdxl_model, "tiny-sdxl"),
-    }[args.family]
-    target = Path(args.path) if args.path else settings.data_dir / "models" / folder
-    print(builder(target))
+    name = {"sd1": TINY_MODEL, "sd2": TINY_SD2_MODEL, "sdxl": TINY_SDXL_MODEL}[args.family]
+    target = Path(args.path) if args.path else settings.tiny_model_folder(name)
+    print(build_tiny_named(name, target))
 
 
 def cmd_inspect(settings: Settings, args: argparse.Namespace) -> None:

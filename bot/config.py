@@ -356,8 +356,12 @@ class Settings(BaseSettings):
         """Local path of model ``name`` (the tiny models map to folders under DATA_DIR)."""
         path = self.model_entry(name).path
         if path in TINY_MODEL_FOLDERS:
-            return self.data_dir / "models" / TINY_MODEL_FOLDERS[path]
+            return self.tiny_model_folder(path)
         return Path(path).expanduser()
+
+    def tiny_model_folder(self, tiny: str) -> Path:
+        """Where the tiny model ``tiny`` (a key of ``TINY_MODEL_FOLDERS``) is built."""
+        return self.data_dir / "models" / TINY_MODEL_FOLDERS[tiny]
 
     @property
     def base_model_source(self) -> Path:

@@ -14,57 +14,49 @@ import random
 from collections.abc import Sequence
 
 _CONSONANTS = "bcdfghjklmnpqrstvwxz"
-# Consonant triples that are common abbreviations or words, which would carry meaning.
-_COMMON = {
-    "bbc",
-    "cnn",
-    "dvd",
-    "gps",
-    "hdd",
-    "jpg",
-    "kfc",
-    "lcd",
-    "mtv",
-    "nba",
-    "nfl",
-    "pdf",
-    "png",
-    "ppl",
-    "rgb",
-    "sql",
-    "tv",
-    "txt",
-    "www",
-    "xxx",
-    "bmw",
-    "cvs",
-    "dnb",
-    "fbi",
-    "nsf",
-    "pls",
-    "thx",
-    "ssd",
-    "std",
-    "vhs",
-    "mph",
-    "kph",
-    "hrs",
-    "pcs",
-    "nsw",
-    "nyc",
-    "smh",
-    "lmk",
-    "tbh",
-}
+# Vowel-less words that carry meaning, which a subject's token must not: nearly every
+# vowel-less whole word in CLIP's vocabulary is an abbreviation of something (that is how it
+# became a token), so this lists those a text encoder surely knows, above all those with a
+# look of their own (a logo, a product, a place, an art style) or that are rude. Checked
+# against CLIP's own list: ``bench/rare_tokens.py``, bench/RESULTS.md.
+_COMMON = frozenset(
+    # chat shorthand and words spelled without vowels
+    "brb chk dnt fwd gfs grl grp hrs jst knw lmk mfw mgr mkt mth pls ppl pvt shh smh smt srs "
+    "sth szn tbd tbh thn thx tks tmr tmw tnx wht wks "
+    # rude, sexual, drugs, weapons, violence, hate and party politics; "sks" is a rifle, and
+    # subjects trained on it drift towards guns (PaddlePaddle/PaddleNLP#3852)
+    "fck fml jfc sht wtf ntr pnp mlm pms lsd mmj thc cbd kms fgm smg sks blm bnp ccp pkk "
+    # units, file formats, computing, games and photography
+    "bpm dns dps drm dvd fps ftp gps gsm gtx hdd hdr jpg kgs khz kph lcd lvl mhz mpg mph npc "
+    "nlp pcb pcs pdf png ppm psd pvc pvp rgb rpg sdk sfx sql ssd ssh ssl sqm tbs tsp tv txt "
+    "vfx vhs vpn xxl crt gbc psp pkg fpv bnw tvs ddr "
+    # money
+    "gbp rmb xrp ltc bch btc "
+    # brands, media, franchises, music, fashion and people
+    "bbc bmw cnn cvs kfc mtv mcd mgm gmc ktm klm cbr gtr sls jdm nmd mms pbr spf pjs tmz msn "
+    "dbz dbs csm mgs rdr smw smb scp tng kjv ppg wdw dmc mlg lps svt bts dmx lbj fdr jfk mlk hrh "
+    "lfw pfw dnb rnb bbq nrg "
+    # places, teams, leagues and institutions
+    "nyc nsw phl bcn jpn bkk mnl pgh phx pnw gbr jhb blr wpg bhm fcb qpr nba nfl nhl mlb psg "
+    "bjj fbi kgb cdc dmv chp hpv cpr ngc std nsf wtc".split()
+)
+
+
+def _meaningful(word: str) -> bool:
+    """Whether ``word`` already means something: a listed abbreviation, or one letter
+    repeated ("zzz" sleeps, "xxx", "www", "nnn", "kkk")."""
+    return word in _COMMON or len(set(word)) == 1
+
+
 CANDIDATES: tuple[str, ...] = tuple(
-    t for t in ("".join(p) for p in itertools.product(_CONSONANTS, repeat=3)) if t not in _COMMON
+    t for t in ("".join(p) for p in itertools.product(_CONSONANTS, repeat=3)) if not _meaningful(t)
 )
 """Three-consonant strings such as 'zqv': short, unpronounceable, and without prior meaning."""
 
 
 def usable_vocabulary_tokens(published: str | bytes | None) -> list[str]:
-    """The engine's published rare tokens (a JSON list), less common abbreviations and
-    anything that is not a short lower-case word; [] if there is no usable list."""
+    """The engine's published rare tokens (a JSON list), less common abbreviations, letters
+    repeated and anything that is not a short lower-case word; [] if there is no usable list."""
     if not published:
         return []
     try:
@@ -77,7 +69,7 @@ def usable_vocabulary_tokens(published: str | bytes | None) -> list[str]:
         w
         for w in words
         if isinstance(w, str) and 2 <= len(w) <= 4 and w.isascii() and w.isalpha()
-        and w.islower() and w not in _COMMON
+        and w.islower() and not _meaningful(w)
     ]  # fmt: skip
 
 

@@ -3,17 +3,43 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from redis.asyncio import Redis
 from transformers import CLIPTokenizer
 
+from bot.core.tokens import usable_vocabulary_tokens
 from engine.api import rare_tokens_key
 from engine.models import load_pipeline
 from engine.rare_tokens import pipeline_tokenizers, publish_rare_tokens, rare_tokens
 from engine.tiny import TINY_WORDS
 
 VOWEL_LESS = [w for w in TINY_WORDS if not set(w) & set("aeiouy")]
+
+
+def _tiny_tokenizer_learning(
+    words: Sequence[str], tiny_model_dir: Path, folder: Path
+) -> CLIPTokenizer:
+    """The tiny tokenizer with three-letter ``words`` merged into whole words after all its own,
+    as late as CLIP's real vocabulary holds "sks" (48136 of 49408)."""
+    tiny = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    bpe = json.loads(tiny.backend_tokenizer.to_str())["model"]
+    vocab: dict[str, int] = bpe["vocab"]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in bpe["merges"]]
+    for word in words:  # "sks": "s k" → "sk", then "sk s</w>" → "sks</w>"
+        for merge, merged in (
+            (f"{word[0]} {word[1]}", word[:2]),
+            (f"{word[:2]} {word[2]}</w>", f"{word}</w>"),
+        ):
+            if merged not in vocab:
+                merges.append(merge)
+                vocab[merged] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
+    )
+    return CLIPTokenizer.from_pretrained(str(folder))
 
 
 def test_rare_tokens_are_the_late_vowel_less_single_token_words(tiny_model_dir: Path) -> None:
@@ -48,3 +74,21 @@ async def test_engine_publishes_each_models_rare_tokens(
         published = await redis.get(rare_tokens_key("tiny"))
     assert counts == {"tiny": 10}
     assert json.loads(published) == VOWEL_LESS
+
+
+def test_the_bot_keeps_every_rare_word_of_the_tiny_model(tiny_model_dir: Path) -> None:
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    assert usable_vocabulary_tokens(json.dumps(rare_tokens([tokenizer]))) == VOWEL_LESS
+
+
+def test_rare_words_that_mean_something_are_published_but_never_drawn(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A real vocabulary's late vowel-less words are mostly abbreviations: the engine finds
+    them all, the bot keeps only those without a meaning (bench/rare_tokens.py counts CLIP's)."""
+    tokenizer = _tiny_tokenizer_learning(
+        ["sks", "hdr", "nnn", "zqv", "fck"], tiny_model_dir, tmp_path
+    )
+    published = rare_tokens([tokenizer])
+    assert published == [*VOWEL_LESS, "sks", "hdr", "nnn", "zqv", "fck"]
+    assert usable_vocabulary_tokens(json.dumps(published)) == [*VOWEL_LESS, "zqv"]

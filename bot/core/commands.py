@@ -6,6 +6,7 @@ raise ``UserError``. Nothing here knows about Discord, Slack or the terminal.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import random
@@ -17,6 +18,7 @@ from typing import Any
 
 import aiosqlite
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from redis.exceptions import RedisError
 
 from bot.config import Settings
@@ -30,11 +32,14 @@ from bot.core.tokens import pick_token, usable_vocabulary_tokens
 from engine.api import (
     ALL_ENGINE_QUEUES,
     ASPECT_RATIOS,
+    DELIVER_FAILURE,
     ENGINE_QUEUES,
     GENERATE,
+    JOB_KIND_QUEUES,
     SHOWCASE,
     TRAIN_SUBJECT,
     AdapterRef,
+    Failure,
     GenerateRequest,
     ShowcaseRequest,
     TrainRequest,
@@ -78,14 +83,48 @@ SHOWCASE_CELLS = 10
 
 _ACTIVE_REF = re.compile(r"\[\s*[vV]\s*\]")
 
+SUBMIT_CHECK_SECONDS = 2.0
+"""How long a submission whose outcome was lost keeps asking Redis whether the job got there."""
+SUBMIT_CHECK_INTERVAL = 0.2
+
+UNCONFIRMED_NOTE = (
+    "sent, but the job queue stopped answering before it confirmed the job, so I can't tell "
+    "yet whether it got there. If it did, it runs as usual; if it didn't, I'll say so here "
+    "once the queue answers again and give your quota back."
+)
+NEVER_QUEUED = (
+    "it never reached the job queue (the queue stopped answering while I was sending it). "
+    "Your quota is given back; please try again."
+)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """How queueing an engine job went: its place in the queue, and whether Redis confirmed it.
+
+    Unconfirmed: Redis stopped answering mid-submission and nobody can tell yet whether the job
+    got there; its row is kept, marked, and settled later (``Core.settle_unconfirmed_jobs``).
+    ``position`` is then where it would be.
+    """
+
+    position: int
+    confirmed: bool = True
+
+    @property
+    def status(self) -> str:
+        """The end of a receipt's first sentence: ``queued (position 2).`` or why not sure."""
+        return f"queued (position {self.position})." if self.confirmed else UNCONFIRMED_NOTE
+
 
 @dataclass(frozen=True)
 class Receipt:
-    """What the user is told right after a job was queued."""
+    """What the user is told right after a job was queued (or, unless ``confirmed``, sent
+    without the queue confirming it; see ``Submission``)."""
 
     job_id: str
     position: int
     text: str
+    confirmed: bool = True
 
 
 class Core:
@@ -202,7 +241,7 @@ class Core:
                 base_model=base_model,
                 steps=self.settings.train_steps,
             )
-            position = await self._enqueue(TRAIN_SUBJECT, job_id, request.model_dump())
+            submission = await self._enqueue(TRAIN_SUBJECT, job_id, request.model_dump())
         except BaseException:
             await self.store.delete_job(job_id)
             await self.store.delete_subject(subject_id)
@@ -210,9 +249,10 @@ class Core:
             raise
         return Receipt(
             job_id,
-            position,
-            f"Training {name} ({class_noun}) from {len(photos)} photos: queued "
-            f"(position {position}). I'll post progress here.",
+            submission.position,
+            f"Training {name} ({class_noun}) from {len(photos)} photos: {submission.status} "
+            "I'll post progress here.",
+            submission.confirmed,
         )
 
     async def imagine(
@@ -313,7 +353,7 @@ class Core:
         # Only what was asked for, so older jobs and plain requests keep their shape.
         extra = {"aspect": aspect, "steps": steps, "guidance": guidance, "strength": strength}
         options.update({key: value for key, value in extra.items() if value is not None})
-        position = await self._queue_images(
+        submission = await self._queue_images(
             GENERATE,
             request,
             owner,
@@ -326,9 +366,9 @@ class Core:
         )
         return Receipt(
             job_id,
-            position,
-            f"Drawing {count} image{'s' if count > 1 else ''} "
-            f"(seed {seed}): queued (position {position}).",
+            submission.position,
+            f"Drawing {count} image{'s' if count > 1 else ''} (seed {seed}): {submission.status}",
+            submission.confirmed,
         )
 
     async def reimagine(
@@ -445,7 +485,7 @@ class Core:
             output_url=self.artifacts.url("outputs", job_id),
             base_model=subject.base_model,
         )
-        position = await self._queue_images(
+        submission = await self._queue_images(
             SHOWCASE,
             request,
             owner,
@@ -458,10 +498,11 @@ class Core:
         )
         return Receipt(
             job_id,
-            position,
+            submission.position,
             f"Drawing the showcase of {subject.name}: {units} images in one grid "
             f"(recontextualisation, art renditions, novel views, property modification, "
-            f"accessorisation): queued (position {position}).",
+            f"accessorisation): {submission.status}",
+            submission.confirmed,
         )
 
     async def list_subjects(self, owner: Owner) -> list[Subject]:
@@ -516,6 +557,34 @@ class Core:
         ``usage`` is the adapter's own command syntax; the default is the shell's.
         """
         return f"{HELP_INTRO}\n\n{usage or SHELL_USAGE}"
+
+    async def settle_unconfirmed_jobs(self) -> int:
+        """Settle this platform's jobs whose submission the queue never confirmed (``_enqueue``).
+
+        A job that Redis holds, or that has moved on (progress, result, cancel), is confirmed.
+        One that Redis lacks is reported failed through the bot's own queue, as the engine
+        would: its delivery marks it failed, refunds it and tells its owner, once. It stays
+        marked until then, so a lost report is sent again (under the same id) on the next
+        call. Returns how many were reported. Raises ``RedisError``/``OSError`` while Redis
+        doesn't answer: call again later.
+        """
+        reported = 0
+        for job in await self.store.unconfirmed_jobs(self.platform):
+            if job.status == "queued" and not await self._in_queue(
+                job.id, JOB_KIND_QUEUES[job.kind]
+            ):
+                log.warning("job %s never reached the queue; reporting it failed", job.id)
+                await self.queue.enqueue_job(
+                    DELIVER_FAILURE,
+                    Failure(job_id=job.id, message=NEVER_QUEUED).model_dump(),
+                    _job_id=f"unqueued:{job.id}",
+                    _queue_name=bot_queue(self.platform),
+                )
+                reported += 1
+                continue
+            # In Redis, or moved on (progress, result, cancel, the failure reported above).
+            await self.store.mark_confirmed(job.id)
+        return reported
 
     # Internals.
 
@@ -646,9 +715,9 @@ class Core:
         subject_id: str | None,
         prompt: str,
         options: dict[str, Any],
-    ) -> int:
-        """Record an image job with the quota units it spends and queue it; return its queue
-        position. The job's row goes again if the queue refuses it."""
+    ) -> Submission:
+        """Record an image job with the quota units it spends and queue it. The job's row goes
+        again if it is known not to have reached the queue."""
         await self.store.reserve_job(
             request.job_id,
             "generate",
@@ -667,17 +736,66 @@ class Core:
             await self.store.delete_job(request.job_id)
             raise
 
-    async def _enqueue(self, function: str, job_id: str, payload: dict[str, Any]) -> int:
+    async def _enqueue(self, function: str, job_id: str, payload: dict[str, Any]) -> Submission:
+        """Queue an engine job whose row is recorded.
+
+        Raises the "nothing was queued" ``UserError`` only when the job is known not to be in
+        the queue. When Redis stops answering mid-submission and can't be asked in time
+        whether the job got there, the row is marked unconfirmed and kept (the job may run):
+        ``settle_unconfirmed_jobs`` decides later.
+        """
         queue = ENGINE_QUEUES[function]
         try:
-            # Counted before queueing: once the job is in, no failure may tell the user
-            # "nothing was queued" (and make the caller delete the job's row and refund it).
             ahead = int(await self.queue.zcard(queue))
-            await self.queue.enqueue_job(function, payload, _job_id=job_id, _queue_name=queue)
-            return ahead + 1
-        except (RedisError, OSError) as exc:
-            log.exception("enqueue of job %s failed", job_id)
+        except (RedisError, OSError) as exc:  # nothing was sent yet
             raise _queue_down() from exc
+        try:
+            queued = await self.queue.enqueue_job(
+                function, payload, _job_id=job_id, _queue_name=queue
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("enqueue of job %s failed (%s); asking whether it arrived", job_id, exc)
+            queued = None
+        if queued is not None:
+            return Submission(ahead + 1)
+        # The failure may come after Redis took the job, with only its reply lost; arq even
+        # answers None (not an error) when the connection drops during its transaction, as
+        # redis-py reports that as a WatchError. Only Redis can say whether the job is there.
+        found = await self._ask_whether_queued(job_id, queue)
+        if found:
+            log.warning("job %s reached the queue, but its reply was lost", job_id)
+            return Submission(ahead + 1)
+        if found is None:
+            log.warning("job %s: the queue stopped answering mid-submission; unconfirmed", job_id)
+            await self.store.mark_unconfirmed(job_id)
+            return Submission(ahead + 1, confirmed=False)
+        log.warning("job %s did not reach the queue", job_id)
+        raise _queue_down()
+
+    async def _ask_whether_queued(self, job_id: str, queue: str) -> bool | None:
+        """Whether the job is in the queue, asked again for a short while (redis-py reconnects
+        on a new command); None if Redis doesn't answer within ``SUBMIT_CHECK_SECONDS``."""
+        try:
+            async with asyncio.timeout(SUBMIT_CHECK_SECONDS):
+                while True:
+                    try:
+                        return await self._in_queue(job_id, queue)
+                    except (RedisError, OSError) as exc:
+                        log.info("asking whether job %s was queued: %s", job_id, exc)
+                    await asyncio.sleep(SUBMIT_CHECK_INTERVAL)
+        except TimeoutError:
+            return None
+
+    async def _in_queue(self, job_id: str, queue: str) -> bool:
+        """Whether arq holds the job: waiting in ``queue``, running, or finished with a result
+        (kept an hour by the engine). Raises ``RedisError``/``OSError`` if Redis doesn't answer."""
+        async with self.queue.pipeline(transaction=False) as pipe:
+            pipe.exists(
+                job_key_prefix + job_id, in_progress_key_prefix + job_id, result_key_prefix + job_id
+            )
+            pipe.zscore(queue, job_id)
+            held, score = await pipe.execute()
+        return bool(held) or score is not None
 
 
 def _pin_active(prompt: str, subjects: Sequence[Subject]) -> str:

@@ -469,6 +469,26 @@ class Store:
             (platform,),
         )
 
+    async def mark_unconfirmed(self, job_id: str) -> None:
+        """Record that the queue never confirmed this job's submission (migration 0005)."""
+        await self._write(
+            "INSERT OR IGNORE INTO unconfirmed_jobs (job_id, since) VALUES (?, ?)",
+            (job_id, utcnow()),
+        )
+
+    async def unconfirmed_jobs(self, platform: str) -> list[Job]:
+        """Jobs of a platform whose submission the queue never confirmed, oldest first."""
+        return await self._all(
+            _job,
+            "SELECT jobs.* FROM jobs JOIN unconfirmed_jobs ON unconfirmed_jobs.job_id = jobs.id"
+            " WHERE jobs.platform = ? ORDER BY unconfirmed_jobs.since, jobs.rowid",
+            (platform,),
+        )
+
+    async def mark_confirmed(self, job_id: str) -> None:
+        """Forget that a job's submission was unconfirmed: it is settled."""
+        await self._write("DELETE FROM unconfirmed_jobs WHERE job_id = ?", (job_id,))
+
     # Jobs, seen by moderators and quotas.
 
     async def active_jobs(

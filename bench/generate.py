@@ -112,6 +112,21 @@ def median_time(actions: Sequence[Callable[[], object]], runs: int) -> Timing:
     )
 
 
+def interleaved_medians(actions: Sequence[Callable[[], object]], runs: int) -> list[Timing]:
+    """Median timing of each action, measured in turns (A B C A B C …) so that drift in the
+    machine's speed falls on all alike. Each timed run follows an untimed one of the same
+    action, which settles any per-request state (a switch of adapters) out of the timing."""
+    timings: list[list[Timing]] = [[] for _ in actions]
+    for _ in range(runs):
+        for action, times in zip(actions, timings, strict=True):
+            action()
+            times.append(timed(action))
+    return [
+        Timing(statistics.median(t.wall for t in times), statistics.median(t.cpu for t in times))
+        for times in timings
+    ]
+
+
 def row(measure: str, timing: Timing) -> Row:
     """A table row for a time: wall seconds, with CPU seconds beside them."""
     return {"measure": measure, "value": timing.wall, "unit": "s", "CPU s": timing.cpu}
@@ -170,21 +185,42 @@ def measure_generator(
             prompt, count=count, adapters=adapters_, steps=steps, **options
         )
 
-    def new_generator() -> Generator:
+    def new_generator(fuse: bool = True) -> Generator:
         pipe = load_pipeline(model, device=args.device)
-        return Generator(pipe, hotswap=args.hotswap or args.compile, compile=args.compile)
+        return Generator(
+            pipe, hotswap=args.hotswap or args.compile, compile=args.compile, fuse=fuse
+        )
 
     generator: Generator
     started = time.perf_counter(), time.process_time()
     generator = new_generator()
     load = Timing(time.perf_counter() - started[0], time.process_time() - started[1])
     first = timed(request())
-    one = median_time([request()], args.repeats)
     batch = median_time([request(count=4)], args.repeats)
 
     first_a = timed(request(subject=(a_name, a_path)))  # reads A's file (and compiles)
     first_b = timed(request(subject=(b_name, b_path)))  # reads B's file
-    same = median_time([request(subject=(a_name, a_path))], args.repeats)
+    unfused: Timing | None = None
+    if args.hotswap or args.compile:
+        one, same = interleaved_medians(
+            [request(), request(subject=(a_name, a_path))], args.repeats
+        )
+    else:
+        # Beside them, the same image with the adapter run beside the base layers, unmerged
+        # (peft's way), from a Generator of its own on a pipeline of its own.
+        plain = new_generator(fuse=False)
+
+        def unmerged() -> object:
+            nonlocal generator
+            fused, generator = generator, plain
+            try:
+                return request(subject=(a_name, a_path))()
+            finally:
+                generator = fused
+
+        one, same, unfused = interleaved_medians(
+            [request(), request(subject=(a_name, a_path)), unmerged], args.repeats
+        )
     # The switch is a small part of a generation: measured on 1-step images, many times, so
     # the difference of two medians is not lost in the noise of full generations.
     same_1 = median_time([request(subject=(a_name, a_path), steps=1)], 6 * args.repeats)
@@ -206,6 +242,11 @@ def measure_generator(
         row("batch of 4", batch),
         {"measure": "throughput, batches of 4", "value": 4 / batch.wall, "unit": "images/s"},
         row(SAME_SUBJECT, same),
+        *(
+            [row("the same, adapter not merged (Generator fuse=False)", unfused)]
+            if unfused is not None
+            else []
+        ),
         row(
             "first use of subject A (first adapter loaded"
             + (", UNet compiled)" if args.compile else ")"),

@@ -131,6 +131,11 @@ class Settings(BaseSettings):
         3.0, ge=0, description="seconds between live previews of a generation; 0 disables them"
     )
     adapter_cache_size: int = Field(8, ge=1, description="subject adapters kept loaded")
+    fuse_lora: bool = Field(
+        True,
+        description="merge a generation's adapters into the UNet while it runs (faster; keeps a "
+        "copy of the base weights they touch)",
+    )
     lora_hotswap: bool = Field(
         False, description="hot-swap adapters in fixed slots (for a compiled UNet on a GPU)"
     )

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
 from engine.previews import latents_to_preview
@@ -49,6 +52,95 @@ def _quiet_peft() -> Iterator[None]:
             "ignore", message="Already found a `peft_config` attribute", category=UserWarning
         )
         yield
+
+
+FusedKey = tuple[tuple[str, str, float], ...]
+"""(adapter name, file, scale) of each adapter merged into a UNet."""
+
+
+@dataclass
+class _Merged:
+    """A LoRA layer whose adapters are merged into its base layer, which stands in its place."""
+
+    layer: BaseTunerLayer
+    parent: torch.nn.Module
+    attr: str
+    saved: tuple[torch.Tensor, torch.Tensor | None]
+    """The base layer's (weight, bias) before the merge."""
+
+
+class _Fused:
+    """Which adapters are merged into a UNet's weights, and the base weights they replaced."""
+
+    def __init__(self) -> None:
+        self.key: FusedKey = ()
+        """The merged adapters; empty while the UNet holds its base weights."""
+        self.merged: list[_Merged] = []
+        self.backup: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        """Module name → copy of its base layer's (weight, bias), made before its first merge
+        and kept for later ones (the base weights never change)."""
+
+
+# Per UNet, not per Generator: every Generator on a pipeline (the engine's, the class priors',
+# evaluation's) shares the UNet, so each must see what the others merged into it. Weak keys:
+# the state goes with its UNet. Not a UNet attribute, so training's deep copy leaves it out.
+_FUSED: weakref.WeakKeyDictionary[torch.nn.Module, _Fused] = weakref.WeakKeyDictionary()
+
+
+def restore_base_weights(unet: torch.nn.Module) -> None:
+    """Take merged adapters back out of ``unet``: its LoRA layers return to their places and
+    its weights become the base weights again, bit for bit, from the copies made before
+    merging (subtracting the adapters again would leave rounding residue). Call before
+    anything that reads the base weights or the LoRA layers itself (training copies the
+    UNet); generation does it on its own."""
+    fused = _FUSED.get(unet)
+    if fused is None or not fused.key:
+        return
+    with torch.no_grad():
+        for merged in fused.merged:
+            setattr(merged.parent, merged.attr, merged.layer)
+            base = merged.layer.get_base_layer()
+            weight, bias = merged.saved
+            base.weight.copy_(weight)
+            if bias is not None:
+                base.bias.copy_(bias)
+            merged.layer.merged_adapters = []
+    fused.key, fused.merged = (), []
+
+
+def _fuse(unet: torch.nn.Module, key: FusedKey, names: list[str]) -> None:
+    """Merge the adapters ``names`` (active, their weights set) into ``unet``'s base weights
+    and put each base layer in its LoRA layer's place, so the UNet runs as fast as the base
+    (a merged peft layer still costs a Python call per layer and step)."""
+    fused = _FUSED.setdefault(unet, _Fused())
+    if fused.key:
+        raise RuntimeError("adapters are merged already: restore_base_weights() first")
+    fused.key = key  # from here on, an error restores what was merged so far
+    try:
+        with torch.no_grad():
+            for name, module in list(unet.named_modules()):
+                if not isinstance(module, BaseTunerLayer):
+                    continue
+                wanted = [n for n in names if n in getattr(module, "lora_A", {})]
+                if not wanted:
+                    continue
+                base = module.get_base_layer()
+                saved = fused.backup.get(name)
+                if saved is None:
+                    bias = getattr(base, "bias", None)
+                    saved = (
+                        base.weight.detach().clone(),
+                        bias.detach().clone() if bias is not None else None,
+                    )
+                    fused.backup[name] = saved
+                parent_name, _, attr = name.rpartition(".")
+                merged = _Merged(module, unet.get_submodule(parent_name), attr, saved)
+                fused.merged.append(merged)  # first: a merge that fails half-way is undone too
+                module.merge(adapter_names=wanted)
+                setattr(merged.parent, attr, base)
+    except BaseException:
+        restore_base_weights(unet)
+        raise
 
 
 class _StepHook:
@@ -100,6 +192,13 @@ class Generator:
     not recompiled; each switch then reads the adapter file again (small, and in the OS cache).
     ``compile`` compiles the UNet after the first adapter is loaded (the first generation with
     a subject pays the warm-up).
+
+    Otherwise, with ``fuse`` (the default), the adapters of a generation are merged into the
+    UNet's weights while it runs: the same images as running them beside the base layers, up
+    to rounding, but with no LoRA work per step (about a third of the time of a 512 px image
+    on a GPU). The merge is undone from saved copies of the base weights when the next
+    generation wants other adapters or none; a generation with the same adapters reuses it.
+    The copies cost the memory of the attention projections that the adapters touch.
     """
 
     def __init__(
@@ -111,6 +210,7 @@ class Generator:
         hotswap_slots: int = 4,
         hotswap_rank: int = 64,
         compile: bool = False,
+        fuse: bool = True,
     ) -> None:
         """Wrap ``pipe``; its modules are shared, its own scheduler is left as it was."""
         if max_adapters < 1 or hotswap_slots < 1:
@@ -146,6 +246,7 @@ class Generator:
         self._hotswap_rank = hotswap_rank
         self._compile = compile
         self._compiled = False
+        self._fuse = fuse and not hotswap
         self.adapter_loads = 0
         """How many adapter files were read into the UNet (for tests and metrics)."""
         self.native_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
@@ -234,12 +335,24 @@ class Generator:
             self._slots = [None if s and s[0] == name else s for s in self._slots]
             return
         if self._loaded.pop(name, None) is not None:
+            restore_base_weights(self._pipe.unet)  # its weights may be merged in
             self._pipe.delete_adapters(_peft_name(name))
 
     def _activate(self, adapters: Sequence[AdapterSpec]) -> None:
         if self._hotswap:
             self._activate_slots(adapters)
             return
+        unet = self._pipe.unet
+        key: FusedKey = tuple((name, str(path), float(scale)) for name, path, scale in adapters)
+        fused = _FUSED.get(unet)
+        if fused is not None and fused.key:
+            if self._fuse and key == fused.key:
+                for name, _, _ in adapters:  # merged already, by this Generator or another
+                    if name in self._loaded:
+                        self._loaded.move_to_end(name)
+                return
+            # Loading, deleting and switching adapters all need the unmerged layers.
+            restore_base_weights(unet)
         if not adapters:
             # Adapters live inside the shared UNet; switching them off restores the exact base.
             if self._unet_adapters():
@@ -250,11 +363,11 @@ class Generator:
         for name, path, _scale in adapters:
             self._ensure_loaded(name, Path(path))
         self._evict(keep={name for name, _, _ in adapters})
+        names = [_peft_name(name) for name, _, _ in adapters]
         self._pipe.enable_lora()
-        self._pipe.set_adapters(
-            [_peft_name(name) for name, _, _ in adapters],
-            adapter_weights=[float(scale) for _, _, scale in adapters],
-        )
+        self._pipe.set_adapters(names, adapter_weights=[float(scale) for _, _, scale in adapters])
+        if self._fuse:
+            _fuse(unet, key, names)
 
     def _activate_slots(self, adapters: Sequence[AdapterSpec]) -> None:
         """Hot-swap mode: put the adapters into slots 0..n-1, give unused slots weight 0.

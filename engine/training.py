@@ -30,7 +30,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
 
-from engine.generation import Generator
+from engine.generation import Generator, restore_base_weights
 from engine.models import BasePipeline
 from engine.text_lora import ADAPTER_METADATA_KEY, TEXT_ENCODER_NAMES, add_text_encoder_lora
 
@@ -343,6 +343,7 @@ def unet_with_lora(pipe: BasePipeline, cfg: TrainConfig) -> UNet2DConditionModel
     The warm UNet may carry adapters that generation loaded; they are stripped from the copy
     so every subject trains on the plain base model.
     """
+    restore_base_weights(pipe.unet)  # generation may have merged a subject into its weights
     unet = copy.deepcopy(pipe.unet)
     if getattr(unet, "peft_config", None):
         unet.unload_lora()

@@ -92,6 +92,7 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
             max_adapters=settings.adapter_cache_size,
             hotswap=hotswap,
             compile=settings.compile_unet and device.startswith("cuda"),
+            fuse=settings.fuse_lora,
         )
         models[name] = ServedModel(name, source, model_key(entry.path), family, pipe, generator)
     return {

@@ -122,3 +122,23 @@ def test_hotswap_switches_subjects_and_back(tiny: Path, tmp_path: Path, compile_
     assert generator.adapter_loads == 3
     if compile_unet:
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_frames
+
+
+def test_merged_subjects_on_gpu_match_unmerged_and_restore_the_base(
+    tiny: Path, tmp_path: Path
+) -> None:
+    """Half precision: a merged adapter draws what the unmerged one draws (up to rounding), and
+    switching away restores the base weights bit for bit."""
+    pipe = load_pipeline(tiny, device="cuda")
+    a, b = _adapters(pipe, tmp_path)
+    base_weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    merged, plain = Generator(pipe), Generator(load_pipeline(tiny, device="cuda"), fuse=False)
+    base = _pixels(merged, None)
+    first_a = _pixels(merged, a)
+    assert np.abs(first_a - _pixels(plain, a)).mean() < 1
+    assert np.abs(first_a - base).mean() > 1
+    _pixels(merged, b)
+    assert np.array_equal(_pixels(merged, a), first_a)
+    assert np.array_equal(_pixels(merged, None), base)
+    restored = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items()}
+    assert all(torch.equal(v, restored[k]) for k, v in base_weights.items())

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     artifacts_url: str | None = Field(
         None, description="fsspec URL of the artifact store; default file://DATA_DIR/artifacts"
     )
+    artifacts_public_url: str | None = Field(
+        None,
+        description="public https URL under which the artifact store's files are served (a CDN "
+        "or bucket website in front of the bucket, a web server in front of the folder; only "
+        "outputs/ needs to be): Slack's live previews link there",
+    )
 
     # Engine.
     base_model: str = Field(
@@ -274,6 +280,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("artifacts_public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", value):
+            raise ValueError(
+                "must be an https:// URL without a query, e.g. https://cdn.example.com"
+            )
+        return value.rstrip("/")
 
     @field_validator("models", mode="before")
     @classmethod

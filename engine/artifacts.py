@@ -2,7 +2,7 @@
 
 A local folder by default (``file://…``); an S3-compatible bucket (``s3://…``, with ``s3fs``
 installed) when the bot and engines run on different machines. Only URLs travel through Redis.
-Torch-free: the bot uses it too.
+Torch-free: the bot uses it too, also to link a chat platform to an artifact (``public_url``).
 """
 
 from __future__ import annotations
@@ -16,12 +16,17 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.spec import AbstractFileSystem
 
 log = logging.getLogger(__name__)
+
+SIGNED_URL_SECONDS = 3600
+"""How long a signed artifact URL works: long enough for a chat platform to fetch it (and
+fetch it again while the message shows it), short enough not to be a lasting share link."""
 
 
 class ArtifactStore:
@@ -34,6 +39,37 @@ class ArtifactStore:
     def url(self, *parts: str) -> str:
         """The URL of ``parts`` joined below the base."""
         return "/".join([self.base_url, *(p.strip("/") for p in parts)])
+
+    @property
+    def can_sign(self) -> bool:
+        """Whether the store's filesystem implements fsspec's ``sign`` (s3fs: presigned URLs;
+        a local folder can't sign)."""
+        return type(self.fs).sign is not AbstractFileSystem.sign
+
+    def public_url(
+        self, url: str, public_base: str | None = None, *, expires: int = SIGNED_URL_SECONDS
+    ) -> str | None:
+        """Where anyone (a chat platform's servers) can fetch the artifact ``url``; None if
+        nowhere.
+
+        With ``public_base``, where this store's files are served (a CDN or bucket website in
+        front of the bucket, a web server in front of the folder), it is the same path below
+        that. Without, it is a URL signed for ``expires`` seconds where the store can sign,
+        else None. A URL outside the store, or one climbing out of it, never gets one.
+        """
+        prefix = self.base_url + "/"
+        relative = url.removeprefix(prefix)
+        if relative == url or any(part in ("", ".", "..") for part in relative.split("/")):
+            return None
+        if public_base is not None:
+            return f"{public_base.rstrip('/')}/{quote(relative, safe='/')}"
+        if not self.can_sign:
+            return None
+        fs, path = url_to_fs(url)
+        try:
+            return str(fs.sign(path, expiration=expires))
+        except NotImplementedError:
+            return None
 
     def put_bytes(self, url: str, data: bytes) -> None:
         """Write ``data`` at ``url`` so readers never see a half-written file."""
@@ -106,6 +142,12 @@ class ArtifactStore:
     async def adelete_tree(self, url: str) -> None:
         """``delete_tree`` off the event loop."""
         await asyncio.to_thread(self.delete_tree, url)
+
+    async def apublic_url(self, url: str, public_base: str | None = None) -> str | None:
+        """``public_url``; signing runs off the event loop (it may look up credentials)."""
+        if public_base is not None or not self.can_sign:
+            return self.public_url(url, public_base)
+        return await asyncio.to_thread(self.public_url, url, public_base)
 
 
 class BackgroundWrites:

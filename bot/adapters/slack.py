@@ -7,11 +7,13 @@ message). Engine updates arrive through the ``Sink`` methods: one progress messa
 (``chat.postMessage``; its ``ts`` is kept in the job's destination, so it is still updated
 after a restart), updated with ``chat.update`` at most once per ``edit_interval`` seconds, then
 the result's images uploaded into the channel with ``files_upload_v2``, mentioning the user,
-with Reroll and per-image Vary / Upscale buttons below. Live previews are not shown: a Slack
-image block needs a public URL, which private artifacts don't have, and uploading each preview
-would post new files instead of updating one message. When the channel refuses (gone,
-archived, the bot not in it), the result goes to the user by DM; if that fails too, it is
-logged.
+with Reroll and per-image Vary / Upscale buttons below. The live preview of an image being
+drawn rides on those throttled updates as an image block, where Slack's servers can fetch it:
+an image block takes a URL, not bytes, so previews need ``DREAMBOT_ARTIFACTS_PUBLIC_URL``
+(where the artifact store's files are served) or a store that signs URLs (S3). A private local
+folder has neither, and uploading each preview would post new files instead of updating one
+message, so there the updates stay text. When the channel refuses (gone, archived, the bot not
+in it), the result goes to the user by DM; if that fails too, it is logged.
 
 Slash commands cannot carry files, so photos come in a message: ``/train rex dog`` opens a
 window (``DREAMBOT_SLACK_TRAIN_WINDOW``) in which the user's next message with photos in that
@@ -64,6 +66,7 @@ log = logging.getLogger(__name__)
 PLATFORM = "slack"
 MAX_TEXT = 3900  # Slack truncates long messages; 4,000 characters is its advice
 MAX_FILES_PER_MESSAGE = 10  # Slack shows at most ten files in one message
+MAX_SECTION_TEXT = 3000  # the most text a section block takes
 SLACK_FILE_HOSTS = frozenset({"files.slack.com"})
 """Where Slack serves ``url_private_download``; the bot token is only ever sent there."""
 
@@ -274,6 +277,7 @@ class SlackAdapter:
         downloader: Downloader | None = None,
         edit_interval: float = 3.0,
         train_window: float = 600.0,
+        artifacts_public_url: str | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
@@ -290,6 +294,13 @@ class SlackAdapter:
         self.pending: dict[tuple[str, str, str], PendingTraining] = {}
         self.progress = common.ProgressMessages(core.store, self.edits, "progress_ts", str)
         self.progress_messages = self.progress.refs
+        # Live previews need a URL Slack's servers can fetch: below the public base, or signed.
+        self.artifacts_public_url = artifacts_public_url
+        self.shows_previews = artifacts_public_url is not None or core.artifacts.can_sign
+        # The newest preview of each job (its public URL and alt text). Every update carries
+        # it: an update's blocks replace the message's, and leaving them out keeps stale ones.
+        self._previews: dict[str, tuple[str, str]] = {}
+        self._unfetchable: set[str] = set()  # jobs whose preview Slack could not download
         self._commands: dict[str, Callable[[Caller, str], Awaitable[str]]] = {
             "train": self.train_command,
             "imagine": self.imagine,
@@ -570,10 +581,17 @@ class SlackAdapter:
     # Sink: engine updates.
 
     async def show_progress(self, job: Job, text: str, progress: Progress) -> None:
-        """Post the job's progress message once, then update it (throttled)."""
+        """Post the job's progress message once, then update it (throttled), with the newest
+        live preview when Slack can fetch one."""
         content = fit(f"{mention(job.destination['user_id'])} · {escape(text)}")
+        if progress.preview_url and self.shows_previews and job.id not in self._unfetchable:
+            await self._remember_preview(job, progress)
         await self.progress.update(
-            job, content, self._post_progress, lambda ts: self._edit_progress(job, ts, content)
+            job,
+            content,
+            self._post_progress,
+            # The blocks are built when the update is sent, so it shows the newest preview.
+            lambda ts: self._edit_progress(job, ts, content, self._progress_blocks(job, content)),
         )
 
     async def show_result(self, delivery: Delivery) -> None:
@@ -615,21 +633,68 @@ class SlackAdapter:
             return None
         return str(response["ts"])
 
-    async def _edit_progress(self, job: Job, ts: str, content: str) -> None:
+    async def _remember_preview(self, job: Job, progress: Progress) -> None:
+        """Keep the public URL of the job's newest preview, for its next update."""
+        preview_url = str(progress.preview_url)
+        try:
+            public = await self.core.artifacts.apublic_url(preview_url, self.artifacts_public_url)
+        except Exception:
+            # Best effort (signing may lack credentials): the text still moves on.
+            log.warning("job %s: no public URL for preview %s", job.id, preview_url, exc_info=True)
+            return
+        if public is not None:
+            alt = f"preview, step {progress.step} of {progress.total}"
+            self._previews[job.id] = (public, alt)
+
+    def _progress_blocks(self, job: Job, content: str) -> list[dict[str, Any]] | None:
+        """The blocks of a progress update: its text, then the newest preview (none shown
+        yet: the text alone); None (plain text) where previews can't be shown."""
+        if not self.shows_previews:
+            return None
+        text = {"type": "mrkdwn", "text": fit(content, MAX_SECTION_TEXT)}
+        blocks: list[dict[str, Any]] = [{"type": "section", "text": text}]
+        preview = self._previews.get(job.id)
+        if preview is not None:
+            blocks.append({"type": "image", "image_url": preview[0], "alt_text": preview[1]})
+        return blocks
+
+    async def _edit_progress(
+        self, job: Job, ts: str, content: str, blocks: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Update a progress message; ``blocks`` replace its blocks ([] removes them, None
+        leaves them out of the call)."""
         try:
             await self.client.chat_update(
-                channel=str(job.destination["channel_id"]), ts=ts, text=content
+                channel=str(job.destination["channel_id"]), ts=ts, text=content, blocks=blocks
             )
         except SlackApiError as exc:
-            if slack_error(exc) not in MESSAGE_GONE:
+            error = slack_error(exc)
+            if error == "invalid_blocks" and blocks and blocks[-1]["type"] == "image":
+                # Slack could not download the preview (is DREAMBOT_ARTIFACTS_PUBLIC_URL
+                # reachable from the internet?): this update, and the job's next, go without.
+                log.warning(
+                    "job %s: Slack refused preview %s (%s); the job goes on without previews",
+                    job.id,
+                    blocks[-1]["image_url"],
+                    exc,
+                )
+                self._unfetchable.add(job.id)
+                self._previews.pop(job.id, None)
+                await self._edit_progress(job, ts, content, blocks[:-1])
+                return
+            if error not in MESSAGE_GONE:
                 raise
             log.warning("job %s: progress message %s gone (%s)", job.id, ts, exc)
             self.progress.gone(job.id)
 
     async def _finish_progress(self, job: Job, note: str) -> None:
         """Close the job's progress message (best effort: the result is already posted)."""
+        self._previews.pop(job.id, None)
+        self._unfetchable.discard(job.id)
         content = f"{mention(job.destination['user_id'])} · {note}"
-        await self.progress.finish(job, lambda ts: self._edit_progress(job, ts, content))
+        # The preview goes (an empty list removes the blocks): the result shows the images.
+        blocks: list[dict[str, Any]] | None = [] if self.shows_previews else None
+        await self.progress.finish(job, lambda ts: self._edit_progress(job, ts, content, blocks))
 
     async def _post_to_user(
         self, job: Job, text: str, files: list[tuple[str, bytes]], buttons_for: str | None
@@ -730,6 +795,7 @@ def build_adapter(core: Core, settings: Settings) -> SlackAdapter:
         ),
         edit_interval=settings.slack_edit_interval,
         train_window=settings.slack_train_window,
+        artifacts_public_url=settings.artifacts_public_url,
     )
 
 

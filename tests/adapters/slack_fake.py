@@ -5,7 +5,8 @@ call is recorded (API method, arguments merged from query, form and JSON, raw by
 fake-clock time) so tests assert on what Slack would have received. The same server plays
 ``files.slack.com`` (``/files-pri/…``, answering only with the bot token), the upload URLs that
 ``files.getUploadURLExternal`` hands out (``/upload/…``), and commands' ``response_url``
-(``/respond/…``).
+(``/respond/…``). Like Slack, it downloads the image of every image block in a message it is
+sent, and refuses the message (``invalid_blocks``) when it can't.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
 
@@ -62,6 +64,9 @@ class FakeSlack:
     files: dict[str, bytes] = field(default_factory=dict)
     users_info_gate: asyncio.Event | None = None
     """When set, ``users.info`` waits for it (to show that commands are acked first)."""
+    images: list[tuple[str, bytes]] = field(default_factory=list)
+    """The images of image blocks, as downloaded (URL, bytes), before the message is answered
+    (a call is recorded when it arrives: wait for its images before relying on its answer)."""
     base: str = ""
     _ts: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
@@ -119,13 +124,43 @@ class FakeSlack:
     def _refused(self, channel: str) -> dict[str, Any] | None:
         return {"ok": False, "error": "channel_not_found"} if channel in self.missing else None
 
+    async def _download_images(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        """Slack's check of a message's image blocks: each image must download."""
+        blocks = args.get("blocks") or []
+        if isinstance(blocks, str):
+            blocks = json.loads(blocks)
+        for index, block in enumerate(blocks):
+            if block.get("type") != "image":
+                continue
+            url = str(block["image_url"])
+            try:
+                async with aiohttp.ClientSession() as session, session.get(url) as response:
+                    data = await response.read()
+                    ok = response.status == 200 and response.content_type.startswith("image/")
+            except aiohttp.ClientError:
+                ok = False
+            if not ok:
+                error = f"downloading image failed [json-pointer:/blocks/{index}/image_url]"
+                return {"ok": False, "error": "invalid_blocks", "errors": [error]}
+            self.images.append((url, data))
+            self._arrived.set()
+        return None
+
     async def _chat_postMessage(self, args: dict[str, Any]) -> dict[str, Any]:
         channel = str(args["channel"])
-        return self._refused(channel) or {"ok": True, "channel": channel, "ts": self.next_ts()}
+        return (
+            self._refused(channel)
+            or await self._download_images(args)
+            or {"ok": True, "channel": channel, "ts": self.next_ts()}
+        )
 
     async def _chat_update(self, args: dict[str, Any]) -> dict[str, Any]:
         channel = str(args["channel"])
-        return self._refused(channel) or {"ok": True, "channel": channel, "ts": args["ts"]}
+        return (
+            self._refused(channel)
+            or await self._download_images(args)
+            or {"ok": True, "channel": channel, "ts": args["ts"]}
+        )
 
     async def _chat_postEphemeral(self, args: dict[str, Any]) -> dict[str, Any]:
         return self._refused(str(args["channel"])) or {"ok": True, "message_ts": self.next_ts()}

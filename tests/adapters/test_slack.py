@@ -14,13 +14,14 @@ import itertools
 import logging
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from arq.jobs import Job as ArqJob
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from bot.adapters.options import parse_imagine
 from bot.adapters.slack import (
@@ -37,7 +38,8 @@ from bot.core.delivery import Delivery
 from bot.core.errors import UserError
 from bot.core.store import Job, Owner
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE
+from engine.api import GENERATE_QUEUE, Progress
+from engine.artifacts import local_path
 from tests.adapters.conftest import FakeClock
 from tests.adapters.slack_fake import (
     ADMIN_ID,
@@ -58,6 +60,7 @@ from tests.adapters.slack_fake import (
 from tests.conftest import (
     configure_second_model,
     make_photo,
+    make_settings,
     queued,
     queued_train_request,
     running_job,
@@ -90,10 +93,13 @@ async def fake_slack(clock: FakeClock) -> AsyncIterator[FakeSlack]:
         await runner.cleanup()
 
 
-@pytest.fixture
-async def adapter(
-    runtime: BotRuntime, fake_slack: FakeSlack, clock: FakeClock
-) -> AsyncIterator[SlackAdapter]:
+def make_adapter(
+    runtime: BotRuntime,
+    fake_slack: FakeSlack,
+    clock: FakeClock,
+    *,
+    artifacts_public_url: str | None = None,
+) -> SlackAdapter:
     """The Slack adapter on the real core, talking to the fake, downloading only from it."""
     downloader = SlackDownloader(
         BOT_TOKEN,
@@ -102,19 +108,43 @@ async def adapter(
         require_https=False,
         timeout=2.0,
     )
-    adapter = SlackAdapter(
+    return SlackAdapter(
         runtime.core,
         web_client(BOT_TOKEN, base_url=f"{fake_slack.base}/api/"),
         signing_secret="test-signing-secret",
         downloader=downloader,
         edit_interval=EDIT_INTERVAL,
+        artifacts_public_url=artifacts_public_url,
         clock=clock,
         sleep=clock.sleep,
     )
+
+
+@pytest.fixture
+async def adapter(
+    runtime: BotRuntime, fake_slack: FakeSlack, clock: FakeClock
+) -> AsyncIterator[SlackAdapter]:
+    """The Slack adapter as configured by default (a local artifact folder, no public URL)."""
+    adapter = make_adapter(runtime, fake_slack, clock)
     try:
         yield adapter
     finally:
         await adapter.close()
+
+
+@pytest.fixture
+async def public_artifacts(runtime: BotRuntime) -> AsyncIterator[str]:
+    """A web server in front of the artifact folder: the base URL it serves the files under."""
+    folder = local_path(runtime.core.artifacts.base_url)
+    assert folder is not None
+    folder.mkdir(parents=True, exist_ok=True)
+    app = web.Application()
+    app.router.add_static("/artifacts", folder)
+    runner, base = await serve(app)
+    try:
+        yield f"{base}/artifacts"
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture
@@ -531,6 +561,136 @@ async def test_a_result_uploads_its_images_mentioning_the_user_with_buttons(
     assert job.id not in adapter.progress_messages
 
 
+async def write_preview(runtime: BotRuntime, job: Job, step: int) -> str:
+    """Store a live preview of the job as the engine does; its artifact URL."""
+    url = runtime.core.artifacts.url("outputs", job.id, "previews", f"{step:03d}.jpg")
+    await runtime.core.artifacts.aput_bytes(url, make_photo(step, (128, 128)))
+    return url
+
+
+async def show_a_preview_then_a_plain_update(
+    adapter: SlackAdapter, runtime: BotRuntime, job: Job
+) -> None:
+    """Steps 2 (posts the message), 3 with a preview, 4 without: all within one interval."""
+    drawing = Progress(job_id=job.id, phase="generating", step=2, total=10)
+    await adapter.show_progress(job, "drawing 2/10", drawing)
+    preview = await write_preview(runtime, job, 3)
+    with_preview = drawing.model_copy(update={"step": 3, "preview_url": preview})
+    await adapter.show_progress(job, "drawing 3/10", with_preview)
+    await adapter.show_progress(job, "drawing 4/10", drawing.model_copy(update={"step": 4}))
+
+
+async def update_number(fake: FakeSlack, clock: FakeClock, n: int) -> Call:
+    """The ``n``-th update (counting from 1), once the fake clock has moved on far enough.
+
+    A waiting update goes out an interval after the one before it was sent, once that one is
+    answered; the clock moves an interval at a time until it has arrived.
+    """
+    while len(fake.find("chat.update")) < n:
+        await clock.advance(EDIT_INTERVAL)
+        with contextlib.suppress(TimeoutError):
+            await fake.wait_until(lambda: len(fake.find("chat.update")) >= n, within=0.2)
+    return fake.find("chat.update")[n - 1]
+
+
+async def test_live_previews_ride_on_throttled_updates_from_the_public_url_and_go_with_the_result(
+    runtime: BotRuntime, fake_slack: FakeSlack, clock: FakeClock, public_artifacts: str
+) -> None:
+    adapter = make_adapter(runtime, fake_slack, clock, artifacts_public_url=public_artifacts)
+    try:
+        job = make_job()
+        await show_a_preview_then_a_plain_update(adapter, runtime, job)
+        [posted] = fake_slack.find("chat.postMessage")
+        assert "blocks" not in posted.args
+        assert fake_slack.find("chat.update") == []  # no call beyond the throttle's
+
+        # One update, after the interval: the latest text, with the newest preview below it.
+        await clock.advance(EDIT_INTERVAL)
+        await fake_slack.wait_until(lambda: len(fake_slack.find("chat.update")) == 1)
+        [update] = fake_slack.find("chat.update")
+        public = f"{public_artifacts}/outputs/{job.id}/previews/003.jpg"
+        assert update.text == f"<@{USER_ID}> · drawing 4/10"
+        assert update.args["blocks"] == [
+            {"type": "section", "text": {"type": "mrkdwn", "text": update.text}},
+            {"type": "image", "image_url": public, "alt_text": "preview, step 3 of 10"},
+        ]
+        # Slack downloaded the preview from the public URL.
+        await fake_slack.wait_until(lambda: len(fake_slack.images) == 1)
+        assert fake_slack.images == [(public, make_photo(3, (128, 128)))]
+
+        # An update replaces the message's blocks, so the next one shows the preview again.
+        step = Progress(job_id=job.id, phase="generating", step=5, total=10)
+        await adapter.show_progress(job, "drawing 5/10", step)
+        again = await update_number(fake_slack, clock, 2)
+        assert again.text == f"<@{USER_ID}> · drawing 5/10"
+        assert [block["type"] for block in again.args["blocks"]] == ["section", "image"]
+        assert again.args["blocks"][1]["image_url"] == public
+        await fake_slack.wait_until(lambda: len(fake_slack.images) == 2)
+
+        # The result is posted; the closing update removes the preview.
+        await adapter.show_result(
+            Delivery(job, "“a red fox” · seed 7", await write_images(runtime, 1))
+        )
+        closing = fake_slack.find("chat.update")[-1]
+        assert "done" in closing.text
+        assert closing.args["blocks"] == []
+        assert len(fake_slack.find("chat.update")) == 3
+    finally:
+        await adapter.close()
+
+
+async def test_without_a_public_url_progress_updates_carry_no_preview(
+    adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime, clock: FakeClock
+) -> None:
+    job = make_job()
+    await show_a_preview_then_a_plain_update(adapter, runtime, job)
+    await clock.advance(EDIT_INTERVAL)
+    await fake_slack.wait_until(lambda: len(fake_slack.find("chat.update")) == 1)
+    await adapter.show_result(Delivery(job, "“a red fox” · seed 7", await write_images(runtime, 1)))
+
+    update, closing = fake_slack.find("chat.update")
+    assert update.text == f"<@{USER_ID}> · drawing 4/10"
+    assert "done" in closing.text
+    # A local artifact folder has no URL Slack could fetch: plain text, as before.
+    assert "blocks" not in update.args and "blocks" not in closing.args
+    assert fake_slack.images == []
+
+
+async def test_a_preview_slack_cannot_download_is_dropped_and_the_progress_still_moves(
+    runtime: BotRuntime,
+    fake_slack: FakeSlack,
+    clock: FakeClock,
+    public_artifacts: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A public URL that serves nothing (a misconfigured CDN, say).
+    wrong = f"{public_artifacts}/nothing-here"
+    adapter = make_adapter(runtime, fake_slack, clock, artifacts_public_url=wrong)
+    try:
+        job = make_job()
+        await show_a_preview_then_a_plain_update(adapter, runtime, job)
+        await clock.advance(EDIT_INTERVAL)
+        await fake_slack.wait_until(lambda: len(fake_slack.find("chat.update")) == 2)
+
+        refused, update = fake_slack.find("chat.update")
+        assert refused.args["blocks"][1]["image_url"].startswith(wrong)
+        assert update.text == f"<@{USER_ID}> · drawing 4/10"
+        assert update.args["blocks"] == [
+            {"type": "section", "text": {"type": "mrkdwn", "text": update.text}}
+        ]
+        assert "Slack refused preview" in caplog.text
+        # The job's later previews aren't tried again.
+        newer = await write_preview(runtime, job, 5)
+        step = Progress(job_id=job.id, phase="generating", step=5, total=10, preview_url=newer)
+        await adapter.show_progress(job, "drawing 5/10", step)
+        later = await update_number(fake_slack, clock, 3)
+        assert later.text == f"<@{USER_ID}> · drawing 5/10"
+        assert [block["type"] for block in later.args["blocks"]] == ["section"]
+        assert fake_slack.images == []
+    finally:
+        await adapter.close()
+
+
 async def test_a_training_result_with_many_samples_is_uploaded_in_batches_of_ten(
     adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime
 ) -> None:
@@ -707,3 +867,27 @@ async def test_socket_mode_needs_no_signing_secret_and_http_mode_does(
     http_mode = socket_mode.model_copy(update={"slack_app_token": None})
     with pytest.raises(ConfigError, match="DREAMBOT_SLACK_SIGNING_SECRET"):
         build_adapter(runtime.core, http_mode)
+
+
+async def test_the_public_artifacts_url_is_configured_for_the_adapter(
+    runtime: BotRuntime, tmp_path: Path
+) -> None:
+    configured = make_settings(
+        tmp_path,
+        runtime.settings.redis_url,
+        slack_bot_token="xoxb-1",
+        slack_app_token="xapp-1",
+        artifacts_public_url="https://cdn.example.com/dreambot/",
+    )
+    adapter = build_adapter(runtime.core, configured)
+    await adapter.close()
+    assert adapter.artifacts_public_url == "https://cdn.example.com/dreambot"
+    assert adapter.shows_previews
+    unset = build_adapter(
+        runtime.core, configured.model_copy(update={"artifacts_public_url": None})
+    )
+    await unset.close()
+    assert not unset.shows_previews  # a local folder can't sign URLs either
+    for wrong in ("cdn.example.com", "ftp://cdn.example.com", "https://cdn.example.com/?a=1"):
+        with pytest.raises(ValidationError, match="artifacts_public_url"):
+            make_settings(tmp_path, runtime.settings.redis_url, artifacts_public_url=wrong)

@@ -1,14 +1,17 @@
-"""Writes handed from a worker thread to the event loop (``BackgroundWrites``)."""
+"""Writes handed from a worker thread to the event loop (``BackgroundWrites``), and the
+public URLs of artifacts (``ArtifactStore.public_url``)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
-from engine.artifacts import ArtifactStore, BackgroundWrites
+from engine.artifacts import SIGNED_URL_SECONDS, ArtifactStore, BackgroundWrites
 
 
 class GatedStore(ArtifactStore):
@@ -70,3 +73,48 @@ async def test_a_cancelled_job_still_waits_for_its_writes(tmp_path: Path) -> Non
     with pytest.raises(asyncio.CancelledError):
         await task
     assert store.written == [("checkpoint", b"state")]
+
+
+def test_an_artifact_has_a_public_url_below_the_public_base(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path.as_uri())
+    preview = store.url("outputs", "job 1", "previews", "003.jpg")
+
+    public = store.public_url(preview, "https://cdn.example.com/dreambot/")
+
+    assert public == "https://cdn.example.com/dreambot/outputs/job%201/previews/003.jpg"
+    # Nothing outside the store, nor anything climbing out of it, gets one.
+    for url in (
+        "file:///etc/passwd",
+        f"{tmp_path.as_uri()}-other/x.jpg",
+        store.url("outputs", "..", "..", "x.jpg"),
+        store.base_url,
+    ):
+        assert store.public_url(url, "https://cdn.example.com") is None
+
+
+async def test_a_local_store_without_a_public_base_has_no_public_url(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path.as_uri())
+    assert not store.can_sign
+    assert await store.apublic_url(store.url("outputs", "j", "previews", "003.jpg")) is None
+
+
+async def test_a_store_that_signs_gives_a_short_lived_signed_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def sign(self: MemoryFileSystem, path: str, expiration: int = 100, **kwargs: Any) -> str:
+        return f"https://signed.example.com{path}?expires={expiration}"
+
+    # What s3fs does with presigned URLs, on an in-memory store.
+    monkeypatch.setattr(MemoryFileSystem, "sign", sign)
+    store = ArtifactStore("memory://bucket/dreambot")
+    url = store.url("outputs", "j", "previews", "003.jpg")
+
+    assert store.can_sign
+    assert await store.apublic_url(url) == (
+        "https://signed.example.com/bucket/dreambot/outputs/j/previews/003.jpg"
+        f"?expires={SIGNED_URL_SECONDS}"
+    )
+    # A public base, when there is one, is preferred to signing.
+    assert store.public_url(url, "https://cdn.example.com") == (
+        "https://cdn.example.com/outputs/j/previews/003.jpg"
+    )

@@ -26,8 +26,8 @@ test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m 'not model'
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check bot engine tests
-	$(VENV)/bin/ruff format --check bot engine tests
+	$(VENV)/bin/ruff check bot engine tests bench
+	$(VENV)/bin/ruff format --check bot engine tests bench
 	$(VENV)/bin/mypy
 
 # The training benchmark runs diffusers' own DreamBooth script beside ours. That script needs

@@ -76,6 +76,10 @@ if [ -f "$EXAMPLES/dreambooth/train_dreambooth_lora.py" ]; then
         --results "$RESULTS"
 fi
 step sd15-generate 110 $PY "${GEN[@]}"
+# Training with the UNet copy compiled (DREAMBOT_TRAIN_COMPILE=on): compilation falls in step 1
+# (train_lora s holds it), s/step after --warmup leaves it out.
+step sd15-train-compile 200 $PY "${TRAIN[@]}" --full-steps 300 --warmup 20 \
+    --cfg compile_backend=inductor
 step sdxl-train-prior 90 $PY "${TRAIN[@]}" --arch sdxl --full-steps 30 --warmup 5
 step sd15-generate-compiled 130 $PY "${GEN[@]}" --compile --no-reference
 step sd15-train-ckpt 50 $PY "${TRAIN[@]}" --full-steps 100 --cfg gradient_checkpointing=true

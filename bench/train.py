@@ -11,6 +11,8 @@ Both run as child processes of one Python, the bench virtual environment (``--ve
 diffusers' script needs torchvision. Measured per run: wall time of the whole process, time per
 step after warm-up, peak RSS; then the ratio ours/theirs. The class images are drawn once by
 the engine's ``generate_class_images`` (a row of its own) and given to both trainers.
+``--compile`` adds ours with its UNet copy compiled by inductor, its warm-up (the first step,
+cold and warm cache) apart from its time per step, and a second training in one process.
 
 ``--full`` builds the real SD 1.5 architecture with random weights instead and times our
 trainer at 512 px in this process (``--device cuda`` on a GPU; a 2-step smoke run on a CPU).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -53,10 +56,13 @@ then pass --diffusers-examples {where}/examples (or set DREAMBOT_DIFFUSERS_EXAMP
 
 TOKEN = "sks"
 CLASS_NOUN = "toy"
+COMPILED = "ours-compile"
+"""The extra trainer of ``--compile``: ours with the UNet copy compiled by inductor."""
 TRAIN_COLUMNS = [
     "run",
     "wall s",
     "CPU s",
+    "first step s",
     "s/step (after warm-up)",
     "CPU s/step",
     "steps/s",
@@ -87,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of s/step")
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs of each trainer (medians are reported)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run ours with its UNet copy compiled by inductor, a row of its own; its runs "
+        "share one inductor cache that starts empty, so the first compiles cold and the others "
+        "load the compiled code from that cache",
     )
     parser.add_argument("--photos", type=int, default=5, help="synthetic subject photos")
     parser.add_argument("--class-images", type=int, default=8, help="class-prior images")
@@ -158,9 +171,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def child_environment(threads: int | None) -> dict[str, str]:
-    """The environment of every child: offline, this checkout's packages first, ``threads``."""
-    env = dict(os.environ)
+def child_environment(threads: int | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every child: offline, this checkout's packages first, ``threads``,
+    and any ``extra`` variables."""
+    env = dict(os.environ) | (extra or {})
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
@@ -168,8 +182,16 @@ def child_environment(threads: int | None) -> dict[str, str]:
     return env
 
 
-def run_child(command: list[str], report: Path, log: Path, *, threads: int | None) -> ChildRun:
-    """Run ``command`` to the end; wall time and peak RSS are the kernel's for that process."""
+def run_child(
+    command: list[str],
+    report: Path,
+    log: Path,
+    *,
+    threads: int | None,
+    env: dict[str, str] | None = None,
+) -> ChildRun:
+    """Run ``command`` to the end (``env``: extra environment variables); wall time and peak
+    RSS are the kernel's for that process."""
     with log.open("w", encoding="utf-8") as output:
         started = time.perf_counter()
         process = subprocess.Popen(
@@ -177,7 +199,7 @@ def run_child(command: list[str], report: Path, log: Path, *, threads: int | Non
             stdout=output,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env=child_environment(threads),
+            env=child_environment(threads, env),
         )
         _, status, usage = os.wait4(process.pid, 0)
         wall_s = time.perf_counter() - started
@@ -229,15 +251,24 @@ def prepare_inputs(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     return model, photos
 
 
-def ours_command(python: str, args: argparse.Namespace, work: Path, **paths: Path) -> list[str]:
-    """The command line of one ``bench/train_ours.py`` run."""
+def ours_command(
+    python: str,
+    args: argparse.Namespace,
+    work: Path,
+    *,
+    compile: bool = False,
+    trainings: int = 1,
+    **paths: Path,
+) -> list[str]:
+    """The command line of one ``bench/train_ours.py`` run (``compile``: with inductor;
+    ``trainings``: that many in the process, the last one timed)."""
     return [
         python,
         str(BENCH / "train_ours.py"),
         "--model", str(paths["model"]),
         "--instance-dir", str(paths["photos"]),
         "--class-dir", str(paths["class_dir"]),
-        "--output", str(work / "ours" / "adapter.safetensors"),
+        "--output", str(work / (COMPILED if compile else "ours") / "adapter.safetensors"),
         "--report", str(paths["report"]),
         "--token", TOKEN,
         "--class-noun", CLASS_NOUN,
@@ -248,6 +279,8 @@ def ours_command(python: str, args: argparse.Namespace, work: Path, **paths: Pat
         "--learning-rate", str(args.learning_rate),
         "--seed", str(args.seed),
         "--device", args.device,
+        "--trainings", str(trainings),
+        *(["--compile"] if compile else []),
     ]  # fmt: skip
 
 
@@ -302,6 +335,7 @@ def training_row(
     runs: list[ChildRun],
     step_times: list[list[float]],
     step_cpu_times: list[list[float]],
+    first_steps: list[float],
     warmup: int,
 ) -> Row:
     """One table row for a trainer: medians over its repeated runs."""
@@ -311,6 +345,7 @@ def training_row(
         "run": name,
         "wall s": _median([run.wall_s for run in runs]),
         "CPU s": _median([run.cpu_s for run in runs]),
+        "first step s": _median(list(first_steps)),
         "s/step (after warm-up)": per_step,
         "CPU s/step": cpu_per_step,
         "steps/s": 1 / per_step if per_step else None,
@@ -318,13 +353,72 @@ def training_row(
     }
 
 
-def ratio_row(ours: Row, theirs: Row) -> Row:
+def ours_row(name: str, runs: list[ChildRun], warmup: int) -> Row:
+    """The table row of ``bench/train_ours.py`` runs (their first step counts from the call of
+    ``train_lora``: latents and prompts cached, LoRA added, the UNet compiled if asked)."""
+    return training_row(
+        name,
+        runs,
+        [run.report["step_times"] for run in runs],  # type: ignore[misc]
+        [run.report["step_cpu_times"] for run in runs],  # type: ignore[misc]
+        [run.report["step_times"][0] for run in runs],  # type: ignore[index]
+        warmup,
+    )
+
+
+def ratio_row(ours: Row, theirs: Row, name: str = "ratio ours/theirs") -> Row:
     """ours/theirs for every numeric column."""
-    row: Row = {"run": "ratio ours/theirs"}
+    row: Row = {"run": name}
     for column in TRAIN_COLUMNS[1:]:
         a, b = ours[column], theirs[column]
         row[column] = f"{a / b:.2f}" if a and b else None  # type: ignore[operator]
     return row
+
+
+def compiled_rows(
+    runs: list[ChildRun], again: ChildRun, theirs: Row | None, warmup: int
+) -> list[Row]:
+    """The rows of ``--compile``: ours compiled, its ratio to theirs, and the second of two
+    trainings in one process (``again``)."""
+    compiled = ours_row("ours + torch.compile (inductor)", runs, warmup)
+    rows = [compiled]
+    if theirs is not None:
+        rows.append(ratio_row(compiled, theirs, "ratio ours + compile/theirs"))
+    # That process ran two trainings: its wall time, CPU time and RSS are not one run's.
+    second = ours_row("ours + compile, 2nd training in one process", [again], warmup)
+    return [*rows, second | {"wall s": None, "CPU s": None, "peak RSS MiB": None}]
+
+
+def last_compiling_step(step_graphs: list[int]) -> int:
+    """The last step (1-based) during which Dynamo compiled a graph; 0 when none."""
+    pairs = itertools.pairwise([0, *step_graphs])
+    return max((step for step, (a, b) in enumerate(pairs, start=1) if b > a), default=0)
+
+
+def compile_notes(runs: list[ChildRun], again: ChildRun, warmup: int) -> list[str]:
+    """What the compiled runs' warm-up cost, run by run, whether any compilation fell after
+    the warm-up (it would then be inside s/step), and what a second training compiled."""
+    firsts = ", ".join(f"{run.report['step_times'][0]:.1f}" for run in runs)  # type: ignore[index]
+    walls = ", ".join(f"{run.wall_s:.1f}" for run in runs)
+    last = [last_compiling_step(run.report["step_graphs"]) for run in runs]  # type: ignore[arg-type]
+    graphs = [run.report["step_graphs"][-1] for run in runs]  # type: ignore[index]
+    notes = [
+        f"ours + compile, run by run: first step {firsts} s, wall {walls} s; the first run "
+        "started with an empty inductor cache (cold compile), the others loaded the compiled "
+        "code from it (a restarted engine on the same host). The row '2nd training in one "
+        "process' times the second of two trainings in one process (the engine's case once "
+        f"it has trained a subject), which compiled {again.report['step_graphs'][-1]} "  # type: ignore[index]
+        "graph(s).",
+        f"ours + compile: Dynamo compiled {graphs} graph(s) per run, the last during step "
+        f"{last}; s/step leaves out the first {warmup} steps"
+        + (", so no compilation is inside it." if max(last) <= warmup else "."),
+    ]
+    if max(last) > warmup:
+        notes.append(
+            f"WARNING: a compilation fell after the {warmup}-step warm-up: ours + compile's "
+            "s/step includes it (raise --warmup)."
+        )
+    return notes
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -384,47 +478,61 @@ def compare_trainers(args: argparse.Namespace, work: Path) -> None:
     load_before = os.getloadavg()
     prior_rows = [draw_class_priors(python, args, work, paths)]
 
-    ours_runs: list[ChildRun] = []
-    theirs_runs: list[ChildRun] = []
+    trainers = ["theirs", "ours"] if compare else ["ours"]
+    if args.compile:
+        trainers.append(COMPILED)
+    runs: dict[str, list[ChildRun]] = {who: [] for who in trainers}
+    # The compiled runs share one inductor cache that starts empty: the first compiles cold,
+    # the others load the compiled code from it, as an engine restarted on this host would.
+    compile_env = {"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")}
     for repeat in range(args.repeats):
-        # Alternate who goes first, so a neighbour's load hits both alike.
-        order = ["theirs", "ours"] if repeat % 2 == 0 else ["ours", "theirs"]
-        for who in order if compare else ["ours"]:
+        # Alternate the order, so a neighbour's load hits every trainer alike.
+        order = trainers if repeat % 2 == 0 else trainers[::-1]
+        for who in order:
             print(f"{who}: {args.steps} steps (run {repeat + 1}/{args.repeats}) …", flush=True)
             report = work / f"{who}-{repeat}.json"
             log = work / "logs" / f"{who}-{repeat}.log"
-            if who == "ours":
-                command = ours_command(python, args, work, report=report, **paths)
-                ours_runs.append(run_child(command, report, log, threads=args.threads))
-            else:
+            if who == "theirs":
                 output = work / f"theirs-{repeat}"
                 command = diffusers_command(
                     python, script, args, args.steps, report=report, output=output, **paths
                 )
-                theirs_runs.append(run_child(command, report, log, threads=args.threads))
+                runs[who].append(run_child(command, report, log, threads=args.threads))
+            else:
+                compiled = who == COMPILED
+                command = ours_command(python, args, work, compile=compiled, report=report, **paths)
+                env = compile_env if compiled else None
+                runs[who].append(run_child(command, report, log, threads=args.threads, env=env))
+    again = None
+    if args.compile:
+        print(f"{COMPILED}: a second training in the same process …", flush=True)
+        report = work / f"{COMPILED}-again.json"
+        command = ours_command(
+            python, args, work, compile=True, trainings=2, report=report, **paths
+        )
+        log = work / "logs" / f"{COMPILED}-again.log"
+        again = run_child(command, report, log, threads=args.threads, env=compile_env)
     if compare:
         prior_rows.append(their_class_priors(python, script, args, work, paths))
     load_after = os.getloadavg()
 
-    ours_row = training_row(
-        "ours: engine.training.train_lora",
-        ours_runs,
-        [run.report["step_times"] for run in ours_runs],  # type: ignore[misc]
-        [run.report["step_cpu_times"] for run in ours_runs],  # type: ignore[misc]
-        args.warmup,
-    )
-    rows = [ours_row]
+    plain_row = ours_row("ours: engine.training.train_lora", runs["ours"], args.warmup)
+    rows = [plain_row]
+    theirs_row = None
     if compare:
         theirs_row = training_row(
             f"diffusers {DIFFUSERS_SCRIPT.name}",
-            theirs_runs,
-            [bar_times(run.report, "Steps")[1:] for run in theirs_runs],
-            [bar_times(run.report, "Steps", "cpu_times")[1:] for run in theirs_runs],
+            runs["theirs"],
+            [bar_times(run.report, "Steps")[1:] for run in runs["theirs"]],
+            [bar_times(run.report, "Steps", "cpu_times")[1:] for run in runs["theirs"]],
+            [_first_step(bar_times(run.report, "Steps")) for run in runs["theirs"]],
             args.warmup,
         )
-        rows += [theirs_row, ratio_row(ours_row, theirs_row)]
+        rows += [theirs_row, ratio_row(plain_row, theirs_row)]
+    if again is not None:
+        rows += compiled_rows(runs[COMPILED], again, theirs_row, args.warmup)
 
-    versions = ours_runs[0].report["versions"]
+    versions = runs["ours"][0].report["versions"]
     model_label = (
         "SD 1.5 architecture, random weights"
         if args.model == "sd15"
@@ -453,7 +561,11 @@ def compare_trainers(args: argparse.Namespace, work: Path) -> None:
         "photos, class images and prompts once.",
         "theirs' wall time also holds its closing reload of the pipeline with the new LoRA "
         "(it generates nothing without --validation_prompt).",
+        "first step s: ours from the call of train_lora (latents and prompts cached, LoRA "
+        "added, the UNet compiled if asked) to the first step's end; theirs its first step.",
     ]
+    if again is not None:
+        notes += compile_notes(runs[COMPILED], again, args.warmup)
     print()
     print(format_table(TRAIN_COLUMNS, rows))
     print()
@@ -466,6 +578,11 @@ def compare_trainers(args: argparse.Namespace, work: Path) -> None:
         title = f"class priors, {model_label} — {today()}"
         append_results(title, context[:3], PRIOR_COLUMNS, prior_rows, path=args.results)
         print(f"\nappended to {args.results}")
+
+
+def _first_step(times: list[float]) -> float:
+    """The first step's seconds from a progress bar's timestamps (its creation first)."""
+    return times[1] - times[0]
 
 
 def _diffusers() -> str:

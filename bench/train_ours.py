@@ -41,11 +41,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prior-loss-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the trainable UNet copy with inductor (TrainConfig.compile_backend)",
+    )
+    parser.add_argument(
+        "--trainings",
+        type=int,
+        default=1,
+        help="train the subject this many times in this process, as an engine trains one "
+        "subject after another; the step times are the last training's",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from torch._dynamo.utils import counters
+
     from engine.models import load_pipeline
     from engine.training import TrainConfig, generate_class_images, save_adapter, train_lora
 
@@ -55,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     phases["load_s"] = time.perf_counter() - started
     step_times: list[float] = []  # wall seconds since training began, at each step's end
     step_cpu_times: list[float] = []  # this process's CPU seconds at each step's end
+    step_graphs: list[int] = []  # graphs compiled by each step's end
 
     if args.only_class_images:
         began = time.perf_counter()
@@ -75,23 +90,30 @@ def main(argv: list[str] | None = None) -> None:
             class_images=len(class_images),
             resolution=args.resolution,
             seed=args.seed,
+            compile_backend="inductor" if args.compile else None,
         )
 
         def on_step(step: int, total: int, loss: float) -> None:
             step_times.append(time.perf_counter() - began)
             step_cpu_times.append(time.process_time())
+            # Graphs Dynamo has compiled so far: shows in which steps compilation happened.
+            step_graphs.append(counters["stats"]["unique_graphs"])
 
-        began = time.perf_counter()
-        outcome = train_lora(
-            pipe,
-            instance_images,
-            class_images,
-            args.token,
-            args.class_noun,
-            cfg,
-            progress=on_step,
-        )
-        phases["train_s"] = time.perf_counter() - began
+        for _ in range(args.trainings):
+            for record in (step_times, step_cpu_times, step_graphs):
+                record.clear()
+            counters.clear()  # count the graphs this training compiles
+            began = time.perf_counter()
+            outcome = train_lora(
+                pipe,
+                instance_images,
+                class_images,
+                args.token,
+                args.class_noun,
+                cfg,
+                progress=on_step,
+            )
+            phases["train_s"] = time.perf_counter() - began
         began = time.perf_counter()
         save_adapter(
             outcome.state_dict,
@@ -106,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         "phases": phases,
         "step_times": step_times,
         "step_cpu_times": step_cpu_times,
+        "step_graphs": step_graphs,
         "peak_rss_mib": peak_rss_mib(),
     }
     args.report.write_text(json.dumps(report, indent=1), encoding="utf-8")

@@ -168,6 +168,11 @@ class Settings(BaseSettings):
         description="recompute activations: less GPU memory, slower steps; 'auto': on for "
         "SDXL on a GPU, off otherwise (see README, Training)",
     )
+    train_compile: bool = Field(
+        False,
+        description="torch.compile (inductor) each training's UNet copy: faster steps, but the "
+        "first training of a process waits for the compilation (see README, Training)",
+    )
     train_random_flip: bool = Field(False, description="also train on mirrored photos")
     train_text_encoder: bool = Field(
         False,

@@ -273,6 +273,16 @@ def gradient_checkpointing(setting: bool | str, sdxl: bool, device: str) -> bool
     return sdxl and device.startswith("cuda")
 
 
+SPEED_ONLY_FIELDS = frozenset({"compile_backend"})
+"""TrainConfig fields that change how fast the weights are computed, not what is learned: left
+out of the fingerprint, so turning them on or off keeps finished adapters and checkpoints."""
+
+
+def recipe(cfg: TrainConfig) -> dict[str, object]:
+    """The config fields that make up the run's fingerprint (all but the speed-only ones)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SPEED_ONLY_FIELDS}
+
+
 async def _train(
     ctx: dict[str, Any], request: TrainRequest, report: ProgressReporter, watch: CancelWatch
 ) -> TrainResult:
@@ -300,6 +310,7 @@ async def _train(
         optimizer=settings.train_optimizer,
         train_text_encoder=settings.train_text_encoder,
         text_encoder_learning_rate=settings.train_text_encoder_lr,
+        compile_backend="inductor" if settings.train_compile else None,
     )
     report("loading", 0, len(request.photo_urls))
     photo_bytes = [await artifacts.aget_bytes(u) for u in request.photo_urls]
@@ -311,7 +322,7 @@ async def _train(
             "base_model": model.name,
             "token": request.token,
             "class_noun": request.class_noun,
-            "config": dataclasses.asdict(cfg),
+            "config": recipe(cfg),
         },
     )
     if await asyncio.to_thread(finished_adapter, artifacts, request.adapter_url, key):

@@ -83,6 +83,11 @@ class TrainConfig:
     text_encoder_learning_rate: float | None = None
     """Learning rate of the text-encoder LoRA; None: ``learning_rate``, as diffusers' SD LoRA
     script trains both with one rate."""
+    compile_backend: str | None = None
+    """``torch.compile`` backend for the trainable UNet copy ("inductor" to compile it), or
+    None: eager. Compiled steps are faster, but the first step waits for the compilation
+    (minutes on a cold cache; once per process, see README, Training). Tests pick the cheap
+    "aot_eager". It changes how fast the weights are computed, not the recipe."""
 
 
 @dataclass
@@ -363,6 +368,13 @@ def unet_with_lora(pipe: BasePipeline, cfg: TrainConfig) -> UNet2DConditionModel
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    if cfg.compile_backend is not None:
+        # In place: the module keeps its type, parameters and state-dict keys (a wrapper would
+        # prefix them with ``_orig_mod.``), so LoRA saving and checkpoints see the plain UNet.
+        # The compiled code is cached per process and serves every later copy of this UNet.
+        # Static shapes: a run's batch and size never change, and a dynamic-shape graph is
+        # slower on the CPU; another size compiles once more.
+        unet.compile(backend=cfg.compile_backend, dynamic=False)
     return unet
 
 
@@ -492,12 +504,29 @@ def make_optimizer(
     """The optimizer named by ``cfg.optimizer`` over the trainable ``params`` (a list of
     parameters, or of parameter groups that may set their own ``lr``)."""
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate)
+        # One fused kernel for all the LoRA tensors instead of a loop over them: the tiny
+        # model's gradient clipping and optimizer step took 0.9 ms instead of 3.5 ms on the CPU.
+        fused = True if _fused_adamw_supported(params) else None
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, fused=fused)
     if cfg.optimizer == "adamw8bit":
         bnb = require_bitsandbytes()
         optimizer: torch.optim.Optimizer = bnb.optim.AdamW8bit(params, lr=cfg.learning_rate)
         return optimizer
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamw' or 'adamw8bit'")
+
+
+def _fused_adamw_supported(params: list[torch.nn.Parameter] | list[dict[str, Any]]) -> bool:
+    """Whether torch's fused AdamW takes every one of ``params``: floating-point tensors on the
+    CPU or a CUDA GPU."""
+    tensors = [
+        tensor
+        for item in params
+        for tensor in (item["params"] if isinstance(item, dict) else [item])
+    ]
+    return all(
+        torch.is_floating_point(tensor) and tensor.device.type in ("cpu", "cuda")
+        for tensor in tensors
+    )
 
 
 def require_bitsandbytes() -> Any:

@@ -27,9 +27,9 @@ from engine.training import (
     train_lora,
     unet_with_lora,
 )
-from tests.conftest import make_settings
 from tests.engine.conftest import engine_context
-from tests.engine.test_training_job import train_request
+from tests.engine.test_training_job import short_recipe, train_request
+from tests.engine.test_training_resume import train_then_resume
 
 pytestmark = [
     pytest.mark.model,
@@ -85,28 +85,8 @@ def test_a_compiled_run_resumes_from_its_checkpoint_like_the_uninterrupted_run(
     subject_photos: list[Image.Image],
     class_images: list[Image.Image],
 ) -> None:
-    saved: list[TrainState] = []
-    whole = train_lora(
-        tiny_pipe,
-        subject_photos,
-        class_images,
-        "zqv",
-        "dog",
-        COMPILED,
-        checkpoint_every=2,
-        on_checkpoint=saved.append,
-    )
-    steps_after_resume: list[int] = []
-
-    resumed = train_lora(
-        tiny_pipe,
-        subject_photos,
-        class_images,
-        "zqv",
-        "dog",
-        COMPILED,
-        resume=saved[1],
-        progress=lambda step, total, loss: steps_after_resume.append(step),
+    saved, whole, resumed, steps_after_resume = train_then_resume(
+        tiny_pipe, subject_photos, class_images, COMPILED
     )
 
     assert [state.step for state in saved] == [2, 4]
@@ -199,16 +179,7 @@ async def test_the_training_job_compiles_the_unet_when_the_setting_asks(
         return real_train_lora(*rest, replace(cfg, compile_backend=CHEAP_BACKEND), **kwargs)
 
     monkeypatch.setattr(engine.training, "train_lora", cheaply_compiled)
-    settings = make_settings(
-        tmp_path / "data",
-        redis_clean,
-        base_model=str(tiny_model_dir),
-        train_steps=2,
-        class_images=2,
-        generate_steps=2,
-        sample_count=0,
-        train_compile=True,
-    )
+    settings = short_recipe(tmp_path, redis_clean, tiny_model_dir, train_compile=True)
     async with engine_context(settings) as ctx:
         result = await train_subject(ctx, train_request(ctx, "rex").model_dump())
 

@@ -14,6 +14,7 @@ import torch
 
 import engine.train_job
 import engine.training
+from bot.config import Settings
 from engine.api import TrainRequest, cancel_key
 from engine.artifacts import ArtifactStore, local_path
 from engine.reporting import CancelWatch
@@ -31,17 +32,22 @@ async def engine_ctx(
     tmp_path: Path, redis_clean: str, tiny_model_dir: Path
 ) -> AsyncIterator[dict[str, Any]]:
     """The engine's shared ``ctx`` (as its workers get it) for a short training recipe."""
-    settings = make_settings(
+    async with engine_context(short_recipe(tmp_path, redis_clean, tiny_model_dir)) as ctx:
+        yield ctx
+
+
+def short_recipe(tmp_path: Path, redis_url: str, model: Path, **extra: Any) -> Settings:
+    """Settings for a two-step training with two class images and no samples."""
+    return make_settings(
         tmp_path / "data",
-        redis_clean,
-        base_model=str(tiny_model_dir),
+        redis_url,
+        base_model=str(model),
         train_steps=2,
         class_images=2,
         generate_steps=2,
         sample_count=0,
+        **extra,
     )
-    async with engine_context(settings) as ctx:
-        yield ctx
 
 
 def train_request(ctx: dict[str, Any], subject_id: str, class_noun: str = "dog") -> TrainRequest:

@@ -27,7 +27,7 @@ from engine.checkpoints import (
     safetensors_metadata,
     save_checkpoint,
 )
-from engine.training import TrainConfig, TrainState, save_adapter, train_lora
+from engine.training import TrainConfig, TrainOutcome, TrainState, save_adapter, train_lora
 from tests.conftest import TEST_PLATFORM, RecordingSink, make_photo, make_settings
 
 pytestmark = pytest.mark.model
@@ -35,33 +35,39 @@ pytestmark = pytest.mark.model
 SIX_STEPS = TrainConfig(steps=6, learning_rate=3e-2, seed=3)
 
 
+def train_then_resume(
+    pipe: StableDiffusionPipeline,
+    photos: list[Image.Image],
+    priors: list[Image.Image],
+    cfg: TrainConfig,
+) -> tuple[list[TrainState], TrainOutcome, TrainOutcome, list[int]]:
+    """A whole run with a checkpoint every 2 steps, and a second run resumed from the second
+    checkpoint: (checkpoints, whole run, resumed run, steps the resumed run reported)."""
+    saved: list[TrainState] = []
+    whole = train_lora(
+        pipe, photos, priors, "zqv", "dog", cfg, checkpoint_every=2, on_checkpoint=saved.append
+    )
+    steps_after_resume: list[int] = []
+    resumed = train_lora(
+        pipe,
+        photos,
+        priors,
+        "zqv",
+        "dog",
+        cfg,
+        resume=saved[1],
+        progress=lambda step, total, loss: steps_after_resume.append(step),
+    )
+    return saved, whole, resumed, steps_after_resume
+
+
 def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(
     tiny_pipe: StableDiffusionPipeline,
     subject_photos: list[Image.Image],
     class_images: list[Image.Image],
 ) -> None:
-    saved: list[TrainState] = []
-    whole = train_lora(
-        tiny_pipe,
-        subject_photos,
-        class_images,
-        "zqv",
-        "dog",
-        SIX_STEPS,
-        checkpoint_every=2,
-        on_checkpoint=saved.append,
-    )
-    steps_after_resume: list[int] = []
-
-    resumed = train_lora(
-        tiny_pipe,
-        subject_photos,
-        class_images,
-        "zqv",
-        "dog",
-        SIX_STEPS,
-        resume=saved[1],
-        progress=lambda step, total, loss: steps_after_resume.append(step),
+    saved, whole, resumed, steps_after_resume = train_then_resume(
+        tiny_pipe, subject_photos, class_images, SIX_STEPS
     )
 
     # No checkpoint after the last step: the adapter is that step's result.

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from bot.adapters.throttle import EditThrottle
+from bot.core.commands import Receipt
 from bot.core.delivery import Delivery
 from bot.core.errors import UserError
 from bot.core.store import Job, Store
@@ -38,6 +39,14 @@ async def command_reply(work: Callable[[], Awaitable[str]], what: str) -> str:
         return exc.message
     except Exception:
         return apology(what)
+
+
+def queue_place(receipt: Receipt) -> str:
+    """How a job's first progress message says where it is: its place in the queue, or that
+    the queue has not confirmed it (``Receipt.confirmed``)."""
+    if receipt.confirmed:
+        return f"(position {receipt.position})"
+    return "(sent; the queue has not confirmed it yet)"
 
 
 def apology(what: str) -> str:

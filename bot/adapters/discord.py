@@ -33,7 +33,7 @@ from bot.adapters import common
 from bot.adapters.downloads import DISCORD_CDN_HOSTS, Downloader
 from bot.adapters.throttle import Clock, EditThrottle, Sleep
 from bot.config import ConfigError, Settings
-from bot.core.commands import Core
+from bot.core.commands import Core, Receipt
 from bot.core.delivery import Delivery, progress_text
 from bot.core.errors import UserError
 from bot.core.moderation import MOD_HELP, Moderator, parse_duration
@@ -298,7 +298,7 @@ class DiscordAdapter:
             roles=role_ids(interaction.user),
             model=model,
         )
-        await self._post_queued(interaction, receipt.job_id, name.strip(), receipt.position)
+        await self._post_queued(interaction, receipt, name.strip())
         return receipt.text
 
     async def imagine(
@@ -328,7 +328,7 @@ class DiscordAdapter:
             strength=strength,
             roles=role_ids(interaction.user),
         )
-        await self._post_queued(interaction, receipt.job_id, "your image", receipt.position)
+        await self._post_queued(interaction, receipt, "your image")
         return receipt.text
 
     async def showcase(self, interaction: discord.Interaction[Any], name: str | None) -> str:
@@ -339,7 +339,7 @@ class DiscordAdapter:
             name,
             roles=role_ids(interaction.user),
         )
-        await self._post_queued(interaction, receipt.job_id, "the showcase", receipt.position)
+        await self._post_queued(interaction, receipt, "the showcase")
         return receipt.text
 
     async def click(
@@ -362,7 +362,7 @@ class DiscordAdapter:
                 roles=role_ids(interaction.user),
                 mention=lambda user_id: f"<@{user_id}>",
             )
-            await self._post_queued(interaction, receipt.job_id, "your image", receipt.position)
+            await self._post_queued(interaction, receipt, "your image")
             return receipt.text
 
         await self.respond(interaction, work)
@@ -382,12 +382,12 @@ class DiscordAdapter:
         await self.respond(interaction, lambda: action(self.moderator(interaction)))
 
     async def _post_queued(
-        self, interaction: discord.Interaction[Any], job_id: str, label: str, position: int
+        self, interaction: discord.Interaction[Any], receipt: Receipt, label: str
     ) -> None:
-        queued = progress_text(Progress(job_id=job_id, phase="queued"), label)
-        content = f"<@{interaction.user.id}> · {queued} (position {position})"
+        queued = progress_text(Progress(job_id=receipt.job_id, phase="queued"), label)
+        content = f"<@{interaction.user.id}> · {queued} {common.queue_place(receipt)}"
         await self.progress.post_queued(
-            job_id, destination_of(interaction), content, self._post_progress
+            receipt.job_id, destination_of(interaction), content, self._post_progress
         )
 
     # Sink: engine updates.

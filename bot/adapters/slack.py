@@ -53,7 +53,7 @@ from bot.adapters.downloads import Downloader
 from bot.adapters.options import parse_imagine, queue_imagine, split_options
 from bot.adapters.throttle import Clock, EditThrottle, Sleep
 from bot.config import ConfigError, Settings
-from bot.core.commands import Core
+from bot.core.commands import Core, Receipt
 from bot.core.delivery import Delivery, progress_text
 from bot.core.errors import UserError
 from bot.core.moderation import MOD_HELP
@@ -497,21 +497,21 @@ class SlackAdapter:
             caller.owner, caller.destination, name, class_noun, uploads, model=model
         )
         self.pending.pop(self._pending_key(caller), None)
-        await self._post_queued(caller, receipt.job_id, name.strip(), receipt.position)
+        await self._post_queued(caller, receipt, name.strip())
         return receipt.text
 
     async def imagine(self, caller: Caller, text: str) -> str:
         """/imagine <prompt> [--options]: queue a generation."""
         args = parse_imagine(unescape(text))
         receipt = await queue_imagine(self.core, caller.owner, caller.destination, args)
-        await self._post_queued(caller, receipt.job_id, "your image", receipt.position)
+        await self._post_queued(caller, receipt, "your image")
         return receipt.text
 
     async def showcase(self, caller: Caller, text: str) -> str:
         """/showcase [name]: queue a subject's showcase grid."""
         name = unescape(text).strip() or None
         receipt = await self.core.showcase(caller.owner, caller.destination, name)
-        await self._post_queued(caller, receipt.job_id, "the showcase", receipt.position)
+        await self._post_queued(caller, receipt, "the showcase")
         return receipt.text
 
     async def forget(self, caller: Caller, text: str) -> str:
@@ -533,7 +533,7 @@ class SlackAdapter:
             index=index,
             mention=mention,
         )
-        await self._post_queued(caller, receipt.job_id, "your image", receipt.position)
+        await self._post_queued(caller, receipt, "your image")
         return receipt.text
 
     async def is_moderator(self, caller: Caller) -> bool:
@@ -612,10 +612,12 @@ class SlackAdapter:
 
     # Messages.
 
-    async def _post_queued(self, caller: Caller, job_id: str, label: str, position: int) -> None:
-        queued = progress_text(Progress(job_id=job_id, phase="queued"), label)
-        content = f"{mention(caller.user_id)} · {escape(queued)} (position {position})"
-        await self.progress.post_queued(job_id, caller.destination, content, self._post_progress)
+    async def _post_queued(self, caller: Caller, receipt: Receipt, label: str) -> None:
+        queued = progress_text(Progress(job_id=receipt.job_id, phase="queued"), label)
+        content = f"{mention(caller.user_id)} · {escape(queued)} {common.queue_place(receipt)}"
+        await self.progress.post_queued(
+            receipt.job_id, caller.destination, content, self._post_progress
+        )
 
     async def _post_progress(
         self, job_id: str, destination: dict[str, Any], content: str

@@ -48,6 +48,9 @@ class RedisProxy:
         self._reach_redis: bool | None = None  # armed: whether the next EXEC reaches Redis
         self._silence_after = False
         self._silent = False
+        self._hold = False  # armed: hold the next EXEC's reply until release()
+        self.reply_held = asyncio.Event()
+        self._released = asyncio.Event()
         self._relays: set[asyncio.Task[None]] = set()
 
     async def start(self, redis_url: str) -> RedisProxy:
@@ -75,6 +78,14 @@ class RedisProxy:
         connection is cut from then on (Redis can't be reached)."""
         self._reach_redis = reach_redis
         self._silence_after = then_go_silent
+
+    def hold_next_reply(self) -> None:
+        """Let the next MULTI … EXEC reach Redis, but hold its reply (``reply_held`` is set
+        once Redis has answered) until ``release()``."""
+        self._hold = True
+
+    def release(self) -> None:
+        self._released.set()
 
     def _dropped(self) -> None:
         if self._silence_after:
@@ -107,9 +118,13 @@ class RedisProxy:
         redis: asyncio.StreamWriter,
     ) -> None:
         losing_reply = asyncio.Event()
+        holding_reply = asyncio.Event()
 
         async def to_redis() -> None:
             while data := await client_in.read(65536):
+                if self._hold and b"EXEC" in data:
+                    self._hold = False
+                    holding_reply.set()
                 if self._reach_redis is not None and b"EXEC" in data:
                     reach, self._reach_redis = self._reach_redis, None
                     if not reach:
@@ -123,6 +138,14 @@ class RedisProxy:
         async def to_client() -> None:
             lost = b""
             while data := await redis_in.read(65536):
+                if holding_reply.is_set():
+                    lost += data
+                    if b"*" not in lost:
+                        continue
+                    holding_reply.clear()
+                    self.reply_held.set()
+                    await self._released.wait()
+                    data, lost = lost, b""
                 if losing_reply.is_set():
                     # MULTI and the queued commands answer +OK/+QUEUED; EXEC's reply is the
                     # first array. Once it came, Redis has run the transaction: drop it.
@@ -324,3 +347,28 @@ async def test_an_unconfirmed_job_waits_while_redis_stays_silent(
 
 async def _no_unconfirmed(runtime: BotRuntime) -> bool:
     return await runtime.store.unconfirmed_jobs(TEST_PLATFORM) == []
+
+
+@pytest.mark.parametrize("kind", ["train", "generate"])
+async def test_a_command_cancelled_mid_submission_keeps_its_job_for_the_check(
+    runtime: BotRuntime, core: Core, proxy: RedisProxy, owner: Owner, kind: Kind
+) -> None:
+    proxy.hold_next_reply()
+    command = asyncio.create_task(_submit(core, owner, kind))
+    await asyncio.wait_for(proxy.reply_held.wait(), 10)
+    command.cancel()  # e.g. the bot shutting down: Redis has the job, its reply is on the way
+    with pytest.raises(asyncio.CancelledError):
+        await command
+    proxy.release()
+
+    [unconfirmed] = await runtime.store.unconfirmed_jobs(TEST_PLATFORM)
+    assert await _waiting(runtime.queue, kind) == [unconfirmed.id.encode()]
+    assert _spent(await runtime.store.usage(owner), kind) == 1
+    if kind == "train":
+        assert await runtime.store.find_subject(owner, "rex") is not None
+
+    # The check finds the job in Redis: it runs as usual, nothing is reported.
+    assert await runtime.core.settle_unconfirmed_jobs() == 0
+    assert await _no_unconfirmed(runtime)
+    job = await runtime.store.get_job(unconfirmed.id)
+    assert job is not None and job.status == "queued"

@@ -243,9 +243,10 @@ class Core:
             )
             submission = await self._enqueue(TRAIN_SUBJECT, job_id, request.model_dump())
         except BaseException:
-            await self.store.delete_job(job_id)
-            await self.store.delete_subject(subject_id)
-            await self.artifacts.adelete_tree(subject_url)
+            if not await self.store.is_unconfirmed(job_id):  # kept: Redis may hold the job
+                await self.store.delete_job(job_id)
+                await self.store.delete_subject(subject_id)
+                await self.artifacts.adelete_tree(subject_url)
             raise
         return Receipt(
             job_id,
@@ -733,7 +734,8 @@ class Core:
         try:
             return await self._enqueue(function, request.job_id, request.model_dump())
         except BaseException:
-            await self.store.delete_job(request.job_id)
+            if not await self.store.is_unconfirmed(request.job_id):  # kept: Redis may hold it
+                await self.store.delete_job(request.job_id)
             raise
 
     async def _enqueue(self, function: str, job_id: str, payload: dict[str, Any]) -> Submission:
@@ -741,8 +743,9 @@ class Core:
 
         Raises the "nothing was queued" ``UserError`` only when the job is known not to be in
         the queue. When Redis stops answering mid-submission and can't be asked in time
-        whether the job got there, the row is marked unconfirmed and kept (the job may run):
-        ``settle_unconfirmed_jobs`` decides later.
+        whether the job got there, or the command is cancelled while sending it, the row is
+        marked unconfirmed and kept (the job may run): ``settle_unconfirmed_jobs`` decides
+        later.
         """
         queue = ENGINE_QUEUES[function]
         try:
@@ -756,6 +759,12 @@ class Core:
         except (RedisError, OSError) as exc:
             log.warning("enqueue of job %s failed (%s); asking whether it arrived", job_id, exc)
             queued = None
+        except asyncio.CancelledError:
+            # The command was cancelled mid-submission (the bot shutting down): Redis may
+            # have taken the job, so its row stays, to be settled like an unconfirmed one.
+            log.warning("job %s: cancelled mid-submission; unconfirmed", job_id)
+            await asyncio.shield(self.store.mark_unconfirmed(job_id))
+            raise
         if queued is not None:
             return Submission(ahead + 1)
         # The failure may come after Redis took the job, with only its reply lost; arq even

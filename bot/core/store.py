@@ -485,6 +485,13 @@ class Store:
             (platform,),
         )
 
+    async def is_unconfirmed(self, job_id: str) -> bool:
+        """Whether the job's submission is marked unconfirmed (``mark_unconfirmed``)."""
+        async with self.db.execute(
+            "SELECT 1 FROM unconfirmed_jobs WHERE job_id = ?", (job_id,)
+        ) as cursor:
+            return await cursor.fetchone() is not None
+
     async def mark_confirmed(self, job_id: str) -> None:
         """Forget that a job's submission was unconfirmed: it is settled."""
         await self._write("DELETE FROM unconfirmed_jobs WHERE job_id = ?", (job_id,))

@@ -27,7 +27,7 @@ from bot.core.moderation import Moderation
 from bot.core.photos import PhotoRules, Upload, prepare_photos
 from bot.core.prompts import SUBJECT_REF, active_subject, resolve_prompt
 from bot.core.quotas import Limits, Quotas, check_allowance
-from bot.core.store import Owner, Store, Subject, WorkspaceSettings, utcnow
+from bot.core.store import Job, Owner, Store, Subject, WorkspaceSettings, utcnow
 from bot.core.tokens import pick_token, usable_vocabulary_tokens
 from engine.api import (
     ALL_ENGINE_QUEUES,
@@ -575,17 +575,25 @@ class Core:
                 job.id, JOB_KIND_QUEUES[job.kind]
             ):
                 log.warning("job %s never reached the queue; reporting it failed", job.id)
-                await self.queue.enqueue_job(
-                    DELIVER_FAILURE,
-                    Failure(job_id=job.id, message=NEVER_QUEUED).model_dump(),
-                    _job_id=f"unqueued:{job.id}",
-                    _queue_name=bot_queue(self.platform),
-                )
+                await self.report_failure(job, NEVER_QUEUED, "unqueued")
                 reported += 1
                 continue
             # In Redis, or moved on (progress, result, cancel, the failure reported above).
             await self.store.mark_confirmed(job.id)
         return reported
+
+    async def report_failure(self, job: Job, message: str, reason: str) -> None:
+        """Tell a job's owner it failed, through the owner's bot queue as the engine would: the
+        platform's bot process marks it failed, gives its units back and posts ``message``
+        where the job was asked for, once, even after a restart (the report's id is
+        ``reason:job id``, so sending it again is harmless). Raises ``RedisError``/``OSError``
+        if Redis doesn't answer."""
+        await self.queue.enqueue_job(
+            DELIVER_FAILURE,
+            Failure(job_id=job.id, message=message).model_dump(),
+            _job_id=f"{reason}:{job.id}",
+            _queue_name=bot_queue(job.owner.platform),
+        )
 
     # Internals.
 

@@ -43,7 +43,7 @@ from bot.core.store import (
     WorkspaceSettings,
     utcnow,
 )
-from engine.api import DELIVER_FAILURE, JOB_KIND_QUEUES, Failure, bot_queue, cancel_key
+from engine.api import JOB_KIND_QUEUES, cancel_key
 
 if TYPE_CHECKING:
     from bot.core.commands import Core
@@ -336,15 +336,8 @@ class Moderation:
         }[state]
 
     async def _notify(self, job: Job, message: str) -> None:
-        # Through the owner's bot queue, like an engine failure: the platform's own bot
-        # process posts it where the job was asked for, once, even after a restart.
         try:
-            await self.core.queue.enqueue_job(
-                DELIVER_FAILURE,
-                Failure(job_id=job.id, message=message).model_dump(),
-                _job_id=f"cancelled:{job.id}",
-                _queue_name=bot_queue(job.owner.platform),
-            )
+            await self.core.report_failure(job, message, "cancelled")
         except (RedisError, OSError):
             log.exception("could not tell the owner of job %s it was cancelled", job.id)
 

@@ -65,8 +65,9 @@ step() {
 TRAIN=(bench/train.py --full --device "$DEVICE" --results "$RESULTS")
 GEN=(bench/generate.py --full --device "$DEVICE" --results "$RESULTS" --repeats 3)
 # The GPU tests first: they are the only check of the engine's CUDA-only code paths.
-step gpu-tests 100 ${PYTEST:-$PY -m pytest} tests/engine/test_gpu.py --noconftest -q -p no:cacheprovider \
-    -o addopts="" -W ignore::pytest.PytestConfigWarning
+GPU_TESTS=(${PYTEST:-$PY -m pytest} tests/engine/test_gpu.py --noconftest -q -p no:cacheprovider
+    -o addopts="" -W ignore::pytest.PytestConfigWarning)
+step gpu-tests 120 "${GPU_TESTS[@]}" -k "not compiled_training"
 step sd15-train-800-prior 150 $PY "${TRAIN[@]}" --full-steps 800 --class-generation 48
 EXAMPLES=${DIFFUSERS_EXAMPLES:-.whl/examples}
 if [ -f "$EXAMPLES/dreambooth/train_dreambooth_lora.py" ]; then
@@ -76,8 +77,10 @@ if [ -f "$EXAMPLES/dreambooth/train_dreambooth_lora.py" ]; then
         --results "$RESULTS"
 fi
 step sd15-generate 110 $PY "${GEN[@]}"
-# Training with the UNet copy compiled (DREAMBOT_TRAIN_COMPILE=on): compilation falls in step 1
+# Compiled training: the tests (inductor on the tiny model, apart: each compiles), then SD 1.5
+# with the UNet copy compiled (DREAMBOT_TRAIN_COMPILE=on): compilation falls in step 1
 # (train_lora s holds it), s/step after --warmup leaves it out.
+step gpu-tests-compiled-training 150 "${GPU_TESTS[@]}" -k compiled_training
 step sd15-train-compile 200 $PY "${TRAIN[@]}" --full-steps 300 --warmup 20 \
     --cfg compile_backend=inductor
 step sdxl-train-prior 90 $PY "${TRAIN[@]}" --arch sdxl --full-steps 30 --warmup 5

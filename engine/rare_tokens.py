@@ -10,10 +10,11 @@ is filtered out by the bot, which draws one per subject, unique within its works
 engine publishes the list per model at start (:func:`publish_rare_tokens`,
 ``engine.api.rare_tokens_key``).
 
-On CLIP's own vocabulary (SD 1.x; SDXL's tokenizers are said to share it, not checked here)
-this finds 504 words, most of them abbreviations of something (``sks`` is a rifle); the bot
-keeps 340 (``bench/rare_tokens.py``, bench/RESULTS.md). Four letters would add 75, nearly all
-names (``hsbc``, ``lcfc``, ``snsd``).
+On CLIP's own vocabulary (SD 1.x; SD 2.x's and SDXL's OpenCLIP text encoders use the same
+byte-pair file, byte for byte: mlfoundations/open_clip@89fb801) this finds 504 words, most of
+them abbreviations of something (``sks`` is a rifle); the bot keeps 340
+(``bench/rare_tokens.py``, bench/RESULTS.md). Four letters would add 75, nearly all names
+(``hsbc``, ``lcfc``, ``snsd``).
 """
 
 from __future__ import annotations

@@ -196,9 +196,10 @@ class Generator:
     Otherwise, with ``fuse`` (the default), the adapters of a generation are merged into the
     UNet's weights while it runs: the same images as running them beside the base layers, up
     to rounding, but with no LoRA work per step (run beside them, a subject took 0.854 s of a
-    512 px image against 0.548 s without one, on an H200). The merge is undone from saved copies of the base weights when the next
-    generation wants other adapters or none; a generation with the same adapters reuses it.
-    The copies cost the memory of the attention projections that the adapters touch.
+    512 px image against 0.548 s without one, on an H200). The merge is undone from saved
+    copies of the base weights when the next generation wants other adapters or none; a
+    generation with the same adapters reuses it. The copies cost the memory of the attention
+    projections that the adapters touch.
     """
 
     def __init__(

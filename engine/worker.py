@@ -162,6 +162,13 @@ def leased(function: JobFunction) -> JobFunction:
     return job
 
 
+RESULT_KEPT_SECONDS = 24 * 3600
+"""How long arq keeps a finished engine job's result key: as long as arq keeps an unread
+message in the bot's queue (a day), so a bot back from an outage that long can still tell that
+a job it could not confirm did run (``Core.settle_unconfirmed_jobs``) while its result waits in
+its queue; a retry with the same job id is refused as long."""
+
+
 class TrainWorkerSettings:
     """arq settings of the training worker (attributes are ``arq.Worker`` keyword arguments)."""
 
@@ -171,7 +178,7 @@ class TrainWorkerSettings:
     on_shutdown = shutdown
     max_jobs = 1  # one training at a time per GPU
     job_timeout = 3 * 3600
-    keep_result = 3600
+    keep_result = RESULT_KEPT_SECONDS
     max_tries = 3
     poll_delay = 0.2
     allow_abort_jobs = True
@@ -187,7 +194,7 @@ class GenerateWorkerSettings:
     # Several may wait for the GPU at once; each runs as one batch when its turn comes.
     max_jobs = 4
     job_timeout = GENERATE_JOB_TIMEOUT
-    keep_result = 3600
+    keep_result = RESULT_KEPT_SECONDS
     max_tries = 3
     poll_delay = 0.1
     allow_abort_jobs = True

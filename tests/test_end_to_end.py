@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from arq.constants import expires_extra_ms, result_key_prefix
 from arq.worker import Worker
 from PIL import Image
 
@@ -139,6 +140,10 @@ async def test_results_wait_in_redis_while_the_bot_is_away(
         assert isinstance(delivered, Delivery)
         await asyncio.sleep(0.5)
         assert sink.result_count == 1
+        # The engine keeps the job's result key a day, as long as arq keeps an unread message
+        # in the bot's queue: a bot away that long can still tell the job ran.
+        kept_ms = await runtime.queue.pttl(result_key_prefix + receipt.job_id)
+        assert kept_ms > expires_extra_ms - 3_600_000
 
 
 def test_shell_through_a_pipe_trains_then_imagines(

@@ -805,7 +805,7 @@ class Core:
 
     async def _in_queue(self, job_id: str, queue: str) -> bool:
         """Whether arq holds the job: waiting in ``queue``, running, or finished with a result
-        (kept an hour by the engine). Raises ``RedisError``/``OSError`` if Redis doesn't answer."""
+        (kept a day by the engine). Raises ``RedisError``/``OSError`` if Redis doesn't answer."""
         async with self.queue.pipeline(transaction=False) as pipe:
             pipe.exists(
                 job_key_prefix + job_id, in_progress_key_prefix + job_id, result_key_prefix + job_id

@@ -6,10 +6,11 @@ import asyncio
 import io
 import os
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import pytest
 from arq.jobs import Job as ArqJob
 from PIL import Image, ImageDraw
@@ -221,3 +222,15 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.tiny import build_tiny_sdxl_model
 
     return build_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+async def table_rows(
+    db: aiosqlite.Connection, tables: Sequence[str]
+) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of each table, in insertion order (to compare a database before and after a
+    migration)."""
+    rows = {}
+    for table in tables:
+        async with db.execute(f"SELECT * FROM {table} ORDER BY rowid") as cursor:
+            rows[table] = [tuple(row) for row in await cursor.fetchall()]
+    return rows

@@ -9,6 +9,7 @@ from bot.core.commands import HELP, SHELL_USAGE
 from bot.core.errors import UserError
 from bot.core.store import MIGRATIONS_DIR, Owner, Store, apply_migrations
 from bot.launcher import BotRuntime
+from tests.conftest import table_rows
 
 DEST = {"channel": "c1"}
 
@@ -105,21 +106,13 @@ async def test_migration_0003_on_a_database_with_0001_and_0002_data_loses_nothin
         )
         await db.commit()
         tables = ("subjects", "jobs", "quota_usage", "bans", "audit_log", "quota_overrides")
-        before = {
-            table: [
-                tuple(row)
-                for row in await (
-                    await db.execute(f"SELECT * FROM {table} ORDER BY rowid")
-                ).fetchall()
-            ]
-            for table in tables
-        }
+        before = await table_rows(db, tables)
 
     store = await Store.open(path)  # applies 0003 and anything after it
     try:
+        rows_after = await table_rows(store.db, tables)
         for table, rows_before in before.items():
-            async with store.db.execute(f"SELECT * FROM {table} ORDER BY rowid") as cur:
-                after = [tuple(row) for row in await cur.fetchall()]
+            after = rows_after[table]
             if table == "jobs":
                 # The new column comes last; every old value is where it was.
                 assert [row[:-1] for row in after] == rows_before

@@ -17,6 +17,7 @@ from tests.conftest import (
     queued_generate_request,
     queued_train_request,
     ready_subject,
+    table_rows,
 )
 from tests.test_commands import _photos
 
@@ -219,21 +220,13 @@ async def test_migration_0004_on_a_database_with_0001_to_0003_data_loses_nothing
             "audit_log",
             "quota_overrides",
         )
-        before = {
-            table: [
-                tuple(row)
-                for row in await (
-                    await db.execute(f"SELECT * FROM {table} ORDER BY rowid")
-                ).fetchall()
-            ]
-            for table in tables
-        }
+        before = await table_rows(db, tables)
 
     store = await Store.open(path)  # applies 0004 and anything after it
     try:
+        rows_after = await table_rows(store.db, tables)
         for table, rows_before in before.items():
-            async with store.db.execute(f"SELECT * FROM {table} ORDER BY rowid") as cur:
-                after = [tuple(row) for row in await cur.fetchall()]
+            after = rows_after[table]
             if table == "workspace_settings":
                 # The new column comes last, NULL (the configured default) for old rows.
                 assert [row[:-1] for row in after] == rows_before

@@ -28,8 +28,9 @@ from engine.training import (
     save_adapter,
     train_lora,
 )
-from tests.conftest import make_photo, make_settings
+from tests.conftest import make_settings
 from tests.engine.conftest import engine_context, red_square_photo
+from tests.engine.test_training_job import train_request
 
 pytestmark = pytest.mark.model
 
@@ -139,21 +140,7 @@ async def two_model_ctx(
 
 
 def _train_request(ctx: dict[str, Any], subject_id: str, model: str) -> TrainRequest:
-    artifacts: ArtifactStore = ctx["artifacts"]
-    photo_urls = [artifacts.url("subjects", subject_id, "photos", f"{i}.png") for i in range(3)]
-    for i, url in enumerate(photo_urls):
-        artifacts.put_bytes(url, make_photo(i, fmt="PNG"))
-    return TrainRequest(
-        job_id=f"job-{subject_id}",
-        reply_queue=REPLY_QUEUE,
-        subject_id=subject_id,
-        token="zqv",
-        class_noun="dog",
-        photo_urls=photo_urls,
-        adapter_url=artifacts.url("subjects", subject_id, "adapter.safetensors"),
-        samples_url=artifacts.url("subjects", subject_id, "samples"),
-        base_model=model,
-    )
+    return train_request(ctx, subject_id, base_model=model, reply_queue=REPLY_QUEUE)
 
 
 async def test_jobs_are_routed_to_the_model_they_name(two_model_ctx: dict[str, Any]) -> None:

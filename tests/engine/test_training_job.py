@@ -50,22 +50,30 @@ def short_recipe(tmp_path: Path, redis_url: str, model: Path, **extra: Any) -> S
     )
 
 
-def train_request(ctx: dict[str, Any], subject_id: str, class_noun: str = "dog") -> TrainRequest:
-    """A training job for a new subject whose three photos are in the artifact store."""
+def train_request(
+    ctx: dict[str, Any],
+    subject_id: str,
+    class_noun: str = "dog",
+    *,
+    base_model: str | None = None,
+    reply_queue: str = REPLY_QUEUE,
+) -> TrainRequest:
+    """A training job for a new subject whose three photos are in the artifact store, on
+    ``base_model`` (default: the configured one)."""
     artifacts: ArtifactStore = ctx["artifacts"]
     photo_urls = [artifacts.url("subjects", subject_id, "photos", f"{i}.png") for i in range(3)]
     for i, url in enumerate(photo_urls):
         artifacts.put_bytes(url, make_photo(i, fmt="PNG"))
     return TrainRequest(
         job_id=f"job-{subject_id}",
-        reply_queue=REPLY_QUEUE,
+        reply_queue=reply_queue,
         subject_id=subject_id,
         token="zqv",
         class_noun=class_noun,
         photo_urls=photo_urls,
         adapter_url=artifacts.url("subjects", subject_id, "adapter.safetensors"),
         samples_url=artifacts.url("subjects", subject_id, "samples"),
-        base_model=ctx["settings"].base_model,
+        base_model=base_model or ctx["settings"].base_model,
     )
 
 

@@ -26,12 +26,12 @@ from typing import Any, NamedTuple
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's engine/bot
 
 from transformers import CLIPTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from bench.machine import library_versions, today
 from bench.results import Row, append_results, format_table
 from bot.core.tokens import usable_vocabulary_tokens
 from engine.rare_tokens import RARE_FROM, rare_tokens
+from engine.tiny import byte_level_tokens, write_bpe_files
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_MERGES = CLIP_VOCAB_SIZE - 256 - 256 - 2
@@ -78,15 +78,9 @@ def write_clip_tokenizer(bpe_gz: Path, folder: Path) -> None:
     with ``</w>``, the first :data:`CLIP_MERGES` merges joined, then the two specials."""
     lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
     merges = lines[1 : CLIP_MERGES + 1]  # the first line is a version header
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(
-        json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8"
-    )
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8"
-    )
+    tokens = [*byte_level_tokens(), *("".join(m.split()) for m in merges)]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    write_bpe_files(folder, {token: i for i, token in enumerate(tokens)}, merges)
 
 
 def load_tokenizer(source: Path, scratch: Path) -> Any:

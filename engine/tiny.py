@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import safetensors.torch
@@ -63,26 +63,44 @@ so the engine's rare-token lookup (``engine.rare_tokens``) has something to find
 None is a token or class noun the tests train with, so their prompts tokenize byte by byte."""
 
 
-def _write_tokenizer_files(folder: Path) -> None:
-    """Write a byte-level vocab (each byte char, its ``</w>`` form, the two specials), then
-    the merges that make each of :data:`TINY_WORDS` one token; other text tokenizes into
-    single bytes (or the few merged pairs)."""
+def byte_level_tokens() -> list[str]:
+    """Where a CLIP byte-level BPE vocabulary starts: each byte's character, then the same
+    with ``</w>`` (whole-word end)."""
     chars = list(_bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    merges: list[str] = []
-    for word in TINY_WORDS:  # "xjk": "x j" → "xj", then "xj k</w>" → "xjk</w>"
+    return chars + [c + "</w>" for c in chars]
+
+
+def add_whole_word_merges(vocab: dict[str, int], merges: list[str], words: Iterable[str]) -> None:
+    """Append to ``vocab`` and ``merges`` what makes each three-letter word of ``words`` one
+    whole-word token ("xjk": "x j" → "xj", then "xj k</w>" → "xjk</w>"), after all that is
+    there already; pieces already in ``vocab`` are not added again."""
+    for word in words:
         for merge, merged in (
             (f"{word[0]} {word[1]}", word[:2]),
             (f"{word[:2]} {word[2]}</w>", f"{word}</w>"),
         ):
-            if merge not in merges:
+            if merged not in vocab:
                 merges.append(merge)
-                tokens.append(merged)
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+                vocab[merged] = len(vocab)
+
+
+def write_bpe_files(folder: Path, vocab: Mapping[str, int], merges: Iterable[str]) -> None:
+    """Write ``vocab.json`` and ``merges.txt``, the files ``CLIPTokenizer`` loads."""
+    (folder / "vocab.json").write_text(json.dumps(dict(vocab)), encoding="utf-8")
     (folder / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8"
     )
+
+
+def _write_tokenizer_files(folder: Path) -> None:
+    """Write a byte-level vocab (each byte char, its ``</w>`` form, the two specials), then
+    the merges that make each of :data:`TINY_WORDS` one token; other text tokenizes into
+    single bytes (or the few merged pairs)."""
+    tokens = [*byte_level_tokens(), "<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    merges: list[str] = []
+    add_whole_word_merges(vocab, merges, TINY_WORDS)
+    write_bpe_files(folder, vocab, merges)
 
 
 def _tokenizer(scratch: Path) -> CLIPTokenizer:

@@ -13,7 +13,7 @@ from bot.core.tokens import usable_vocabulary_tokens
 from engine.api import rare_tokens_key
 from engine.models import load_pipeline
 from engine.rare_tokens import pipeline_tokenizers, publish_rare_tokens, rare_tokens
-from engine.tiny import TINY_WORDS
+from engine.tiny import TINY_WORDS, add_whole_word_merges, write_bpe_files
 
 VOWEL_LESS = [w for w in TINY_WORDS if not set(w) & set("aeiouy")]
 
@@ -27,18 +27,8 @@ def _tiny_tokenizer_learning(
     bpe = json.loads(tiny.backend_tokenizer.to_str())["model"]
     vocab: dict[str, int] = bpe["vocab"]
     merges = [" ".join(m) if isinstance(m, list) else m for m in bpe["merges"]]
-    for word in words:  # "sks": "s k" → "sk", then "sk s</w>" → "sks</w>"
-        for merge, merged in (
-            (f"{word[0]} {word[1]}", word[:2]),
-            (f"{word[:2]} {word[2]}</w>", f"{word}</w>"),
-        ):
-            if merged not in vocab:
-                merges.append(merge)
-                vocab[merged] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
-    )
+    add_whole_word_merges(vocab, merges, words)
+    write_bpe_files(folder, vocab, merges)
     return CLIPTokenizer.from_pretrained(str(folder))
 
 

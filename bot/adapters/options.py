@@ -23,7 +23,7 @@ def split_options(text: str, names: Iterable[str]) -> tuple[str, dict[str, str]]
     (each option replaced by a space) and the values by lower-case name; the last one wins."""
     pattern = re.compile(
         rf"(?:^|\s)(?:--|—|–)({'|'.join(map(re.escape, names))})"
-        r"(?:\s+|=)(\"[^\"]*\"|“[^”]*”|\S+)",
+        r"(?:\s+|=)(\"[^\"]*\"|“[^”]*”|(?!--|—|–)\S+)",
         re.IGNORECASE,
     )
     options: dict[str, str] = {}
@@ -32,7 +32,34 @@ def split_options(text: str, names: Iterable[str]) -> tuple[str, dict[str, str]]
         options[match.group(1).lower()] = match.group(2).strip('"“”')
         return " "
 
-    return pattern.sub(take, f" {text} "), options
+    rest = pattern.sub(take, f" {text} ")
+    _refuse_leftover_options(rest, names)
+    return rest, options
+
+
+def _refuse_leftover_options(rest: str, names: Iterable[str]) -> None:
+    """Raise UserError for an option left in ``rest``: one of ``names`` with no value after it,
+    or an unknown ``--name`` (a typo would otherwise end up in the prompt unnoticed)."""
+    known = sorted({name.lower() for name in names})
+    for match in re.finditer(r"(?:^|\s)(--|—|–)([A-Za-z][\w-]*)(?==|\s|$)", rest):
+        name = match.group(2).lower()
+        if name in known:
+            raise UserError(f"--{name} needs a value after it, e.g. {_EXAMPLES.get(name, '')}.")
+        if match.group(1) == "--":  # a dash in prose ("a cat —happy") is left alone
+            listed = ", ".join(f"--{k}" for k in known)
+            raise UserError(f"Unknown option --{name}; the options here are {listed}.")
+
+
+_EXAMPLES = {
+    "count": "--count 2",
+    "seed": "--seed 42",
+    "no": '--no "blurry, text"',
+    "aspect": "--aspect portrait",
+    "steps": "--steps 25",
+    "guidance": "--guidance 7.5",
+    "strength": "--strength 0.8",
+    "model": "--model NAME",
+}
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,8 @@ class Deliverer:
         if job.kind == "train" and job.subject_id:
             subject = await self.core.store.get_subject(job.subject_id)
             return subject.name if subject else "training"
+        if job.options.get("showcase"):
+            return f"showcase of {job.options['showcase']}"
         return "your image"
 
     async def progress(self, payload: dict[str, Any]) -> None:

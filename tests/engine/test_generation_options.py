@@ -12,10 +12,11 @@ import pytest
 from PIL import Image, ImageFilter
 
 from bot.config import Settings
+from bot.core.delivery import Deliverer
 from bot.core.errors import UserError
 from bot.core.store import Owner, utcnow
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE, AdapterRef, GenerateRequest
+from engine.api import GENERATE_QUEUE, AdapterRef, GenerateRequest, Progress
 from engine.aspects import aspect_size
 from engine.generate_job import image_metadata, output_size
 from engine.images import (
@@ -35,7 +36,7 @@ from engine.showcase import (
     showcase_layout,
     showcase_prompts,
 )
-from tests.conftest import make_settings, queued_generate_request, ready_subject
+from tests.conftest import RecordingSink, make_settings, queued_generate_request, ready_subject
 
 DEST = {"channel": "c1"}
 
@@ -263,6 +264,10 @@ async def test_showcase_queues_the_grid_for_the_named_or_newest_subject(
     assert (request["token"], request["class_noun"], request["name"]) == ("zqv", "dog", "rex")
     assert request["subject"]["name"] == rex.id  # type: ignore[index]
     assert (await runtime.store.usage(owner)).images == 10
+    sink = RecordingSink()
+    drawing = Progress(job_id=receipt.job_id, phase="generating", step=3, total=20)
+    await Deliverer(runtime.core, sink).progress(drawing.model_dump())
+    assert sink.progress[0][1].startswith("showcase of rex: drawing")
     with pytest.raises(UserError, match="no subject called 'max'"):
         await runtime.core.showcase(owner, DEST, "max")
     with pytest.raises(UserError, match="showcase again"):

@@ -32,7 +32,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _require_redis(settings: Settings) -> None:
-    if settings.redis_url.startswith("redis") and not answers(settings.redis_url):
+    if not answers(settings.redis_url):
         raise SystemExit(
             f"No Redis answers at {settings.redis_url}. Start one, set DREAMBOT_REDIS_URL, "
             "or use `dreambot run`, which starts its own."

@@ -13,7 +13,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import urlparse
+
+import redis
 
 INSTALL_HINT = (
     "redis-server is not installed. Install it with `sudo apt-get install redis-server` "
@@ -27,20 +28,20 @@ class RedisUnavailable(RuntimeError):
 
 
 def answers(url: str, timeout: float = 0.5) -> bool:
-    """Whether a Redis server answers PING at ``url`` (redis:// URLs only)."""
-    parsed = urlparse(url)
+    """Whether a Redis server answers PING at ``url``: any URL the bot itself accepts
+    (``redis://``, ``rediss://`` with TLS, ``unix://``), with its user, password and database."""
     try:
-        with socket.create_connection(
-            (parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=timeout
-        ) as sock:
-            if parsed.password:
-                user = parsed.username or "default"
-                sock.sendall(f"AUTH {user} {parsed.password}\r\n".encode())
-                sock.recv(64)
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
+        client = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+        )
+    except ValueError:  # not a Redis URL at all
         return False
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
 
 
 def free_port() -> int:

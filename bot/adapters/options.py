@@ -81,7 +81,10 @@ def parse_imagine(text: str) -> ImagineArgs:
     rest, options = split_options(text, IMAGINE_OPTIONS)
     prompt = " ".join(rest.split())
     if not prompt:
-        raise UserError('Usage: /imagine <prompt> [--count N] [--seed N] [--no "…"]')
+        raise UserError(
+            'Usage: /imagine <prompt> [--count N] [--seed N] [--no "…"] [--aspect A] '
+            "[--steps N] [--guidance X] [--strength X]"
+        )
     try:
         count = int(options["count"]) if "count" in options else None
         seed = int(options["seed"]) if "seed" in options else None

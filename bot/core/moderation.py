@@ -106,7 +106,7 @@ Moderator commands (every change is written to the audit log):
 /mod unban <user>                    lift a ban
 /mod bans                            who is banned, why, until when
 /mod queue                           jobs waiting and running here
-/mod cancel <job id> [reason]        abort a waiting or running job (the first 6+ characters)
+/mod cancel <job id> [reason]        abort a waiting or running job (the first 4+ characters)
 /mod subjects <user>                 a user's subjects
 /mod delete-subject <user> <name>    delete a subject with its photos and adapter
 /mod log [n]                         the latest moderator actions"""

@@ -1,8 +1,8 @@
 """Configuration for every dreambot process, read from ``DREAMBOT_*`` environment variables.
 
 An optional ``.env`` file in the working directory is read too (chat tokens included: keep it
-private; the deploy files pass them as environment variables). Values are validated once at start-up so a typo fails loudly with
-the variable's name instead of at the first job.
+private; the deploy files pass them as environment variables). Values are validated once at
+start-up so a typo fails loudly with the variable's name instead of at the first job.
 """
 
 from __future__ import annotations

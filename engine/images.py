@@ -1,4 +1,5 @@
-"""PNG encoding with provenance metadata and an optional invisible watermark.
+"""PNG encoding with provenance metadata and an optional invisible watermark; JPEG copies that
+carry the same metadata.
 
 Torch-free and numpy-free unless the watermark package is installed: the bot host uses it for
 ``dreambot inspect``.
@@ -13,9 +14,10 @@ watermark hidden in the pixels that survives a re-save without the text chunks. 
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
-from PIL import Image
+from PIL import ExifTags, Image
 from PIL.PngImagePlugin import PngInfo
 
 AI_NOTICE = "AI-generated image (dreambot)"
@@ -107,6 +109,36 @@ def read_png_metadata(data: bytes) -> dict[str, str]:
         return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
 
 
+def encode_jpeg(image: Image.Image, provenance: dict[str, str], quality: int) -> bytes:
+    """``image`` as a JPEG carrying ``provenance`` (the text chunks of the PNG it copies)."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.ImageDescription] = provenance.get("Comment", AI_NOTICE)
+    exif[ExifTags.Base.Software] = provenance.get("Software", "dreambot")
+    out = io.BytesIO()
+    image.save(
+        out,
+        format="JPEG",
+        quality=quality,
+        exif=exif,
+        comment=json.dumps(provenance, ensure_ascii=False).encode(),
+    )
+    return out.getvalue()
+
+
+def _jpeg_provenance(image: Image.Image) -> dict[str, str]:
+    try:
+        found = json.loads(image.info.get("comment", b"{}"))
+    except ValueError:  # a comment that is not ours
+        return {}
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
+def read_jpeg_metadata(data: bytes) -> dict[str, str]:
+    """The provenance a JPEG made by ``encode_jpeg`` carries: its PNG's text chunks."""
+    with Image.open(io.BytesIO(data)) as image:
+        return _jpeg_provenance(image)
+
+
 def inspect_png(data: bytes) -> dict[str, Any]:
     """What an image says about its origin: its dreambot metadata (prefix dropped), whether it
     is marked AI-generated, and what the invisible watermark check found.
@@ -116,7 +148,10 @@ def inspect_png(data: bytes) -> dict[str, Any]:
     """
     with Image.open(io.BytesIO(data)) as image:
         image.load()
-        text = {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
+        if image.format == "JPEG":
+            text = _jpeg_provenance(image)
+        else:
+            text = {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
         if not watermark_available():
             watermark = "not checked (install invisible-watermark)"
         elif not _watermarkable(image):

@@ -7,7 +7,10 @@ methods: one public progress message per job (its id is kept in the job's destin
 is still edited after a restart), edited at most once per ``edit_interval`` seconds (an edit
 carries the latest live preview of the image being drawn, if one came since the last), then the
 result as a normal channel message mentioning the user (interaction tokens expire after 15
-minutes, jobs may take longer), or by DM when the channel refuses it.
+minutes, jobs may take longer), or by DM when the channel refuses it. Discord refuses a message
+whose files exceed the server's upload limit, so a result is split into messages under it, and
+an image too large on its own goes as a smaller JPEG copy with the same provenance
+(``bot.adapters.uploads``); the stored PNG is unchanged.
 
 Who moderates is the one rule decided here: members with Manage Server (as Discord resolves
 it for the interaction) or a configured user/role (``DREAMBOT_MODERATOR_USERS``/``_ROLES``).
@@ -29,7 +32,7 @@ from typing import Any, ClassVar, Literal
 import discord
 from discord import app_commands
 
-from bot.adapters import common
+from bot.adapters import common, uploads
 from bot.adapters.downloads import DISCORD_CDN_HOSTS, Downloader
 from bot.adapters.throttle import Clock, EditThrottle, Sleep
 from bot.config import ConfigError, Settings
@@ -45,6 +48,11 @@ log = logging.getLogger(__name__)
 PLATFORM = "discord"
 MAX_CONTENT = 2000
 MAX_FILES_PER_MESSAGE = 10
+REQUEST_TOO_LARGE = 40005
+"""Discord's JSON error code for a message whose files exceed the upload limit (HTTP 413)."""
+UPLOAD_RETRIES = 3
+"""How many times a refused upload is tried again at half the size before the text goes
+alone (10 MiB → 5 → 2.5 → 1.25)."""
 # Vary and Upscale carry the image's index (0-3); ids without one (older results) mean the
 # first image.
 BUTTON_ID = re.compile(
@@ -487,41 +495,114 @@ class DiscordAdapter:
     async def _post_to_user(self, job: Job, outgoing: Outgoing) -> None:
         """Post in the job's channel; by DM if the channel is gone or forbidden; else log.
 
-        Other errors (Discord down, network) propagate so the delivery is retried later.
+        Other errors (Discord down, network) propagate so the delivery is retried later; files
+        too large for the channel are not one of them (``_send`` deals with those).
         """
-        user_id = int(job.destination["user_id"])
         try:
-            await self._send(self._channel(job.destination), outgoing, user_id)
+            await self._send(self._channel(job.destination), outgoing, job)
             return
         except (discord.Forbidden, discord.NotFound) as exc:
             log.warning("job %s: channel refused the result (%s); sending it by DM", job.id, exc)
         try:
+            user_id = int(job.destination["user_id"])
             dm = await self.client.create_dm(discord.Object(user_id))
-            await self._send(dm, outgoing, user_id)
+            await self._send(dm, outgoing, job)
         except (discord.Forbidden, discord.NotFound) as exc:
             common.log_undelivered(log, job, exc, outgoing.content)
 
-    async def _send(
-        self, channel: discord.abc.Messageable, outgoing: Outgoing, user_id: int
-    ) -> None:
-        mentions = discord.AllowedMentions(
-            everyone=False, roles=False, users=[discord.Object(user_id)]
-        )
-        batches = [
-            outgoing.files[i : i + MAX_FILES_PER_MESSAGE]
-            for i in range(0, len(outgoing.files), MAX_FILES_PER_MESSAGE)
-        ] or [[]]
-        for index, batch in enumerate(batches):
-            last = index == len(batches) - 1
-            kwargs: dict[str, Any] = {}
-            if last and outgoing.buttons_for:
-                kwargs["view"] = job_buttons(outgoing.buttons_for, outgoing.button_images)
-            await channel.send(
-                fit(outgoing.content) if index == 0 else None,
-                files=[discord.File(io.BytesIO(data), filename=name) for name, data in batch],
-                allowed_mentions=mentions,
-                **kwargs,
+    async def _send(self, channel: discord.abc.Messageable, outgoing: Outgoing, job: Job) -> None:
+        """Post ``outgoing`` as messages within the channel's upload limit (Discord refuses
+        the whole message otherwise), the text on the first and the buttons on the last.
+
+        If Discord refuses files anyway (HTTP 413: the limit changed, or ours is wrong), the
+        rest goes again as if the limit were half as large, ``UPLOAD_RETRIES`` times; then
+        the text goes without the images, saying so. Retrying the delivery would fail alike.
+        """
+        limit = upload_limit(channel)
+        pending = outgoing.files
+        text: str | None = outgoing.content
+        for _ in range(UPLOAD_RETRIES + 1):
+            batches = await asyncio.to_thread(
+                uploads.plan_uploads, pending, limit, MAX_FILES_PER_MESSAGE
             )
+            try:
+                for index, batch in enumerate(batches):
+                    last = index == len(batches) - 1
+                    await self._send_message(
+                        channel, outgoing, job, text, uploads.upload_notes(batch), batch, last
+                    )
+                    text = None
+                    pending = pending[len(batch) :]
+                return
+            except discord.HTTPException as exc:
+                if not too_large(exc) or not pending:
+                    raise
+                log.warning(
+                    "job %s: Discord refused files under %d bytes (%s); trying smaller copies",
+                    job.id,
+                    limit,
+                    exc,
+                )
+                limit //= 2
+        log.warning(
+            "job %s: %d files not attached: too large for the channel", job.id, len(pending)
+        )
+        note = uploads.not_attached_note(len(pending))
+        await self._send_message(channel, outgoing, job, text, [note], [], True)
+
+    async def _send_message(
+        self,
+        channel: discord.abc.Messageable,
+        outgoing: Outgoing,
+        job: Job,
+        text: str | None,
+        notes: list[str],
+        batch: list[uploads.Attachment],
+        last: bool,
+    ) -> None:
+        """One message of a result: ``text`` (the first's), ``notes`` below it, the batch's
+        files, and the buttons if it is the ``last``."""
+        mentions = discord.AllowedMentions(
+            everyone=False, roles=False, users=[discord.Object(int(job.destination["user_id"]))]
+        )
+        kwargs: dict[str, Any] = {}
+        if last and outgoing.buttons_for:
+            kwargs["view"] = job_buttons(outgoing.buttons_for, outgoing.button_images)
+        await channel.send(
+            with_notes(text, notes),
+            files=[
+                discord.File(io.BytesIO(upload.data), filename=upload.name)
+                for upload in batch
+                if upload.data is not None
+            ],
+            allowed_mentions=mentions,
+            **kwargs,
+        )
+
+
+def with_notes(text: str | None, notes: list[str]) -> str | None:
+    """A message's content: ``text`` cut to fit, then the ``notes`` on lines of their own."""
+    below = "\n".join(notes)
+    if text is None:
+        return fit(below) if below else None
+    if not below:
+        return fit(text)
+    return f"{fit(text, MAX_CONTENT - len(below) - 1)}\n{below}"
+
+
+def upload_limit(channel: discord.abc.Messageable) -> int:
+    """How many bytes of files one message may carry here: the server's limit (more at boost
+    tiers 2 and 3) when discord.py knows the server, else the one every channel allows."""
+    guild = getattr(channel, "guild", None)
+    if isinstance(guild, discord.Guild):
+        return guild.filesize_limit
+    return uploads.DEFAULT_UPLOAD_LIMIT
+
+
+def too_large(exc: discord.HTTPException) -> bool:
+    """Whether Discord refused a message for the size of its files (413, "Request entity too
+    large")."""
+    return exc.status == 413 or exc.code == REQUEST_TOO_LARGE
 
 
 def _command_name(interaction: discord.Interaction[Any]) -> str:

@@ -4,6 +4,9 @@ discord.py is pointed at the fake by setting ``discord.http.Route.BASE`` before 
 Every request is recorded (method, path, JSON or multipart body, files, fake-clock time) so
 tests assert on what Discord would have received. The same server plays the attachment CDN
 under ``/cdn/…``.
+
+Like Discord, it refuses a message whose files together exceed the channel's upload limit
+(``upload_limits``, 10 MiB unless a test sets another) with HTTP 413 and code 40005.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ EDIT_INTERVAL = 3.0
 ALL_PERMISSIONS = 2147483647
 MEMBER_PERMISSIONS = 0x400 | 0x800 | 0x80000000  # view channel, send messages, use commands
 MANAGE_GUILD = 0x20
+MiB = 1024 * 1024
+UPLOAD_LIMIT = 10 * MiB
+"""Discord's upload limit per message for bots, in servers without boosts and in DMs."""
+BOOSTED_UPLOAD_LIMITS = {2: 50 * MiB, 3: 100 * MiB}
 
 BOT_USER = {
     "id": str(APP_ID),
@@ -74,6 +81,8 @@ class Recorded:
     at: float
     response_id: str | None = None
     """The id of the message the fake created in reply, if it created one."""
+    status: int = 200
+    """The HTTP status the fake answered with."""
 
     @property
     def content(self) -> str | None:
@@ -115,12 +124,16 @@ class FakeClock:
 
 @dataclass
 class FakeDiscord:
-    """The fake REST API. Channels in ``forbidden``/``missing`` answer 403/404 to messages."""
+    """The fake REST API. Channels in ``forbidden``/``missing``/``unavailable`` answer
+    403/404/503 to messages; files over a channel's ``upload_limits`` (default
+    ``UPLOAD_LIMIT``) are answered 413."""
 
     clock: Callable[[], float] = time.monotonic
     requests: list[Recorded] = field(default_factory=list)
     forbidden: set[int] = field(default_factory=set)
     missing: set[int] = field(default_factory=set)
+    unavailable: set[int] = field(default_factory=set)
+    upload_limits: dict[int, int] = field(default_factory=dict)
     cdn: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     base: str = ""
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(9000))
@@ -129,6 +142,10 @@ class FakeDiscord:
     def find(self, method: str, path_part: str = "") -> list[Recorded]:
         """Recorded requests with this method whose path contains ``path_part``."""
         return [r for r in self.requests if r.method == method and path_part in r.path]
+
+    def posted(self, channel_id: int) -> list[Recorded]:
+        """The messages the fake accepted in a channel, in order (refused attempts left out)."""
+        return [r for r in self.find("POST", f"/channels/{channel_id}/messages") if r.status < 300]
 
     async def wait_until(self, condition: Callable[[], bool], within: float = 5.0) -> None:
         """Wait (briefly, in real time) for requests to arrive."""
@@ -219,13 +236,33 @@ class FakeDiscord:
             ]
         )
 
+    def refusal(self, channel_id: int, recorded: Recorded) -> web.Response | None:
+        """Discord's error answer to a new message in ``channel_id``, if it refuses it."""
+        if channel_id in self.forbidden:
+            answer = self.reply({"message": "Missing Access", "code": 50001}, 403)
+        elif channel_id in self.missing:
+            answer = self.reply({"message": "Unknown Channel", "code": 10003}, 404)
+        elif channel_id in self.unavailable:
+            answer = self.reply({"message": "Service Unavailable", "code": 0}, 503)
+        else:
+            return self.too_large(channel_id, recorded)
+        recorded.status = answer.status
+        return answer
+
+    def too_large(self, channel_id: int, recorded: Recorded) -> web.Response | None:
+        """413 if the request's files together exceed the channel's upload limit."""
+        limit = self.upload_limits.get(channel_id, UPLOAD_LIMIT)
+        if sum(len(data) for _, data in recorded.files) <= limit:
+            return None
+        recorded.status = 413
+        return self.reply({"message": "Request entity too large", "code": 40005}, 413)
+
     async def create_message(self, request: web.Request) -> web.Response:
         recorded = await self.record(request)
         channel_id = int(request.match_info["channel_id"])
-        if channel_id in self.forbidden:
-            return self.reply({"message": "Missing Access", "code": 50001}, 403)
-        if channel_id in self.missing:
-            return self.reply({"message": "Unknown Channel", "code": 10003}, 404)
+        refused = self.refusal(channel_id, recorded)
+        if refused is not None:
+            return refused
         message = self.message(channel_id, recorded.json)
         recorded.response_id = message["id"]
         return self.reply(message)
@@ -233,6 +270,9 @@ class FakeDiscord:
     async def edit_message(self, request: web.Request) -> web.Response:
         recorded = await self.record(request)
         info = request.match_info
+        refused = self.too_large(int(info["channel_id"]), recorded)
+        if refused is not None:
+            return refused
         return self.reply(self.message(info["channel_id"], recorded.json, int(info["message_id"])))
 
     async def create_dm(self, request: web.Request) -> web.Response:
@@ -266,7 +306,8 @@ class FakeDiscord:
         return web.Response(body=data, headers={"Content-Type": content_type})
 
     def app(self) -> web.Application:
-        app = web.Application()
+        # aiohttp's own cap (1 MiB) would answer 413 before the fake sees the files.
+        app = web.Application(client_max_size=256 * MiB)
         api = "/api/v10"
         app.router.add_get(f"{api}/users/@me", self.me)
         app.router.add_get(f"{api}/oauth2/applications/@me", self.application)
@@ -335,6 +376,22 @@ async def start_adapter(
     )
     await adapter.client.login("fake-token")
     return adapter
+
+
+def add_boosted_guild(adapter: DiscordAdapter, tier: int, guild_id: int = GUILD_ID) -> None:
+    """Let the adapter's client know the server and its boost tier, as the gateway's
+    GUILD_CREATE would."""
+    adapter.client._connection._add_guild_from_data(
+        {  # type: ignore[typeddict-item]
+            "id": str(guild_id),
+            "name": "boosted",
+            "premium_tier": tier,
+            "roles": [],
+            "emojis": [],
+            "stickers": [],
+            "features": [],
+        }
+    )
 
 
 @pytest.fixture

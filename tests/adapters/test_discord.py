@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import io
 import itertools
 import logging
+import random
 from typing import Any
 
 import discord
 import pytest
 from arq.jobs import Job as ArqJob
+from PIL import Image
 
 from bot.adapters.discord import BUTTON_ID, DiscordAdapter, EditThrottle
 from bot.cli import cmd_discord
@@ -19,6 +23,7 @@ from bot.core.delivery import Deliverer, Delivery
 from bot.core.store import Job, Owner
 from bot.launcher import BotRuntime
 from engine.api import GENERATE_QUEUE, Progress
+from engine.images import encode_png, read_jpeg_metadata, read_png_metadata
 from tests.adapters.conftest import (
     APP_ID,
     CHANNEL_ID,
@@ -27,10 +32,13 @@ from tests.adapters.conftest import (
     GUILD_ID,
     MANAGE_GUILD,
     OTHER_USER_ID,
+    UPLOAD_LIMIT,
     USER_ID,
     FakeClock,
     FakeDiscord,
+    MiB,
     Recorded,
+    add_boosted_guild,
     attachment_options,
     interaction_payload,
     start_adapter,
@@ -602,6 +610,145 @@ async def test_a_training_result_with_many_samples_is_split_into_messages_of_ten
     assert (len(first.files), len(second.files)) == (10, 2)
     assert first.content == f"<@{USER_ID}> rex is ready"
     assert "components" not in first.json or not first.json["components"]
+
+
+@functools.cache
+def noisy_png(side: int, seed: int = 0) -> bytes:
+    """A square PNG of random pixels with the engine's provenance chunks: noise does not
+    compress, so it weighs about 3 bytes a pixel."""
+    pixels = random.Random(seed).randbytes(side * side * 3)
+    image = Image.frombytes("RGB", (side, side), pixels)
+    return encode_png(image, {"prompt": "a red fox", "seed": "7"}, watermark=False)
+
+
+async def write_files(runtime: BotRuntime, contents: list[bytes]) -> list[str]:
+    """Store ``contents`` as a result's outputs 0.png, 1.png, …; their URLs."""
+    urls = []
+    for i, data in enumerate(contents):
+        url = runtime.core.artifacts.url("outputs", "job", f"{i}.png")
+        await runtime.core.artifacts.aput_bytes(url, data)
+        urls.append(url)
+    return urls
+
+
+def buttons_of(message: Recorded) -> list[str]:
+    return [
+        b["custom_id"] for row in message.json.get("components") or [] for b in row["components"]
+    ]
+
+
+@pytest.mark.parametrize("where", ["channel", "dm"])
+async def test_images_over_the_upload_limit_together_are_split_over_messages(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime, where: str
+) -> None:
+    images = [noisy_png(1200, seed) for seed in range(3)]
+    assert all(4 * MiB < len(data) < 5 * MiB for data in images)  # 12.4 MiB in all
+    if where == "dm":
+        fake_discord.forbidden.add(CHANNEL_ID)  # DMs have the unboosted limit too
+    job = make_job()
+
+    await adapter.show_result(
+        Delivery(job, "“a red fox” · seed 7", await write_files(runtime, images))
+    )
+
+    first, second = fake_discord.posted(DM_CHANNEL_ID if where == "dm" else CHANNEL_ID)
+    assert [name for name, _ in first.files + second.files] == ["0.png", "1.png", "2.png"]
+    assert [data for _, data in first.files + second.files] == images  # as stored, in order
+    assert sum(len(data) for _, data in first.files) <= UPLOAD_LIMIT
+    assert first.content == f"<@{USER_ID}> “a red fox” · seed 7"
+    assert second.content is None
+    assert first.json["allowed_mentions"]["users"] == second.json["allowed_mentions"]["users"]
+    assert buttons_of(first) == []
+    assert f"dreambot:vary:{job.id}:2" in buttons_of(second)  # the buttons under the last
+
+
+async def test_an_image_over_the_limit_on_its_own_arrives_as_a_jpeg_with_its_metadata(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    grid = noisy_png(2048)
+    assert len(grid) > UPLOAD_LIMIT  # 12.0 MiB
+    showcase = dataclasses.replace(make_job(), options={"showcase": "rex"})
+
+    await adapter.show_result(
+        Delivery(showcase, "rex, five ways", await write_files(runtime, [grid]))
+    )
+
+    [sent] = fake_discord.posted(CHANNEL_ID)
+    [(name, data)] = sent.files
+    assert name == "0.jpg" and len(data) <= UPLOAD_LIMIT
+    assert sent.content == (
+        f"<@{USER_ID}> rex, five ways\n0.png was too large to upload here, so it is attached "
+        "as a smaller JPEG; dreambot keeps the full-size original with its metadata."
+    )
+    with Image.open(io.BytesIO(data)) as image:
+        assert (image.format, image.size) == ("JPEG", (2048, 2048))
+        assert image.getexif()[0x010E] == "AI-generated image (dreambot)"  # ImageDescription
+    assert read_jpeg_metadata(data) == read_png_metadata(grid)
+    assert read_jpeg_metadata(data)["dreambot:prompt"] == "a red fox"
+
+
+async def test_a_boosted_server_gets_its_larger_limit(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    add_boosted_guild(adapter, tier=2)
+    fake_discord.upload_limits[CHANNEL_ID] = 50 * MiB
+    grid = noisy_png(2048)  # over the unboosted 10 MiB: kept as the PNG here
+
+    urls = await write_files(runtime, [grid] * 5)
+    await adapter.show_result(Delivery(make_job(kind="train"), "rex is ready", urls))
+
+    first, second = fake_discord.posted(CHANNEL_ID)
+    assert (len(first.files), len(second.files)) == (4, 1)  # 48 MiB, then 12
+    assert all(data == grid for _, data in first.files + second.files)
+    assert len(fake_discord.find("POST", "/channels/")) == 2  # nothing refused
+
+
+async def test_a_413_anyway_is_tried_again_with_smaller_copies(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    fake_discord.upload_limits[CHANNEL_ID] = 3 * MiB  # smaller than discord.py says
+    image = noisy_png(1200)  # 4.1 MiB
+
+    await adapter.show_result(Delivery(make_job(), "a fox", await write_files(runtime, [image])))
+
+    attempts = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    assert [a.status for a in attempts] == [413, 413, 200]  # at 10 MiB, 5 MiB, 2.5 MiB
+    [(name, data)] = attempts[-1].files
+    assert name == "0.jpg" and len(data) <= 3 * MiB
+    assert read_jpeg_metadata(data)["Comment"] == "AI-generated image (dreambot)"
+    assert "0.png was too large to upload here" in (attempts[-1].content or "")
+    assert buttons_of(attempts[-1])
+
+
+async def test_a_channel_refusing_every_size_gets_the_text_with_a_note_not_a_retry(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    fake_discord.upload_limits[CHANNEL_ID] = 0  # no file at all
+    urls = await write_images(runtime, 2)
+    job = make_job()
+
+    await adapter.show_result(Delivery(job, "“a red fox” · seed 7", urls))  # does not raise
+
+    attempts = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    assert [a.status for a in attempts] == [413] * 4 + [200]
+    [sent] = fake_discord.posted(CHANNEL_ID)
+    assert sent.files == []
+    assert sent.content == (
+        f"<@{USER_ID}> “a red fox” · seed 7\nThe 2 images were too large to upload here, "
+        "so they are not attached; dreambot keeps the full-size originals."
+    )
+    assert f"dreambot:reroll:{job.id}" in buttons_of(sent)
+
+
+async def test_other_discord_errors_still_propagate_for_the_delivery_to_retry(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    fake_discord.unavailable.add(CHANNEL_ID)
+    urls = await write_images(runtime, 1)
+
+    with pytest.raises(discord.DiscordServerError):
+        await adapter.show_result(Delivery(make_job(), "a fox", urls))
+    assert len(fake_discord.find("POST", "/channels/")) == 1
 
 
 @pytest.mark.parametrize("refusal", ["forbidden", "missing"])

@@ -27,6 +27,17 @@ from bot.redis_server import RedisServer, RedisUnavailable, answers
 log = logging.getLogger("dreambot")
 
 
+def _log_level(name: str) -> str:
+    """A logging level's name, checked (argparse reports a bad one with the choices)."""
+    level = name.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {name!r} (from --log-level or DREAMBOT_LOG_LEVEL): "
+            "use DEBUG, INFO, WARNING or ERROR"
+        )
+    return level
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -281,7 +292,13 @@ def main(argv: list[str] | None = None) -> None:
     ]:
         os.environ.setdefault(name, value)
     parser = argparse.ArgumentParser(prog="dreambot", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("DREAMBOT_LOG_LEVEL", "WARNING"))
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        default=os.environ.get("DREAMBOT_LOG_LEVEL") or None,
+        help="DEBUG, INFO, WARNING or ERROR (default: DREAMBOT_LOG_LEVEL, else WARNING; INFO "
+        "for the engine)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, handler in [
         ("run", cmd_run),
@@ -309,8 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         if name == "eval":
             _eval_arguments(sub)
     args = parser.parse_args(argv)
-    level = "INFO" if args.command == "engine" and args.log_level == "WARNING" else args.log_level
-    _setup_logging(level.upper())
+    _setup_logging(args.log_level or ("INFO" if args.command == "engine" else "WARNING"))
     try:
         settings = load_settings()
     except ConfigError as exc:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlparse
 
 from bot.config import (
@@ -246,9 +247,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
         )
     print(f"engine started (log: {engine_log}); base model: {settings.base_model}")
     try:
-        time.sleep(0.2)
-        if engine.poll() is not None:
-            raise SystemExit(f"the engine exited at start; see {engine_log}")
+        _wait_for_engine(settings.redis_url, engine, engine_log)
         cmd_shell(settings, args)
     finally:
         engine.terminate()
@@ -258,6 +257,34 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
             engine.kill()
         if redis_child:
             redis_child.stop()
+
+
+def _wait_for_engine(
+    redis_url: str, engine: subprocess.Popen[bytes], engine_log: Path, timeout: float = 300.0
+) -> None:
+    """Wait until the engine ``dreambot run`` started announces itself (its heartbeat, written
+    once its models are loaded), so the first command doesn't hear "no engine is running";
+    exit if it dies first. After ``timeout`` the shell starts anyway."""
+    import redis
+
+    from engine.api import ENGINES_KEY, EngineHeartbeat, engine_alive_key
+
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if engine.poll() is not None:
+                raise SystemExit(f"the engine exited at start; see {engine_log}")
+            # redis-py's sync client is typed as sync-or-async: say which.
+            members = cast(set[bytes], client.smembers(ENGINES_KEY))
+            for engine_id in members:
+                found = cast(bytes | None, client.get(engine_alive_key(engine_id.decode())))
+                if found and EngineHeartbeat.model_validate_json(found).pid == engine.pid:
+                    return
+            time.sleep(0.2)
+    finally:
+        client.close()
+    print(f"the engine is still loading after {timeout:.0f} s; see {engine_log}")
 
 
 def _eval_arguments(sub: argparse.ArgumentParser) -> None:

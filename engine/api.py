@@ -6,6 +6,7 @@ is only a client of this API. Only plain data and artifact URLs travel through R
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -39,6 +40,26 @@ def rare_tokens_key(model: str) -> str:
     tokens: a JSON list of words its tokenizer(s) read as one token and that carry no prior
     meaning (``engine.rare_tokens``). The bot draws each new subject's token from it."""
     return f"dreambot:engine:rare-tokens:{model}"
+
+
+# Engine presence. Each engine process keeps its own short-lived key renewed while it runs
+# (``engine.worker``), so the bot can tell a user whose job waits that no engine is there to
+# take it, and moderators can see which engines are up (/mod status).
+ENGINE_HEARTBEAT_SECONDS = 5.0
+"""How often an engine renews its heartbeat key."""
+ENGINE_HEARTBEAT_TTL_SECONDS = 20.0
+"""How long a heartbeat key outlives its last renewal: an engine that stops renewing (crashed,
+killed, its host or network down) counts as gone after at most this long."""
+ENGINES_KEY = "dreambot:engines"
+"""Redis set of the ids of engines that wrote a heartbeat; readers take its members' keys
+(:func:`engine_alive_key`) and drop ids whose key has expired."""
+
+
+def engine_alive_key(engine_id: str) -> str:
+    """Redis key holding engine ``engine_id``'s :class:`EngineHeartbeat` (JSON) while it runs;
+    it expires ``ENGINE_HEARTBEAT_TTL_SECONDS`` after the last renewal and is deleted when the
+    engine shuts down cleanly."""
+    return f"dreambot:engine:alive:{engine_id}"
 
 
 # Bot job names (functions registered on the bot's own arq worker).
@@ -183,3 +204,26 @@ class Failure(BaseModel):
     job_id: str
     message: str
     detail: str = ""
+
+
+class EngineJob(BaseModel):
+    """A job an engine is running, as its heartbeat reports it."""
+
+    job_id: str
+    kind: str = Field(description="the engine job name: train_subject, generate or showcase")
+    started_at: datetime
+
+
+class EngineHeartbeat(BaseModel):
+    """What a running engine says about itself under ``engine_alive_key(engine_id)``."""
+
+    engine_id: str
+    host: str
+    pid: int
+    device: str = Field(description="the torch device it runs on, e.g. 'cuda' or 'cpu'")
+    models: list[str] = Field(description="the base models it serves (DREAMBOT_MODELS names)")
+    started_at: datetime
+    jobs: list[EngineJob] = Field(
+        default_factory=list,
+        description="the jobs it is running, as of its last renewal",
+    )

@@ -3,7 +3,8 @@
 Run with ``dreambot engine``. One engine process serves two arq queues, training and
 generation, with one worker each sharing one ``ctx`` built in ``startup``: a warm pipeline per
 configured base model, the artifact store and the GPU scheduler that lets generations in
-between training chunks.
+between training chunks. While it runs, the engine keeps a heartbeat key in Redis (see
+``keep_heartbeat``) that tells the bot it is there and which models it serves.
 Job functions (``engine.train_job``, ``engine.generate_job``) take ``ctx`` and a plain payload
 (see ``engine.api``), run torch work in a thread, and always answer on the request's reply
 queue with a result or a ``Failure`` whose message a user can read.
@@ -15,8 +16,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -26,7 +31,16 @@ from redis.exceptions import RedisError
 
 from bot.config import TINY_MODEL_FOLDERS, ConfigError, Settings, load_settings
 from bot.connections import redis_settings, run_worker_forever
-from engine.api import GENERATE_QUEUE, TRAIN_QUEUE
+from engine.api import (
+    ENGINE_HEARTBEAT_SECONDS,
+    ENGINE_HEARTBEAT_TTL_SECONDS,
+    ENGINES_KEY,
+    GENERATE_QUEUE,
+    TRAIN_QUEUE,
+    EngineHeartbeat,
+    EngineJob,
+    engine_alive_key,
+)
 from engine.artifacts import ArtifactStore
 from engine.generate_job import GENERATE_JOB_TIMEOUT, generate, showcase
 from engine.gpu import GpuScheduler
@@ -102,21 +116,131 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
         "device": device,
         "cache_dir": settings.data_dir / "engine-cache",
         "gpu": GpuScheduler(),
+        "running_jobs": {},  # job id → EngineJob, kept by ``leased`` for the heartbeat
     }
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    """arq on_startup: load the shared resources unless another worker already did."""
+    """arq on_startup: load the shared resources unless another worker already did, then
+    announce the engine (its heartbeat) once its models are warm."""
     if "models" not in ctx:
         ctx.update(await load_resources(ctx.get("settings") or load_settings()))
     if not ctx.get("rare_tokens_published"):  # once per engine, by whichever worker is first
         ctx["rare_tokens_published"] = True
         pipes = {name: model.pipe for name, model in ctx["models"].items()}
         await publish_rare_tokens(ctx["redis"], pipes)
+    heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
+    if heartbeat is None or heartbeat.done():  # a worker restarted after a Redis outage
+        identity = engine_identity(ctx)
+        ctx["heartbeat"] = asyncio.create_task(keep_heartbeat(ctx, identity))
+        log.info(
+            "engine %s on %s (pid %d, %s) serves %s",
+            identity.engine_id,
+            identity.host,
+            identity.pid,
+            identity.device,
+            ", ".join(identity.models),
+        )
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    """arq on_shutdown: nothing to release beyond memory."""
+    """arq on_shutdown: take the engine's heartbeat down (whichever worker closes first: the
+    engine is going away); nothing else to release beyond memory."""
+    await stop_heartbeat(ctx)
+
+
+# The engine's heartbeat. A job waiting in the queue looks the same whether an engine is about
+# to take it or none is running at all; the heartbeat key tells them apart. It lives
+# ENGINE_HEARTBEAT_TTL_SECONDS and is renewed every ENGINE_HEARTBEAT_SECONDS from the event
+# loop (torch work runs in threads, so a long training does not stall it): an engine that dies
+# without a clean shutdown drops out within one TTL.
+
+
+def engine_identity(ctx: dict[str, Any]) -> EngineHeartbeat:
+    """This engine's heartbeat without its running jobs: a fresh id, where it runs and the
+    models (``ctx["models"]``) it serves. Kept in ``ctx["engine"]``."""
+    identity: EngineHeartbeat | None = ctx.get("engine")
+    if identity is None:
+        identity = EngineHeartbeat(
+            engine_id=uuid.uuid4().hex[:8],
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            device=_device_label(ctx["device"]),
+            models=list(ctx["models"]),
+            started_at=datetime.now(UTC),
+        )
+        ctx["engine"] = identity
+    return identity
+
+
+def _device_label(device: str) -> str:
+    if not device.startswith("cuda"):
+        return device
+    import torch
+
+    try:
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    except (RuntimeError, AssertionError):  # no usable CUDA after all: say what was asked
+        return device
+
+
+async def write_heartbeat(redis: ArqRedis, heartbeat: EngineHeartbeat, ttl: float) -> None:
+    """Store ``heartbeat`` under its engine's key for ``ttl`` seconds and list the engine in
+    ``ENGINES_KEY``, in one transaction."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(
+            engine_alive_key(heartbeat.engine_id), heartbeat.model_dump_json(), px=int(ttl * 1000)
+        )
+        pipe.sadd(ENGINES_KEY, heartbeat.engine_id)
+        await pipe.execute()
+
+
+async def keep_heartbeat(
+    ctx: dict[str, Any],
+    identity: EngineHeartbeat,
+    *,
+    interval: float = ENGINE_HEARTBEAT_SECONDS,
+    ttl: float = ENGINE_HEARTBEAT_TTL_SECONDS,
+) -> None:
+    """Write this engine's heartbeat now and every ``interval`` seconds until cancelled, with
+    the jobs it runs (``ctx["running_jobs"]``, kept by ``leased``). Uses ``ctx["redis"]``, the
+    connection its workers share. A Redis outage is logged once and ridden out."""
+    failing = False
+    while True:
+        running: dict[str, EngineJob] = ctx.get("running_jobs", {})
+        jobs = sorted(running.values(), key=lambda job: job.started_at)
+        try:
+            await write_heartbeat(ctx["redis"], identity.model_copy(update={"jobs": jobs}), ttl)
+        except (RedisError, OSError) as exc:
+            if not failing:
+                log.warning("engine %s: could not renew its heartbeat: %s", identity.engine_id, exc)
+            failing = True
+        else:
+            if failing:
+                log.info("engine %s: heartbeat renewed again", identity.engine_id)
+            failing = False
+        await asyncio.sleep(interval)
+
+
+async def stop_heartbeat(ctx: dict[str, Any]) -> None:
+    """Stop the heartbeat ``startup`` began and delete its key, so the bot stops counting this
+    engine at once rather than after the key's TTL. Does nothing if none runs."""
+    heartbeat: asyncio.Task[None] | None = ctx.pop("heartbeat", None)
+    if heartbeat is None:
+        return
+    heartbeat.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await heartbeat
+    identity: EngineHeartbeat | None = ctx.get("engine")
+    if identity is None:
+        return
+    try:
+        async with ctx["redis"].pipeline(transaction=True) as pipe:
+            pipe.delete(engine_alive_key(identity.engine_id))
+            pipe.srem(ENGINES_KEY, identity.engine_id)
+            await pipe.execute()
+    except (RedisError, OSError) as exc:  # its key expires on its own
+        log.warning("engine %s: could not delete its heartbeat: %s", identity.engine_id, exc)
 
 
 # A job's lease. arq marks a running job with an "in progress" key that keeps every other
@@ -141,7 +265,8 @@ JobFunction = Callable[[dict[str, Any], dict[str, Any]], Awaitable[dict[str, Any
 
 
 def leased(function: JobFunction) -> JobFunction:
-    """``function`` as an arq job that renews its lease (its in-progress key) while it runs.
+    """``function`` as an arq job that renews its lease (its in-progress key) while it runs,
+    and is listed in ``ctx["running_jobs"]`` (what the engine's heartbeat reports) meanwhile.
 
     The renewal lives inside the job's own task and stops in a ``finally``, so it ends exactly
     when the job does, however it ends (result, failure, abort, shutdown); arq's on_job_end
@@ -151,10 +276,17 @@ def leased(function: JobFunction) -> JobFunction:
     @functools.wraps(function)
     async def job(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any] | None:
         seconds = ctx["settings"].job_lease_seconds
-        renewal = asyncio.create_task(_renew_lease(ctx["redis"], ctx["job_id"], seconds))
+        job_id = ctx["job_id"]
+        renewal = asyncio.create_task(_renew_lease(ctx["redis"], job_id, seconds))
+        # What the heartbeat reports as running (the dict is shared with ctx's other copies).
+        running: dict[str, EngineJob] = ctx.get("running_jobs", {})
+        running[job_id] = EngineJob(
+            job_id=job_id, kind=function.__name__, started_at=datetime.now(UTC)
+        )
         try:
             return await function(ctx, payload)
         finally:
+            running.pop(job_id, None)
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal

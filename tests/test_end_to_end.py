@@ -90,7 +90,11 @@ async def test_train_then_imagine_with_v_applies_the_subjects_adapter(
             if await runtime.queue.exists(key):
                 break
             await asyncio.sleep(0.05)
+        # The engine announces itself as its workers start: the receipt has nothing to add.
+        [engine_seen] = await core.live_engines()
+        assert engine_seen.models == [e2e_settings.base_model]
         receipt = await core.train(owner, {"channel": "c"}, "rex", "dog", photos)
+        assert receipt.text.endswith("I'll post progress here.")
         trained = await sink.wait_for(receipt.job_id, within=240)
         assert isinstance(trained, Delivery), trained
         assert "rex is ready" in trained.text and "/imagine a [V] dog" in trained.text

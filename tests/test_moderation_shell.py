@@ -48,6 +48,7 @@ async def test_mod_commands_parse_and_answer_in_the_shell(shell: ShellAdapter) -
     assert "✗ 'lots' isn't a number" in await _say(shell, "/mod quota set bob images lots")
 
     assert "queued (position 1)" in await _say(shell, "/imagine a cat --count 1")
+    assert "Image jobs: 1 waiting, 0 running." in await _say(shell, "/mod status")
     queue = await _say(shell, "/mod queue")
     assert "tester  waiting #1  image “a cat”" in queue
     job_id = queue.splitlines()[1].split()[0]

@@ -877,6 +877,10 @@ def mod_commands(adapter: DiscordAdapter) -> app_commands.Group:
     async def queue(interaction: Interaction) -> None:
         await adapter.mod(interaction, lambda m: m.queue())
 
+    @mod.command(name="status", description="The engines running and the queues' lengths")
+    async def status(interaction: Interaction) -> None:
+        await adapter.mod(interaction, lambda m: m.status())
+
     @mod.command(name="cancel", description="Abort a waiting or running job")
     @app_commands.describe(job="the job id from /mod queue (the first 4+ characters)")
     async def cancel(interaction: Interaction, job: str, reason: str = "") -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import aiosqlite
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from bot.config import Settings
@@ -34,16 +35,19 @@ from engine.api import (
     ASPECT_RATIOS,
     DELIVER_FAILURE,
     ENGINE_QUEUES,
+    ENGINES_KEY,
     GENERATE,
     JOB_KIND_QUEUES,
     SHOWCASE,
     TRAIN_SUBJECT,
     AdapterRef,
+    EngineHeartbeat,
     Failure,
     GenerateRequest,
     ShowcaseRequest,
     TrainRequest,
     bot_queue,
+    engine_alive_key,
     rare_tokens_key,
 )
 from engine.artifacts import ArtifactStore
@@ -97,6 +101,43 @@ NEVER_QUEUED = (
     "Your quota is given back; please try again."
 )
 
+ENGINE_CHECK_SECONDS = 1.0
+"""How long a receipt waits to learn whether an engine is there before it says nothing."""
+NO_ENGINE_NOTE = (
+    "No engine is running right now; your job waits in the queue and starts when one is back."
+)
+
+# The heartbeats of the engines listed in ENGINES_KEY (KEYS[1]); ARGV[1] is the prefix of their
+# keys. An engine whose key has expired leaves the list, in the same step, so the read and the
+# clean-up cannot race with an engine's own renewal (SET + SADD in one transaction).
+_LIVE_ENGINES_SCRIPT = """
+local alive = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    local heartbeat = redis.call('GET', ARGV[1] .. id)
+    if heartbeat then
+        table.insert(alive, heartbeat)
+    else
+        redis.call('SREM', KEYS[1], id)
+    end
+end
+return alive
+"""
+
+
+def engine_note(engines: Sequence[EngineHeartbeat], model: str) -> str:
+    """What a receipt adds about the running ``engines`` for a job on base model ``model``:
+    nothing when one of them serves it."""
+    if any(model in engine.models for engine in engines):
+        return ""
+    if not engines:
+        return NO_ENGINE_NOTE
+    served = sorted({name for engine in engines for name in engine.models})
+    # An engine takes any job from its queues and refuses one for a model it lacks.
+    return (
+        f"No running engine serves the model {model} (they serve {', '.join(served)}), so "
+        "this job will probably fail; a moderator can check the engines with /mod status."
+    )
+
 
 @dataclass(frozen=True)
 class Submission:
@@ -109,11 +150,19 @@ class Submission:
 
     position: int
     confirmed: bool = True
+    engine_note: str = ""
+    """Why the job may not start soon (``engine_note``), or nothing."""
 
     @property
     def status(self) -> str:
         """The end of a receipt's first sentence: ``queued (position 2).`` or why not sure."""
         return f"queued (position {self.position})." if self.confirmed else UNCONFIRMED_NOTE
+
+    def receipt(self, job_id: str, text: str) -> Receipt:
+        """The receipt telling ``text``, then the engine note on a line of its own."""
+        if self.engine_note:
+            text = f"{text}\n{self.engine_note}"
+        return Receipt(job_id, self.position, text, self.confirmed)
 
 
 @dataclass(frozen=True)
@@ -152,6 +201,7 @@ class Core:
         )
         self.quotas = Quotas(settings, store)
         self.moderation = Moderation(self)
+        self._live_engines_script = queue.register_script(_LIVE_ENGINES_SCRIPT)
 
     # Commands.
 
@@ -248,12 +298,10 @@ class Core:
                 await self.store.delete_subject(subject_id)
                 await self.artifacts.adelete_tree(subject_url)
             raise
-        return Receipt(
+        return submission.receipt(
             job_id,
-            submission.position,
             f"Training {name} ({class_noun}) from {len(photos)} photos: {submission.status} "
             "I'll post progress here.",
-            submission.confirmed,
         )
 
     async def imagine(
@@ -365,11 +413,9 @@ class Core:
             prompt=prompt,
             options=options,
         )
-        return Receipt(
+        return submission.receipt(
             job_id,
-            submission.position,
             f"Drawing {count} image{'s' if count > 1 else ''} (seed {seed}): {submission.status}",
-            submission.confirmed,
         )
 
     async def reimagine(
@@ -497,13 +543,11 @@ class Core:
             prompt=f"showcase of {subject.name}",
             options={"showcase": subject.name, "seed": request.seed},
         )
-        return Receipt(
+        return submission.receipt(
             job_id,
-            submission.position,
             f"Drawing the showcase of {subject.name}: {units} images in one grid "
             f"(recontextualisation, art renditions, novel views, property modification, "
             f"accessorisation): {submission.status}",
-            submission.confirmed,
         )
 
     async def list_subjects(self, owner: Owner) -> list[Subject]:
@@ -594,6 +638,22 @@ class Core:
             _job_id=f"{reason}:{job.id}",
             _queue_name=bot_queue(job.owner.platform),
         )
+
+    async def live_engines(self) -> list[EngineHeartbeat]:
+        """The engines running now (their heartbeat has not expired), oldest first.
+
+        One round trip; ids of engines whose key expired (stopped without a clean shutdown)
+        leave the list of engines on the way. Raises ``RedisError``/``OSError`` if Redis
+        doesn't answer.
+        """
+        values = await self._live_engines_script(keys=[ENGINES_KEY], args=[engine_alive_key("")])
+        engines = []
+        for value in values:
+            try:
+                engines.append(EngineHeartbeat.model_validate_json(value))
+            except ValidationError as exc:  # an engine of another release; it still runs
+                log.warning("unreadable engine heartbeat %r: %s", value[:200], exc)
+        return sorted(engines, key=lambda engine: engine.started_at)
 
     # Internals.
 
@@ -774,20 +834,31 @@ class Core:
             await asyncio.shield(self.store.mark_unconfirmed(job_id))
             raise
         if queued is not None:
-            return Submission(ahead + 1)
+            return Submission(ahead + 1, engine_note=await self._engine_note(payload))
         # The failure may come after Redis took the job, with only its reply lost; arq even
         # answers None (not an error) when the connection drops during its transaction, as
         # redis-py reports that as a WatchError. Only Redis can say whether the job is there.
         found = await self._ask_whether_queued(job_id, queue)
         if found:
             log.warning("job %s reached the queue, but its reply was lost", job_id)
-            return Submission(ahead + 1)
+            return Submission(ahead + 1, engine_note=await self._engine_note(payload))
         if found is None:
             log.warning("job %s: the queue stopped answering mid-submission; unconfirmed", job_id)
             await self.store.mark_unconfirmed(job_id)
             return Submission(ahead + 1, confirmed=False)
         log.warning("job %s did not reach the queue", job_id)
         raise _queue_down()
+
+    async def _engine_note(self, payload: dict[str, Any]) -> str:
+        """``engine_note`` for a queued job's payload; nothing if the engines can't be read
+        within ``ENGINE_CHECK_SECONDS`` (the job is queued: that is what matters)."""
+        try:
+            async with asyncio.timeout(ENGINE_CHECK_SECONDS):
+                engines = await self.live_engines()
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.info("could not read the live engines: %s", exc)
+            return ""
+        return engine_note(engines, payload["base_model"])
 
     async def _ask_whether_queued(self, job_id: str, queue: str) -> bool | None:
         """Whether the job is in the queue, asked again for a short while (redis-py reconnects

@@ -43,7 +43,16 @@ from bot.core.store import (
     WorkspaceSettings,
     utcnow,
 )
-from engine.api import JOB_KIND_QUEUES, cancel_key
+from engine.api import (
+    ALL_ENGINE_QUEUES,
+    GENERATE,
+    JOB_KIND_QUEUES,
+    SHOWCASE,
+    TRAIN_QUEUE,
+    TRAIN_SUBJECT,
+    EngineHeartbeat,
+    cancel_key,
+)
 
 if TYPE_CHECKING:
     from bot.core.commands import Core
@@ -106,6 +115,8 @@ Moderator commands (every change is written to the audit log):
 /mod unban <user>                    lift a ban
 /mod bans                            who is banned, why, until when
 /mod queue                           jobs waiting and running here
+/mod status                          the engines running (models, busy with what, up since)
+                                     and how many jobs wait in the queues
 /mod cancel <job id> [reason]        abort a waiting or running job (the first 4+ characters)
 /mod subjects <user>                 a user's subjects
 /mod delete-subject <user> <name>    delete a subject with its photos and adapter
@@ -194,6 +205,34 @@ def _job_what(job: Job) -> str:
         return "training"
     prompt = job.prompt or ""
     return f"image “{prompt[:40]}{'…' if len(prompt) > 40 else ''}”"
+
+
+_ENGINE_JOB_NAMES = {TRAIN_SUBJECT: "training", GENERATE: "image", SHOWCASE: "showcase"}
+
+
+def _engine_lines(engine: EngineHeartbeat, jobs: dict[str, Job | None], here: Owner) -> list[str]:
+    """One engine for /mod status; only this workspace's jobs are named by id, and the host
+    and pid stay in the heartbeat (for the operators' logs), not shown to every workspace."""
+    now = datetime.now(UTC)
+    busy = []
+    for running in engine.jobs:
+        job = jobs.get(running.job_id)
+        if job is not None and job.finished:  # it ended since the engine's last heartbeat
+            continue
+        what = _ENGINE_JOB_NAMES.get(running.kind, running.kind)
+        ours = job is not None and (job.owner.platform, job.owner.workspace) == (
+            here.platform,
+            here.workspace,
+        )
+        whose = running.job_id[:8] if ours else "of another workspace"
+        busy.append(f"{what} {whose} ({format_duration(now - running.started_at)})")
+    since = engine.started_at.astimezone(UTC).isoformat()
+    return [
+        f"  {engine.engine_id}, {engine.device}: "
+        f"models {', '.join(engine.models)}; up since {when(since)} "
+        f"({format_duration(now - engine.started_at)})",
+        f"    busy: {'; '.join(busy)}" if busy else "    idle",
+    ]
 
 
 class Moderation:
@@ -360,6 +399,25 @@ class Moderation:
         for place, (_, job_id) in enumerate(sorted(waiting), start=1):
             states[job_id] = f"waiting #{place}"
         return states
+
+    async def _queue_lengths(self) -> dict[str, tuple[int, int]]:
+        """Each engine queue's jobs, of every workspace: (waiting, running). A running job stays
+        in arq's queue until it ends, marked by its in-progress key."""
+        queue = self.core.queue
+        async with queue.pipeline(transaction=False) as pipe:
+            for name in ALL_ENGINE_QUEUES:
+                pipe.zrange(name, 0, -1)
+            members = await pipe.execute()
+        async with queue.pipeline(transaction=False) as pipe:
+            for job_ids in members:
+                for job_id in job_ids:
+                    pipe.exists(in_progress_key_prefix + job_id.decode())
+            running = iter(await pipe.execute())
+        lengths = {}
+        for name, job_ids in zip(ALL_ENGINE_QUEUES, members, strict=True):
+            busy = sum(bool(next(running)) for _ in job_ids)
+            lengths[name] = (len(job_ids) - busy, busy)
+        return lengths
 
 
 def _reveal(what: str, match: Match) -> str:
@@ -681,6 +739,44 @@ class Moderator:
         await self._audit("cancel", job.id, detail)
         return f"Cancelled job {job.id[:8]} of {job.owner.user_id} ({state}). They were told."
 
+    # The engines.
+
+    async def status(self) -> str:
+        """The engines running now (id, device, models, busy with what, up since) and how
+        many jobs wait in the engine queues, of every workspace: the engines serve them all."""
+        core = self.moderation.core
+        try:
+            engines = await core.live_engines()
+            lengths = await self.moderation._queue_lengths()
+        except (RedisError, OSError):
+            log.exception("/mod status could not read Redis")
+            return "The job queue (Redis) can't be reached right now, so I can't see the engines."
+        # The jobs the engines reported, as this bot knows them (None: another bot's).
+        jobs = {
+            running.job_id: await self.store.get_job(running.job_id)
+            for engine in engines
+            for running in engine.jobs
+        }
+        if engines:
+            lines = [f"Engines running ({len(engines)}):"]
+            for engine in engines:
+                lines += _engine_lines(engine, jobs, self.owner)
+            served = {model for engine in engines for model in engine.models}
+            missing = [model for model in core.settings.model_names if model not in served]
+            if missing:
+                lines.append(
+                    f"No running engine serves {', '.join(missing)}: jobs for "
+                    f"{'it' if len(missing) == 1 else 'them'} fail until one does."
+                )
+        else:
+            lines = ["No engine is running: queued jobs wait until one starts."]
+        counts = []
+        for queue, (waiting, running) in lengths.items():
+            what = "Trainings" if queue == TRAIN_QUEUE else "Image jobs"
+            counts.append(f"{what}: {waiting} waiting, {running} running.")
+        lines.append("Queues (all workspaces): " + " ".join(counts))
+        return "\n".join(lines)
+
     # Subjects.
 
     async def subjects(self, user_id: str) -> str:
@@ -846,6 +942,8 @@ async def _dispatch(mod: Moderator, text: str) -> str:
         return await mod.bans()
     if command == "queue":
         return await mod.queue()
+    if command == "status":
+        return await mod.status()
     if command == "cancel":
         need(1, "cancel <job id> [reason]")
         return await mod.cancel(words[0], " ".join(words[1:]))

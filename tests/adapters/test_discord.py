@@ -19,6 +19,7 @@ from PIL import Image
 from bot.adapters.discord import BUTTON_ID, DiscordAdapter, EditThrottle
 from bot.cli import cmd_discord
 from bot.config import Settings
+from bot.core.commands import NO_ENGINE_NOTE
 from bot.core.delivery import Deliverer, Delivery
 from bot.core.store import Job, Owner
 from bot.launcher import BotRuntime
@@ -236,7 +237,8 @@ async def test_imagine_passes_its_options_to_the_core(
     await run_command(adapter, "imagine", options)
 
     reply = private_reply(fake_discord)
-    assert reply.content == "Drawing 2 images (seed 42): queued (position 1)."
+    # No engine runs in these tests: the reply says so (the job is queued all the same).
+    assert reply.content == f"Drawing 2 images (seed 42): queued (position 1).\n{NO_ENGINE_NOTE}"
     [job] = await runtime.store.unfinished_jobs("discord")
     assert (job.kind, job.prompt, job.owner) == ("generate", "a red fox in snow", OWNER)
     request = (await ArqJob(job.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]
@@ -317,7 +319,7 @@ async def test_commands_are_synced_to_the_dev_guild_when_one_is_set(
     mod_options = {o["name"]: o for o in commands["mod"]["options"]}
     assert set(mod_options) == {
         "help", "block", "blocked", "model", "quota", "ban", "unban", "bans", "queue",
-        "cancel", "subjects", "delete-subject", "log",
+        "cancel", "subjects", "delete-subject", "log", "status",
     }  # fmt: skip
     assert [o["name"] for o in mod_options["block"]["options"]] == [
         "list", "add", "add-regex", "remove", "defaults", "reveal",

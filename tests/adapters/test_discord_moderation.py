@@ -283,6 +283,7 @@ OTHER_USER = user_option("user", OTHER_USER_ID)
         ("bans", [], None, "Nobody is banned here."),
         ("unban", [OTHER_USER["option"]], OTHER_USER["resolved"], "isn't banned here"),
         ("queue", [], None, "No jobs are waiting or running here."),
+        ("status", [], None, "No engine is running: queued jobs wait until one starts."),
         ("cancel", [{"name": "job", "type": 3, "value": "abcd"}], None, "No waiting or running"),
         ("subjects", [OTHER_USER["option"]], OTHER_USER["resolved"], "has no subjects"),
         (

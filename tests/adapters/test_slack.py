@@ -34,6 +34,7 @@ from bot.adapters.slack import (
 )
 from bot.cli import cmd_slack
 from bot.config import ConfigError, Settings
+from bot.core.commands import NO_ENGINE_NOTE
 from bot.core.delivery import Delivery
 from bot.core.errors import UserError
 from bot.core.store import Job, Owner
@@ -237,7 +238,8 @@ async def test_imagine_queues_a_job_for_the_caller_with_its_options(
         fake_slack, events_url, "/imagine", "a red fox &amp; a hen --count 2 —seed 42 --no “blurry”"
     )
 
-    assert reply.text == "Drawing 2 images (seed 42): queued (position 1)."
+    # No engine runs in these tests: the job waits, and the reply says why.
+    assert reply.text == "Drawing 2 images (seed 42): queued (position 1).\n" + NO_ENGINE_NOTE
     [job] = await runtime.store.unfinished_jobs("slack")
     assert (job.kind, job.prompt, job.owner) == ("generate", "a red fox & a hen", OWNER)
     request = (await ArqJob(job.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]

@@ -15,7 +15,7 @@ import aiohttp
 from yarl import URL
 
 from bot.core.errors import UserError
-from bot.core.photos import Upload
+from bot.core.photos import Upload, mib
 
 DISCORD_CDN_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
 """Where Discord serves attachments from; nothing else is fetched in production."""
@@ -69,9 +69,8 @@ class Downloader:
         self.check_url(url, filename)
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self.timeout)
-        limit_mb = self.max_bytes / 1e6
         too_big = UserError(
-            f"{filename} is larger than {limit_mb:.0f} MB, the most a photo may be. "
+            f"{filename} is larger than {mib(self.max_bytes)}, the most a photo may be. "
             "Send a smaller copy."
         )
         try:

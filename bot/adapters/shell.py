@@ -8,6 +8,7 @@ and every job it queued has been delivered.
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import stat
 import sys
@@ -21,7 +22,7 @@ from bot.core.commands import Core
 from bot.core.delivery import Delivery
 from bot.core.errors import UserError
 from bot.core.moderation import MOD_HELP
-from bot.core.photos import Upload
+from bot.core.photos import Upload, count_problem
 from bot.core.store import Job, Owner
 from engine.api import Progress
 from engine.artifacts import local_path
@@ -30,7 +31,9 @@ PLATFORM = "shell"
 WORKSPACE = "local"
 DESTINATION = {"kind": "terminal"}
 PROMPT = "you> "
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".avif"}
+SKIPPED_SHOWN = 3
+"""How many skipped files a message names before saying "and N more"."""
 
 
 def _read_lines(
@@ -66,6 +69,28 @@ def _not_there(path: Path, exc: OSError) -> UserError:
         if blocker is not None:
             return UserError(f"{path} does not exist: {blocker} is a file, not a folder.")
     return _unreadable(path, exc)
+
+
+def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
+    """The photos in ``folder`` (by suffix), and the names of the other files in it."""
+    photos, skipped = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                photos.append(folder / entry.name)
+            # Hidden files (.DS_Store) are not something the user put there.
+            elif not entry.name.startswith(".") and not entry.is_dir():
+                skipped.append(entry.name)
+    return sorted(photos), sorted(skipped)
+
+
+def _skipped_note(names: list[str]) -> str:
+    shown = ", ".join(names[:SKIPPED_SHOWN])
+    more = f" and {len(names) - SKIPPED_SHOWN} more" if len(names) > SKIPPED_SHOWN else ""
+    *others, last = sorted(IMAGE_SUFFIXES)
+    return (
+        f"Skipped {shown}{more}: only {', '.join(others)} and {last} files are read from a folder."
+    )
 
 
 class ShellAdapter:
@@ -256,6 +281,7 @@ class ShellAdapter:
 
     def _read_uploads(self, paths: list[Path]) -> list[Upload]:
         files: list[Path] = []
+        skipped: list[str] = []
         for path in (p.expanduser() for p in paths):
             # stat(), not is_dir()/is_file(): they hide why a path can't be looked at (a
             # folder above it unreadable, a file on the way), answering False or raising.
@@ -265,14 +291,19 @@ class ShellAdapter:
                 raise _not_there(path, exc) from exc
             if stat.S_ISDIR(mode):
                 try:
-                    found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                    found, passed_over = _scan_folder(path)
                 except OSError as exc:
                     raise _unreadable(path, exc) from exc
                 files += found
+                skipped += passed_over
             elif stat.S_ISREG(mode):
                 files.append(path)
             else:
                 raise UserError(f"{path} is neither a photo file nor a folder.")
+        # Files a folder scan left out would vanish silently: when the count is wrong, name them.
+        problem = count_problem(len(files), self.core.photo_rules)
+        if problem is not None and skipped:
+            raise UserError(f"{problem} {_skipped_note(skipped)}")
         limit = self.core.photo_rules.max_bytes
         uploads = []
         for file in files:

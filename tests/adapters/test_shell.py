@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from bot.adapters.shell import ShellAdapter
 from bot.core.delivery import Delivery
@@ -166,3 +167,58 @@ async def test_an_unexpected_error_is_an_apology_and_the_shell_goes_on(
     assert said.startswith("✗ Sorry, something went wrong on my side (ref ")
     assert "dreambot teaches an image model" in said
     assert "database on fire" in caplog.text
+
+
+async def _train_from_folder(runtime: BotRuntime, folder: Path) -> str:
+    out = io.StringIO()
+    shell = ShellAdapter(runtime.core, "tester", out=out)
+    await shell.handle(f"/train rex dog {folder}")
+    return out.getvalue()
+
+
+async def test_a_folder_short_of_photos_names_the_files_it_skipped(
+    runtime: BotRuntime, tmp_path: Path
+) -> None:
+    for i in range(2):
+        (tmp_path / f"p{i}.jpg").write_bytes(make_photo(i))
+    gif = io.BytesIO()
+    Image.new("RGB", (320, 320)).save(gif, format="GIF")
+    (tmp_path / "cat.gif").write_bytes(gif.getvalue())
+    (tmp_path / "notes.txt").write_text("the third photo is on my phone")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")  # hidden: not the user's doing
+    (tmp_path / "old").mkdir()  # a folder is not a skipped photo
+
+    assert await _train_from_folder(runtime, tmp_path) == (
+        "✗ You sent 2 photos; training needs 3 to 20 photos of the subject. "
+        "Skipped cat.gif, notes.txt: only .avif, .heic, .heif, .jpeg, .jpg, .png and .webp "
+        "files are read from a folder.\n"
+    )
+    assert await queued(runtime.queue) == 0
+
+
+async def test_many_skipped_files_are_counted_not_listed(
+    runtime: BotRuntime, tmp_path: Path
+) -> None:
+    (tmp_path / "p0.jpg").write_bytes(make_photo(0))
+    for name in "abcdef":
+        (tmp_path / f"{name}.txt").write_text(name)
+
+    said = await _train_from_folder(runtime, tmp_path)
+
+    assert "You sent 1 photo;" in said
+    assert "Skipped a.txt, b.txt, c.txt and 3 more: only" in said
+
+
+async def test_a_folder_of_heic_heif_and_avif_photos_trains(
+    runtime: BotRuntime, tmp_path: Path
+) -> None:
+    for i, (suffix, fmt) in enumerate([(".HEIC", "HEIF"), (".heif", "HEIF"), (".avif", "AVIF")]):
+        photo = io.BytesIO()
+        Image.open(io.BytesIO(make_photo(i))).save(photo, format=fmt)
+        (tmp_path / f"p{i}{suffix}").write_bytes(photo.getvalue())
+    (tmp_path / "notes.txt").write_text("enough photos: skipped without a word")
+
+    said = await _train_from_folder(runtime, tmp_path)
+
+    assert said.startswith("Training rex (dog) from 3 photos: queued")
+    assert await queued(runtime.queue) == 1

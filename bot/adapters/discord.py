@@ -127,7 +127,7 @@ def usage_text(core: Core) -> str:
         draw a prompt; [V] is your newest subject, [name] a named one
         e.g. /imagine prompt:a [V] dog wearing a hat aspect:portrait
         under each result: 🎲 Reroll (new seed), and per image V1…V4 (a close variation
-        of that image) and U1…U4 (that image at twice the size)
+        of that image) and U1…U4 (that image enlarged)
 /showcase [name:<name>]
         your subject in the DreamBooth paper's five capabilities, as one grid
 /subjects              list your subjects and their status

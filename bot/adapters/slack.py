@@ -167,7 +167,7 @@ def usage_text(core: Core, train_window: float) -> str:
         draw a prompt; [V] is your newest subject, [name] a named one
         e.g. /imagine a [V] dog wearing a hat --aspect portrait
         under each result: Reroll (new seed), and per image V1…V4 (a close variation of
-        that image) and U1…U4 (that image at twice the size)
+        that image) and U1…U4 (that image enlarged)
 /showcase [name]       your subject in the DreamBooth paper's five capabilities, as one grid
 /subjects              list your subjects and their status
 /forget <name>         delete a subject, its photos and its adapter

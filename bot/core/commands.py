@@ -71,7 +71,7 @@ SHELL_USAGE = """\
                                   --aspect square|portrait|landscape|wide, --steps N,
                                   --guidance X, --strength X (how strongly your subject shows)
 /reroll, /vary [N], /upscale [N]  redo your last result: new seed, a close variation of
-                                  image N, or image N at twice the size
+                                  image N, or image N enlarged
 /showcase [name]                  your subject in the DreamBooth paper's five capabilities
 /subjects                         list your subjects and their status
 /forget <name>                    delete a subject, its photos and its adapter

@@ -90,5 +90,6 @@ step sd15-train-8bit 50 $PY "${TRAIN[@]}" --full-steps 100 --cfg optimizer=adamw
 step sdxl-train-ckpt 80 $PY "${TRAIN[@]}" --arch sdxl --full-steps 30 --warmup 5 \
     --cfg gradient_checkpointing=true
 step sd15-train-no-prior 45 $PY "${TRAIN[@]}" --full-steps 100 --no-prior
+step sdxl-train-no-prior 80 $PY "${TRAIN[@]}" --arch sdxl --full-steps 30 --warmup 5 --no-prior
 step sdxl-generate 120 $PY "${GEN[@]}" --arch sdxl --repeats 2 --no-reference
 echo "== done; budget left $((deadline - SECONDS)) s" | tee -a "$LOG"

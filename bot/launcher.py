@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from arq import create_pool
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 SETTLE_EVERY = 30.0
 """Seconds between checks of the jobs the queue never confirmed (``settle_unconfirmed_jobs``)."""
+POSITIONS_EVERY = 10.0
+"""Seconds between updates of waiting jobs' places in the queue (``show_queue_positions``)."""
 
 
 @dataclass
@@ -56,31 +58,46 @@ async def open_core(settings: Settings, platform: str) -> AsyncIterator[BotRunti
 
 @contextlib.asynccontextmanager
 async def delivering(
-    runtime: BotRuntime, sink: Sink, *, settle_every: float = SETTLE_EVERY
+    runtime: BotRuntime,
+    sink: Sink,
+    *,
+    settle_every: float = SETTLE_EVERY,
+    positions_every: float = POSITIONS_EVERY,
 ) -> AsyncIterator[Deliverer]:
-    """Consume the bot's result queue in this event loop while the block runs, and settle the
-    jobs the queue never confirmed: now, then every ``settle_every`` seconds."""
+    """Consume the bot's result queue in this event loop while the block runs; settle the
+    jobs the queue never confirmed (now, then every ``settle_every`` seconds); and show
+    waiting jobs their new place in the queue every ``positions_every`` seconds."""
     deliverer = Deliverer(runtime.core, sink)
     # The worker closes its pool on the way out, so it gets its own.
     pool = await create_pool(redis_settings(runtime.settings.redis_url))
     worker = delivery_worker(deliverer, pool, runtime.core.platform)
     task = asyncio.create_task(run_worker_forever(worker, f"{runtime.core.platform} delivery"))
-    settling = asyncio.create_task(_settle_forever(runtime.core, settle_every))
+    chores = [
+        asyncio.create_task(
+            _every(settle_every, runtime.core.settle_unconfirmed_jobs, "check unconfirmed jobs")
+        ),
+        asyncio.create_task(
+            _every(positions_every, deliverer.show_queue_positions, "update queue positions")
+        ),
+    ]
     try:
         yield deliverer
     finally:
-        settling.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await settling
+        for chore in chores:
+            chore.cancel()
+        for chore in chores:
+            with contextlib.suppress(asyncio.CancelledError):
+                await chore
         await stop_worker(worker, task)
 
 
-async def _settle_forever(core: Core, every: float) -> None:
+async def _every(seconds: float, chore: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run ``chore`` now, then every ``seconds``, until cancelled; failures are logged."""
     while True:
         try:
-            await core.settle_unconfirmed_jobs()
-        except (RedisError, OSError) as exc:  # the rows wait; Redis is asked again next time
-            log.warning("can't check unconfirmed jobs yet (%s); again in %.0fs", exc, every)
+            await chore()
+        except (RedisError, OSError) as exc:  # Redis is asked again next time
+            log.warning("can't %s yet (%s); again in %.0fs", what, exc, seconds)
         except Exception:
-            log.exception("checking unconfirmed jobs failed; again in %.0fs", every)
-        await asyncio.sleep(every)
+            log.exception("%s failed; again in %.0fs", what, seconds)
+        await asyncio.sleep(seconds)

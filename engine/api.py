@@ -173,6 +173,11 @@ class Progress(BaseModel):
     preview_url: str | None = Field(
         None, description="a small preview of the image being drawn (artifact URL)"
     )
+    position: int | None = Field(
+        None,
+        description="phase queued only: the job's place in its queue, 1 when none is ahead "
+        "(the bot's own updates while a job waits; the engine never sends it)",
+    )
 
 
 class TrainResult(BaseModel):

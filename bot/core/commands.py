@@ -202,6 +202,9 @@ class Core:
         self.quotas = Quotas(settings, store)
         self.moderation = Moderation(self)
         self._live_engines_script = queue.register_script(_LIVE_ENGINES_SCRIPT)
+        self.told_positions: dict[str, int] = {}
+        """Job id → the queue position its receipt gave, until the delivery side has seen it
+        (``Deliverer.show_queue_positions`` says a new one only when it differs)."""
 
     # Commands.
 
@@ -655,6 +658,28 @@ class Core:
                 log.warning("unreadable engine heartbeat %r: %s", value[:200], exc)
         return sorted(engines, key=lambda engine: engine.started_at)
 
+    async def queue_positions(self) -> dict[str, int]:
+        """Where this platform's jobs that no engine has started yet stand in their queues:
+        job id → place (1: none ahead; running jobs stay in arq's queue until they end, so
+        they count as ahead, as in a receipt). Jobs the queue doesn't hold are left out.
+        Raises ``RedisError``/``OSError`` if Redis doesn't answer."""
+        waiting = [
+            job
+            for job in await self.store.unfinished_jobs(self.platform)
+            if job.status == "queued" and job.kind in JOB_KIND_QUEUES
+        ]
+        if not waiting:
+            return {}
+        async with self.queue.pipeline(transaction=False) as pipe:
+            for job in waiting:
+                pipe.zrank(JOB_KIND_QUEUES[job.kind], job.id)
+            ranks = await pipe.execute()
+        return {
+            job.id: int(rank) + 1
+            for job, rank in zip(waiting, ranks, strict=True)
+            if rank is not None
+        }
+
     # Internals.
 
     async def _insert_subject(
@@ -834,6 +859,7 @@ class Core:
             await asyncio.shield(self.store.mark_unconfirmed(job_id))
             raise
         if queued is not None:
+            self.told_positions[job_id] = ahead + 1
             return Submission(ahead + 1, engine_note=await self._engine_note(payload))
         # The failure may come after Redis took the job, with only its reply lost; arq even
         # answers None (not an error) when the connection drops during its transaction, as
@@ -841,6 +867,7 @@ class Core:
         found = await self._ask_whether_queued(job_id, queue)
         if found:
             log.warning("job %s reached the queue, but its reply was lost", job_id)
+            self.told_positions[job_id] = ahead + 1
             return Submission(ahead + 1, engine_note=await self._engine_note(payload))
         if found is None:
             log.warning("job %s: the queue stopped answering mid-submission; unconfirmed", job_id)

@@ -85,6 +85,8 @@ def progress_text(progress: Progress, label: str) -> str:
         text += f" {progress_bar(progress.step / progress.total)} {progress.step}/{progress.total}"
     if progress.eta_seconds is not None:
         text += f" · ETA {format_eta(progress.eta_seconds)}"
+    if progress.phase == "queued" and progress.position is not None:
+        text += f" (position {progress.position})"
     return text
 
 
@@ -111,20 +113,38 @@ class Deliverer:
         if job is None or job.finished:
             return
         # Progress jobs may be handled out of order; never move a bar backwards. A preview
-        # comes right after the plain update of its step, so it ranks just above it.
+        # comes right after the plain update of its step, so it ranks just above it. While
+        # a job waits, moving up the queue is progress; anything from the engine ranks above.
         phase_order = list(PHASE_LABELS).index(progress.phase)
-        key = (phase_order, progress.step, int(progress.preview_url is not None))
+        step = -progress.position if progress.position is not None else progress.step
+        key = (phase_order, step, int(progress.preview_url is not None))
         last = self._last_progress.get(job.id)
         if last is not None and key <= last[:3]:
             return
         self._last_progress[job.id] = (*key, time.monotonic())
-        if job.status == "queued":
+        if job.status == "queued" and progress.phase != "queued":
             await self.core.store.update_job(job.id, status="running")
             if job.kind == "train" and job.subject_id:
                 await self.core.store.update_subject(job.subject_id, status="training")
         await self.sink.show_progress(
             job, progress_text(progress, await self._label(job)), progress
         )
+
+    async def show_queue_positions(self) -> None:
+        """Tell each job still waiting for an engine where it now stands in its queue, when
+        that changed since it was last told (by its receipt, or an earlier call; a job queued
+        before this process started is told once anyway)."""
+        positions = await self.core.queue_positions()
+        told = self.core.told_positions
+        for job_id in [job_id for job_id in told if job_id not in positions]:
+            del told[job_id]  # started, finished or gone: the engine's updates take over
+        for job_id, position in positions.items():
+            receipt = told.pop(job_id, None)
+            if receipt is not None and job_id not in self._last_progress:
+                self._last_progress[job_id] = (0, -receipt, 0, time.monotonic())
+            await self.progress(
+                Progress(job_id=job_id, phase="queued", position=position).model_dump()
+            )
 
     async def result(self, payload: dict[str, Any]) -> None:
         """Handle a ``TrainResult`` or ``GenerateResult``."""

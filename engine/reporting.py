@@ -135,6 +135,9 @@ async def send_failure(redis: ArqRedis, reply_queue: str, job_id: str, exc: Base
         message = str(exc)
     elif isinstance(exc, JobCancelled):
         message = "it was cancelled."
+    elif _out_of_memory(exc):
+        log.warning("job %s: out of GPU memory: %s", job_id, exc)
+        message = OUT_OF_MEMORY
     else:
         log.error("job %s failed", job_id, exc_info=exc)
         message = (
@@ -143,6 +146,29 @@ async def send_failure(redis: ArqRedis, reply_queue: str, job_id: str, exc: Base
         )
     failure = Failure(job_id=job_id, message=message, detail=repr(exc)[:2000])
     await reply(redis, DELIVER_FAILURE, reply_queue, job_id, failure.model_dump())
+
+
+OUT_OF_MEMORY = (
+    "the GPU ran out of memory (another job may have been using it). Try again in a few "
+    "minutes; for pictures, fewer images (count) or a smaller shape help. Tell a moderator if "
+    "it keeps happening: gradient checkpointing (DREAMBOT_TRAIN_GRADIENT_CHECKPOINTING) or "
+    "DREAMBOT_FUSE_LORA=false save memory."
+)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def release_gpu_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back after a failed job, so that what a
+    job that ran out of memory held is not kept from the next one (no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():  # empty_cache does nothing before CUDA is first used
+        torch.cuda.empty_cache()
 
 
 class JobRequest(Protocol):
@@ -198,6 +224,10 @@ async def answer_job(
             ) from exc
     except Exception as exc:
         await send_failure(redis, request.reply_queue, request.job_id, exc)
+        out_of_memory = _out_of_memory(exc)
+        del exc  # its traceback holds the failed job's tensors
+        if out_of_memory:
+            release_gpu_memory()
         if on_failure is not None:
             await on_failure()
         return None

@@ -102,3 +102,33 @@ async def test_a_job_past_its_time_limit_is_answered_with_a_failure() -> None:
     [sent] = redis.sent
     assert sent["function"] == DELIVER_FAILURE and sent["job_id"] == "job-2"
     assert "ran longer than the engine's limit" in sent["message"]
+
+
+async def test_running_out_of_gpu_memory_is_answered_in_plain_words(redis_clean: str) -> None:
+    import torch
+    from arq import create_pool
+    from pydantic import BaseModel
+
+    from bot.connections import redis_settings
+    from engine.api import DELIVER_FAILURE
+    from engine.reporting import OUT_OF_MEMORY, answer_job
+
+    class Request(BaseModel):
+        job_id: str = "job-3"
+        reply_queue: str = "dreambot:bot:test"
+
+    async def too_big() -> BaseModel:
+        # The exception CUDA's allocator raises (a subclass of RuntimeError).
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    redis = await create_pool(redis_settings(redis_clean))
+    try:
+        assert await answer_job(redis, Request(), too_big) is None
+        [sent] = await redis.queued_jobs(queue_name="dreambot:bot:test")
+    finally:
+        await redis.aclose()
+    assert sent.function == DELIVER_FAILURE
+    [failure] = sent.args
+    assert failure["job_id"] == "job-3" and failure["message"] == OUT_OF_MEMORY
+    assert "internal error" not in failure["message"]
+    assert "OutOfMemoryError" in failure["detail"]

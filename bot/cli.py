@@ -274,7 +274,7 @@ def _wait_for_engine(
     try:
         while time.monotonic() < deadline:
             if engine.poll() is not None:
-                raise SystemExit(f"the engine exited at start; see {engine_log}")
+                raise SystemExit(f"the engine exited at start: {_last_line(engine_log)}")
             # redis-py's sync client is typed as sync-or-async: say which.
             members = cast(set[bytes], client.smembers(ENGINES_KEY))
             for engine_id in members:
@@ -285,6 +285,15 @@ def _wait_for_engine(
     finally:
         client.close()
     print(f"the engine is still loading after {timeout:.0f} s; see {engine_log}")
+
+
+def _last_line(log_file: Path) -> str:
+    """The last line a log says (an engine's last word is why it stopped), and where it is."""
+    try:
+        lines = log_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    return f"{lines[-1]} (log: {log_file})" if lines else f"see {log_file}"
 
 
 def _eval_arguments(sub: argparse.ArgumentParser) -> None:

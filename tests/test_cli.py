@@ -37,3 +37,29 @@ def test_a_log_level_is_taken_in_any_case(
     monkeypatch.setenv("DREAMBOT_DATA_DIR", str(tmp_path / "data"))
     main(["--log-level", "debug", "migrate"])
     assert "0001_initial.sql" in capsys.readouterr().out
+
+
+def test_dreambot_run_says_why_its_engine_stopped_at_start(tmp_path: Path, redis_url: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "DREAMBOT_REDIS_URL": redis_url,
+        "DREAMBOT_DATA_DIR": str(tmp_path / "data"),
+        "DREAMBOT_BASE_MODEL": str(tmp_path / "no-such-model"),
+    }
+    ran = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "run"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert ran.returncode != 0
+    assert "the engine exited at start: " in ran.stderr
+    assert f"base model not found: {tmp_path / 'no-such-model'}" in ran.stderr
+    assert "(log: " in ran.stderr

@@ -175,14 +175,21 @@ async def test_a_queue_failure_after_the_job_is_queued_keeps_the_job(
 
 
 async def test_forget_deletes_the_subject_and_its_files(runtime: BotRuntime, owner: Owner) -> None:
-    await runtime.core.train(owner, DEST, "rex", "dog", _photos(3))
+    receipt = await runtime.core.train(owner, DEST, "rex", "dog", _photos(3))
     subject = await runtime.store.find_subject(owner, "rex")
     assert subject is not None
     folder = local_path(runtime.core.artifacts.url("subjects", subject.id))
     assert folder is not None and folder.exists()
-    assert "Forgot rex" in await runtime.core.forget(owner, "rex")
+    # Its training still waits: forgetting the subject stops it and gives its units back.
+    assert (await runtime.store.usage(owner)).trainings == 1
+    reply = await runtime.core.forget(owner, "rex")
+    assert reply.startswith("Forgot rex") and "Its training was stopped" in reply
     assert await runtime.store.find_subject(owner, "rex") is None
     assert not folder.exists()
+    job = await runtime.store.get_job(receipt.job_id)
+    assert job is not None and job.status == "cancelled"
+    assert await runtime.queue.zcard(TRAIN_QUEUE) == 0
+    assert (await runtime.store.usage(owner)).trainings == 0
     with pytest.raises(UserError, match="no subject called 'rex'"):
         await runtime.core.forget(owner, "rex")
 

@@ -49,6 +49,24 @@ def queue_place(receipt: Receipt) -> str:
     return "(sent; the queue has not confirmed it yet)"
 
 
+CANCELLED_BY_OWNER = "⊘ cancelled by you."
+"""How a job's progress message ends when its owner cancelled it (the reply says the rest)."""
+
+
+def ending_mark(job: Job) -> str:
+    """The sign before the notice of a job that ended without a result: ⊘ when it was
+    cancelled (by a moderator, a ban, a deleted subject), ✗ when it failed."""
+    return "⊘" if job.status == "cancelled" else "✗"
+
+
+def ending_note(job: Job) -> str:
+    """How the progress message of a job that ended without a result is closed, pointing to
+    the notice below it."""
+    return (
+        f"{ending_mark(job)} {'cancelled' if job.status == 'cancelled' else 'failed'} — see below."
+    )
+
+
 def apology(what: str) -> str:
     """Log the exception being handled as ``what`` with a fresh reference, and return the
     short apology carrying that reference which the user sees instead of a traceback."""

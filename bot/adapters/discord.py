@@ -4,8 +4,9 @@ It only translates. A slash command is deferred at once (Discord allows 3 second
 attachments are downloaded from Discord's CDN, and the core is called with plain values; the
 core's reply goes back as an ephemeral follow-up. Engine updates arrive through the ``Sink``
 methods: one public progress message per job (its id is kept in the job's destination, so it
-is still edited after a restart), edited at most once per ``edit_interval`` seconds (an edit
-carries the latest live preview of the image being drawn, if one came since the last), then the
+is still edited after a restart), with a Cancel button for the job's owner until the job ends,
+edited at most once per ``edit_interval`` seconds (an edit carries the latest live preview of
+the image being drawn, if one came since the last), then the
 result as a normal channel message mentioning the user (interaction tokens expire after 15
 minutes, jobs may take longer), or by DM when the channel refuses it. Discord refuses a message
 whose files exceed the server's upload limit, so a result is split into messages under it, and
@@ -58,6 +59,8 @@ alone (10 MiB → 5 → 2.5 → 1.25)."""
 BUTTON_ID = re.compile(
     r"dreambot:(?P<action>reroll|vary|upscale):(?P<job_id>[0-9a-f]{32})(?::(?P<index>[0-3]))?"
 )
+CANCEL_ID = re.compile(r"dreambot:cancel:(?P<job_id>[0-9a-f]{32})")
+"""The Cancel button on a job's progress message."""
 MAX_BUTTON_IMAGES = 4
 MAX_DISCORD_PHOTOS = 10  # photo1..photo10
 
@@ -132,6 +135,10 @@ def usage_text(core: Core) -> str:
         your subject in the DreamBooth paper's five capabilities, as one grid
 /subjects              list your subjects and their status
 /forget name:<name>    delete a subject, its photos and its adapter
+/jobs                  your jobs waiting or running, with their ids
+/cancel [target:<subject name or job id>]
+        cancel your newest job, a subject's training, or the job whose id starts so
+        (4+ characters, as /jobs shows); or press ✖️ Cancel on a job's progress message
 /quota                 your usage today and when it resets (midnight UTC)
 /mod help              moderator commands (Manage Server or a moderator role)
 /help                  this text"""
@@ -205,6 +212,45 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=BUTTON_
         await client.adapter.click(interaction, self.action, self.job_id, self.index)
 
 
+class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=CANCEL_ID.pattern):
+    """Cancel, on a job's progress message while the job waits or runs; only its owner may
+    press it (the core refuses others). The custom_id carries the job, so it works after a
+    restart."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Cancel",
+                emoji="✖️",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"dreambot:cancel:{job_id}",
+            )
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
+        /,
+    ) -> CancelButton:
+        return cls(match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        client = interaction.client
+        assert isinstance(client, DreamClient)
+        await client.adapter.cancel_click(interaction, self.job_id)
+
+
+def cancel_button(job_id: str) -> discord.ui.View:
+    """The Cancel button under a job's progress message."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(CancelButton(job_id))
+    return view
+
+
 def job_buttons(job_id: str, images: int = 1) -> discord.ui.View:
     """Reroll, then Vary and Upscale for each of the first four images of a generation job
     (one row each when there are several: V1 V2 … / U1 U2 …)."""
@@ -231,7 +277,7 @@ class DreamClient(discord.Client):
 
     async def setup_hook(self) -> None:
         """Register the persistent buttons and publish the slash commands."""
-        self.add_dynamic_items(JobButton)
+        self.add_dynamic_items(JobButton, CancelButton)
         if self.dev_guild is not None:
             guild = discord.Object(self.dev_guild)
             self.tree.copy_global_to(guild=guild)
@@ -375,6 +421,29 @@ class DiscordAdapter:
 
         await self.respond(interaction, work)
 
+    async def jobs(self, interaction: discord.Interaction[Any]) -> str:
+        """/jobs: the caller's jobs waiting or running in this server."""
+        return await self.core.jobs_text(owner_of(interaction))
+
+    async def cancel(self, interaction: discord.Interaction[Any], target: str | None) -> str:
+        """/cancel [target:]: cancel one of the caller's jobs and close its progress message."""
+        cancellation = await self.core.cancel(owner_of(interaction), target)
+        await self._finish_progress(cancellation.job, common.CANCELLED_BY_OWNER)
+        return cancellation.text
+
+    async def cancel_click(self, interaction: discord.Interaction[Any], job_id: str) -> None:
+        """The Cancel button of a job's progress message: its owner cancels it (anyone else
+        is refused, privately) and the message closes, without the button."""
+
+        async def work() -> str:
+            cancellation = await self.core.cancel_from_button(
+                owner_of(interaction), job_id, mention=lambda user_id: f"<@{user_id}>"
+            )
+            await self._finish_progress(cancellation.job, common.CANCELLED_BY_OWNER)
+            return cancellation.text
+
+        await self.respond(interaction, work)
+
     def moderator(self, interaction: discord.Interaction[Any]) -> Moderator:
         """The caller's moderator actions; raises NotModerator (a UserError) for others."""
         return self.core.moderation.acting(
@@ -423,10 +492,14 @@ class DiscordAdapter:
         await self._finish_progress(job, "✓ done — result below.")
 
     async def show_failure(self, job: Job, text: str) -> None:
-        """Tell the user in the channel (or by DM) that the job failed."""
+        """Tell the user in the channel (or by DM) that the job failed, or that a moderator
+        (a ban, a deleted subject) cancelled it."""
         self.edits.forget(job.id)
-        await self._post_to_user(job, Outgoing(f"<@{job.destination['user_id']}> ✗ {text}", []))
-        await self._finish_progress(job, "✗ failed — see below.")
+        mark = common.ending_mark(job)
+        await self._post_to_user(
+            job, Outgoing(f"<@{job.destination['user_id']}> {mark} {text}", [])
+        )
+        await self._finish_progress(job, common.ending_note(job))
 
     # Messages.
 
@@ -439,11 +512,14 @@ class DiscordAdapter:
     async def _post_progress(
         self, job_id: str, destination: dict[str, Any], content: str
     ) -> int | None:
-        """Post a progress message; None if the channel refuses (progress is best effort)."""
+        """Post a progress message, with its Cancel button (edits keep it; closing the
+        message removes it); None if the channel refuses (progress is best effort)."""
         self.edits.sent(job_id)
         try:
             message = await self._channel(destination).send(
-                content, allowed_mentions=discord.AllowedMentions.none()
+                content,
+                allowed_mentions=discord.AllowedMentions.none(),
+                view=cancel_button(job_id),
             )
         except (discord.Forbidden, discord.NotFound) as exc:
             log.warning("job %s: no progress message in the channel (%s)", job_id, exc)
@@ -470,13 +546,17 @@ class DiscordAdapter:
         content: str,
         *,
         attachments: list[discord.File] | None = None,
+        closing: bool = False,
     ) -> None:
-        """Edit a progress message; ``attachments`` replace its files ([] removes them)."""
+        """Edit a progress message; ``attachments`` replace its files ([] removes them).
+        ``closing`` also removes its Cancel button (other edits leave it as it is)."""
         message = self._channel(job.destination).get_partial_message(message_id)
-        files: dict[str, Any] = {} if attachments is None else {"attachments": attachments}
+        changes: dict[str, Any] = {} if attachments is None else {"attachments": attachments}
+        if closing:
+            changes["view"] = None
         try:
             await message.edit(
-                content=content, allowed_mentions=discord.AllowedMentions.none(), **files
+                content=content, allowed_mentions=discord.AllowedMentions.none(), **changes
             )
         except (discord.Forbidden, discord.NotFound) as exc:
             log.warning("job %s: progress message %s gone (%s)", job.id, message_id, exc)
@@ -488,8 +568,11 @@ class DiscordAdapter:
         content = f"<@{job.destination['user_id']}> · {note}"
         await self.progress.finish(
             job,
-            # The last preview goes: the result below shows the real images.
-            lambda message_id: self._edit_progress(job, message_id, content, attachments=[]),
+            # The last preview goes (the result below shows the real images), and the Cancel
+            # button with it: the job is over.
+            lambda message_id: self._edit_progress(
+                job, message_id, content, attachments=[], closing=True
+            ),
         )
 
     async def _post_to_user(self, job: Job, outgoing: Outgoing) -> None:
@@ -611,7 +694,8 @@ def _command_name(interaction: discord.Interaction[Any]) -> str:
 
 
 def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -> None:
-    """Add /train, /imagine, /subjects, /forget, /quota, /help and /mod to ``tree``."""
+    """Add /train, /imagine, /showcase, /subjects, /forget, /jobs, /cancel, /quota, /help and
+    /mod to ``tree``."""
 
     @tree.command(name="train", description="Teach me a subject from 3-10 photos of it")
     @app_commands.guild_only()
@@ -719,6 +803,19 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
     @app_commands.describe(name="the subject's name")
     async def forget(interaction: discord.Interaction[Any], name: str) -> None:
         await adapter.respond(interaction, lambda: adapter.core.forget(owner_of(interaction), name))
+
+    @tree.command(name="jobs", description="Your jobs waiting or running, with their ids")
+    @app_commands.guild_only()
+    async def jobs(interaction: discord.Interaction[Any]) -> None:
+        await adapter.respond(interaction, lambda: adapter.jobs(interaction))
+
+    @tree.command(name="cancel", description="Cancel one of your waiting or running jobs")
+    @app_commands.guild_only()
+    @app_commands.describe(
+        target="a subject's name (its training) or a job id from /jobs; default: your newest"
+    )
+    async def cancel(interaction: discord.Interaction[Any], target: str | None = None) -> None:
+        await adapter.respond(interaction, lambda: adapter.cancel(interaction, target))
 
     @tree.command(name="quota", description="Your usage today and when it resets")
     @app_commands.guild_only()

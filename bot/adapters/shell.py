@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
-from bot.adapters.common import apology
+from bot.adapters.common import apology, ending_mark
 from bot.adapters.options import parse_imagine, queue_imagine, split_options
 from bot.core.commands import Core
 from bot.core.delivery import Delivery
@@ -166,8 +166,8 @@ class ShellAdapter:
         self._done(delivery.job.id)
 
     async def show_failure(self, job: Job, text: str) -> None:
-        """Print a failed job's message."""
-        self.say(f"✗ {text}")
+        """Print a failed (or cancelled) job's message."""
+        self.say(f"{ending_mark(job)} {text}")
         self._previewed.discard(job.id)
         self._done(job.id)
 
@@ -238,6 +238,13 @@ class ShellAdapter:
                 self.say(await self.core.subjects_text(self.owner))
             elif command == "/forget":
                 self.say(await self.core.forget(self.owner, rest))
+            elif command == "/jobs":
+                self.say(await self.core.jobs_text(self.owner))
+            elif command == "/cancel":
+                cancellation = await self.core.cancel(self.owner, rest.strip() or None)
+                self._previewed.discard(cancellation.job.id)
+                self._done(cancellation.job.id)
+                self.say(cancellation.text)
             elif command == "/quota":
                 self.say(await self.core.quota_text(self.owner))
             elif command == "/mod":

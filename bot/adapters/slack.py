@@ -5,21 +5,25 @@ and does its work in a lazy listener, which calls the core with plain values and
 user privately (through the command's ``response_url``, or ``chat.postEphemeral`` for a
 message). Engine updates arrive through the ``Sink`` methods: one progress message per job
 (``chat.postMessage``; its ``ts`` is kept in the job's destination, so it is still updated
-after a restart), updated with ``chat.update`` at most once per ``edit_interval`` seconds, then
+after a restart; a Cancel button on it lets the job's owner cancel it until the job ends),
+updated with ``chat.update`` at most once per ``edit_interval`` seconds, then
 the result's images uploaded into the channel with ``files_upload_v2``, mentioning the user,
 with Reroll and per-image Vary / Upscale buttons below. The live preview of an image being
 drawn rides on those throttled updates as an image block, where Slack's servers can fetch it:
 an image block takes a URL, not bytes, so previews need ``DREAMBOT_ARTIFACTS_PUBLIC_URL``
 (where the artifact store's files are served) or a store that signs URLs (S3). A private local
 folder has neither, and uploading each preview would post new files instead of updating one
-message, so there the updates stay text. When the channel refuses (gone, archived, the bot not
-in it), the result goes to the user by DM; if that fails too, it is logged.
+message, so there the updates carry no picture. When the channel refuses (gone, archived, the
+bot not in it), the result goes to the user by DM; if that fails too, it is logged.
 
 Slash commands cannot carry files, so photos come in a message: ``/train rex dog`` opens a
 window (``DREAMBOT_SLACK_TRAIN_WINDOW``) in which the user's next message with photos in that
 channel trains ``rex``; or, without the slash command, one message with the photos and the text
 ``@dreambot train rex dog`` (in a DM with the bot: ``train rex dog``). Photos are downloaded
-from files.slack.com only, with the bot token, size-capped while streaming.
+from files.slack.com only, with the bot token, size-capped while streaming. Any other command
+can be written to the bot the same way (``jobs`` in a DM, ``@dreambot cancel rex`` in a
+channel), as ``/dreambot <command>`` runs it; ``/dreambot jobs`` and ``/dreambot cancel`` have
+no slash command of their own.
 
 Who moderates is the one rule decided here: workspace admins and owners (``users.info``), or a
 configured user id (``DREAMBOT_MODERATOR_USERS``).
@@ -67,11 +71,16 @@ PLATFORM = "slack"
 MAX_TEXT = 3900  # Slack truncates long messages; 4,000 characters is its advice
 MAX_FILES_PER_MESSAGE = 10  # Slack shows at most ten files in one message
 MAX_SECTION_TEXT = 3000  # the most text a section block takes
+COMMAND_PREFIX = "/dreambot "
+"""How the core's hints type a command here: ``/dreambot jobs`` and ``/dreambot cancel`` have
+no slash command of their own (so the app's manifest needs no change for them)."""
 SLACK_FILE_HOSTS = frozenset({"files.slack.com"})
 """Where Slack serves ``url_private_download``; the bot token is only ever sent there."""
 
 COMMANDS = ("train", "imagine", "showcase", "subjects", "forget", "quota", "mod", "help")
 """Each is a slash command of its own, and a word after ``/dreambot`` (``/dreambot quota``)."""
+CANCEL_ACTION_ID = "dreambot:cancel"
+"""The Cancel button on a job's progress message (its value is the job id)."""
 
 # Vary and Upscale name the image (index 0-3); ids without one (older results) mean the first.
 ACTION_ID = re.compile(r"^dreambot:(?P<action>reroll|vary|upscale)(?::(?P<index>[0-3]))?$")
@@ -113,6 +122,7 @@ _TRAIN_MESSAGE = re.compile(
     r"^\s*(?:<@(?P<bot>[A-Z0-9]+)(?:\|[^>]*)?>\s*)?train\s+(?P<name>\S+)\s+(?P<noun>[^\n]+?)\s*$",
     re.IGNORECASE,
 )
+_TO_THE_BOT = re.compile(r"^\s*(?:<@(?P<bot>[A-Z0-9]+)(?:\|[^>]*)?>)?(?P<rest>.*)$", re.DOTALL)
 _ESCAPED_USER = re.compile(r"&lt;@([UW][A-Z0-9]+(?:\|[^&<>]*)?)&gt;")
 
 Reply = Callable[[str], Awaitable[None]]
@@ -172,8 +182,14 @@ def usage_text(core: Core, train_window: float) -> str:
 /subjects              list your subjects and their status
 /forget <name>         delete a subject, its photos and its adapter
 /quota                 your usage today and when it resets (midnight UTC)
+/dreambot jobs         your jobs waiting or running, with their ids
+/dreambot cancel [name or job id]
+        cancel your newest job, a subject's training, or the job whose id starts so
+        (4+ characters, as jobs shows); or press Cancel on a job's progress message
 /mod help              moderator commands (workspace admins and owners)
-/dreambot help         this text; /dreambot <command> … works for every command above"""
+/dreambot help         this text; /dreambot <command> … works for every command above,
+        and so does a message to me: "<command> …" in a DM with me, or
+        "@dreambot <command> …" in a channel"""
 
 
 # Who and where.
@@ -308,6 +324,8 @@ class SlackAdapter:
             "subjects": lambda caller, text: self.core.subjects_text(caller.owner),
             "forget": self.forget,
             "quota": lambda caller, text: self.core.quota_text(caller.owner),
+            "jobs": lambda caller, text: self.core.jobs_text(caller.owner, prefix=COMMAND_PREFIX),
+            "cancel": self.cancel,
             "mod": self.mod,
             "help": self.help,
         }
@@ -373,12 +391,25 @@ class SlackAdapter:
                 "button",
             )
 
+        async def on_cancel(
+            body: dict[str, Any], context: AsyncBoltContext, respond: AsyncRespond
+        ) -> None:
+            job_id = str((body.get("actions") or [{}])[0].get("value", ""))
+            if not JOB_ID.match(job_id):
+                return
+            await self.reply(
+                self._responder(respond),
+                lambda: self.cancel_click(caller_of(context), job_id),
+                "cancel button",
+            )
+
         async def on_message(event: dict[str, Any], context: AsyncBoltContext) -> None:
             await self.message(event, context)
 
         for name in (*COMMANDS, "dreambot"):
             self.app.command(f"/{name}")(ack=ack_now, lazy=[on_command])
         self.app.action(re.compile(ACTION_ID.pattern))(ack=ack_now, lazy=[on_action])
+        self.app.action(CANCEL_ACTION_ID)(ack=ack_now, lazy=[on_cancel])
         self.app.event("message")(ack=ack_now, lazy=[on_message])
 
     def _responder(self, respond: AsyncRespond) -> Reply:
@@ -453,15 +484,21 @@ class SlackAdapter:
         )
 
     async def message(self, event: dict[str, Any], context: AsyncBoltContext) -> None:
-        """A message: photos for a /train, or photos with ``@dreambot train <name> <class>``."""
+        """A message: photos for a /train, photos with ``@dreambot train <name> <class>``, or
+        a command written to the bot (``cancel rex`` in a DM, ``@dreambot jobs`` in a channel),
+        which runs as ``/dreambot <command>`` would."""
         files = event.get("files") or []
         user = event.get("user")
-        if not files or not user or event.get("bot_id"):
+        if not user or event.get("bot_id") or user == context.bot_user_id:
             return
         team = context.team_id or context.enterprise_id
         if not team or not event.get("channel"):
             return
         caller = Caller(team, str(user), str(event["channel"]))
+        if not files:
+            if event.get("subtype") is None:  # not an edit, a join, a deletion…
+                await self._text_command(event, context, caller)
+            return
         text, options = split_options(unescape(event.get("text") or ""), ["model"])
         match = _TRAIN_MESSAGE.match(text)
         direct = event.get("channel_type") == "im"
@@ -476,6 +513,26 @@ class SlackAdapter:
             self._ephemeral(caller),
             lambda: self.train(caller, name, class_noun, files, model=model),
             "train",
+        )
+
+    async def _text_command(
+        self, event: dict[str, Any], context: AsyncBoltContext, caller: Caller
+    ) -> None:
+        """A message without files: a command when it is written to the bot (in a DM with
+        it, or starting with its mention); everything else is people talking."""
+        # The text stays as Slack escaped it, as a slash command's does: the command unescapes.
+        written = _TO_THE_BOT.match(event.get("text") or "")
+        if written is None:
+            return
+        if written["bot"]:
+            if written["bot"] != context.bot_user_id:
+                return
+        elif event.get("channel_type") != "im":
+            return
+        text = written["rest"].strip()
+        name = text.partition(" ")[0].lstrip("/").lower() or "help"
+        await self.reply(
+            self._ephemeral(caller), lambda: self.command(caller, "dreambot", text), name
         )
 
     async def train(
@@ -520,6 +577,21 @@ class SlackAdapter:
         if not name:
             raise UserError("Usage: /forget <name> (see /subjects).")
         return await self.core.forget(caller.owner, name)
+
+    async def cancel(self, caller: Caller, text: str) -> str:
+        """/dreambot cancel [name or job id]: cancel one of the caller's jobs and close its
+        progress message."""
+        target = unescape(text).strip() or None
+        cancellation = await self.core.cancel(caller.owner, target, prefix=COMMAND_PREFIX)
+        await self._finish_progress(cancellation.job, common.CANCELLED_BY_OWNER)
+        return cancellation.text
+
+    async def cancel_click(self, caller: Caller, job_id: str) -> str:
+        """The Cancel button of a job's progress message: its owner cancels it (anyone else
+        is refused) and the message closes, without the button."""
+        cancellation = await self.core.cancel_from_button(caller.owner, job_id, mention=mention)
+        await self._finish_progress(cancellation.job, common.CANCELLED_BY_OWNER)
+        return cancellation.text
 
     async def click(self, caller: Caller, action: str, job_id: str, index: int = 0) -> str:
         """Reroll / Vary / Upscale (of image ``index``): redo a generation, as (and paid by)
@@ -591,7 +663,9 @@ class SlackAdapter:
             content,
             self._post_progress,
             # The blocks are built when the update is sent, so it shows the newest preview.
-            lambda ts: self._edit_progress(job, ts, content, self._progress_blocks(job, content)),
+            lambda ts: self._edit_progress(
+                job, ts, content, self._progress_blocks(job.id, content)
+            ),
         )
 
     async def show_result(self, delivery: Delivery) -> None:
@@ -604,11 +678,13 @@ class SlackAdapter:
         await self._finish_progress(job, "✓ done — result below.")
 
     async def show_failure(self, job: Job, text: str) -> None:
-        """Tell the user in the channel (or by DM) that the job failed."""
+        """Tell the user in the channel (or by DM) that the job failed, or that a moderator
+        (a ban, a deleted subject) cancelled it."""
         self.edits.forget(job.id)
-        content = f"{mention(job.destination['user_id'])} ✗ {escape(text)}"
+        mark = common.ending_mark(job)
+        content = f"{mention(job.destination['user_id'])} {mark} {escape(text)}"
         await self._post_to_user(job, fit(content), [], None)
-        await self._finish_progress(job, "✗ failed — see below.")
+        await self._finish_progress(job, common.ending_note(job))
 
     # Messages.
 
@@ -622,11 +698,15 @@ class SlackAdapter:
     async def _post_progress(
         self, job_id: str, destination: dict[str, Any], content: str
     ) -> str | None:
-        """Post a progress message; None if the channel refuses (progress is best effort)."""
+        """Post a progress message, with its Cancel button (every update carries it; closing
+        the message removes it); None if the channel refuses (progress is best effort)."""
         self.edits.sent(job_id)
         try:
             response = await self.client.chat_postMessage(
-                channel=str(destination["channel_id"]), text=content, unfurl_links=False
+                channel=str(destination["channel_id"]),
+                text=content,
+                blocks=self._progress_blocks(job_id, content),
+                unfurl_links=False,
             )
         except SlackApiError as exc:
             if slack_error(exc) not in CHANNEL_REFUSED:
@@ -648,16 +728,16 @@ class SlackAdapter:
             alt = f"preview, step {progress.step} of {progress.total}"
             self._previews[job.id] = (public, alt)
 
-    def _progress_blocks(self, job: Job, content: str) -> list[dict[str, Any]] | None:
-        """The blocks of a progress update: its text, then the newest preview (none shown
-        yet: the text alone); None (plain text) where previews can't be shown."""
-        if not self.shows_previews:
-            return None
+    def _progress_blocks(self, job_id: str, content: str) -> list[dict[str, Any]]:
+        """The blocks of a progress message: its text, the newest preview (where previews can
+        be shown and one came), and the Cancel button. An update's blocks replace the
+        message's, so every update carries them all."""
         text = {"type": "mrkdwn", "text": fit(content, MAX_SECTION_TEXT)}
         blocks: list[dict[str, Any]] = [{"type": "section", "text": text}]
-        preview = self._previews.get(job.id)
+        preview = self._previews.get(job_id)
         if preview is not None:
             blocks.append({"type": "image", "image_url": preview[0], "alt_text": preview[1]})
+        blocks.append(cancel_button(job_id))
         return blocks
 
     async def _edit_progress(
@@ -671,18 +751,20 @@ class SlackAdapter:
             )
         except SlackApiError as exc:
             error = slack_error(exc)
-            if error == "invalid_blocks" and blocks and blocks[-1]["type"] == "image":
+            images = [block for block in blocks or [] if block["type"] == "image"]
+            if error == "invalid_blocks" and images:
                 # Slack could not download the preview (is DREAMBOT_ARTIFACTS_PUBLIC_URL
                 # reachable from the internet?): this update, and the job's next, go without.
                 log.warning(
                     "job %s: Slack refused preview %s (%s); the job goes on without previews",
                     job.id,
-                    blocks[-1]["image_url"],
+                    images[0]["image_url"],
                     exc,
                 )
                 self._unfetchable.add(job.id)
                 self._previews.pop(job.id, None)
-                await self._edit_progress(job, ts, content, blocks[:-1])
+                others = [block for block in blocks or [] if block["type"] != "image"]
+                await self._edit_progress(job, ts, content, others)
                 return
             if error not in MESSAGE_GONE:
                 raise
@@ -694,9 +776,9 @@ class SlackAdapter:
         self._previews.pop(job.id, None)
         self._unfetchable.discard(job.id)
         content = f"{mention(job.destination['user_id'])} · {note}"
-        # The preview goes (an empty list removes the blocks): the result shows the images.
-        blocks: list[dict[str, Any]] | None = [] if self.shows_previews else None
-        await self.progress.finish(job, lambda ts: self._edit_progress(job, ts, content, blocks))
+        # The preview and the Cancel button go (an empty list removes the blocks): the job is
+        # over, and the result shows the images.
+        await self.progress.finish(job, lambda ts: self._edit_progress(job, ts, content, []))
 
     async def _post_to_user(
         self, job: Job, text: str, files: list[tuple[str, bytes]], buttons_for: str | None
@@ -763,6 +845,23 @@ def job_buttons(job_id: str, images: int = 1) -> dict[str, Any]:
             label = word if shown == 1 else f"{word[0]}{index + 1}"
             elements.append(button(f"{emoji} {label}", f"dreambot:{action}:{index}"))
     return {"type": "actions", "block_id": f"dreambot:{job_id}", "elements": elements}
+
+
+def cancel_button(job_id: str) -> dict[str, Any]:
+    """An actions block with the Cancel button of a job's progress message (only the job's
+    owner may use it: the core refuses others)."""
+    return {
+        "type": "actions",
+        "block_id": f"dreambot:progress:{job_id}",
+        "elements": [
+            {
+                "type": "button",
+                "text": {"type": "plain_text", "text": "✖️ Cancel", "emoji": True},
+                "action_id": CANCEL_ACTION_ID,
+                "value": job_id,
+            }
+        ],
+    }
 
 
 def web_client(token: str, base_url: str | None = None) -> AsyncWebClient:

@@ -1,4 +1,5 @@
-"""The chat commands, platform-free: /train, /imagine, /subjects, /forget, /quota, /help.
+"""The chat commands, platform-free: /train, /imagine, /subjects, /forget, /jobs, /cancel,
+/quota, /help.
 
 Adapters call these with plain values and render the returned text; errors a user can cause
 raise ``UserError``. Nothing here knows about Discord, Slack or the terminal.
@@ -14,6 +15,7 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiosqlite
@@ -24,10 +26,17 @@ from redis.exceptions import RedisError
 
 from bot.config import Settings
 from bot.core.errors import UserError
-from bot.core.moderation import Moderation
+from bot.core.moderation import (
+    CancelState,
+    Moderation,
+    QueueState,
+    describe_job,
+    job_prefix,
+    when,
+)
 from bot.core.photos import PhotoRules, Upload, prepare_photos
 from bot.core.prompts import SUBJECT_REF, active_subject, resolve_prompt
-from bot.core.quotas import Limits, Quotas, check_allowance
+from bot.core.quotas import Limits, Quotas, check_allowance, format_duration
 from bot.core.store import Job, Owner, Store, Subject, WorkspaceSettings, utcnow
 from bot.core.tokens import pick_token, usable_vocabulary_tokens
 from engine.api import (
@@ -75,6 +84,9 @@ SHELL_USAGE = """\
 /showcase [name]                  your subject in the DreamBooth paper's five capabilities
 /subjects                         list your subjects and their status
 /forget <name>                    delete a subject, its photos and its adapter
+/jobs                             your jobs waiting or running, with their ids
+/cancel [name or job id]          cancel your newest job, a subject's training, or the job
+                                  whose id starts so (4+ characters, as /jobs shows)
 /quota                            your usage today and when it resets (midnight UTC)
 /mod help                         moderator commands (moderators only)
 /help                             this text"""
@@ -176,6 +188,27 @@ class Receipt:
     confirmed: bool = True
 
 
+CANCEL_STATES: dict[CancelState, str] = {
+    "removed": "taken out of the queue",
+    "running": "the engine stops it at its next step",
+    "gone": "it had already left the queue, so nothing more comes of it",
+    "unreachable": (
+        "the job queue can't be reached right now, so the engine may still finish it, but "
+        "nothing from it will be posted"
+    ),
+}
+"""How a user's own cancellation went in the queue, as their reply says it."""
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    """A job its owner cancelled: the job (as it was, with the adapter's progress message
+    in its destination, which the adapter now closes) and the reply."""
+
+    job: Job
+    text: str
+
+
 class Core:
     """The commands of one bot process (one chat platform)."""
 
@@ -250,7 +283,9 @@ class Core:
             owner, f"{name} {class_noun}", subject=True, settings=workspace_settings
         )
         existing = await self.store.find_subject(owner, name)
-        if existing:
+        # A failed training (cancelled, or stopped by an error) left a subject that can't be
+        # drawn; training the name again replaces it.
+        if existing is not None and existing.status != "failed":
             raise UserError(
                 f"You already have a subject called {existing.name}. Pick another name, "
                 f"or `/forget {existing.name}` first."
@@ -264,6 +299,8 @@ class Core:
         subject_url = self.artifacts.url("subjects", subject_id)
         photos_url = f"{subject_url}/photos"
         photo_urls = [f"{photos_url}/{i:02d}.png" for i in range(len(photos))]
+        if existing is not None:
+            await self.remove_subject(existing)
         subject = await self._insert_subject(
             owner, subject_id, name, class_noun, photos_url, len(photos), base_model
         )
@@ -582,8 +619,17 @@ class Core:
             subjects = await self.list_subjects(owner)
             names = ", ".join(s.name for s in subjects) or "none"
             raise UserError(f"You have no subject called '{name}'. Your subjects: {names}.")
+        stopped = ""
+        for job in await self.store.active_jobs(owner.platform, owner.workspace, owner.user_id):
+            if job.subject_id == subject.id and job.kind == "train":
+                # Told through the queue like a moderator's cancel, so the job's progress
+                # message is closed wherever it is; the training's units are given back.
+                await self.moderation.cancel_job(
+                    job, f"Training {subject.name} was stopped: you deleted it with /forget."
+                )
+                stopped = " Its training was stopped, and what it took from your quota is back."
         await self.remove_subject(subject)
-        return f"Forgot {subject.name}: its photos and adapter are deleted."
+        return f"Forgot {subject.name}: its photos and adapter are deleted.{stopped}"
 
     async def remove_subject(self, subject: Subject) -> None:
         """Delete a subject's row, photos and adapter (for /forget and moderators)."""
@@ -594,6 +640,137 @@ class Core:
         """/quota: the caller's usage today, their limits, and when the day resets."""
         await self.moderation.check_not_banned(owner)
         return await self.quotas.usage_text(owner, roles)
+
+    async def jobs_text(self, owner: Owner, *, prefix: str = "/") -> str:
+        """/jobs: the caller's jobs waiting or running in this workspace, oldest first: the
+        start of each id (what /cancel takes), what it is, and where it stands.
+
+        ``prefix`` is how this platform's commands are typed (``/`` or ``/dreambot ``), for
+        the hint at the end.
+        """
+        await self.moderation.check_not_banned(owner)
+        jobs = await self.store.active_jobs(owner.platform, owner.workspace, owner.user_id)
+        if not jobs:
+            return "You have no jobs waiting or running here."
+        names = await self.moderation.subject_names(jobs)
+        states: dict[str, QueueState] | None = None
+        started: dict[str, datetime] = {}
+        try:
+            states = await self.moderation.queue_states(jobs)
+            if any(state.running for state in states.values()):
+                started = {
+                    running.job_id: running.started_at
+                    for engine in await self.live_engines()
+                    for running in engine.jobs
+                }
+        except (RedisError, OSError) as exc:  # what SQLite knows is still worth showing
+            log.warning("/jobs could not read the queue: %s", exc)
+        lines = [f"Your jobs waiting or running here ({len(jobs)}):"]
+        for job in jobs:
+            where = _job_state(job, states[job.id] if states else None, started.get(job.id))
+            lines.append(f"  {job.id[:8]}  {describe_job(job, names.get(job.id))}  {where}")
+        if states is None:
+            lines.append("(The job queue can't be reached right now, so places are not shown.)")
+        lines.append(
+            f"Cancel one with {prefix}cancel <id> (a training also by its subject's name); "
+            f"{prefix}cancel alone cancels the newest."
+        )
+        return "\n".join(lines)
+
+    async def cancel(
+        self, owner: Owner, target: str | None = None, *, prefix: str = "/"
+    ) -> Cancellation:
+        """/cancel [name or job id]: cancel one of the caller's own waiting or running jobs in
+        this workspace, and give its quota back.
+
+        No ``target``: the newest. A subject's name: its training. Otherwise the job whose id
+        starts with ``target`` (4 or more characters, as /jobs shows). A waiting job leaves
+        the queue; a running one is stopped by the engine at its next step. ``prefix`` is how
+        this platform's commands are typed, for the hints. The adapter closes the job's
+        progress message (``Cancellation.job``); nothing else is posted about it.
+        """
+        await self.moderation.check_not_banned(owner)
+        jobs = await self.store.active_jobs(owner.platform, owner.workspace, owner.user_id)
+        if not jobs:
+            raise UserError(
+                "You have no jobs waiting or running here, so there is nothing to cancel."
+            )
+        job = await self._own_job(owner, jobs, (target or "").strip(), prefix)
+        return await self._cancel_own(job)
+
+    async def cancel_from_button(
+        self, owner: Owner, job_id: str, *, mention: Callable[[str], str] = str
+    ) -> Cancellation:
+        """The Cancel button on a job's progress message, pressed by ``owner``: only the job's
+        owner may cancel it (``mention`` renders a user id for the refusal)."""
+        job = await self.store.get_job(job_id)
+        if job is None or (job.owner.platform, job.owner.workspace) != (
+            owner.platform,
+            owner.workspace,
+        ):
+            raise UserError("I don't know that job.")
+        if job.owner != owner:
+            raise UserError(
+                f"Only {mention(job.owner.user_id)} can cancel this job: it is theirs. "
+                "Nothing was changed."
+            )
+        await self.moderation.check_not_banned(owner)
+        if job.finished:
+            raise UserError("That job has already ended; there is nothing to cancel.")
+        return await self._cancel_own(job)
+
+    async def _own_job(self, owner: Owner, jobs: list[Job], target: str, prefix: str) -> Job:
+        """Which of the caller's active ``jobs`` (oldest first) ``target`` means."""
+        if not target:
+            return jobs[-1]
+        subject = await self.store.find_subject(owner, target)
+        if subject is not None:
+            trainings = [j for j in jobs if j.kind == "train" and j.subject_id == subject.id]
+            if trainings:
+                return trainings[-1]
+        start = job_prefix(target)
+        matches = [job for job in jobs if start is not None and job.id.startswith(start)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise UserError(
+                f"{len(matches)} of your jobs start with {start}; give more of the id "
+                f"(see {prefix}jobs)."
+            )
+        if subject is not None:
+            raise UserError(
+                f"{subject.name} isn't training (it is {subject.status}), so there is nothing "
+                f"to cancel for it. Your jobs: {prefix}jobs."
+            )
+        if start is not None:
+            raise UserError(
+                f"You have no subject called '{target}', and none of your jobs waiting or "
+                f"running here starts with {start}. Your jobs: {prefix}jobs."
+            )
+        raise UserError(
+            f"You have no subject called '{target}'. Give a subject's name, or at least the "
+            f"first 4 characters of a job id from {prefix}jobs."
+        )
+
+    async def _cancel_own(self, job: Job) -> Cancellation:
+        """Cancel the caller's own ``job`` (see ``Moderation.cancel_job``) and say how it went."""
+        name = (await self.moderation.subject_names([job])).get(job.id)
+        what = describe_job(job, name)
+        state = await self.moderation.cancel_job(
+            job, f"You cancelled your {what}.", tell_owner=False
+        )
+        if state is None:
+            raise UserError(f"Your {what} has just ended; there is nothing to cancel.")
+        text = (
+            f"Cancelled your {what} (job {job.id[:8]}): {CANCEL_STATES[state]}. "
+            "What it took from your quota is given back."
+        )
+        if name is not None:
+            text += (
+                f" {name} stays in your subjects as failed: `/train {name}` again (with other "
+                f"photos or another class) replaces it, or `/forget {name}` deletes it."
+            )
+        return Cancellation(job, text)
 
     async def mod(self, owner: Owner, is_moderator: bool, text: str) -> str:
         """/mod <text>: a moderator command as one line (see ``Moderation`` for typed calls)."""
@@ -911,6 +1088,28 @@ class Core:
             pipe.zscore(queue, job_id)
             held, score = await pipe.execute()
         return bool(held) or score is not None
+
+
+def _job_state(job: Job, where: QueueState | None, started: datetime | None) -> str:
+    """Where one of the caller's jobs stands, for /jobs: waiting (its place in its queue,
+    counting the jobs running ahead of it, as receipts do) or running, and since when.
+    ``where`` is None when the queue can't be read (SQLite's status is all there is);
+    ``started`` is when an engine started it, if one said so."""
+    queued = f"queued {when(job.created_at)}, {_ago(datetime.fromisoformat(job.created_at))} ago"
+    if where is None:
+        return f"{'running' if job.status == 'running' else 'waiting'} ({queued})"
+    if where.running:
+        if started is not None:
+            return f"running since {when(started.astimezone(UTC).isoformat())} ({_ago(started)})"
+        return f"running ({queued})"
+    if where.rank is not None:
+        return f"waiting #{where.rank + 1} in the queue ({queued})"
+    # The engine is done and its answer is on the way, or the queue never confirmed the job.
+    return f"finishing ({queued})" if job.status == "running" else f"not in the queue ({queued})"
+
+
+def _ago(moment: datetime) -> str:
+    return format_duration(datetime.now(UTC) - moment)
 
 
 def _pin_active(prompt: str, subjects: Sequence[Subject]) -> str:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from arq.constants import (
     abort_jobs_ss,
@@ -200,11 +201,47 @@ def _audit_line(entry: AuditEntry) -> str:
     return f"  {when(entry.created_at)}  {entry.moderator.user_id}: {entry.action}{target}{detail}"
 
 
-def _job_what(job: Job) -> str:
+def describe_job(job: Job, subject_name: str | None = None) -> str:
+    """What a job is, for its owner and moderators: ``training of rex``, ``showcase of rex``,
+    ``image “a red fox…”``. ``subject_name`` is a training's subject (see ``subject_names``)."""
     if job.kind == "train":
-        return "training"
+        return f"training of {subject_name}" if subject_name else "training"
+    if job.options.get("showcase"):
+        return f"showcase of {job.options['showcase']}"
     prompt = job.prompt or ""
     return f"image “{prompt[:40]}{'…' if len(prompt) > 40 else ''}”"
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def job_prefix(text: str) -> str | None:
+    """``text`` as the start of a job id (at least 4 hex digits, as /jobs and /mod queue show
+    them; lower case), or None if it can't be one."""
+    prefix = text.strip().lower()
+    return prefix if len(prefix) >= 4 and all(c in _HEX for c in prefix) else None
+
+
+CancelState = Literal["removed", "running", "gone", "unreachable"]
+"""What cancelling did in the queue: took the job out of it, asked the engine running it to
+stop, found it no longer there, or could not reach the queue (SQLite says cancelled anyway)."""
+
+_MODERATOR_CANCEL_STATES: dict[CancelState, str] = {
+    "running": "running: the engine was asked to stop it",
+    "removed": "taken out of the queue",
+    "gone": "no longer in the queue",
+    "unreachable": "cancelled here, but the queue can't be reached to stop it",
+}
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """Where arq holds a job: ``running`` (an engine marked it in progress), or waiting at
+    ``rank`` (0: next) with its ``score`` (when it may start); neither if both are None."""
+
+    running: bool
+    rank: int | None
+    score: float | None
 
 
 _ENGINE_JOB_NAMES = {TRAIN_SUBJECT: "training", GENERATE: "image", SHOWCASE: "showcase"}
@@ -335,27 +372,39 @@ class Moderation:
         self._filters[key] = (settings.rules_version, prompt_filter)
         return prompt_filter
 
-    # Cancelling, shared by /mod cancel, bans and subject deletion.
+    # Cancelling, shared by /cancel, /mod cancel, bans and subject deletion.
 
-    async def cancel_job(self, job: Job, message: str) -> str | None:
-        """Cancel a waiting or running job and tell its owner; None if it had already ended.
+    async def cancel_job(
+        self, job: Job, message: str, *, tell_owner: bool = True
+    ) -> CancelState | None:
+        """Cancel a waiting or running job; None if it had already ended.
 
         SQLite first (the job is cancelled and its units refunded whatever Redis says), then
-        the queue: a waiting job is taken out of it, a running one is asked to abort.
+        the queue: a waiting job is taken out of it, a running one is asked to abort. A
+        training's subject is marked failed with ``message``.
+
+        ``tell_owner``: the owner hears ``message`` where the job was asked for, through the
+        bot's queue (a moderator's or a ban's cancellation). Without it (the owner cancelled
+        it themselves, and their adapter closes the progress message) the job counts as
+        delivered, so nothing about it is posted later, not even the engine's report.
         """
         if not await self.store.cancel_job(job.id, message):
             return None
+        if not tell_owner:  # at once, so that no report racing the abort posts anything
+            await self.store.claim_delivery(job.id)
+        state: CancelState
         try:
             state = await self._abort(job.id, JOB_KIND_QUEUES[job.kind], message)
         except (RedisError, OSError):
             log.exception("could not abort job %s in the queue", job.id)
-            state = "cancelled here, but the queue can't be reached to stop it"
+            state = "unreachable"
         if job.kind == "train" and job.subject_id:
             await self.store.update_subject(job.subject_id, status="failed", error=message)
-        await self._notify(job, message)
+        if tell_owner:
+            await self._notify(job, message)
         return state
 
-    async def _abort(self, job_id: str, queue: str, message: str) -> str:
+    async def _abort(self, job_id: str, queue: str, message: str) -> CancelState:
         result = await self._abort_script(
             keys=[
                 queue,
@@ -367,12 +416,8 @@ class Moderation:
             ],
             args=[job_id, int(datetime.now(UTC).timestamp() * 1000), message],
         )
-        state = result.decode() if isinstance(result, bytes) else str(result)
-        return {
-            "running": "running: the engine was asked to stop it",
-            "removed": "taken out of the queue",
-            "gone": "no longer in the queue",
-        }[state]
+        # The script answers one of 'running', 'removed', 'gone'.
+        return cast(CancelState, result.decode() if isinstance(result, bytes) else str(result))
 
     async def _notify(self, job: Job, message: str) -> None:
         try:
@@ -380,20 +425,49 @@ class Moderation:
         except (RedisError, OSError):
             log.exception("could not tell the owner of job %s it was cancelled", job.id)
 
-    async def _arq_states(self, jobs: Sequence[Job]) -> dict[str, str]:
-        queue = self.core.queue
-        async with queue.pipeline(transaction=False) as pipe:
+    async def queue_states(self, jobs: Sequence[Job]) -> dict[str, QueueState]:
+        """Where arq holds each job (by id), in one round trip. Raises ``RedisError``/``OSError``
+        if Redis doesn't answer."""
+        async with self.core.queue.pipeline(transaction=False) as pipe:
             for job in jobs:
+                queue = JOB_KIND_QUEUES[job.kind]
                 pipe.exists(in_progress_key_prefix + job.id)
-                pipe.zscore(JOB_KIND_QUEUES[job.kind], job.id)
+                pipe.zrank(queue, job.id)
+                pipe.zscore(queue, job.id)
             replies = await pipe.execute()
+        return {
+            job.id: QueueState(
+                running=bool(running),
+                rank=None if rank is None else int(rank),
+                score=None if score is None else float(score),
+            )
+            for job, running, rank, score in zip(
+                jobs, replies[::3], replies[1::3], replies[2::3], strict=True
+            )
+        }
+
+    async def subject_names(self, jobs: Sequence[Job]) -> dict[str, str]:
+        """Job id → the name of the subject each training trains (for ``describe_job``)."""
+        names = {}
+        for job in jobs:
+            if job.kind == "train" and job.subject_id:
+                subject = await self.store.get_subject(job.subject_id)
+                if subject is not None:
+                    names[job.id] = subject.name
+        return names
+
+    async def _arq_states(self, jobs: Sequence[Job]) -> dict[str, str]:
+        """Each job's state for /mod queue: running, waiting #N (its place among these jobs,
+        of both queues, in the order they may start), or why neither."""
+        queue_states = await self.queue_states(jobs)
         states: dict[str, str] = {}
         waiting: list[tuple[float, str]] = []
-        for job, running, score in zip(jobs, replies[::2], replies[1::2], strict=True):
-            if running:
+        for job in jobs:
+            where = queue_states[job.id]
+            if where.running:
                 states[job.id] = "running"
-            elif score is not None:
-                waiting.append((float(score), job.id))
+            elif where.score is not None:
+                waiting.append((where.score, job.id))
             else:
                 states[job.id] = "finishing" if job.status == "running" else "not in the queue"
         for place, (_, job_id) in enumerate(sorted(waiting), start=1):
@@ -704,19 +778,21 @@ class Moderator:
         if not jobs:
             return "No jobs are waiting or running here."
         states = await self.moderation._arq_states(jobs)
+        names = await self.moderation.subject_names(jobs)
         lines = [f"Jobs waiting or running here ({len(jobs)}):"]
         for job in jobs:
+            what = describe_job(job, names.get(job.id))
             lines.append(
-                f"  {job.id[:8]}  {job.owner.user_id}  {states[job.id]}  {_job_what(job)}  "
+                f"  {job.id[:8]}  {job.owner.user_id}  {states[job.id]}  {what}  "
                 f"since {when(job.created_at)} ({_ago(job.created_at)} ago)"
             )
         lines.append("Cancel one with /mod cancel <id>.")
         return "\n".join(lines)
 
-    async def cancel(self, job_prefix: str, reason: str = "") -> str:
+    async def cancel(self, text: str, reason: str = "") -> str:
         """Abort a waiting or running job given the start of its id, and tell its owner."""
-        prefix = job_prefix.strip().lower()
-        if len(prefix) < 4 or not prefix.isalnum():
+        prefix = job_prefix(text)
+        if prefix is None:
             raise UserError("Give at least the first 4 characters of the job id (see /mod queue).")
         jobs = [
             job
@@ -728,13 +804,15 @@ class Moderator:
         if len(jobs) > 1:
             raise UserError(f"{len(jobs)} jobs start with {prefix}; give more of the id.")
         job = jobs[0]
+        names = await self.moderation.subject_names(jobs)
         reason = " ".join(reason.split())[:300]
-        message = f"Your {_job_what(job)} was cancelled by a moderator" + (
+        message = f"Your {describe_job(job, names.get(job.id))} was cancelled by a moderator" + (
             f": {reason}." if reason else "."
         )
-        state = await self.moderation.cancel_job(job, message)
-        if state is None:
+        cancelled = await self.moderation.cancel_job(job, message)
+        if cancelled is None:
             raise UserError(f"Job {job.id[:8]} has just finished; nothing to cancel.")
+        state = _MODERATOR_CANCEL_STATES[cancelled]
         detail = f"{job.owner.user_id}'s {job.kind}; {state}" + (f"; {reason}" if reason else "")
         await self._audit("cancel", job.id, detail)
         return f"Cancelled job {job.id[:8]} of {job.owner.user_id} ({state}). They were told."
@@ -960,9 +1038,13 @@ async def _dispatch(mod: Moderator, text: str) -> str:
 
 __all__ = [
     "MOD_HELP",
+    "CancelState",
     "Moderation",
     "Moderator",
     "NotModerator",
+    "QueueState",
+    "describe_job",
+    "job_prefix",
     "parse_duration",
     "parse_user",
 ]

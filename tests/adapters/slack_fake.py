@@ -312,8 +312,18 @@ def message_event_body(
     channel_id: str = CHANNEL_ID,
     channel_type: str = "channel",
 ) -> str:
-    """A message with shared files, as the Events API posts it (JSON)."""
+    """A message (with shared files, if any), as the Events API posts it (JSON)."""
     number = next(_triggers)
+    event: dict[str, Any] = {
+        "type": "message",
+        "text": text,
+        "user": user_id,
+        "channel": channel_id,
+        "channel_type": channel_type,
+        "ts": f"1700000001.{number:06d}",
+    }
+    if files:  # a plain message has no subtype and no files
+        event.update(subtype="file_share", files=files)
     return json.dumps(
         {
             "token": "legacy-verification-token",
@@ -323,15 +333,6 @@ def message_event_body(
             "event_id": f"Ev{number:05d}",
             "event_time": int(time.time()),
             "authorizations": [{"team_id": TEAM_ID, "user_id": BOT_USER_ID, "is_bot": True}],
-            "event": {
-                "type": "message",
-                "subtype": "file_share",
-                "text": text,
-                "user": user_id,
-                "channel": channel_id,
-                "channel_type": channel_type,
-                "ts": f"1700000001.{number:06d}",
-                "files": files,
-            },
+            "event": event,
         }
     )

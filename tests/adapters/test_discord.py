@@ -306,8 +306,11 @@ async def test_commands_are_synced_to_the_dev_guild_when_one_is_set(
     assert sync.path == f"/api/v10/applications/{APP_ID}/guilds/{GUILD_ID}/commands"
     commands = {command["name"]: command for command in sync.json}
     assert set(commands) == {
-        "train", "imagine", "showcase", "subjects", "forget", "quota", "help", "mod",
+        "train", "imagine", "showcase", "subjects", "forget", "jobs", "cancel", "quota", "help",
+        "mod",
     }  # fmt: skip
+    cancel_options = commands["cancel"]["options"]
+    assert [(o["name"], o.get("required", False)) for o in cancel_options] == [("target", False)]
     imagine_options = {o["name"]: o for o in commands["imagine"]["options"]}
     assert [c["value"] for c in imagine_options["aspect"]["choices"]] == [
         "square", "portrait", "landscape", "wide",

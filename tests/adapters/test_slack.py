@@ -28,6 +28,7 @@ from bot.adapters.slack import (
     SlackAdapter,
     SlackDownloader,
     build_adapter,
+    cancel_button,
     escape,
     serve_http,
     web_client,
@@ -603,7 +604,7 @@ async def test_live_previews_ride_on_throttled_updates_from_the_public_url_and_g
         job = make_job()
         await show_a_preview_then_a_plain_update(adapter, runtime, job)
         [posted] = fake_slack.find("chat.postMessage")
-        assert "blocks" not in posted.args
+        assert [block["type"] for block in posted.args["blocks"]] == ["section", "actions"]
         assert fake_slack.find("chat.update") == []  # no call beyond the throttle's
 
         # One update, after the interval: the latest text, with the newest preview below it.
@@ -615,6 +616,7 @@ async def test_live_previews_ride_on_throttled_updates_from_the_public_url_and_g
         assert update.args["blocks"] == [
             {"type": "section", "text": {"type": "mrkdwn", "text": update.text}},
             {"type": "image", "image_url": public, "alt_text": "preview, step 3 of 10"},
+            cancel_button(job.id),
         ]
         # Slack downloaded the preview from the public URL.
         await fake_slack.wait_until(lambda: len(fake_slack.images) == 1)
@@ -625,7 +627,7 @@ async def test_live_previews_ride_on_throttled_updates_from_the_public_url_and_g
         await adapter.show_progress(job, "drawing 5/10", step)
         again = await update_number(fake_slack, clock, 2)
         assert again.text == f"<@{USER_ID}> · drawing 5/10"
-        assert [block["type"] for block in again.args["blocks"]] == ["section", "image"]
+        assert [block["type"] for block in again.args["blocks"]] == ["section", "image", "actions"]
         assert again.args["blocks"][1]["image_url"] == public
         await fake_slack.wait_until(lambda: len(fake_slack.images) == 2)
 
@@ -653,8 +655,12 @@ async def test_without_a_public_url_progress_updates_carry_no_preview(
     update, closing = fake_slack.find("chat.update")
     assert update.text == f"<@{USER_ID}> · drawing 4/10"
     assert "done" in closing.text
-    # A local artifact folder has no URL Slack could fetch: plain text, as before.
-    assert "blocks" not in update.args and "blocks" not in closing.args
+    # A local artifact folder has no URL Slack could fetch: the text and the Cancel button.
+    assert update.args["blocks"] == [
+        {"type": "section", "text": {"type": "mrkdwn", "text": update.text}},
+        cancel_button(job.id),
+    ]
+    assert closing.args["blocks"] == []
     assert fake_slack.images == []
 
 
@@ -678,7 +684,8 @@ async def test_a_preview_slack_cannot_download_is_dropped_and_the_progress_still
         assert refused.args["blocks"][1]["image_url"].startswith(wrong)
         assert update.text == f"<@{USER_ID}> · drawing 4/10"
         assert update.args["blocks"] == [
-            {"type": "section", "text": {"type": "mrkdwn", "text": update.text}}
+            {"type": "section", "text": {"type": "mrkdwn", "text": update.text}},
+            cancel_button(job.id),
         ]
         assert "Slack refused preview" in caplog.text
         # The job's later previews aren't tried again.
@@ -687,7 +694,7 @@ async def test_a_preview_slack_cannot_download_is_dropped_and_the_progress_still
         await adapter.show_progress(job, "drawing 5/10", step)
         later = await update_number(fake_slack, clock, 3)
         assert later.text == f"<@{USER_ID}> · drawing 5/10"
-        assert [block["type"] for block in later.args["blocks"]] == ["section"]
+        assert [block["type"] for block in later.args["blocks"]] == ["section", "actions"]
         assert fake_slack.images == []
     finally:
         await adapter.close()

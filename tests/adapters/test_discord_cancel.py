@@ -1,0 +1,216 @@
+"""Cancelling on Discord: /jobs, /cancel, and the Cancel button on a job's progress message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from arq.constants import in_progress_key_prefix
+
+from bot.adapters.discord import CANCEL_ID, DiscordAdapter
+from bot.core.delivery import Deliverer
+from bot.launcher import BotRuntime
+from engine.api import GENERATE_QUEUE, cancel_key
+from tests.adapters.conftest import (
+    CHANNEL_ID,
+    EDIT_INTERVAL,
+    OTHER_USER_ID,
+    USER_ID,
+    FakeClock,
+    FakeDiscord,
+    Recorded,
+)
+from tests.adapters.test_discord import (
+    OWNER,
+    attachment_options,
+    click,
+    private_reply,
+    progress_id,
+    run_command,
+    serve_photos,
+    write_images,
+)
+from tests.conftest import queued
+
+
+def buttons(message: Recorded) -> list[dict[str, Any]]:
+    """The buttons a message was sent or edited with."""
+    return [button for row in message.json["components"] for button in row["components"]]
+
+
+async def imagine(adapter: DiscordAdapter, runtime: BotRuntime) -> str:
+    """/imagine from the owner, through the command tree; the job's id."""
+    await run_command(adapter, "imagine", [{"name": "prompt", "type": 3, "value": "a red fox"}])
+    [job] = await runtime.store.unfinished_jobs("discord")
+    return job.id
+
+
+async def test_the_progress_message_carries_a_cancel_button_that_edits_keep(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime, clock: FakeClock
+) -> None:
+    job_id = await imagine(adapter, runtime)
+
+    [posted] = fake_discord.posted(CHANNEL_ID)
+    [button] = buttons(posted)
+    assert (button["label"], button["custom_id"]) == ("Cancel", f"dreambot:cancel:{job_id}")
+    assert CANCEL_ID.fullmatch(button["custom_id"])
+
+    deliverer = Deliverer(runtime.core, adapter)
+    await deliverer.progress({"job_id": job_id, "phase": "generating", "step": 3, "total": 10})
+    await clock.advance(EDIT_INTERVAL)
+    await fake_discord.wait_until(lambda: bool(fake_discord.find("PATCH")))
+    [edit] = fake_discord.find("PATCH", "/channels/")
+    assert "drawing" in (edit.content or "")
+    assert "components" not in edit.json  # an edit leaves the button where it is
+
+
+@pytest.mark.parametrize("ending", ["result", "failure", "moderator"])
+async def test_the_button_goes_when_the_job_ends(
+    adapter: DiscordAdapter,
+    fake_discord: FakeDiscord,
+    runtime: BotRuntime,
+    ending: str,
+) -> None:
+    job_id = await imagine(adapter, runtime)
+    [posted] = fake_discord.posted(CHANNEL_ID)
+    deliverer = Deliverer(runtime.core, adapter)
+    if ending == "result":
+        images = await write_images(runtime, 1)
+        await deliverer.result(
+            {
+                "job_id": job_id,
+                "image_urls": images,
+                "seed": 5,
+                "width": 64,
+                "height": 64,
+                "steps": 25,
+                "seconds": 1.0,
+            }
+        )
+        expected = "✓ done — result below."
+    elif ending == "failure":
+        await deliverer.failure({"job_id": job_id, "message": "out of memory"})
+        expected = "✗ failed — see below."
+    else:
+        moderator = runtime.core.moderation.acting(OWNER, True)
+        await moderator.cancel(job_id[:8], "spam")
+        await deliverer.failure({"job_id": job_id, "message": "it was cancelled."})
+        expected = "⊘ cancelled — see below."
+
+    closing = fake_discord.find("PATCH", "/channels/")[-1]
+    assert closing.path.endswith(f"/messages/{progress_id(posted)}")
+    assert closing.content == f"<@{USER_ID}> · {expected}"
+    assert closing.json["components"] == []
+    if ending == "moderator":
+        notice = fake_discord.posted(CHANNEL_ID)[-1]
+        assert notice.content == (
+            f"<@{USER_ID}> ⊘ Your image “a red fox” was cancelled by a moderator: spam."
+        )
+
+
+async def test_the_owner_presses_cancel_after_a_restart_and_the_message_closes(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime, clock: FakeClock
+) -> None:
+    job_id = await imagine(adapter, runtime)
+    [posted] = fake_discord.posted(CHANNEL_ID)
+    fake_discord.requests.clear()
+
+    reply = await click(runtime, fake_discord, clock, f"dreambot:cancel:{job_id}", USER_ID)
+
+    assert reply.content == (
+        f"Cancelled your image “a red fox” (job {job_id[:8]}): taken out of the queue. "
+        "What it took from your quota is given back."
+    )
+    assert await queued(runtime.queue) == 0
+    job = await runtime.store.get_job(job_id)
+    assert job is not None and job.status == "cancelled"
+    assert (await runtime.store.usage(OWNER)).images == 0
+    [closing] = fake_discord.find("PATCH", "/channels/")
+    assert closing.path.endswith(f"/messages/{progress_id(posted)}")
+    assert closing.content == f"<@{USER_ID}> · ⊘ cancelled by you."
+    assert closing.json["components"] == []
+    assert fake_discord.posted(CHANNEL_ID) == []  # no notice in the channel: they know
+    # The engine's report that it stopped posts nothing either.
+    await Deliverer(runtime.core, adapter).failure({"job_id": job_id, "message": "cancelled"})
+    assert fake_discord.posted(CHANNEL_ID) == []
+
+
+async def test_another_member_pressing_cancel_is_refused_privately(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime, clock: FakeClock
+) -> None:
+    job_id = await imagine(adapter, runtime)
+    fake_discord.requests.clear()
+
+    reply = await click(runtime, fake_discord, clock, f"dreambot:cancel:{job_id}", OTHER_USER_ID)
+
+    assert reply.content == (
+        f"Only <@{USER_ID}> can cancel this job: it is theirs. Nothing was changed."
+    )
+    job = await runtime.store.get_job(job_id)
+    assert job is not None and job.status == "queued"
+    assert await runtime.queue.zscore(GENERATE_QUEUE, job_id) is not None
+    assert fake_discord.find("PATCH") == []
+
+
+async def test_jobs_and_cancel_by_subject_name_as_slash_commands(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    options, resolved = attachment_options(serve_photos(fake_discord, 3))
+    options = [
+        {"name": "name", "type": 3, "value": "rex"},
+        {"name": "class", "type": 3, "value": "dog"},
+        *options,
+    ]
+    await run_command(adapter, "train", options, resolved)
+    [job] = await runtime.store.unfinished_jobs("discord")
+    await runtime.queue.set(in_progress_key_prefix + job.id, b"1")  # an engine took it
+    [posted] = fake_discord.posted(CHANNEL_ID)
+    fake_discord.requests.clear()
+
+    await run_command(adapter, "jobs")
+    listing = private_reply(fake_discord).content or ""
+    assert f"  {job.id[:8]}  training of rex  running (queued " in listing
+    assert not fake_discord.find("POST", "/channels/")
+    fake_discord.requests.clear()
+
+    await run_command(adapter, "cancel", [{"name": "target", "type": 3, "value": "rex"}])
+
+    reply = private_reply(fake_discord).content or ""
+    assert reply.startswith(
+        f"Cancelled your training of rex (job {job.id[:8]}): the engine stops it at its next step."
+    )
+    assert "`/train rex` again" in reply
+    assert await runtime.queue.exists(cancel_key(job.id))
+    [closing] = fake_discord.find("PATCH", "/channels/")
+    assert closing.path.endswith(f"/messages/{progress_id(posted)}")
+    assert closing.content == f"<@{USER_ID}> · ⊘ cancelled by you."
+    fake_discord.requests.clear()
+
+    await run_command(adapter, "cancel")
+    assert private_reply(fake_discord).content == (
+        "You have no jobs waiting or running here, so there is nothing to cancel."
+    )
+
+
+async def test_help_names_jobs_cancel_and_the_button(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord
+) -> None:
+    await run_command(adapter, "help")
+    text = private_reply(fake_discord).content or ""
+    assert "/jobs " in text and "/cancel [target:<subject name or job id>]" in text
+    assert "✖️ Cancel on a job's progress message" in text
+
+
+async def test_a_cancelled_job_without_a_progress_message_is_still_cancelled(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    fake_discord.forbidden.add(CHANNEL_ID)  # the bot can't post progress there
+    job_id = await imagine(adapter, runtime)
+    fake_discord.requests.clear()
+
+    await run_command(adapter, "cancel", [{"name": "target", "type": 3, "value": job_id[:4]}])
+
+    assert (private_reply(fake_discord).content or "").startswith("Cancelled your image")
+    assert fake_discord.find("PATCH") == []
+    job = await runtime.store.get_job(job_id)
+    assert job is not None and job.status == "cancelled"

@@ -797,13 +797,7 @@ async def test_a_failure_is_posted_in_the_channel_mentioning_the_user(
 async def test_a_training_job_from_command_to_result_through_the_core_deliverer(
     adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime, clock: FakeClock
 ) -> None:
-    options, resolved = attachment_options(serve_photos(fake_discord, 3))
-    options = [
-        {"name": "name", "type": 3, "value": "rex"},
-        {"name": "class", "type": 3, "value": "dog"},
-        *options,
-    ]
-    await run_command(adapter, "train", options, resolved)
+    await run_command(adapter, "train", *train_options(fake_discord))
     [job] = await runtime.store.unfinished_jobs("discord")
     deliverer = Deliverer(runtime.core, adapter)
 

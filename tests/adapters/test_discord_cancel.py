@@ -22,12 +22,11 @@ from tests.adapters.conftest import (
 )
 from tests.adapters.test_discord import (
     OWNER,
-    attachment_options,
     click,
     private_reply,
     progress_id,
     run_command,
-    serve_photos,
+    train_options,
     write_images,
 )
 from tests.conftest import queued
@@ -155,13 +154,7 @@ async def test_another_member_pressing_cancel_is_refused_privately(
 async def test_jobs_and_cancel_by_subject_name_as_slash_commands(
     adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
 ) -> None:
-    options, resolved = attachment_options(serve_photos(fake_discord, 3))
-    options = [
-        {"name": "name", "type": 3, "value": "rex"},
-        {"name": "class", "type": 3, "value": "dog"},
-        *options,
-    ]
-    await run_command(adapter, "train", options, resolved)
+    await run_command(adapter, "train", *train_options(fake_discord))
     [job] = await runtime.store.unfinished_jobs("discord")
     await runtime.queue.set(in_progress_key_prefix + job.id, b"1")  # an engine took it
     [posted] = fake_discord.posted(CHANNEL_ID)

@@ -688,6 +688,17 @@ def too_large(exc: discord.HTTPException) -> bool:
     return exc.status == 413 or exc.code == REQUEST_TOO_LARGE
 
 
+def choices(options: list[tuple[str, str]], current: str) -> list[app_commands.Choice[str]]:
+    """Autocomplete suggestions: the (label, value) pairs whose label contains what the user
+    typed so far, at most the 25 Discord shows."""
+    typed = current.strip().lower()
+    return [
+        app_commands.Choice(name=fit(label, 100), value=value)
+        for label, value in options
+        if typed in label.lower()
+    ][:25]
+
+
 def _command_name(interaction: discord.Interaction[Any]) -> str:
     command = interaction.command
     return command.qualified_name if command is not None else "button"
@@ -733,12 +744,7 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
         interaction: discord.Interaction[Any], current: str
     ) -> list[app_commands.Choice[str]]:
         # The core checks the name again: a typed one need not be among these.
-        names = adapter.core.settings.model_names
-        return [
-            app_commands.Choice(name=name, value=name)
-            for name in names
-            if current.lower() in name.lower()
-        ][:25]
+        return choices([(name, name) for name in adapter.core.settings.model_names], current)
 
     @tree.command(name="imagine", description="Draw a prompt; [V] is your newest subject")
     @app_commands.guild_only()
@@ -791,6 +797,12 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
     async def showcase(interaction: discord.Interaction[Any], name: str | None = None) -> None:
         await adapter.respond(interaction, lambda: adapter.showcase(interaction, name))
 
+    @showcase.autocomplete("name")
+    async def showcase_name(
+        interaction: discord.Interaction[Any], current: str
+    ) -> list[app_commands.Choice[str]]:
+        return await subject_choices(interaction, current, ready_only=True)
+
     @tree.command(name="subjects", description="List your subjects and their status")
     @app_commands.guild_only()
     async def subjects(interaction: discord.Interaction[Any]) -> None:
@@ -804,6 +816,12 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
     async def forget(interaction: discord.Interaction[Any], name: str) -> None:
         await adapter.respond(interaction, lambda: adapter.core.forget(owner_of(interaction), name))
 
+    @forget.autocomplete("name")
+    async def forget_name(
+        interaction: discord.Interaction[Any], current: str
+    ) -> list[app_commands.Choice[str]]:
+        return await subject_choices(interaction, current)
+
     @tree.command(name="jobs", description="Your jobs waiting or running, with their ids")
     @app_commands.guild_only()
     async def jobs(interaction: discord.Interaction[Any]) -> None:
@@ -816,6 +834,21 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
     )
     async def cancel(interaction: discord.Interaction[Any], target: str | None = None) -> None:
         await adapter.respond(interaction, lambda: adapter.cancel(interaction, target))
+
+    @cancel.autocomplete("target")
+    async def cancel_target(
+        interaction: discord.Interaction[Any], current: str
+    ) -> list[app_commands.Choice[str]]:
+        # The caller's own jobs, named as /jobs names them; the core checks the value again.
+        jobs = await adapter.core.job_choices(owner_of(interaction))
+        return choices(jobs, current)
+
+    async def subject_choices(
+        interaction: discord.Interaction[Any], current: str, *, ready_only: bool = False
+    ) -> list[app_commands.Choice[str]]:
+        subjects = await adapter.core.list_subjects(owner_of(interaction))
+        names = [s.name for s in subjects if s.status == "ready" or not ready_only]
+        return choices([(name, name) for name in names], current)
 
     @tree.command(name="quota", description="Your usage today and when it resets")
     @app_commands.guild_only()
@@ -904,11 +937,7 @@ def mod_commands(adapter: DiscordAdapter) -> app_commands.Group:
     @model.autocomplete("name")
     async def model_name(interaction: Interaction, current: str) -> list[app_commands.Choice[str]]:
         names = [*adapter.core.settings.model_names, "default"]
-        return [
-            app_commands.Choice(name=name, value=name)
-            for name in names
-            if current.lower() in name.lower()
-        ][:25]
+        return choices([(name, name) for name in names], current)
 
     @quota.command(name="show", description="A member's usage and limits today")
     async def quota_show(interaction: Interaction, user: User) -> None:

@@ -594,6 +594,16 @@ class Core:
         """The caller's subjects, newest first."""
         return await self.store.list_subjects(owner)
 
+    async def job_choices(self, owner: Owner) -> list[tuple[str, str]]:
+        """The caller's waiting and running jobs here, newest first, as (what it is with the
+        start of its id, that start): what a chat client suggests for /cancel."""
+        jobs = await self.store.active_jobs(owner.platform, owner.workspace, owner.user_id)
+        names = await self.moderation.subject_names(jobs)
+        return [
+            (f"{describe_job(job, names.get(job.id))} ({job.id[:8]})", job.id[:8])
+            for job in reversed(jobs)
+        ]
+
     async def subjects_text(self, owner: Owner) -> str:
         """/subjects: the caller's subjects with their status."""
         await self.moderation.check_not_banned(owner)

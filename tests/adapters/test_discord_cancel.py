@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import discord
 import pytest
 from arq.constants import in_progress_key_prefix
 
 from bot.adapters.discord import CANCEL_ID, DiscordAdapter
 from bot.core.delivery import Deliverer
+from bot.core.store import Owner
 from bot.launcher import BotRuntime
 from engine.api import GENERATE_QUEUE, cancel_key
 from tests.adapters.conftest import (
@@ -19,6 +21,7 @@ from tests.adapters.conftest import (
     FakeClock,
     FakeDiscord,
     Recorded,
+    interaction_payload,
 )
 from tests.adapters.test_discord import (
     OWNER,
@@ -207,3 +210,45 @@ async def test_a_cancelled_job_without_a_progress_message_is_still_cancelled(
     assert fake_discord.find("PATCH") == []
     job = await runtime.store.get_job(job_id)
     assert job is not None and job.status == "cancelled"
+
+
+async def suggestions(
+    adapter: DiscordAdapter, fake: FakeDiscord, command: str, option: str, typed: str
+) -> list[dict[str, str]]:
+    """What Discord shows under ``option`` of ``command`` while the user types ``typed``."""
+    focused = [{"name": option, "type": 3, "value": typed, "focused": True}]
+    payload = interaction_payload(command=command, options=focused)
+    payload["type"] = 4  # APPLICATION_COMMAND_AUTOCOMPLETE
+    fake.requests.clear()
+    await adapter.client.tree._call(
+        discord.Interaction(data=payload, state=adapter.client._connection)  # type: ignore[arg-type]
+    )
+    [answer] = fake.find("POST", "/callback")
+    assert answer.json["type"] == 8  # APPLICATION_COMMAND_AUTOCOMPLETE_RESULT
+    return list(answer.json["data"]["choices"])
+
+
+async def test_cancel_suggests_the_callers_own_jobs_and_forget_their_subjects(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    await run_command(adapter, "train", *train_options(fake_discord))
+    [training] = await runtime.store.unfinished_jobs("discord")
+    await run_command(adapter, "imagine", [{"name": "prompt", "type": 3, "value": "a red fox"}])
+    [job_id] = [j.id for j in await runtime.store.unfinished_jobs("discord") if j.kind != "train"]
+    # Another member's job is never suggested.
+    other = Owner(OWNER.platform, OWNER.workspace, str(OTHER_USER_ID))
+    await runtime.core.imagine(other, {"channel_id": CHANNEL_ID}, "a hen", count=1)
+
+    assert await suggestions(adapter, fake_discord, "cancel", "target", "") == [
+        {"name": f"image “a red fox” ({job_id[:8]})", "value": job_id[:8]},
+        {"name": f"training of rex ({training.id[:8]})", "value": training.id[:8]},
+    ]
+    assert await suggestions(adapter, fake_discord, "cancel", "target", "REX") == [
+        {"name": f"training of rex ({training.id[:8]})", "value": training.id[:8]},
+    ]
+    assert await suggestions(adapter, fake_discord, "forget", "name", "r") == [
+        {"name": "rex", "value": "rex"}
+    ]
+    assert await suggestions(adapter, fake_discord, "forget", "name", "m") == []
+    # A showcase needs a trained subject: rex is still training.
+    assert await suggestions(adapter, fake_discord, "showcase", "name", "") == []

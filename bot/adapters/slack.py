@@ -859,6 +859,18 @@ def cancel_button(job_id: str) -> dict[str, Any]:
                 "text": {"type": "plain_text", "text": "✖️ Cancel", "emoji": True},
                 "action_id": CANCEL_ACTION_ID,
                 "value": job_id,
+                # Slack asks before it sends the click: a training can't be undone.
+                "confirm": {
+                    "title": {"type": "plain_text", "text": "Cancel this job?"},
+                    "text": {
+                        "type": "plain_text",
+                        "text": "It stops (or leaves the queue) and what it took from your "
+                        "quota is given back.",
+                    },
+                    "confirm": {"type": "plain_text", "text": "Cancel it"},
+                    "deny": {"type": "plain_text", "text": "Keep it"},
+                    "style": "danger",
+                },
             }
         ],
     }

@@ -70,6 +70,11 @@ async def test_the_progress_message_carries_a_cancel_button(
     [button] = actions["elements"]
     assert (button["action_id"], button["value"]) == ("dreambot:cancel", job_id)
     assert button["text"]["text"] == "✖️ Cancel"
+    # Slack asks the user to confirm before it sends the click.
+    assert (button["confirm"]["confirm"]["text"], button["confirm"]["deny"]["text"]) == (
+        "Cancel it",
+        "Keep it",
+    )
 
 
 async def test_the_owner_presses_cancel_and_the_message_closes_without_the_button(

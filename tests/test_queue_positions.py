@@ -41,6 +41,7 @@ async def test_waiting_jobs_hear_their_new_place_once_each_time_it_changes(
     await engine_finished(runtime, first.job_id)
     await deliverer.show_queue_positions()
     await deliverer.show_queue_positions()  # nothing new the second time
+    assert first.job_id not in deliverer._last_progress  # nothing kept for an ended job
     assert told(sink) == [
         (second.job_id, "your image: waiting for the engine (position 1)"),
         (third.job_id, "your image: waiting for the engine (position 2)"),

@@ -845,15 +845,16 @@ class Core:
                 log.warning("unreadable engine heartbeat %r: %s", value[:200], exc)
         return sorted(engines, key=lambda engine: engine.started_at)
 
-    async def queue_positions(self) -> dict[str, int]:
+    async def queue_positions(self, unfinished: Sequence[Job] | None = None) -> dict[str, int]:
         """Where this platform's jobs that no engine has started yet stand in their queues:
         job id → place (1: none ahead; running jobs stay in arq's queue until they end, so
         they count as ahead, as in a receipt). Jobs the queue doesn't hold are left out.
+        ``unfinished``: the platform's undelivered jobs, if the caller has them already.
         Raises ``RedisError``/``OSError`` if Redis doesn't answer."""
+        if unfinished is None:
+            unfinished = await self.store.unfinished_jobs(self.platform)
         waiting = [
-            job
-            for job in await self.store.unfinished_jobs(self.platform)
-            if job.status == "queued" and job.kind in JOB_KIND_QUEUES
+            job for job in unfinished if job.status == "queued" and job.kind in JOB_KIND_QUEUES
         ]
         if not waiting:
             return {}

@@ -133,8 +133,13 @@ class Deliverer:
     async def show_queue_positions(self) -> None:
         """Tell each job still waiting for an engine where it now stands in its queue, when
         that changed since it was last told (by its receipt, or an earlier call; a job queued
-        before this process started is told once anyway)."""
-        positions = await self.core.queue_positions()
+        before this process started is told once anyway). Also forgets what it kept about
+        jobs that ended without a delivery here (cancelled by their owner)."""
+        unfinished = await self.core.store.unfinished_jobs(self.core.platform)
+        open_jobs = {job.id for job in unfinished}
+        for job_id in [job_id for job_id in self._last_progress if job_id not in open_jobs]:
+            del self._last_progress[job_id]
+        positions = await self.core.queue_positions(unfinished)
         told = self.core.told_positions
         for job_id in [job_id for job_id in told if job_id not in positions]:
             del told[job_id]  # started, finished or gone: the engine's updates take over

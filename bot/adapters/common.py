@@ -103,6 +103,11 @@ def log_undelivered(logger: logging.Logger, job: Job, reason: object, text: str)
     )
 
 
+CLOSED_KEPT = 10_000
+"""How many closed progress messages an adapter remembers, so that late updates of their jobs
+leave them closed."""
+
+
 class ProgressMessages(Generic[Ref]):
     """Each job's one progress message: posted once, then edited (throttled by ``edits``).
 
@@ -117,6 +122,10 @@ class ProgressMessages(Generic[Ref]):
         self.store, self.edits, self.key, self.parse = store, edits, key, parse
         self.refs: dict[str, Ref | None] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # The jobs whose message was closed lately, oldest first: an update of one that was
+        # on its way when the job ended must not reopen it (a restarted bot learns from the
+        # store that the job ended, so the newest few suffice).
+        self._closed: dict[str, None] = {}
 
     def _lock(self, job_id: str) -> asyncio.Lock:
         return self._locks.setdefault(job_id, asyncio.Lock())
@@ -137,7 +146,7 @@ class ProgressMessages(Generic[Ref]):
         """Post the message a job starts with, unless an update posted one first."""
         try:
             async with self._lock(job_id):
-                if job_id not in self.refs:
+                if job_id not in self.refs and job_id not in self._closed:
                     await self._remember(job_id, await post(job_id, destination, content))
         except Exception:
             # The job is queued whatever happens here; the next progress update tries again.
@@ -150,17 +159,27 @@ class ProgressMessages(Generic[Ref]):
         post: Post[Ref],
         edit: Callable[[Ref], Awaitable[None]],
     ) -> None:
-        """Post the job's progress message once, then ``edit`` it (throttled)."""
+        """Post the job's progress message once, then ``edit`` it (throttled); nothing once
+        the message is closed."""
         async with self._lock(job.id):
+            if job.id in self._closed:
+                return
             if job.id not in self.refs:
                 known = job.destination.get(self.key)
                 if known is None:
                     await self._remember(job.id, await post(job.id, job.destination, content))
                     return
                 self.refs[job.id] = self.parse(known)
-        ref = self.refs[job.id]
-        if ref is not None:
-            await self.edits.submit(job.id, lambda: edit(ref))
+        if self.refs.get(job.id) is not None:
+            await self.edits.submit(job.id, lambda: self._edit_open(job.id, edit))
+
+    async def _edit_open(self, job_id: str, edit: Callable[[Ref], Awaitable[None]]) -> None:
+        """Send an edit the throttle let through, unless the message was closed (or went)
+        meanwhile; under the job's lock, so that closing waits for an edit under way."""
+        async with self._lock(job_id):
+            ref = self.refs.get(job_id)
+            if ref is not None and job_id not in self._closed:
+                await edit(ref)
 
     def gone(self, job_id: str) -> None:
         """The job's progress message can no longer be edited: stop trying."""
@@ -168,13 +187,18 @@ class ProgressMessages(Generic[Ref]):
 
     async def finish(self, job: Job, close: Callable[[Ref], Awaitable[None]]) -> None:
         """Forget the job's progress message, closing it with ``close`` first (best effort:
-        the result is already posted)."""
-        self.edits.forget(job.id)
+        the result is already posted). Later updates of the job leave it closed."""
+        # Under the job's lock: a post still under way ends first (so its message is the one
+        # closed), and no edit waiting in the throttle is sent after the close.
+        async with self._lock(job.id):
+            self.edits.forget(job.id)
+            self._closed[job.id] = None
+            while len(self._closed) > CLOSED_KEPT:
+                del self._closed[next(iter(self._closed))]
+            ref = self.refs.pop(job.id) if job.id in self.refs else job.destination.get(self.key)
+            if ref is not None:
+                try:
+                    await close(self.parse(ref))
+                except Exception:
+                    log.warning("job %s: progress message not closed", job.id, exc_info=True)
         self._locks.pop(job.id, None)
-        ref = self.refs.pop(job.id) if job.id in self.refs else job.destination.get(self.key)
-        if ref is None:
-            return
-        try:
-            await close(self.parse(ref))
-        except Exception:
-            log.warning("job %s: progress message not closed", job.id, exc_info=True)

@@ -109,7 +109,7 @@ UNCONFIRMED_NOTE = (
     "once the queue answers again and give your quota back."
 )
 NEVER_QUEUED = (
-    "it never reached the job queue (the queue stopped answering while I was sending it). "
+    "it never reached the job queue (I was cut off while sending it). "
     "Your quota is given back; please try again."
 )
 
@@ -238,6 +238,8 @@ class Core:
         self.told_positions: dict[str, int] = {}
         """Job id → the queue position its receipt gave, until the delivery side has seen it
         (``Deliverer.show_queue_positions`` says a new one only when it differs)."""
+        self.started_at = utcnow()
+        self._leftovers_marked = False
 
     # Commands.
 
@@ -318,6 +320,9 @@ class Core:
                 units=1,
                 check=functools.partial(check_allowance, limits, kind="trainings", units=1),
             )
+            # A ban made while this command ran may have swept the user's jobs before this
+            # one was recorded; look again now that it is (the row goes, as for any refusal).
+            await self.moderation.check_not_banned(owner)
             request = TrainRequest(
                 job_id=job_id,
                 reply_queue=bot_queue(self.platform),
@@ -802,7 +807,16 @@ class Core:
         marked until then, so a lost report is sent again (under the same id) on the next
         call. Returns how many were reported. Raises ``RedisError``/``OSError`` while Redis
         doesn't answer: call again later.
+
+        The first call also takes up the jobs a previous process of this platform left
+        waiting without marking them: stopped hard mid-send (killed, or shut down before its
+        commands were), it recorded them and may never have queued them.
         """
+        if not self._leftovers_marked:
+            for job in await self.store.unfinished_jobs(self.platform):
+                if job.status == "queued" and job.created_at < self.started_at:
+                    await self.store.mark_unconfirmed(job.id)
+            self._leftovers_marked = True
         reported = 0
         for job in await self.store.unconfirmed_jobs(self.platform):
             if job.status == "queued" and not await self._in_queue(
@@ -1000,19 +1014,31 @@ class Core:
     ) -> Submission:
         """Record an image job with the quota units it spends and queue it. The job's row goes
         again if it is known not to have reached the queue."""
-        await self.store.reserve_job(
-            request.job_id,
-            "generate",
-            owner,
-            destination,
-            subject_id=subject_id,
-            prompt=prompt,
-            options=options,
-            usage_kind="images",
-            units=units,
-            check=functools.partial(check_allowance, limits, kind="images", units=units),
-        )
         try:
+            await self.store.reserve_job(
+                request.job_id,
+                "generate",
+                owner,
+                destination,
+                subject_id=subject_id,
+                prompt=prompt,
+                options=options,
+                usage_kind="images",
+                units=units,
+                check=functools.partial(check_allowance, limits, kind="images", units=units),
+            )
+        except aiosqlite.IntegrityError as exc:
+            # The job row names its subject: /forget (or a moderator) deleted it while this
+            # command was being checked.
+            if "FOREIGN KEY" not in str(exc):
+                raise
+            raise UserError(
+                "A subject in that prompt was deleted just now, so nothing was queued."
+            ) from None
+        try:
+            # A ban made while this command ran may have swept the user's jobs before this
+            # one was recorded; look again now that it is (the row goes, as for any refusal).
+            await self.moderation.check_not_banned(owner)
             return await self._enqueue(function, request.job_id, request.model_dump())
         except BaseException:
             if not await self.store.is_unconfirmed(request.job_id):  # kept: Redis may hold it

@@ -123,9 +123,7 @@ class Deliverer:
             return
         self._last_progress[job.id] = (*key, time.monotonic())
         if job.status == "queued" and progress.phase != "queued":
-            await self.core.store.update_job(job.id, status="running")
-            if job.kind == "train" and job.subject_id:
-                await self.core.store.update_subject(job.subject_id, status="training")
+            await self.core.store.start_job(job.id)
         await self.sink.show_progress(
             job, progress_text(progress, await self._label(job)), progress
         )
@@ -159,9 +157,11 @@ class Deliverer:
             return
         if job.delivered_at:
             return
-        if job.status == "cancelled":
-            # Finished anyway after a moderator cancelled it (a race, or an engine that
-            # can't stop mid-run): the owner was told it was cancelled, so post nothing.
+        # Done unless cancelled, before or just now (a cancel handled beside this result is
+        # settled in one UPDATE): finished anyway after its owner, a moderator or a ban
+        # cancelled it (a race, or an engine that can't stop mid-run), the owner was told it
+        # was cancelled, so post nothing.
+        if job.status == "cancelled" or not await self.core.store.complete_job(job.id, payload):
             log.info("result for cancelled job %s dropped", job.id)
             return
         if job.kind == "train":
@@ -192,7 +192,6 @@ class Deliverer:
                 f" · {generated.steps} steps in {generated.seconds:.1f}s"
             )
             images = generated.image_urls
-        await self.core.store.update_job(job.id, status="done", result=payload, error=None)
         await self._deliver_once(job, lambda: self.sink.show_result(Delivery(job, text, images)))
 
     async def failure(self, payload: dict[str, Any]) -> None:

@@ -440,6 +440,40 @@ class Store:
         assignments = ", ".join(f"{name} = ?" for name in fields)
         await self._write(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id))
 
+    async def complete_job(self, job_id: str, result: dict[str, Any]) -> bool:
+        """Record a job's result and mark it done; False if it was cancelled (one UPDATE, so
+        a cancel handled beside the result either comes first and wins, or finds it done).
+        A job already done stays done: a retried delivery records the same result again."""
+        changed = await self._write(
+            "UPDATE jobs SET status = 'done', result = ?, error = NULL, updated_at = ?"
+            " WHERE id = ? AND status != 'cancelled'",
+            (json.dumps(result), utcnow(), job_id),
+        )
+        return changed == 1
+
+    async def start_job(self, job_id: str) -> bool:
+        """Mark a waiting job running, and a training's subject training; False if the job
+        no longer waits.
+
+        Conditional, in one transaction: a progress update handled beside the job's result
+        or cancellation must not bring an ended job (or a ready subject) back to running.
+        """
+        async with self.transaction() as db:
+            now = utcnow()
+            cursor = await db.execute(
+                "UPDATE jobs SET status = 'running', updated_at = ? WHERE id = ?"
+                " AND status = 'queued'",
+                (now, job_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            await db.execute(
+                "UPDATE subjects SET status = 'training', updated_at = ? WHERE status = 'queued'"
+                " AND id = (SELECT subject_id FROM jobs WHERE id = ? AND kind = 'train')",
+                (now, job_id),
+            )
+            return True
+
     async def update_job_destination(self, job_id: str, changes: dict[str, Any]) -> bool:
         """Merge ``changes`` into a job's destination (a key set to None is removed).
 

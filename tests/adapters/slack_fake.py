@@ -64,6 +64,9 @@ class FakeSlack:
     files: dict[str, bytes] = field(default_factory=dict)
     users_info_gate: asyncio.Event | None = None
     """When set, ``users.info`` waits for it (to show that commands are acked first)."""
+    post_gate: asyncio.Event | None = None
+    """When set, the next ``chat.postMessage`` waits for it before it is answered (a slow
+    Slack); later ones don't."""
     images: list[tuple[str, bytes]] = field(default_factory=list)
     """The images of image blocks, as downloaded (URL, bytes), before the message is answered
     (a call is recorded when it arrives: wait for its images before relying on its answer)."""
@@ -147,6 +150,9 @@ class FakeSlack:
         return None
 
     async def _chat_postMessage(self, args: dict[str, Any]) -> dict[str, Any]:
+        gate, self.post_gate = self.post_gate, None
+        if gate is not None:
+            await gate.wait()
         channel = str(args["channel"])
         return (
             self._refused(channel)

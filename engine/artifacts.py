@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 SIGNED_URL_SECONDS = 3600
 """How long a signed artifact URL works: long enough for a chat platform to fetch it (and
 fetch it again while the message shows it), short enough not to be a lasting share link."""
+
+
+class ArtifactWriteError(OSError):
+    """The artifact store refused a write (full, read-only, unreachable)."""
 
 
 class ArtifactStore:
@@ -72,19 +77,31 @@ class ArtifactStore:
             return None
 
     def put_bytes(self, url: str, data: bytes) -> None:
-        """Write ``data`` at ``url`` so readers never see a half-written file."""
+        """Write ``data`` at ``url`` so readers never see a half-written file.
+
+        Raises :class:`ArtifactWriteError` when the store refuses the write (full, read-only,
+        unreachable); a local write cut short leaves no part of the file behind.
+        """
         fs, path = url_to_fs(url)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        if local_path(url) is not None:
-            # Local: write beside the target, then rename atomically.
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with fs.open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        else:
-            # Object stores make an object visible only once its upload completes.
-            with fs.open(path, "wb") as fh:
-                fh.write(data)
+        try:
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            if local_path(url) is not None:
+                # Local: write beside the target, then rename atomically.
+                tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+                try:
+                    with fs.open(tmp, "wb") as fh:
+                        fh.write(data)
+                    os.replace(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.remove(tmp)
+                    raise
+            else:
+                # Object stores make an object visible only once its upload completes.
+                with fs.open(path, "wb") as fh:
+                    fh.write(data)
+        except OSError as exc:
+            raise ArtifactWriteError(f"could not write {url}: {exc}") from exc
 
     def put_file(self, url: str, source: Path) -> None:
         """Copy a local file to ``url`` atomically."""
@@ -126,9 +143,14 @@ class ArtifactStore:
         target = cache_dir / urlparse(url).netloc / urlparse(url).path.lstrip("/")
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_bytes(self.get_bytes(url))
-            os.replace(tmp, target)
+            # A name of its own: jobs fetching the same artifact at once must not write into
+            # (and rename away) each other's copy.
+            tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                tmp.write_bytes(self.get_bytes(url))
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
         return target
 
     async def aput_bytes(self, url: str, data: bytes) -> None:

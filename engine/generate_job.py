@@ -24,6 +24,7 @@ from engine.reporting import (
     ProgressReporter,
     answer_job,
     job_reporter,
+    read_request,
     run_in_thread,
 )
 from engine.showcase import render_showcase
@@ -79,23 +80,30 @@ def draw(
 ) -> list[Image.Image]:
     """Generate ``count`` images (per prompt) as one batch on the warm pipeline of base model
     ``model`` (default: the engine's default model) (blocking)."""
+    from engine.generation import AdapterLoadError
+
     generator = _generator(ctx, model)
-    images: list[Image.Image] = generator.generate(
-        prompt,
-        negative_prompt=negative,
-        count=count,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        width=width,
-        height=height,
-        adapters=adapters,
-        init_image=init_image,
-        init_strength=init_strength,
-        progress=on_step,
-        preview=on_preview,
-        preview_every=preview_every,
-    )
+    try:
+        images: list[Image.Image] = generator.generate(
+            prompt,
+            negative_prompt=negative,
+            count=count,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            width=width,
+            height=height,
+            adapters=adapters,
+            init_image=init_image,
+            init_strength=init_strength,
+            progress=on_step,
+            preview=on_preview,
+            preview_every=preview_every,
+        )
+    except AdapterLoadError as exc:
+        raise EngineError(
+            "the subject's adapter file is damaged and can't be loaded; train the subject again."
+        ) from exc
     return images
 
 
@@ -187,7 +195,12 @@ def previewer(
 
 
 async def _open_init_image(ctx: dict[str, Any], url: str) -> Image.Image:
-    data = await ctx["artifacts"].aget_bytes(url)
+    try:
+        data = await ctx["artifacts"].aget_bytes(url)
+    except FileNotFoundError as exc:
+        raise EngineError(
+            "the image to vary or upscale is no longer stored; draw a new one with /imagine."
+        ) from exc
     try:
         return await asyncio.to_thread(open_rgb, data)
     except OSError as exc:
@@ -200,7 +213,9 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
     With ``init_image_url`` the images start from that image (img2img: Vary, Upscale); an
     ``init_strength`` of 0 only resizes it (Upscale without an upscaling model).
     """
-    request = GenerateRequest.model_validate(payload)
+    request = await read_request(ctx["redis"], GenerateRequest, payload)
+    if request is None:
+        return None
     settings: Settings = ctx["settings"]
     report = job_reporter(ctx, request)
     watch = CancelWatch()
@@ -362,7 +377,9 @@ async def render_showcase_grid(
 
 async def showcase(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any] | None:
     """Render a subject's showcase grid: the paper's five capabilities, two prompts each."""
-    request = ShowcaseRequest.model_validate(payload)
+    request = await read_request(ctx["redis"], ShowcaseRequest, payload)
+    if request is None:
+        return None
     settings: Settings = ctx["settings"]
     report = job_reporter(ctx, request)
     watch = CancelWatch()

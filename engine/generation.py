@@ -143,6 +143,11 @@ def _fuse(unet: torch.nn.Module, key: FusedKey, names: list[str]) -> None:
         raise
 
 
+class AdapterLoadError(ValueError):
+    """An adapter file could not be loaded (truncated, damaged, not a LoRA of this model); the
+    pipeline is left as it was."""
+
+
 class _StepHook:
     """The pipeline's per-step callback: progress, and now and then a latent preview."""
 
@@ -387,8 +392,14 @@ class Generator:
             if not self._unet_adapters():
                 # Must precede the first load: pads every slot to one rank so any subject fits.
                 self._pipe.enable_lora_hotswap(target_rank=self._hotswap_rank)
-            with _quiet_peft():
-                load_lora_file(self._pipe, wanted[1], slot, hotswap=exists)
+            try:
+                with _quiet_peft():
+                    load_lora_file(self._pipe, wanted[1], slot, hotswap=exists)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                self._slots[index] = None  # its weights may be half replaced: load it anew
+                raise AdapterLoadError(f"cannot load adapter {name} from {path}: {exc}") from exc
             self.adapter_loads += 1
             self._slots[index] = wanted
         slots = [_slot_name(i) for i in range(len(self._slots))]
@@ -413,10 +424,17 @@ class Generator:
         elif _peft_name(name) in self._unet_adapters():
             # Loaded into the shared UNet by another Generator, from a file we cannot vouch for.
             self._pipe.delete_adapters(_peft_name(name))
-        with _quiet_peft():
-            self._pipe.load_lora_weights(
-                str(path.parent), weight_name=path.name, adapter_name=_peft_name(name)
-            )
+        try:
+            with _quiet_peft():
+                self._pipe.load_lora_weights(
+                    str(path.parent), weight_name=path.name, adapter_name=_peft_name(name)
+                )
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            if _peft_name(name) in self._unet_adapters():  # what a load half done left behind
+                self._pipe.delete_adapters(_peft_name(name))
+            raise AdapterLoadError(f"cannot load adapter {name} from {path}: {exc}") from exc
         self.adapter_loads += 1
         self._loaded[name] = path
 

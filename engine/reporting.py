@@ -9,10 +9,11 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from arq import Retry
 from arq.connections import ArqRedis
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
 from engine.api import (
@@ -23,8 +24,11 @@ from engine.api import (
     Progress,
     cancel_key,
 )
+from engine.artifacts import ArtifactWriteError
 
 log = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 class EngineError(Exception):
@@ -115,13 +119,47 @@ class ProgressReporter:
             asyncio.run_coroutine_threadsafe(coro, self.loop)
 
 
+ANSWER_RETRY_SECONDS = 120.0
+"""How long a job keeps trying to send its answer while Redis does not take it (a restart, a
+network cut; the job's lease is renewed meanwhile) before it hands itself back to arq."""
+
+ANSWER_RETRY_DEFER_SECONDS = 30.0
+"""How long arq waits before running again a job whose answer could not be sent."""
+
+
 async def reply(
-    redis: ArqRedis, function: str, reply_queue: str, job_id: str, payload: dict[str, Any]
+    redis: ArqRedis,
+    function: str,
+    reply_queue: str,
+    job_id: str,
+    payload: dict[str, Any],
+    *,
+    retry_for: float = ANSWER_RETRY_SECONDS,
 ) -> None:
-    """Enqueue a bot job answering ``job_id``; its arq id makes a repeated answer a no-op."""
-    await redis.enqueue_job(
-        function, payload, _job_id=f"{job_id}:{function}", _queue_name=reply_queue
-    )
+    """Enqueue a bot job answering ``job_id``; its arq id makes a repeated answer a no-op.
+
+    The answer is all the user gets of the job's work, so while Redis does not take it, it is
+    tried again for ``retry_for`` seconds. After that arq's ``Retry`` is raised: arq then runs
+    the job again later (a training answers from its finished adapter) instead of recording
+    it as done with its answer lost.
+    """
+    deadline = time.monotonic() + retry_for
+    delay = 0.5
+    while True:
+        try:
+            await redis.enqueue_job(
+                function, payload, _job_id=f"{job_id}:{function}", _queue_name=reply_queue
+            )
+            return
+        except (RedisError, OSError) as exc:
+            if time.monotonic() + delay > deadline:
+                log.error("job %s: could not send its answer, it will run again: %s", job_id, exc)
+                raise Retry(defer=ANSWER_RETRY_DEFER_SECONDS) from exc
+            log.warning(
+                "job %s: could not send its answer (%s); trying again in %.1fs", job_id, exc, delay
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
 
 
 async def send_result(redis: ArqRedis, reply_queue: str, job_id: str, result: Any) -> None:
@@ -138,6 +176,9 @@ async def send_failure(redis: ArqRedis, reply_queue: str, job_id: str, exc: Base
     elif _out_of_memory(exc):
         log.warning("job %s: out of GPU memory: %s", job_id, exc)
         message = OUT_OF_MEMORY
+    elif isinstance(exc, ArtifactWriteError):
+        log.error("job %s: the artifact store refused a write", job_id, exc_info=exc)
+        message = STORE_REFUSED
     else:
         log.error("job %s failed", job_id, exc_info=exc)
         message = (
@@ -154,6 +195,41 @@ OUT_OF_MEMORY = (
     "it keeps happening: gradient checkpointing (DREAMBOT_TRAIN_GRADIENT_CHECKPOINTING) or "
     "DREAMBOT_FUSE_LORA=false save memory."
 )
+
+
+STORE_REFUSED = (
+    "the engine could not save its files (the artifact store may be full or read-only), so "
+    "the job did not finish. Try again later, and tell a moderator if it keeps happening."
+)
+
+UNREADABLE_REQUEST = (
+    "the engine could not read this request (the bot and the engine may be of different "
+    "releases), so nothing was done. Tell a moderator."
+)
+
+
+async def read_request(redis: ArqRedis, model: type[RequestT], payload: Any) -> RequestT | None:
+    """``payload`` as a ``model`` request; None once a request the engine cannot read (a bot
+    of another release sent it) is answered with a Failure instead of being dropped."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        log.error("unreadable %s: %s", model.__name__, exc)
+        await fail_payload(redis, payload, UNREADABLE_REQUEST, detail=str(exc))
+        return None
+
+
+async def fail_payload(redis: ArqRedis, payload: Any, message: str, detail: str = "") -> None:
+    """Answer the job that ``payload`` (an engine job's raw argument) asks for with a
+    ``Failure``, reading only its job id and reply queue; a payload without them can only be
+    logged."""
+    named = payload if isinstance(payload, dict) else {}
+    job_id, reply_queue = named.get("job_id"), named.get("reply_queue")
+    if not isinstance(job_id, str) or not isinstance(reply_queue, str):
+        log.error("cannot answer a request that names no job or reply queue: %.500r", payload)
+        return
+    failure = Failure(job_id=job_id, message=message, detail=detail[:2000])
+    await reply(redis, DELIVER_FAILURE, reply_queue, job_id, failure.model_dump())
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -208,6 +284,7 @@ async def answer_job(
     ``on_failure``). Return what arq stores as the job's result: the result's dict, or None.
 
     An abort by arq (``asyncio.CancelledError``) is not answered: the bot has told the owner.
+    An answer Redis does not take is tried again, then the job handed back to arq (``reply``).
     ``time_limit`` should end the work a little before arq's own job timeout: arq's timeout
     arrives as a cancellation that would go unanswered (and arq does not retry it), while
     this one is answered with a ``Failure`` the user can read.

@@ -24,11 +24,13 @@ from engine.images import open_rgb
 from engine.reporting import (
     TIME_LIMIT_MARGIN,
     CancelWatch,
+    EngineError,
     JobCancelled,
     ProgressReporter,
     answer_job,
     cancel_requested,
     job_reporter,
+    read_request,
     run_in_thread,
 )
 
@@ -89,7 +91,15 @@ async def class_images(
     marker = f"{folder}/complete.json"
     if await asyncio.to_thread(artifacts.exists, marker):
         urls = [u for u in await asyncio.to_thread(artifacts.list, folder) if u.endswith(".png")]
-        return await _open_all([await artifacts.aget_bytes(u) for u in urls])
+        try:
+            cached = await _open_all([await artifacts.aget_bytes(u) for u in urls])
+        except OSError as exc:  # a damaged or vanished file: every later training would fail
+            log.warning("class images %s are damaged, drawing them again: %s", folder, exc)
+        else:
+            if len(cached) == count:
+                return cached
+            log.warning("class images %s: %d of %d, drawing them again", folder, len(urls), count)
+        await artifacts.adelete_tree(folder)
 
     gpu = ctx["gpu"]
 
@@ -124,7 +134,9 @@ async def class_images(
 
 async def train_subject(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any] | None:
     """Train a subject's LoRA adapter with prior preservation, save it, render samples."""
-    request = TrainRequest.model_validate(payload)
+    request = await read_request(ctx["redis"], TrainRequest, payload)
+    if request is None:
+        return None
     report = job_reporter(ctx, request)
     watch = CancelWatch()
 
@@ -178,7 +190,13 @@ async def _train_adapter(
 
     settings: Settings = ctx["settings"]
     artifacts: ArtifactStore = ctx["artifacts"]
-    photos = await _open_all(photo_bytes)
+    try:
+        photos = await _open_all(photo_bytes)
+    except OSError as exc:  # checked when they were sent: the store damaged them since
+        raise EngineError(
+            "one of the subject's photos can't be read any more, so nothing was trained. Send "
+            "the photos again with /train."
+        ) from exc
     resolution = cfg.resolution or native_resolution(model.pipe)
     priors: list[Image.Image] = []
     if cfg.prior_loss_weight > 0 and cfg.class_images > 0:
@@ -313,7 +331,13 @@ async def _train(
         compile_backend="inductor" if settings.train_compile else None,
     )
     report("loading", 0, len(request.photo_urls))
-    photo_bytes = [await artifacts.aget_bytes(u) for u in request.photo_urls]
+    try:
+        photo_bytes = [await artifacts.aget_bytes(u) for u in request.photo_urls]
+    except FileNotFoundError as exc:  # the subject was deleted while its training waited
+        raise EngineError(
+            "the subject's photos are no longer stored (was it deleted with /forget?), so "
+            "nothing was trained. Send the photos again with /train."
+        ) from exc
     key = await asyncio.to_thread(
         fingerprint,
         photo_bytes,

@@ -45,6 +45,7 @@ from engine.artifacts import ArtifactStore
 from engine.generate_job import GENERATE_JOB_TIMEOUT, generate, showcase
 from engine.gpu import GpuScheduler
 from engine.rare_tokens import publish_rare_tokens
+from engine.reporting import fail_payload
 from engine.train_job import train_subject
 
 log = logging.getLogger(__name__)
@@ -264,6 +265,16 @@ async def _renew_lease(redis: ArqRedis, job_id: str, seconds: int) -> None:
 JobFunction = Callable[[dict[str, Any], dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
+ENGINE_TRIES = 3
+"""How many times an engine job is started (its first run, then again each time an engine died
+or shut down during it) before it is answered with a Failure instead of being run again."""
+
+GAVE_UP = (
+    f"the engine stopped {ENGINE_TRIES} times while running it (it crashed or was restarted), "
+    "so it was given up. Try again, and tell a moderator if it keeps happening."
+)
+
+
 def leased(function: JobFunction) -> JobFunction:
     """``function`` as an arq job that renews its lease (its in-progress key) while it runs,
     and is listed in ``ctx["running_jobs"]`` (what the engine's heartbeat reports) meanwhile.
@@ -271,10 +282,20 @@ def leased(function: JobFunction) -> JobFunction:
     The renewal lives inside the job's own task and stops in a ``finally``, so it ends exactly
     when the job does, however it ends (result, failure, abort, shutdown); arq's on_job_end
     hook is not reached on every path. arq deletes the key as it records the outcome.
+
+    A job started more than ``ENGINE_TRIES`` times is answered with a Failure and not run: arq
+    itself would drop it past its ``max_tries`` without a word to the bot (the workers' arq
+    ``max_tries`` is one more, so that this try reaches the job).
     """
 
     @functools.wraps(function)
     async def job(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any] | None:
+        if ctx.get("job_try", 1) > ENGINE_TRIES:
+            log.error(
+                "job %s: cut short in each of its %d runs; given up", ctx["job_id"], ENGINE_TRIES
+            )
+            await fail_payload(ctx["redis"], payload, GAVE_UP)
+            return None
         seconds = ctx["settings"].job_lease_seconds
         job_id = ctx["job_id"]
         renewal = asyncio.create_task(_renew_lease(ctx["redis"], job_id, seconds))
@@ -311,7 +332,7 @@ class TrainWorkerSettings:
     max_jobs = 1  # one training at a time per GPU
     job_timeout = 3 * 3600
     keep_result = RESULT_KEPT_SECONDS
-    max_tries = 3
+    max_tries = ENGINE_TRIES + 1  # the last try only answers (see ``leased``)
     poll_delay = 0.2
     allow_abort_jobs = True
 
@@ -327,7 +348,7 @@ class GenerateWorkerSettings:
     max_jobs = 4
     job_timeout = GENERATE_JOB_TIMEOUT
     keep_result = RESULT_KEPT_SECONDS
-    max_tries = 3
+    max_tries = ENGINE_TRIES + 1  # the last try only answers (see ``leased``)
     poll_delay = 0.1
     allow_abort_jobs = True
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import cast
 from urllib.parse import urlparse
@@ -82,11 +85,9 @@ def cmd_discord(settings: Settings, args: argparse.Namespace) -> None:
         raise SystemExit("Set DREAMBOT_DISCORD_TOKEN to the bot's token (see the README).")
     _require_redis(settings)
     try:
-        asyncio.run(run_discord(settings))
+        serve(lambda: run_discord(settings))
     except discord.LoginFailure as exc:
         raise SystemExit(f"Discord refused the token: {exc}") from exc
-    except KeyboardInterrupt:
-        pass
 
 
 def cmd_slack(settings: Settings, args: argparse.Namespace) -> None:
@@ -102,34 +103,38 @@ def cmd_slack(settings: Settings, args: argparse.Namespace) -> None:
         )
     _require_redis(settings)
     try:
-        asyncio.run(run_slack(settings))
+        serve(lambda: run_slack(settings))
     except ConfigError as exc:
         raise SystemExit(str(exc)) from exc
-    except KeyboardInterrupt:
-        pass
 
 
 def cmd_engine(settings: Settings, args: argparse.Namespace) -> None:
     """Run the engine worker (the GPU process) until interrupted."""
-    import signal
-
     from engine.models import ModelLoadError
     from engine.worker import run_engine
 
     _require_redis(settings)
+    try:
+        serve(lambda: run_engine(settings))
+    except (ModelLoadError, ConfigError) as exc:
+        raise SystemExit(f"engine: {exc}") from exc
+    log.info("engine stopped")
 
-    async def serve() -> None:
+
+def serve(main: Callable[[], Awaitable[None]]) -> None:
+    """Run a long-lived process's ``main()`` until it ends or is stopped. SIGTERM (what
+    ``systemctl stop`` and ``docker stop`` send) stops it as Ctrl-C does: ``main`` is
+    cancelled, so its clean-up runs (deliveries under way finish, engine jobs are handed
+    back), instead of the process dying on the spot."""
+
+    async def until_stopped() -> None:
         task = asyncio.current_task()
         assert task is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        await run_engine(settings)
+        await main()
 
-    try:
-        asyncio.run(serve())
-    except (ModelLoadError, ConfigError) as exc:
-        raise SystemExit(f"engine: {exc}") from exc
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        log.info("engine stopped")
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        asyncio.run(until_stopped())
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:

@@ -63,3 +63,40 @@ def test_dreambot_run_says_why_its_engine_stopped_at_start(tmp_path: Path, redis
     assert "the engine exited at start: " in ran.stderr
     assert f"base model not found: {tmp_path / 'no-such-model'}" in ran.stderr
     assert "(log: " in ran.stderr
+
+
+def test_sigterm_stops_a_service_through_its_clean_up(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import asyncio, pathlib
+from bot.cli import serve
+
+folder = pathlib.Path({str(tmp_path)!r})
+
+async def main():
+    (folder / "started").touch()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await asyncio.sleep(0.2)  # clean-up that awaits, as stopping workers does
+        (folder / "cleaned-up").touch()
+
+serve(main)
+print("exited normally")
+"""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert (tmp_path / "cleaned-up").exists()
+    assert "exited normally" in out

@@ -32,6 +32,7 @@ configured user id (``DREAMBOT_MODERATOR_USERS``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -41,6 +42,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from redis.exceptions import RedisError
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.context.async_context import AsyncBoltContext
@@ -471,9 +473,9 @@ class SlackAdapter:
         # A model nobody configured is refused now, not after the photos came.
         self.core.base_model_named(model)
         until = self.clock() + self.train_window
-        self.pending[self._pending_key(caller)] = PendingTraining(
-            name, class_noun.strip(), until, model
-        )
+        pending = PendingTraining(name, class_noun.strip(), until, model)
+        self.pending[self._pending_key(caller)] = pending
+        await self._keep_pending(caller, pending)
         most = min(self.core.settings.max_photos, MAX_FILES_PER_MESSAGE)
         minutes = max(1, round(self.train_window / 60))
         return (
@@ -502,7 +504,7 @@ class SlackAdapter:
         text, options = split_options(unescape(event.get("text") or ""), ["model"])
         match = _TRAIN_MESSAGE.match(text)
         direct = event.get("channel_type") == "im"
-        pending = self._pending_for(caller)
+        pending = await self._pending_for(caller)
         if match and (match["bot"] == context.bot_user_id if match["bot"] else direct):
             name, class_noun, model = match["name"], match["noun"], options.get("model")
         elif pending is not None:
@@ -554,6 +556,7 @@ class SlackAdapter:
             caller.owner, caller.destination, name, class_noun, uploads, model=model
         )
         self.pending.pop(self._pending_key(caller), None)
+        await self._drop_pending(caller)
         await self._post_queued(caller, receipt, name.strip())
         return receipt.text
 
@@ -630,13 +633,56 @@ class SlackAdapter:
     def _pending_key(self, caller: Caller) -> tuple[str, str, str]:
         return (caller.team_id, caller.channel_id, caller.user_id)
 
-    def _pending_for(self, caller: Caller) -> PendingTraining | None:
+    def _pending_redis_key(self, caller: Caller) -> str:
+        return f"dreambot:slack:pending-train:{caller.team_id}:{caller.channel_id}:{caller.user_id}"
+
+    async def _pending_for(self, caller: Caller) -> PendingTraining | None:
+        """The caller's /train waiting for photos here, if its window is open. Kept in memory
+        and, for a bot restarted within the window, in Redis (expiring with the window)."""
         key = self._pending_key(caller)
         pending = self.pending.get(key)
-        if pending is not None and pending.until < self.clock():
+        if pending is not None:
+            if pending.until >= self.clock():
+                return pending
             del self.pending[key]
+            await self._drop_pending(caller)
             return None
+        try:
+            stored = await self.core.queue.get(self._pending_redis_key(caller))
+        except (RedisError, OSError) as exc:
+            log.warning("can't read a waiting /train from Redis: %s", exc)
+            return None
+        if stored is None:
+            return None
+        fields = json.loads(stored)
+        left = fields["ends_at"] - time.time()  # wall-clock: it outlived a process
+        if left <= 0:
+            return None
+        pending = PendingTraining(
+            fields["name"], fields["class_noun"], self.clock() + left, fields["model"]
+        )
+        self.pending[key] = pending
         return pending
+
+    async def _keep_pending(self, caller: Caller, pending: PendingTraining) -> None:
+        """Remember ``pending`` in Redis too, so photos posted after a restart still count."""
+        left = max(1, round(pending.until - self.clock()))
+        fields = {
+            "name": pending.name,
+            "class_noun": pending.class_noun,
+            "model": pending.model,
+            "ends_at": time.time() + left,
+        }
+        try:
+            await self.core.queue.set(self._pending_redis_key(caller), json.dumps(fields), ex=left)
+        except (RedisError, OSError) as exc:  # this process still remembers it
+            log.warning("can't keep a waiting /train in Redis: %s", exc)
+
+    async def _drop_pending(self, caller: Caller) -> None:
+        try:
+            await self.core.queue.delete(self._pending_redis_key(caller))
+        except (RedisError, OSError) as exc:  # it expires with its window
+            log.warning("can't forget a waiting /train in Redis: %s", exc)
 
     async def _file_info(self, file: dict[str, Any]) -> dict[str, Any]:
         """The file with its download URL (some events carry only its id)."""

@@ -362,6 +362,23 @@ async def test_train_then_photos_in_the_channel_queue_a_training(
     assert adapter.pending == {}  # the window is used up
 
 
+async def test_a_train_window_outlives_a_bot_restart(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    await send_command(fake_slack, events_url, "/train", "rex dog --model tiny")
+    adapter.pending.clear()  # the bot restarted: what it held in memory is gone, Redis kept
+
+    await send_event(fake_slack, events_url, message_event_body("", serve_photos(fake_slack, 3)))
+    await fake_slack.wait_until(lambda: bool(fake_slack.find("chat.postEphemeral")))
+
+    [reply] = fake_slack.find("chat.postEphemeral")
+    assert reply.text.startswith("Training rex (dog) from 3 photos: queued")
+    assert (await queued_train_request(runtime)).base_model == "tiny"
+    # Used up: the next photos are someone's holiday pictures again.
+    adapter.pending.clear()
+    assert not await runtime.queue.keys("dreambot:slack:pending-train:*")
+
+
 async def test_train_with_a_model_queues_the_training_on_that_model(
     adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
 ) -> None:

@@ -307,8 +307,8 @@ class SlackAdapter:
         self.edits = EditThrottle(edit_interval, clock=clock, sleep=sleep)
         self.train_window = train_window
         self.clock = clock
-        # (team, channel, user) → the /train waiting for photos there. In memory: after a
-        # restart the user runs /train again.
+        # (team, channel, user) → the /train waiting for photos there; also kept in Redis
+        # (``_keep_pending``), where a restarted bot finds it.
         self.pending: dict[tuple[str, str, str], PendingTraining] = {}
         self.progress = common.ProgressMessages(core.store, self.edits, "progress_ts", str)
         self.progress_messages = self.progress.refs

@@ -113,6 +113,12 @@ async def test_other_users_subjects_are_not_visible(runtime: BotRuntime, owner: 
     with pytest.raises(UserError, match="no subject called 'rex'"):
         await runtime.core.imagine(stranger, DEST, "[rex] at the park")
     assert "no subjects yet" in await runtime.core.subjects_text(stranger)
+    listed = (await runtime.core.subjects_text(owner)).splitlines()
+    [line] = [text for text in listed if "rex" in text]
+    subject = await runtime.store.find_subject(owner, "rex")
+    assert subject is not None
+    created = subject.created_at[:16].replace("T", " ")
+    assert line == f"  rex: dog, queued, 3 photos, since {created} UTC", line
 
 
 async def test_full_queue_is_a_polite_busy_message(

@@ -622,7 +622,7 @@ class Core:
             detail = f" ({subject.error})" if subject.status == "failed" and subject.error else ""
             lines.append(
                 f"  {subject.name}: {subject.class_noun}, {subject.status}{detail}, "
-                f"{subject.photo_count} photos, since {subject.created_at[:16]}{marker}"
+                f"{subject.photo_count} photos, since {when(subject.created_at)}{marker}"
             )
         return "\n".join(lines)
 

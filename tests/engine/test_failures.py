@@ -33,7 +33,7 @@ from engine.generate_job import generate, showcase
 from engine.reporting import answer_job
 from engine.train_job import checkpoint_url, train_subject
 from tests.engine.conftest import engine_context
-from tests.engine.test_generate_job import generation_worker
+from tests.engine.test_generate_job import a_request, generation_worker
 from tests.engine.test_training_job import short_recipe, train_request
 
 REPLY_QUEUE = "dreambot:bot:job-test"
@@ -190,17 +190,8 @@ async def engine_ctx(
 
 
 def generate_payload(ctx: dict[str, Any], job_id: str, **changes: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "job_id": job_id,
-        "reply_queue": REPLY_QUEUE,
-        "prompt": "a red fox",
-        "count": 1,
-        "seed": 1,
-        "output_url": ctx["artifacts"].url("outputs", job_id),
-        "base_model": ctx["settings"].base_model,
-        "previews": False,
-    }
-    return GenerateRequest(**{**values, **changes}).model_dump()
+    """A one-image generation's payload, answered on this file's reply queue."""
+    return a_request(ctx, job_id, **{"reply_queue": REPLY_QUEUE, **changes}).model_dump()
 
 
 async def generated(ctx: dict[str, Any], job_id: str, **changes: Any) -> list[bytes]:

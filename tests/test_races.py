@@ -11,6 +11,7 @@ import textwrap
 from typing import Any
 
 import pytest
+from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 
 from bot.config import Settings
@@ -18,8 +19,21 @@ from bot.core.delivery import Deliverer
 from bot.core.errors import UserError
 from bot.core.store import Owner
 from bot.launcher import BotRuntime, delivering, open_core
-from engine.api import GenerateResult, Progress, TrainResult, rare_tokens_key
-from tests.conftest import TEST_PLATFORM, RecordingSink, queued, ready_subject
+from engine.api import (
+    GENERATE,
+    GENERATE_QUEUE,
+    GenerateResult,
+    Progress,
+    TrainResult,
+    rare_tokens_key,
+)
+from tests.conftest import (
+    TEST_PLATFORM,
+    RecordingSink,
+    queued,
+    queued_generate_request,
+    ready_subject,
+)
 from tests.test_commands import _job_count, _photos
 
 DEST = {"channel": "c1"}
@@ -318,3 +332,22 @@ async def test_a_bot_killed_while_sending_a_job_settles_it_after_the_restart(
         assert isinstance(text, str) and "never reached the job queue" in text
         usage = await runtime.store.usage(owner)
         assert (usage.images, usage.active_jobs) == (0, 0)
+
+
+async def test_a_job_its_owner_cancels_while_it_is_being_sent_does_not_reach_the_engine(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    receipt = await runtime.core.imagine(owner, DEST, "a cat", count=1)
+    payload = await queued_generate_request(runtime, receipt.job_id)
+    # Back to the moment before its submission landed: recorded, not in Redis yet.
+    await runtime.queue.zrem(GENERATE_QUEUE, receipt.job_id)
+    await runtime.queue.delete(job_key_prefix + receipt.job_id)
+    # The owner cancels meanwhile: recorded at once; its abort finds nothing to stop.
+    cancelled = await runtime.core.cancel(owner)
+    assert cancelled.job.id == receipt.job_id and "left the queue" in cancelled.text
+
+    await runtime.core._enqueue(GENERATE, receipt.job_id, payload)  # the submission lands
+
+    assert await queued(runtime.queue) == 0  # taken out again: no engine runs it
+    stored = await runtime.store.get_job(receipt.job_id)
+    assert stored is not None and stored.status == "cancelled"

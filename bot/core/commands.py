@@ -1073,6 +1073,7 @@ class Core:
             await asyncio.shield(self.store.mark_unconfirmed(job_id))
             raise
         if queued is not None:
+            await self._withdraw_if_cancelled(job_id, queue)
             self.told_positions[job_id] = ahead + 1
             return Submission(ahead + 1, engine_note=await self._engine_note(payload))
         # The failure may come after Redis took the job, with only its reply lost; arq even
@@ -1081,6 +1082,7 @@ class Core:
         found = await self._ask_whether_queued(job_id, queue)
         if found:
             log.warning("job %s reached the queue, but its reply was lost", job_id)
+            await self._withdraw_if_cancelled(job_id, queue)
             self.told_positions[job_id] = ahead + 1
             return Submission(ahead + 1, engine_note=await self._engine_note(payload))
         if found is None:
@@ -1089,6 +1091,19 @@ class Core:
             return Submission(ahead + 1, confirmed=False)
         log.warning("job %s did not reach the queue", job_id)
         raise _queue_down()
+
+    async def _withdraw_if_cancelled(self, job_id: str, queue: str) -> None:
+        """Take a job just queued out again if it was cancelled while it was being sent (by
+        its owner, a moderator or a ban): that cancel found nothing in the queue to stop, and
+        the engine would otherwise run it for nothing (its result is dropped)."""
+        job = await self.store.get_job(job_id)
+        if job is None or job.status != "cancelled":
+            return
+        log.info("job %s was cancelled while it was being sent; taking it out", job_id)
+        try:
+            await self.moderation.abort(job_id, queue, job.error or "cancelled")
+        except (RedisError, OSError) as exc:  # its result is dropped all the same
+            log.warning("could not take cancelled job %s out of the queue: %s", job_id, exc)
 
     async def _engine_note(self, payload: dict[str, Any]) -> str:
         """``engine_note`` for a queued job's payload; nothing if the engines can't be read

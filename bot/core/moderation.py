@@ -394,7 +394,7 @@ class Moderation:
             await self.store.claim_delivery(job.id)
         state: CancelState
         try:
-            state = await self._abort(job.id, JOB_KIND_QUEUES[job.kind], message)
+            state = await self.abort(job.id, JOB_KIND_QUEUES[job.kind], message)
         except (RedisError, OSError):
             log.exception("could not abort job %s in the queue", job.id)
             state = "unreachable"
@@ -404,7 +404,9 @@ class Moderation:
             await self._notify(job, message)
         return state
 
-    async def _abort(self, job_id: str, queue: str, message: str) -> CancelState:
+    async def abort(self, job_id: str, queue: str, message: str) -> CancelState:
+        """Stop a job in the queue (SQLite says it is cancelled): take it out if it waits, ask
+        the engine to stop it if it runs (arq's abort and our cancel key with ``message``)."""
         result = await self._abort_script(
             keys=[
                 queue,

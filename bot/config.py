@@ -202,7 +202,9 @@ class Settings(BaseSettings):
 
     # Bot rules.
     images_per_prompt: int = Field(4, ge=1, le=4)
-    max_prompt_chars: int = Field(400, ge=10)
+    # At most 1000: CLIP reads 77 tokens (about 300 characters) anyway, and a result's text
+    # quoting the prompt must fit Discord's 2000-character message with its seed.
+    max_prompt_chars: int = Field(400, ge=10, le=1000)
     min_photos: int = Field(3, ge=1)
     max_photos: int = Field(20, ge=1)
     min_photo_side: int = Field(256, ge=1)
@@ -248,7 +250,11 @@ class Settings(BaseSettings):
         3.0, ge=1.0, description="seconds between edits of one progress message"
     )
     discord_download_timeout: float = Field(
-        30.0, gt=0, description="seconds allowed to download one attachment"
+        30.0,
+        gt=0,
+        le=600,
+        # Discord takes the reply for 15 minutes after the command: the download must end first.
+        description="seconds allowed to download one attachment",
     )
 
     # Slack adapter.
@@ -270,7 +276,7 @@ class Settings(BaseSettings):
         3.0, ge=1.0, description="seconds between edits of one progress message"
     )
     slack_download_timeout: float = Field(
-        30.0, gt=0, description="seconds allowed to download one shared photo"
+        30.0, gt=0, le=600, description="seconds allowed to download one shared photo"
     )
     slack_train_window: float = Field(
         600.0,

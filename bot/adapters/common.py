@@ -30,6 +30,60 @@ def fit(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+MAX_REPLY_PARTS = 5
+"""How many messages one command's reply may take: a Slack ``response_url`` takes five."""
+FENCE = "```"
+_LEFT_OUT_ROOM = 60  # kept free in the last part for the note on what was left out
+
+
+def split_text(text: str, limit: int, max_parts: int = MAX_REPLY_PARTS) -> list[str]:
+    """``text`` as messages of at most ``limit`` characters, cut between lines (a line longer
+    than a message is cut with an ellipsis). A code block cut in two is closed at the end of
+    one message and opened again at the start of the next, so none is left open. Lines beyond
+    ``max_parts`` messages are left out, and the last message says how many."""
+    lines = text.split("\n")
+    parts: list[str] = []
+    current: list[str] = []
+    in_code = False  # whether ``current`` ends inside a code block
+
+    def closed(part: list[str], ends_in_code: bool) -> str:
+        return "\n".join([*part, FENCE] if ends_in_code else part)
+
+    def room_in_part(index: int) -> int:
+        if len(parts) < max_parts - 1:
+            return limit
+        # The last message keeps room for the note on what is left out, unless all fits.
+        ends_in_code = in_code != (sum(line.count(FENCE) for line in lines[index:]) % 2 == 1)
+        everything = closed([*current, *lines[index:]], ends_in_code)
+        return limit if len(everything) <= limit else limit - _LEFT_OUT_ROOM
+
+    room = room_in_part(0)
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        code_after = in_code != (line.count(FENCE) % 2 == 1)
+        closing = len(FENCE) + 1 if code_after else 0
+        if len("\n".join([*current, line])) + closing > room:
+            if current and current != [FENCE]:
+                parts.append(closed(current, in_code))
+                current = [FENCE] if in_code else []
+                if len(parts) == max_parts:
+                    break
+                room = room_in_part(index)
+                continue
+            # A line that fills a message on its own: cut it.
+            line = fit(line, room - len("\n".join([*current, ""])) - closing)
+        current.append(line)
+        in_code = code_after
+        index += 1
+    if index < len(lines):
+        left = len(lines) - index
+        parts[-1] += f"\n… {left} more line{'s' if left != 1 else ''} not shown."
+    elif current:
+        parts.append(closed(current, in_code))
+    return parts or [text]
+
+
 async def command_reply(work: Callable[[], Awaitable[str]], what: str) -> str:
     """Run a command's ``work``: its text, the message of a UserError, or (for anything else,
     logged as ``what`` with a reference) a short apology carrying that reference."""

@@ -2,11 +2,12 @@
 
 It only translates. A slash command is deferred at once (Discord allows 3 seconds), its
 attachments are downloaded from Discord's CDN, and the core is called with plain values; the
-core's reply goes back as an ephemeral follow-up. Engine updates arrive through the ``Sink``
-methods: one public progress message per job (its id is kept in the job's destination, so it
-is still edited after a restart), with a Cancel button for the job's owner until the job ends,
-edited at most once per ``edit_interval`` seconds (an edit carries the latest live preview of
-the image being drawn, if one came since the last), then the
+core's reply goes back as an ephemeral follow-up (several, cut between lines, when it is over
+2,000 characters; by DM when the work outlasted the interaction's 15 minutes). Engine updates
+arrive through the ``Sink`` methods: one public progress message per job (its id is kept in
+the job's destination, so it is still edited after a restart), with a Cancel button for the
+job's owner until the job ends, edited at most once per ``edit_interval`` seconds (an edit
+carries the latest live preview of the image being drawn, if one came since the last), then the
 result as a normal channel message mentioning the user (interaction tokens expire after 15
 minutes, jobs may take longer), or by DM when the channel refuses it. Discord refuses a message
 whose files exceed the server's upload limit, so a result is split into messages under it, and
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 PLATFORM = "discord"
 MAX_CONTENT = 2000
 MAX_FILES_PER_MESSAGE = 10
+TOKEN_EXPIRED = frozenset({50027, 10015})
+"""Discord's codes for a follow-up on an interaction token past its 15 minutes ("Invalid
+Webhook Token", "Unknown Webhook")."""
 REQUEST_TOO_LARGE = 40005
 """Discord's JSON error code for a message whose files exceed the upload limit (HTTP 413)."""
 UPLOAD_RETRIES = 3
@@ -321,7 +325,8 @@ class DiscordAdapter:
     async def respond(
         self, interaction: discord.Interaction[Any], work: Callable[[], Awaitable[str]]
     ) -> None:
-        """Defer privately, run ``work`` and follow up privately with its text or the error."""
+        """Defer privately, run ``work`` and follow up privately with its text or the error
+        (in several messages when it is long)."""
         await interaction.response.defer(ephemeral=True, thinking=True)
 
         async def in_a_server() -> str:
@@ -330,7 +335,29 @@ class DiscordAdapter:
             return await work()
 
         text = await common.command_reply(in_a_server, f"command {_command_name(interaction)}")
-        await interaction.followup.send(fit(text), ephemeral=True)
+        # A long reply (/mod help, a moderator's long list) goes as several messages rather
+        # than cut at Discord's 2,000 characters.
+        parts = common.split_text(text, MAX_CONTENT)
+        for index, part in enumerate(parts):
+            try:
+                await interaction.followup.send(part, ephemeral=True)
+            except discord.HTTPException as exc:
+                if exc.code not in TOKEN_EXPIRED:
+                    raise
+                # The work took longer than the interaction's 15 minutes: the rest goes by DM.
+                log.warning("interaction token expired (%s); replying by DM", exc)
+                rest = "\n".join(parts[index:])
+                await self._reply_by_dm(interaction, f"About your {_what(interaction)}:\n{rest}")
+                return
+
+    async def _reply_by_dm(self, interaction: discord.Interaction[Any], text: str) -> None:
+        """Send a command's reply to its user by DM (logged if they don't take DMs)."""
+        try:
+            dm = await self.client.create_dm(discord.Object(interaction.user.id))
+            for part in common.split_text(text, MAX_CONTENT):
+                await dm.send(part, allowed_mentions=discord.AllowedMentions.none())
+        except (discord.Forbidden, discord.NotFound) as exc:
+            log.warning("reply to user %s not sent (%s): %s", interaction.user.id, exc, text)
 
     async def train(
         self,
@@ -702,6 +729,12 @@ def choices(options: list[tuple[str, str]], current: str) -> list[app_commands.C
 def _command_name(interaction: discord.Interaction[Any]) -> str:
     command = interaction.command
     return command.qualified_name if command is not None else "button"
+
+
+def _what(interaction: discord.Interaction[Any]) -> str:
+    """What the user did, for a reply that comes by DM: ``/train``, or a button."""
+    command = interaction.command
+    return f"/{command.qualified_name}" if command is not None else "click of a button"
 
 
 def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -> None:

@@ -6,7 +6,8 @@ user privately (through the command's ``response_url``, or ``chat.postEphemeral`
 message). Engine updates arrive through the ``Sink`` methods: one progress message per job
 (``chat.postMessage``; its ``ts`` is kept in the job's destination, so it is still updated
 after a restart; a Cancel button on it lets the job's owner cancel it until the job ends),
-updated with ``chat.update`` at most once per ``edit_interval`` seconds, then
+updated with ``chat.update`` at most once per ``edit_interval`` seconds (and, over all jobs
+together, within Slack's rate limit for ``chat.update``), then
 the result's images uploaded into the channel with ``files_upload_v2``, mentioning the user,
 with Reroll and per-image Vary / Upscale buttons below. The live preview of an image being
 drawn rides on those throttled updates as an image block, where Slack's servers can fetch it:
@@ -73,6 +74,11 @@ PLATFORM = "slack"
 MAX_TEXT = 3900  # Slack truncates long messages; 4,000 characters is its advice
 MAX_FILES_PER_MESSAGE = 10  # Slack shows at most ten files in one message
 MAX_SECTION_TEXT = 3000  # the most text a section block takes
+UPDATES_PER_MINUTE = 40
+"""How many progress updates (``chat.update``) of all jobs together go to Slack in a minute.
+``chat.update`` is a Tier 3 method (about 50 calls a minute per workspace, then HTTP 429):
+three jobs at one update per interval would already exceed it. The rest of the 50 is left for
+closing progress messages when jobs end."""
 COMMAND_PREFIX = "/dreambot "
 """How the core's hints type a command here: ``/dreambot jobs`` and ``/dreambot cancel`` have
 no slash command of their own (so the app's manifest needs no change for them)."""
@@ -304,7 +310,9 @@ class SlackAdapter:
         self.downloader = downloader or SlackDownloader(
             client.token or "", max_bytes=core.settings.max_photo_bytes
         )
-        self.edits = EditThrottle(edit_interval, clock=clock, sleep=sleep)
+        self.edits = EditThrottle(
+            edit_interval, spacing=60 / UPDATES_PER_MINUTE, clock=clock, sleep=sleep
+        )
         self.train_window = train_window
         self.clock = clock
         # (team, channel, user) → the /train waiting for photos there; also kept in Redis
@@ -440,9 +448,11 @@ class SlackAdapter:
         return send
 
     async def reply(self, send: Reply, work: Work, what: str) -> None:
-        """Run ``work`` and answer privately with its text or the error."""
+        """Run ``work`` and answer privately with its text or the error (in several messages
+        when it is long: no more than a ``response_url`` takes)."""
         text = await common.command_reply(work, f"slack {what}")
-        await send(fit(escape(text)))
+        for part in common.split_text(escape(text), MAX_TEXT):
+            await send(part)
 
     # Commands.
 

@@ -6,7 +6,12 @@ tests assert on what Discord would have received. The same server plays the atta
 under ``/cdn/…``.
 
 Like Discord, it refuses a message whose files together exceed the channel's upload limit
-(``upload_limits``, 10 MiB unless a test sets another) with HTTP 413 and code 40005.
+(``upload_limits``, 10 MiB unless a test sets another) with HTTP 413 and code 40005; a message
+over 2,000 characters, or with components beyond Discord's limits (5 rows of 5 buttons, custom
+ids up to 100 characters, labels up to 80), and autocomplete answers beyond 25 choices or 100
+characters, with HTTP 400 and code 50035; follow-ups on an interaction token more than 15
+minutes (of the fake clock) after its first response with HTTP 401 and code 50027; and the next
+``rate_limited_edits`` message edits with HTTP 429 and a ``retry_after``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ MiB = 1024 * 1024
 UPLOAD_LIMIT = 10 * MiB
 """Discord's upload limit per message for bots, in servers without boosts and in DMs."""
 BOOSTED_UPLOAD_LIMITS = {2: 50 * MiB, 3: 100 * MiB}
+MAX_CONTENT = 2000
+"""Discord's limit on a message's content, in characters."""
+TOKEN_LIFETIME = 15 * 60
+"""How long an interaction token takes follow-ups, in seconds."""
 
 BOT_USER = {
     "id": str(APP_ID),
@@ -135,7 +144,14 @@ class FakeDiscord:
     unavailable: set[int] = field(default_factory=set)
     upload_limits: dict[int, int] = field(default_factory=dict)
     cdn: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    rate_limited_edits: int = 0
+    """How many of the next message edits are answered 429 (``retry_after`` 0.05 s), as
+    Discord answers beyond a route's rate limit."""
+    cdn_delay: float = 0.0
+    """Fake-clock seconds each download from the CDN takes (a slow download)."""
     base: str = ""
+    _responded: dict[str, float] = field(default_factory=dict)
+    """Interaction token → fake-clock time of its first response."""
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(9000))
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -249,6 +265,31 @@ class FakeDiscord:
         recorded.status = answer.status
         return answer
 
+    def invalid(self, recorded: Recorded) -> web.Response | None:
+        """Discord's 400 (50035, "Invalid Form Body") for a message beyond its documented
+        limits: content over 2,000 characters, more than 5 rows of components or 5 buttons in
+        a row, a custom_id over 100 characters, a label over 80."""
+        body = recorded.json or {}
+        errors = []
+        if len(body.get("content") or "") > MAX_CONTENT:
+            errors.append(f"content: Must be {MAX_CONTENT} or fewer in length.")
+        rows = body.get("components") or []
+        if len(rows) > 5:
+            errors.append("components: Must be 5 or fewer in length.")
+        for row in rows:
+            buttons = row.get("components") or []
+            if len(buttons) > 5:
+                errors.append("components.components: Must be 5 or fewer in length.")
+            for button in buttons:
+                if len(button.get("custom_id") or "") > 100:
+                    errors.append("custom_id: Must be 100 or fewer in length.")
+                if len(button.get("label") or "") > 80:
+                    errors.append("label: Must be 80 or fewer in length.")
+        if not errors:
+            return None
+        recorded.status = 400
+        return self.reply({"message": "Invalid Form Body", "code": 50035, "errors": errors}, 400)
+
     def too_large(self, channel_id: int, recorded: Recorded) -> web.Response | None:
         """413 if the request's files together exceed the channel's upload limit."""
         limit = self.upload_limits.get(channel_id, UPLOAD_LIMIT)
@@ -260,7 +301,7 @@ class FakeDiscord:
     async def create_message(self, request: web.Request) -> web.Response:
         recorded = await self.record(request)
         channel_id = int(request.match_info["channel_id"])
-        refused = self.refusal(channel_id, recorded)
+        refused = self.refusal(channel_id, recorded) or self.invalid(recorded)
         if refused is not None:
             return refused
         message = self.message(channel_id, recorded.json)
@@ -270,7 +311,19 @@ class FakeDiscord:
     async def edit_message(self, request: web.Request) -> web.Response:
         recorded = await self.record(request)
         info = request.match_info
-        refused = self.too_large(int(info["channel_id"]), recorded)
+        if self.rate_limited_edits:
+            self.rate_limited_edits -= 1
+            recorded.status = 429
+            limited = {
+                "message": "You are being rate limited.",
+                "retry_after": 0.05,
+                "global": False,
+            }
+            answer = self.reply(limited, 429)
+            # Discord's answers come through its proxy; a 429 without "Via" is Cloudflare's.
+            answer.headers.update({"Via": "1.1 google", "Retry-After": "1"})
+            return answer
+        refused = self.too_large(int(info["channel_id"]), recorded) or self.invalid(recorded)
         if refused is not None:
             return refused
         return self.reply(self.message(info["channel_id"], recorded.json, int(info["message_id"])))
@@ -284,6 +337,15 @@ class FakeDiscord:
 
     async def interaction_callback(self, request: web.Request) -> web.Response:
         recorded = await self.record(request)
+        self._responded.setdefault(request.match_info["token"], self.clock())
+        if recorded.json["type"] == 8:  # autocomplete: 25 choices, names 1-100, values ≤ 100
+            choices = recorded.json["data"]["choices"]
+            if len(choices) > 25 or any(
+                not 1 <= len(choice["name"]) <= 100 or len(str(choice["value"])) > 100
+                for choice in choices
+            ):
+                recorded.status = 400
+                return self.reply({"message": "Invalid Form Body", "code": 50035}, 400)
         flags = (recorded.json.get("data") or {}).get("flags") or 0
         return self.reply(
             {
@@ -298,10 +360,20 @@ class FakeDiscord:
 
     async def webhook_message(self, request: web.Request) -> web.Response:
         recorded = await self.record(request)
+        responded = self._responded.get(request.match_info["token"])
+        if responded is not None and self.clock() - responded > TOKEN_LIFETIME:
+            recorded.status = 401
+            return self.reply({"message": "Invalid Webhook Token", "code": 50027}, 401)
+        refused = self.invalid(recorded)
+        if refused is not None:
+            return refused
         return self.reply(self.message(CHANNEL_ID, recorded.json))
 
     async def cdn_file(self, request: web.Request) -> web.Response:
         await self.record(request)
+        if self.cdn_delay:
+            assert isinstance(self.clock, FakeClock)
+            self.clock.now += self.cdn_delay
         data, content_type = self.cdn[request.match_info["name"]]
         return web.Response(body=data, headers={"Content-Type": content_type})
 

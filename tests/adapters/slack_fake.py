@@ -6,7 +6,14 @@ fake-clock time) so tests assert on what Slack would have received. The same ser
 ``files.slack.com`` (``/files-pri/…``, answering only with the bot token), the upload URLs that
 ``files.getUploadURLExternal`` hands out (``/upload/…``), and commands' ``response_url``
 (``/respond/…``). Like Slack, it downloads the image of every image block in a message it is
-sent, and refuses the message (``invalid_blocks``) when it can't.
+sent, and refuses the message (``invalid_blocks``) when it can't; it refuses blocks beyond
+Slack's documented limits (50 blocks, 3,000 characters of section text or image URL, 25
+elements in an actions block, button text up to 75 characters, action ids and block ids up
+to 255, values up to 2,000) with ``invalid_blocks`` and text over 40,000 characters with
+``msg_too_long``; and a ``response_url`` takes five messages within 30 minutes (of the fake
+clock), then answers 404 ``used_url`` or ``expired_url``. Methods in ``rate_limits`` take that
+many calls a minute (of the fake clock), as Slack's rate-limit tiers do (``chat.update``: Tier
+3, 50 a minute), and answer more with HTTP 429, ``ratelimited`` and a ``Retry-After`` header.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -34,6 +42,10 @@ BOT_USER_ID = "U0BOT"
 BOT_TOKEN = "xoxb-test-token"
 SIGNING_SECRET = "test-signing-secret"
 APP_ID = "A0APP"
+MAX_TEXT = 40_000
+"""Slack's limit on a message's text (it refuses longer ones: ``msg_too_long``)."""
+RESPONSE_URL_USES = 5
+RESPONSE_URL_LIFETIME = 30 * 60
 
 
 @dataclass
@@ -71,6 +83,13 @@ class FakeSlack:
     """The images of image blocks, as downloaded (URL, bytes), before the message is answered
     (a call is recorded when it arrives: wait for its images before relying on its answer)."""
     base: str = ""
+    rate_limits: dict[str, int] = field(default_factory=lambda: {"chat.update": 50})
+    """Calls a minute each method takes before Slack answers 429."""
+    rate_limited: list[Call] = field(default_factory=list)
+    """The calls answered 429."""
+    response_urls: dict[str, float] = field(default_factory=dict)
+    """Response URL token → fake-clock time of the request that carried it."""
+    _accepted: dict[str, list[float]] = field(default_factory=dict)
     _ts: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -110,6 +129,19 @@ class FakeSlack:
         handler = getattr(self, "_" + method.replace(".", "_"), None)
         if handler is None:
             return web.json_response({"ok": False, "error": "unknown_method"})
+        limit = self.rate_limits.get(method)
+        if limit is not None:
+            accepted = self._accepted.setdefault(method, [])
+            recent = [at for at in accepted if at > call.at - 60]
+            if len(recent) >= limit:
+                self.rate_limited.append(call)
+                wait = max(1, math.ceil(recent[0] + 60 - call.at))
+                return web.json_response(
+                    {"ok": False, "error": "ratelimited"},
+                    status=429,
+                    headers={"Retry-After": str(wait)},
+                )
+            accepted.append(call.at)
         return web.json_response(await handler(call.args))
 
     async def _auth_test(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +181,39 @@ class FakeSlack:
             self._arrived.set()
         return None
 
+    @staticmethod
+    def _beyond_limits(args: dict[str, Any]) -> dict[str, Any] | None:
+        """Slack's answer to a message beyond its documented limits, if it is."""
+        if len(str(args.get("text") or "")) > MAX_TEXT:
+            return {"ok": False, "error": "msg_too_long"}
+        blocks = args.get("blocks") or []
+        if isinstance(blocks, str):
+            blocks = json.loads(blocks)
+        errors = []
+        if len(blocks) > 50:
+            errors.append("must provide no more than 50 items [json-pointer:/blocks]")
+        for index, block in enumerate(blocks):
+            where = f"[json-pointer:/blocks/{index}]"
+            if len(str(block.get("block_id") or "")) > 255:
+                errors.append(f"block_id must be less than 256 characters {where}")
+            if block.get("type") == "section" and len(block["text"]["text"]) > 3000:
+                errors.append(f"must be less than 3001 characters {where}/text/text")
+            if block.get("type") == "image" and len(str(block["image_url"])) > 3000:
+                errors.append(f"must be less than 3001 characters {where}/image_url")
+            if block.get("type") != "actions":
+                continue
+            elements = block.get("elements") or []
+            if len(elements) > 25:
+                errors.append(f"must provide no more than 25 items {where}/elements")
+            for element in elements:
+                if len(element["text"]["text"]) > 75:
+                    errors.append(f"must be less than 76 characters {where}/elements/text")
+                if len(str(element.get("action_id") or "")) > 255:
+                    errors.append(f"must be less than 256 characters {where}/elements/action_id")
+                if len(str(element.get("value") or "")) > 2000:
+                    errors.append(f"must be less than 2001 characters {where}/elements/value")
+        return {"ok": False, "error": "invalid_blocks", "errors": errors} if errors else None
+
     async def _chat_postMessage(self, args: dict[str, Any]) -> dict[str, Any]:
         gate, self.post_gate = self.post_gate, None
         if gate is not None:
@@ -156,6 +221,7 @@ class FakeSlack:
         channel = str(args["channel"])
         return (
             self._refused(channel)
+            or self._beyond_limits(args)
             or await self._download_images(args)
             or {"ok": True, "channel": channel, "ts": self.next_ts()}
         )
@@ -164,12 +230,17 @@ class FakeSlack:
         channel = str(args["channel"])
         return (
             self._refused(channel)
+            or self._beyond_limits(args)
             or await self._download_images(args)
             or {"ok": True, "channel": channel, "ts": args["ts"]}
         )
 
     async def _chat_postEphemeral(self, args: dict[str, Any]) -> dict[str, Any]:
-        return self._refused(str(args["channel"])) or {"ok": True, "message_ts": self.next_ts()}
+        return (
+            self._refused(str(args["channel"]))
+            or self._beyond_limits(args)
+            or {"ok": True, "message_ts": self.next_ts()}
+        )
 
     async def _users_info(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.users_info_gate is not None:
@@ -227,7 +298,18 @@ class FakeSlack:
         return web.Response(text=f"OK - {len(call.body)}")
 
     async def respond(self, request: web.Request) -> web.Response:
-        await self.record(request, "respond")
+        call = await self.record(request, "respond")
+        token = request.match_info["token"]
+        uses = sum(1 for c in self.find("respond") if c.args.get("response_url") == token)
+        call.args["response_url"] = token
+        created = self.response_urls.get(token)
+        if created is not None and self.clock() - created > RESPONSE_URL_LIFETIME:
+            return web.Response(status=404, text="expired_url")
+        if uses >= RESPONSE_URL_USES:
+            return web.Response(status=404, text="used_url")
+        beyond = self._beyond_limits(call.args)
+        if beyond is not None:
+            return web.Response(status=400, text=str(beyond["error"]))
         return web.Response(text="ok")
 
     def app(self) -> web.Application:
@@ -265,6 +347,7 @@ def command_body(
 ) -> str:
     """A slash command as Slack posts it (form-encoded)."""
     number = next(_triggers)
+    fake.response_urls[str(number)] = fake.clock()
     return urllib.parse.urlencode(
         {
             "token": "legacy-verification-token",
@@ -287,6 +370,7 @@ def command_body(
 def action_body(fake: FakeSlack, action_id: str, value: str, *, user_id: str = USER_ID) -> str:
     """A button click (``block_actions``) as Slack posts it."""
     number = next(_triggers)
+    fake.response_urls[str(number)] = fake.clock()
     payload = {
         "type": "block_actions",
         "team": {"id": TEAM_ID, "domain": "team"},

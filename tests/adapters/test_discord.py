@@ -207,6 +207,25 @@ async def test_train_with_bad_photos_is_answered_privately_and_queues_nothing(
     assert await runtime.store.list_subjects(OWNER) == []
 
 
+async def test_a_reply_after_the_interaction_token_expired_comes_by_dm(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    # Downloads slow enough that the reply comes after Discord's 15 minutes: the follow-up
+    # is refused (401, Invalid Webhook Token), so the user would never hear back.
+    fake_discord.cdn_delay = 6 * 60
+    await run_command(adapter, "train", *train_options(fake_discord))
+
+    [refused] = fake_discord.find("POST", f"/webhooks/{APP_ID}/")
+    assert refused.status == 401
+    assert await engine_queue_length(runtime) == 1
+    [dm] = fake_discord.find("POST", "/users/@me/channels")
+    assert dm.json == {"recipient_id": USER_ID}
+    [sent] = fake_discord.find("POST", f"/channels/{DM_CHANNEL_ID}/messages")
+    assert sent.status == 200
+    assert sent.content is not None
+    assert sent.content.startswith("About your /train:\nTraining rex (dog) from 3 photos: queued")
+
+
 async def test_train_from_a_foreign_host_is_refused_without_downloading(
     adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
 ) -> None:
@@ -478,6 +497,22 @@ async def test_a_ten_minute_job_edits_its_progress_under_the_promised_rate(
     assert min(b - a for a, b in itertools.pairwise(times)) >= EDIT_INTERVAL
 
 
+async def test_a_progress_edit_answered_429_lands_after_discords_retry_after(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, clock: FakeClock
+) -> None:
+    # discord.py waits out Discord's 429s (per route, and its X-RateLimit headers ahead of
+    # them); the adapter adds no budget of its own on Discord.
+    job = make_job()
+    await adapter.show_progress(job, "your image: drawing 1/10", training_progress(1))
+    fake_discord.rate_limited_edits = 3
+    await clock.advance(EDIT_INTERVAL)
+    await adapter.show_progress(job, "your image: drawing 2/10", training_progress(2))
+
+    edits = fake_discord.find("PATCH", f"/channels/{CHANNEL_ID}/messages/")
+    assert [edit.status for edit in edits] == [429, 429, 429, 200]
+    assert edits[-1].content == f"<@{USER_ID}> · your image: drawing 2/10"
+
+
 async def test_throttle_keeps_keys_apart_and_forget_drops_the_pending_update() -> None:
     clock = FakeClock()
     sent: list[str] = []
@@ -493,6 +528,24 @@ async def test_throttle_keeps_keys_apart_and_forget_drops_the_pending_update() -
     await clock.advance(5)
     await clock.advance(0)
     assert sent == ["a1", "b1"]
+
+
+async def test_throttle_with_a_spacing_sends_all_keys_in_turn_the_latest_of_each() -> None:
+    clock = FakeClock()
+    sent: list[tuple[str, float]] = []
+    throttle = EditThrottle(3.0, spacing=2.0, clock=clock, sleep=clock.sleep)
+
+    async def send(text: str) -> None:
+        sent.append((text, clock()))
+
+    for key in "abc":
+        await throttle.submit(key, lambda key=key: send(f"{key}1"))  # type: ignore[misc]
+    await throttle.submit("b", lambda: send("b2"))
+    for _ in range(6):
+        await clock.advance(1)
+    await clock.advance(0)
+    # "a" goes at once; "b" and "c" wait for the next free slots, "b" with its latest update.
+    assert sent == [("a1", 0.0), ("b2", 2.0), ("c1", 4.0)]
 
 
 async def write_images(runtime: BotRuntime, count: int) -> list[str]:
@@ -529,6 +582,19 @@ async def test_a_result_is_a_channel_message_with_files_buttons_and_a_mention(
     [closing] = fake_discord.find("PATCH", "/channels/")
     assert "done" in (closing.content or "")
     assert job.id not in adapter.progress_messages
+
+
+async def test_four_images_and_the_longest_prompt_stay_within_discords_message_limits(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    prompt = "a" * runtime.settings.max_prompt_chars
+    text = f"“{prompt}” · seed 4294967295 · 1024×1024 · 150 steps in 999.9s"
+    await adapter.show_result(Delivery(make_job(), text, await write_images(runtime, 4)))
+
+    [result] = fake_discord.posted(CHANNEL_ID)  # the fake refuses what Discord would
+    assert result.content == f"<@{USER_ID}> {text}"
+    rows = [[b["label"] for b in row["components"]] for row in result.json["components"]]
+    assert rows == [["Reroll"], ["V1", "V2", "V3", "V4"], ["U1", "U2", "U3", "U4"]]
 
 
 async def test_one_image_gets_plain_vary_and_upscale_buttons_and_a_showcase_none(

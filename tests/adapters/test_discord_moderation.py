@@ -9,12 +9,15 @@ from typing import Any
 import discord
 import pytest
 
-from bot.adapters.discord import DiscordAdapter
+from bot.adapters.discord import DISCORD_MOD_NOTE, DiscordAdapter
+from bot.core.moderation import MOD_HELP
 from bot.core.store import Owner
 from bot.launcher import BotRuntime
 from tests.adapters.conftest import (
+    APP_ID,
     GUILD_ID,
     MANAGE_GUILD,
+    MAX_CONTENT,
     MEMBER_PERMISSIONS,
     OTHER_USER_ID,
     USER_ID,
@@ -22,12 +25,23 @@ from tests.adapters.conftest import (
     interaction_payload,
     user_option,
 )
-from tests.adapters.test_discord import DESTINATION, OWNER, private_reply
+from tests.adapters.test_discord import DESTINATION, EPHEMERAL, OWNER
 from tests.conftest import queued
 
 MODERATOR = MEMBER_PERMISSIONS | MANAGE_GUILD
 OTHER = Owner("discord", str(GUILD_ID), str(OTHER_USER_ID))
 OTHER_DESTINATION = {**DESTINATION, "user_id": OTHER_USER_ID}
+
+
+def private_replies(fake: FakeDiscord) -> list[str]:
+    """Every ephemeral follow-up of the command, in order (a long reply takes several),
+    after its one ephemeral defer."""
+    [callback] = fake.find("POST", "/callback")
+    assert callback.json["type"] == 5 and callback.json["data"]["flags"] == EPHEMERAL
+    followups = fake.find("POST", f"/webhooks/{APP_ID}/")
+    assert followups and all(f.json["flags"] == EPHEMERAL for f in followups)
+    assert all(f.status == 200 for f in followups)  # none refused as too long
+    return [f.content or "" for f in followups]
 
 
 @dataclass
@@ -41,7 +55,7 @@ class Chat:
         state = self.adapter.client._connection
         interaction = discord.Interaction(data=payload, state=state)  # type: ignore[arg-type]
         await self.adapter.client.tree._call(interaction)
-        content = private_reply(self.fake).content or ""
+        content = "\n".join(private_replies(self.fake))
         self.fake.requests.clear()
         return content
 
@@ -317,3 +331,47 @@ async def test_a_moderators_block_applies_to_imagine_and_the_log_shows_it(
     assert await queued(runtime.queue) == 0
     log = await chat.mod("log")
     assert f"{USER_ID}: block-add #1 — word: zebra" in log
+
+
+async def test_mod_help_arrives_whole_with_its_code_block_closed(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord
+) -> None:
+    payload = interaction_payload(
+        command="mod", options=[{"name": "help", "type": 1, "options": []}], permissions=MODERATOR
+    )
+    await adapter.client.tree._call(
+        discord.Interaction(data=payload, state=adapter.client._connection)  # type: ignore[arg-type]
+    )
+
+    parts = private_replies(fake_discord)
+    for part in parts:
+        assert len(part) <= MAX_CONTENT
+        assert part.count("```") % 2 == 0, part  # no message shows an unclosed code block
+    whole = "\n".join(parts)
+    assert MOD_HELP.splitlines()[-1] in whole
+    assert whole.endswith(DISCORD_MOD_NOTE)
+
+
+async def test_a_long_block_list_is_split_over_messages_and_loses_no_rule(
+    chat: Chat, runtime: BotRuntime, fake_discord: FakeDiscord
+) -> None:
+    phrases = [f"forbidden phrase number {n} " + "x" * 60 for n in range(40)]
+    for phrase in phrases:
+        await runtime.store.add_blocked_rule("discord", str(GUILD_ID), "word", phrase, "1")
+
+    await chat.adapter.client.tree._call(
+        discord.Interaction(
+            data=interaction_payload(
+                command="mod",
+                options=[{"name": "block", "type": 2, "options": [{"name": "list", "type": 1}]}],
+                permissions=MODERATOR,
+            ),
+            state=chat.adapter.client._connection,  # type: ignore[arg-type]
+        )
+    )
+
+    parts = private_replies(fake_discord)
+    assert len(parts) > 1
+    assert all(len(part) <= MAX_CONTENT for part in parts)
+    whole = "\n".join(parts)
+    assert all(f"“{phrase}”" in whole for phrase in phrases)

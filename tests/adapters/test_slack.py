@@ -15,6 +15,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -22,9 +23,11 @@ import pytest
 from aiohttp import web
 from arq.jobs import Job as ArqJob
 from pydantic import SecretStr, ValidationError
+from slack_sdk.http_retry import builtin_async_handlers
 
 from bot.adapters.options import parse_imagine
 from bot.adapters.slack import (
+    MAX_TEXT,
     SlackAdapter,
     SlackDownloader,
     build_adapter,
@@ -336,6 +339,27 @@ async def test_a_configured_moderator_needs_no_admin_lookup(
     assert fake_slack.find("users.info") == []
 
 
+async def test_a_long_reply_is_split_over_responses_and_loses_no_line(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    phrases = [f"forbidden phrase number {n} " + "x" * 60 for n in range(60)]
+    for phrase in phrases:
+        await runtime.store.add_blocked_rule("slack", TEAM_ID, "word", phrase, "1")
+
+    body = command_body(fake_slack, "/mod", "block list", user_id=ADMIN_ID)
+    status, _, _ = await post(events_url, body, signed(body))
+    assert status == 200
+    await fake_slack.wait_until(
+        lambda: any(phrases[-1] in call.text for call in fake_slack.find("respond"))
+    )
+
+    replies = fake_slack.find("respond")
+    assert 1 < len(replies) <= 5  # a response_url takes five messages
+    assert all(len(reply.text) <= MAX_TEXT for reply in replies)
+    whole = "\n".join(reply.text for reply in replies)
+    assert all(f"“{phrase}”" in whole for phrase in phrases)
+
+
 # Training: /train, then photos in a message; or photos with "@dreambot train …".
 
 
@@ -529,6 +553,39 @@ async def test_a_ten_minute_job_updates_its_progress_under_the_promised_rate(
     assert min(b - a for a, b in itertools.pairwise(times)) >= EDIT_INTERVAL
 
 
+async def test_progress_of_many_jobs_together_stays_within_slacks_update_rate(
+    adapter: SlackAdapter,
+    fake_slack: FakeSlack,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The SDK waits out a 429 in real time, not on the fake clock: retrying at once shows
+    # every refusal as it is.
+    async def at_once(seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(builtin_async_handlers, "asyncio", SimpleNamespace(sleep=at_once))
+    jobs = [make_job(f"{n:x}" * 32) for n in range(1, 5)]  # one user's three would do
+    for second in range(1, 121):
+        for job in jobs:
+            await adapter.show_progress(job, f"drawing {second}/120", training_progress(second))
+        await clock.advance(1)
+        await asyncio.sleep(0.005)  # the woken updates reach the fake
+
+    assert fake_slack.rate_limited == []
+    assert "ratelimited" not in caplog.text
+    updates = fake_slack.find("chat.update")
+    per_minute = [
+        sum(1 for u in updates if minute * 60 <= u.at < minute * 60 + 60) for minute in (0, 1)
+    ]
+    assert max(per_minute) <= 50
+    # Each job still moves on: they share the rate, in turn.
+    for job in jobs:
+        ts = adapter.progress_messages[job.id]
+        assert sum(1 for u in updates if u.args["ts"] == ts) >= 15
+
+
 async def test_the_progress_message_is_updated_after_a_restart_not_posted_again(
     adapter: SlackAdapter, fake_slack: FakeSlack
 ) -> None:
@@ -579,6 +636,27 @@ async def test_a_result_uploads_its_images_mentioning_the_user_with_buttons(
     [closing] = fake_slack.find("chat.update")
     assert "done" in closing.text
     assert job.id not in adapter.progress_messages
+
+
+async def test_four_images_and_the_longest_prompt_stay_within_slacks_message_limits(
+    adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime
+) -> None:
+    job = make_job()
+    await adapter.show_progress(job, "your image: drawing", training_progress(1))
+    prompt = "a" * runtime.settings.max_prompt_chars
+    text = f"“{prompt}” · seed 4294967295 · 1024×1024 · 150 steps in 999.9s"
+    await adapter.show_result(Delivery(job, text, await write_images(runtime, 4)))
+
+    [complete] = fake_slack.find("files.completeUploadExternal")
+    assert complete.args["initial_comment"] == f"<@{USER_ID}> {text}"
+    _, buttons = fake_slack.find("chat.postMessage")  # the fake refuses what Slack would
+    [block] = buttons.args["blocks"]
+    labels = [e["text"]["text"] for e in block["elements"]]
+    assert labels == ["🎲 Reroll"] + [f"🔀 V{n}" for n in range(1, 5)] + [
+        f"⬆️ U{n}" for n in range(1, 5)
+    ]
+    [closing] = fake_slack.find("chat.update")
+    assert "done" in closing.text
 
 
 async def write_preview(runtime: BotRuntime, job: Job, step: int) -> str:

@@ -123,3 +123,19 @@ async def test_subjects_of_different_models_cannot_share_an_image(
     with pytest.raises(UserError, match="different base models"):
         await core.imagine(owner, DEST, "[rex] and [tom]", count=1)
     assert await two_models.queue.zcard(GENERATE_QUEUE) == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DREAMBOT_DISCORD_DOWNLOAD_TIMEOUT", "900"),  # past Discord's 15 minutes for a reply
+        ("DREAMBOT_SLACK_DOWNLOAD_TIMEOUT", "601"),
+        ("DREAMBOT_MAX_PROMPT_CHARS", "5000"),  # a result quoting it would not fit a message
+    ],
+)
+def test_limits_a_chat_platform_cannot_keep_are_config_errors(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=f"{variable}: Input should be less than or equal"):
+        load_settings()

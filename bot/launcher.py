@@ -64,10 +64,12 @@ async def delivering(
     settle_every: float = SETTLE_EVERY,
     positions_every: float = POSITIONS_EVERY,
 ) -> AsyncIterator[Deliverer]:
-    """Consume the bot's result queue in this event loop while the block runs; settle the
+    """Unclaim the deliveries an earlier process left cut off mid-post (so they are posted);
+    then consume the bot's result queue in this event loop while the block runs; settle the
     jobs the queue never confirmed (now, then every ``settle_every`` seconds); and show
     waiting jobs their new place in the queue every ``positions_every`` seconds."""
     deliverer = Deliverer(runtime.core, sink)
+    await deliverer.reopen_deliveries()  # before the worker can re-run their delivery jobs
     # The worker closes its pool on the way out, so it gets its own.
     pool = await create_pool(redis_settings(runtime.settings.redis_url))
     worker = delivery_worker(deliverer, pool, runtime.core.platform)

@@ -2,11 +2,13 @@
 
 The engine enqueues ``deliver_progress``/``deliver_result``/``deliver_failure`` jobs onto the
 bot's own arq queue; the bot consumes that queue inside its event loop. Results therefore wait
-safely in Redis while the bot is down and are posted once (``Store.claim_delivery``).
+safely in Redis while the bot is down and are posted once (``Store.begin_delivery``); one cut off
+by a hard kill mid-post is posted after the restart, perhaps twice (at least once, never lost).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -223,16 +225,34 @@ class Deliverer:
         await self._deliver_once(job, lambda: self.sink.show_failure(job, text))
 
     async def _deliver_once(self, job: Job, send: Any) -> None:
-        if not await self.core.store.claim_delivery(job.id):
+        # Claimed and marked in flight together: a process killed mid-post leaves the mark,
+        # and the next one unclaims the job at start-up (``reopen_deliveries``), so arq's
+        # re-run of this delivery job posts it. At least once: a post that went out just
+        # before the kill goes out again.
+        if not await self.core.store.begin_delivery(job.id):
             return
         self._last_progress.pop(job.id, None)
         try:
             await send()
         except Exception as exc:
             # Let arq retry the delivery later rather than lose the result.
-            await self.core.store.update_job(job.id, delivered_at=None)
+            await self.core.store.abandon_delivery(job.id)
             log.exception("delivery of job %s failed; will retry", job.id)
             raise Retry(defer=10) from exc
+        except asyncio.CancelledError:
+            # arq runs a job cancelled mid-post again: unclaimed, so that run posts it.
+            await self.core.store.abandon_delivery(job.id)
+            raise
+        await self.core.store.end_delivery(job.id)
+
+    async def reopen_deliveries(self) -> None:
+        """Unclaim the deliveries an earlier process of this platform left in flight (killed
+        mid-post), so that arq's re-run of their delivery jobs posts them. Run at start-up,
+        before the delivery worker: arq re-runs a job whose worker died only once its
+        in-progress key expires (the worker's job timeout + 10 s), so that re-run comes after."""
+        reopened = await self.core.store.abandon_deliveries_in_flight(self.core.platform)
+        if reopened:
+            log.warning("%d deliveries were cut off mid-post; they will be posted again", reopened)
 
 
 async def _deliver_progress(ctx: dict[str, Any], payload: dict[str, Any]) -> None:

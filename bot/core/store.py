@@ -495,6 +495,55 @@ class Store:
         )
         return changed == 1
 
+    async def begin_delivery(self, job_id: str) -> bool:
+        """Claim a job's final result for posting, as ``claim_delivery`` does, and record the
+        post as in flight (migration 0006), in one transaction; False if already claimed.
+        End with ``end_delivery`` once posted, or ``abandon_delivery`` if the post failed."""
+        async with self.transaction() as db:
+            now = utcnow()
+            cursor = await db.execute(
+                "UPDATE jobs SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL",
+                (now, job_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            await db.execute(
+                "INSERT OR REPLACE INTO deliveries_in_flight (job_id, since) VALUES (?, ?)",
+                (job_id, now),
+            )
+            return True
+
+    async def end_delivery(self, job_id: str) -> None:
+        """The claimed result was posted: it stays delivered and is no longer in flight."""
+        await self._write("DELETE FROM deliveries_in_flight WHERE job_id = ?", (job_id,))
+
+    async def abandon_delivery(self, job_id: str) -> None:
+        """The claimed result was not posted: unclaim it, so a retry posts it."""
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE jobs SET delivered_at = NULL, updated_at = ? WHERE id = ?",
+                (utcnow(), job_id),
+            )
+            await db.execute("DELETE FROM deliveries_in_flight WHERE job_id = ?", (job_id,))
+
+    async def abandon_deliveries_in_flight(self, platform: str) -> int:
+        """Unclaim every delivery of a platform still in flight (left by a process of that
+        platform that died mid-post), so the delivery job's re-run posts it; return how many.
+        Only for start-up, before the platform's delivery worker runs."""
+        async with self.transaction() as db:
+            in_flight = (
+                "SELECT job_id FROM deliveries_in_flight JOIN jobs ON jobs.id = job_id"
+                " WHERE jobs.platform = ?"
+            )
+            cursor = await db.execute(
+                f"UPDATE jobs SET delivered_at = NULL, updated_at = ? WHERE id IN ({in_flight})",
+                (utcnow(), platform),
+            )
+            await db.execute(
+                f"DELETE FROM deliveries_in_flight WHERE job_id IN ({in_flight})", (platform,)
+            )
+            return cursor.rowcount
+
     async def unfinished_jobs(self, platform: str) -> list[Job]:
         """Jobs of a platform whose result has not been delivered yet."""
         return await self._all(

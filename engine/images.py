@@ -103,10 +103,15 @@ def encode_png(image: Image.Image, metadata: dict[str, str], *, watermark: bool 
     return out.getvalue()
 
 
+def text_chunks(image: Image.Image) -> dict[str, str]:
+    """An opened image's PNG text chunks (none for other formats)."""
+    return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
+
+
 def read_png_metadata(data: bytes) -> dict[str, str]:
     """The text chunks of a PNG written by ``encode_png``."""
     with Image.open(io.BytesIO(data)) as image:
-        return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
+        return text_chunks(image)
 
 
 def encode_jpeg(image: Image.Image, provenance: dict[str, str], quality: int) -> bytes:
@@ -151,7 +156,7 @@ def inspect_png(data: bytes) -> dict[str, Any]:
         if image.format == "JPEG":
             text = _jpeg_provenance(image)
         else:
-            text = {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
+            text = text_chunks(image)
         if not watermark_available():
             watermark = "not checked (install invisible-watermark)"
         elif not _watermarkable(image):

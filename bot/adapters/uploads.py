@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 
 from PIL import Image
 
-from engine.images import AI_NOTICE, encode_jpeg
+from engine.images import AI_NOTICE, encode_jpeg, text_chunks
 
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 """Discord's per-message upload limit for bots in a server without boosts, and in DMs."""
@@ -43,7 +43,7 @@ def smaller_copy(data: bytes, limit: int) -> bytes | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            text = {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
+            text = text_chunks(image)
             original = image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
         return None

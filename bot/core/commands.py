@@ -859,27 +859,19 @@ class Core:
                 log.warning("unreadable engine heartbeat %r: %s", value[:200], exc)
         return sorted(engines, key=lambda engine: engine.started_at)
 
-    async def queue_positions(self, unfinished: Sequence[Job] | None = None) -> dict[str, int]:
-        """Where this platform's jobs that no engine has started yet stand in their queues:
-        job id → place (1: none ahead; running jobs stay in arq's queue until they end, so
-        they count as ahead, as in a receipt). Jobs the queue doesn't hold are left out.
-        ``unfinished``: the platform's undelivered jobs, if the caller has them already.
-        Raises ``RedisError``/``OSError`` if Redis doesn't answer."""
-        if unfinished is None:
-            unfinished = await self.store.unfinished_jobs(self.platform)
+    async def queue_positions(self, unfinished: Sequence[Job]) -> dict[str, int]:
+        """Where the ``unfinished`` jobs (this platform's undelivered ones) that no engine has
+        started yet stand in their queues: job id → place (1: none ahead; running jobs stay in
+        arq's queue until they end, so they count as ahead, as in a receipt). Jobs the queue
+        doesn't hold are left out. Raises ``RedisError``/``OSError`` if Redis doesn't answer."""
         waiting = [
             job for job in unfinished if job.status == "queued" and job.kind in JOB_KIND_QUEUES
         ]
         if not waiting:
             return {}
-        async with self.queue.pipeline(transaction=False) as pipe:
-            for job in waiting:
-                pipe.zrank(JOB_KIND_QUEUES[job.kind], job.id)
-            ranks = await pipe.execute()
+        states = await self.moderation.queue_states(waiting)
         return {
-            job.id: int(rank) + 1
-            for job, rank in zip(waiting, ranks, strict=True)
-            if rank is not None
+            job_id: state.rank + 1 for job_id, state in states.items() if state.rank is not None
         }
 
     # Internals.

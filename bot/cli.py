@@ -110,13 +110,13 @@ def cmd_slack(settings: Settings, args: argparse.Namespace) -> None:
 
 def cmd_engine(settings: Settings, args: argparse.Namespace) -> None:
     """Run the engine worker (the GPU process) until interrupted."""
-    from engine.models import ModelLoadError
+    from engine.models import DeviceError, ModelLoadError
     from engine.worker import run_engine
 
     _require_redis(settings)
     try:
         serve(lambda: run_engine(settings))
-    except (ModelLoadError, ConfigError) as exc:
+    except (ModelLoadError, DeviceError, ConfigError) as exc:
         raise SystemExit(f"engine: {exc}") from exc
     log.info("engine stopped")
 
@@ -193,6 +193,7 @@ def eval_owner(text: str | None, default_user: str) -> Owner:
 def cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
     """Score a trained subject with the DreamBooth paper's metrics (CLIP-I, CLIP-T, DINO)."""
     from engine.evaluation import EvalError, EvalOptions, evaluate_subject
+    from engine.models import DeviceError
 
     options = EvalOptions(
         reference=args.subject,
@@ -210,7 +211,7 @@ def cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
         report = asyncio.run(
             evaluate_subject(settings, options, log=lambda line: print(line, file=sys.stderr))
         )
-    except EvalError as exc:
+    except (EvalError, DeviceError) as exc:
         raise SystemExit(f"eval: {exc}") from exc
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     output = Path(

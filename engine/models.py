@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SINGLE_FILE_SUFFIXES",
     "BasePipeline",
+    "DeviceError",
     "ModelLoadError",
     "ServedModel",
     "default_dtype",
@@ -44,18 +45,40 @@ class ModelLoadError(RuntimeError):
     """The base model could not be loaded; the message names the path and the reason."""
 
 
+class DeviceError(RuntimeError):
+    """The configured device can't be used by this machine's torch; the message says why."""
+
+
 def resolve_device(name: str) -> str:
-    """Turn a configured device name into a torch device string ("auto" picks cuda if present)."""
+    """The torch device string for a configured device name, checked.
+
+    "auto" is the device accelerate's ``PartialState`` places work on: a CUDA GPU, Apple's
+    MPS, Intel's XPU or another accelerator torch was built for, else the CPU. A named device
+    ("cpu", "cuda", "cuda:1", "mps", …) must be one this torch build can use, or
+    :class:`DeviceError` says so before any model is loaded.
+    """
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from accelerate import PartialState
+
+        return str(PartialState().device)
+    try:
+        torch.empty(0, device=torch.device(name))
+    except (RuntimeError, AssertionError, NotImplementedError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DeviceError(
+            f"device {name!r} can't be used here ({reason}). Set DREAMBOT_DEVICE to 'auto' "
+            "(the GPU or other accelerator torch finds, else the CPU), 'cpu', or a device "
+            "this machine has, e.g. 'cuda:0'."
+        ) from exc
     return name
 
 
 def default_dtype(device: str) -> torch.dtype:
     """The dtype to run a base model in on ``device``.
 
-    fp32 on the CPU (half precision is slow or unsupported there); on a GPU bf16 where the card
-    supports it (no overflow in the VAE, unlike fp16), fp16 otherwise.
+    fp32 on the CPU (half precision is slow or unsupported there); on a CUDA GPU bf16 where the
+    card supports it (no overflow in the VAE, unlike fp16), fp16 otherwise. Other accelerators
+    (MPS, XPU) get fp32 too: half precision is measured on CUDA only.
     """
     if not device.startswith("cuda"):
         return torch.float32

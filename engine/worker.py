@@ -77,6 +77,7 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
             require_bitsandbytes()
         except RuntimeError as exc:  # refuse to start rather than fail every training
             raise ConfigError(f"DREAMBOT_TRAIN_OPTIMIZER: {exc}") from exc
+    device = resolve_device(settings.device)  # a device this torch can't use: before any model
     families = {}
     for name in settings.model_names:
         entry = settings.model_entry(name)
@@ -84,7 +85,6 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
         if entry.path in TINY_MODEL_FOLDERS:
             await asyncio.to_thread(build_tiny_named, entry.path, source)
         families[name] = await asyncio.to_thread(check_model, source, config=entry.config)
-    device = resolve_device(settings.device)
     # Generation hot-swaps adapters to keep a compiled UNet's graph; on the CPU the plain path.
     hotswap = (settings.lora_hotswap or settings.compile_unet) and device.startswith("cuda")
     models: dict[str, ServedModel] = {}

@@ -12,7 +12,7 @@ import torch
 from bot.config import Settings
 from engine.families import ModelFamily, ModelFormatError, detect_family
 from engine.generation import Generator
-from engine.models import ModelLoadError, load_pipeline, served_model
+from engine.models import DeviceError, ModelLoadError, load_pipeline, resolve_device, served_model
 from engine.tiny import save_single_file
 from tests.conftest import make_settings
 
@@ -135,6 +135,35 @@ async def test_engine_start_fails_on_a_garbage_model_file_naming_its_path(tmp_pa
     garbage.write_text("{}")
     with pytest.raises(ModelLoadError, match=str(garbage)):
         await load_resources(engine_settings(tmp_path, base_model=str(garbage)))
+
+
+def test_auto_device_is_where_accelerate_places_work() -> None:
+    from accelerate import PartialState
+
+    assert resolve_device("auto") == str(PartialState().device)
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == "cpu"
+    assert resolve_device("cpu") == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:1", "bogus"])
+def test_a_device_this_torch_cannot_use_is_refused_with_the_reason(name: str) -> None:
+    with pytest.raises(DeviceError, match=f"device '{name}' can't be used here") as refused:
+        resolve_device(name)
+    assert "DREAMBOT_DEVICE" in str(refused.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+async def test_engine_start_fails_on_an_unusable_device_before_loading_models(
+    tmp_path: Path,
+) -> None:
+    from engine.worker import load_resources
+
+    # The model path doesn't exist: the device is checked first.
+    settings = engine_settings(tmp_path, base_model=str(tmp_path / "no-model"), device="cuda")
+    with pytest.raises(DeviceError, match="Torch not compiled with CUDA enabled"):
+        await load_resources(settings)
 
 
 async def test_engine_serves_every_configured_model_by_name(

@@ -211,6 +211,18 @@ class Settings(BaseSettings):
     max_photo_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     photo_size: int = Field(512, ge=64, description="photos are centre-cropped to this square")
     max_queue: int = Field(100, ge=1, description="queued engine jobs before new ones are refused")
+    # A try only needs to get one message through: the parts of a result already posted are
+    # not posted again. 240 s takes a full 10 MiB Discord message at 0.35 Mbit/s (a boosted
+    # server's 100 MiB at 3.5), with discord.py's own 5xx retries (16 s) or Slack's waits on
+    # its rate limits; and it keeps arq's limit on the job (this + 60 s) at arq's default
+    # 300 s, so a killed bot's cut-off result is posted again as soon after the kill as before.
+    delivery_timeout: float = Field(
+        240.0,
+        gt=0,
+        le=3600,
+        description="seconds one try at posting a result may take before it is stopped and "
+        "tried again (20 tries; a last one that fails says so in the chat)",
+    )
 
     # Quotas: the defaults of every workspace; moderators override them per workspace, role
     # or user with `/mod quota set`.

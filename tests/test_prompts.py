@@ -1,7 +1,9 @@
+from dataclasses import replace
+
 import pytest
 
 from bot.core.errors import UserError
-from bot.core.prompts import resolve_prompt
+from bot.core.prompts import SubjectLookup, resolve_prompt
 from bot.core.store import Owner, Subject
 
 
@@ -65,3 +67,46 @@ def test_over_long_prompt_is_reported_not_truncated() -> None:
 def test_empty_prompt_is_refused() -> None:
     with pytest.raises(UserError, match="what to draw"):
         resolve_prompt("   ", [], max_chars=400)
+
+
+def _shared(name: str, token: str, user: str, status: str = "ready") -> Subject:
+    subject = _subject(name, token, status=status)
+    return replace(subject, id=f"{user}-{name}", owner=Owner("p", "w", user))
+
+
+def test_a_shared_subject_resolves_by_name_and_by_token() -> None:
+    luna = _shared("luna", "pfx", "bob")
+    lookup = SubjectLookup([REX], [luna])
+    assert resolve_prompt("[luna] and [PFX]", lookup, max_chars=400).subjects == [luna]
+    assert resolve_prompt("[luna] with [rex]", lookup, max_chars=400).text == (
+        "pfx dog with zqv dog"
+    )
+
+
+def test_the_callers_own_name_wins_over_a_shared_subject_of_that_name() -> None:
+    theirs = _shared("rex", "pfx", "bob")
+    lookup = SubjectLookup([REX], [theirs])
+    assert resolve_prompt("[rex]", lookup, max_chars=400).subjects == [REX]
+    assert lookup.reference(theirs) == "[pfx]"
+    assert lookup.reference(REX) == "[rex]"
+
+
+def test_two_shared_subjects_of_one_name_ask_for_the_token() -> None:
+    lookup = SubjectLookup(
+        [], [_shared("luna", "pfx", "bob"), _shared("luna", "gmx", "amy")], mention="@{}".format
+    )
+    with pytest.raises(UserError, match=r"2 subjects shared with you are called luna: \[pfx\] "):
+        resolve_prompt("[luna] asleep", lookup, max_chars=400)
+    assert resolve_prompt("[gmx] asleep", lookup, max_chars=400).text == "gmx dog asleep"
+
+
+def test_v_never_means_a_shared_subject() -> None:
+    with pytest.raises(UserError, match="you have none yet"):
+        resolve_prompt("[V]", SubjectLookup([], [_shared("luna", "pfx", "bob")]), max_chars=400)
+
+
+def test_pinned_prompts_keep_meaning_the_same_subjects() -> None:
+    lookup = SubjectLookup([REX, MIA], [_shared("luna", "pfx", "bob")])
+    assert lookup.pinned("[V] and [luna] and [mia] and [nobody]") == (
+        "[rex] and [pfx] and [mia] and [nobody]"
+    )

@@ -28,7 +28,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import discord
@@ -39,10 +39,11 @@ from bot.adapters.downloads import DISCORD_CDN_HOSTS, Downloader
 from bot.adapters.throttle import Clock, EditThrottle, Sleep
 from bot.config import ConfigError, Settings
 from bot.core.commands import Core, Receipt
-from bot.core.delivery import Delivery, progress_text
+from bot.core.delivery import TEXT_PART, Delivery, PostedParts, file_part, progress_text
 from bot.core.errors import UserError
 from bot.core.moderation import MOD_HELP, Moderator, parse_duration
-from bot.core.store import Job, Owner
+from bot.core.sharing import SHAREABLE
+from bot.core.store import EVERYONE, Job, Owner
 from engine.api import ASPECT_RATIOS, Progress
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ MAX_FILES_PER_MESSAGE = 10
 TOKEN_EXPIRED = frozenset({50027, 10015})
 """Discord's codes for a follow-up on an interaction token past its 15 minutes ("Invalid
 Webhook Token", "Unknown Webhook")."""
+ALREADY_ACKNOWLEDGED = 40060
+"""Discord's answer to a second first response: this interaction was answered already."""
 REQUEST_TOO_LARGE = 40005
 """Discord's JSON error code for a message whose files exceed the upload limit (HTTP 413)."""
 UPLOAD_RETRIES = 3
@@ -131,14 +134,20 @@ def usage_text(core: Core) -> str:
         e.g. /train name:rex class:dog with photo1, photo2 and photo3 attached
 /imagine prompt:<text> [negative:<text>] [count:1-4] [seed:<number>] [aspect:<shape>]
         [steps:<n>] [guidance:<x>] [strength:<x>]
-        draw a prompt; [V] is your newest subject, [name] a named one
+        draw a prompt; [V] is your newest subject, [name] a named one (yours, or one
+        shared with you: see /subjects)
         e.g. /imagine prompt:a [V] dog wearing a hat aspect:portrait
         under each result: 🎲 Reroll (new seed), and per image V1…V4 (a close variation
         of that image) and U1…U4 (that image enlarged)
 /showcase [name:<name>]
         your subject in the DreamBooth paper's five capabilities, as one grid
-/subjects              list your subjects and their status
+/subjects              list your subjects and their status, and those shared with you
 /forget name:<name>    delete a subject, its photos and its adapter
+/share subject:<name> user:<member> | everyone:True
+        let one member, or everyone on this server, draw your subject as [name] (or as
+        its token, where another subject has that name) and /showcase it, on their quota
+/unshare subject:<name> [user:<member> | everyone:True]
+        stop sharing it with them (with neither: with anyone)
 /jobs                  your jobs waiting or running, with their ids
 /cancel [target:<subject name or job id>]
         cancel your newest job, a subject's training, or the job whose id starts so
@@ -146,6 +155,25 @@ def usage_text(core: Core) -> str:
 /quota                 your usage today and when it resets (midnight UTC)
 /mod help              moderator commands (Manage Server or a moderator role)
 /help                  this text"""
+
+
+def mention(user_id: str) -> str:
+    """A mention of a Discord user (replies are sent without pinging anyone)."""
+    return f"<@{user_id}>"
+
+
+def share_target(user: discord.Member | discord.User | None, everyone: bool) -> str | None:
+    """The target of /share or /unshare from its options: a member's id, ``EVERYONE``, or
+    None when neither is given."""
+    if user is not None and everyone:
+        raise UserError("Pick either user: or everyone:, not both.")
+    if everyone:
+        return EVERYONE
+    if user is None:
+        return None
+    if user.bot:
+        raise UserError(f"{mention(str(user.id))} is a bot; bots don't draw subjects.")
+    return str(user.id)
 
 
 def destination_of(interaction: discord.Interaction[Any]) -> dict[str, Any]:
@@ -167,6 +195,8 @@ class Outgoing:
     """The generation job whose Reroll / Vary / Upscale buttons go under the images."""
     button_images: int = 1
     """How many images get their own Vary / Upscale buttons (up to four)."""
+    parts: PostedParts = field(default_factory=PostedParts)
+    """What an earlier try already posted (the text, files by name): only the rest goes."""
 
 
 class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=BUTTON_ID.pattern):
@@ -306,6 +336,7 @@ class DiscordAdapter:
         dev_guild: int | None = None,
     ) -> None:
         self.core = core
+        core.mention = mention
         self.downloader = downloader or Downloader(max_bytes=core.settings.max_photo_bytes)
         self.edits = EditThrottle(edit_interval, clock=clock, sleep=sleep)
         self.client = DreamClient(self, dev_guild=dev_guild)
@@ -326,8 +357,15 @@ class DiscordAdapter:
         self, interaction: discord.Interaction[Any], work: Callable[[], Awaitable[str]]
     ) -> None:
         """Defer privately, run ``work`` and follow up privately with its text or the error
-        (in several messages when it is long)."""
-        await interaction.response.defer(ephemeral=True, thinking=True)
+        (in several messages when it is long). An interaction that comes again (Discord takes
+        one first response to it, so a copy can't defer) was handled already: nothing runs."""
+        try:
+            await interaction.response.defer(ephemeral=True, thinking=True)
+        except discord.HTTPException as exc:
+            if exc.code != ALREADY_ACKNOWLEDGED:
+                raise
+            log.info("interaction %s came again; it was answered already", interaction.id)
+            return
 
         async def in_a_server() -> str:
             if interaction.guild_id is None:
@@ -448,6 +486,33 @@ class DiscordAdapter:
 
         await self.respond(interaction, work)
 
+    async def share(
+        self,
+        interaction: discord.Interaction[Any],
+        subject: str,
+        user: discord.Member | discord.User | None,
+        everyone: bool,
+    ) -> str:
+        """/share subject: user:|everyone:: let a member, or the whole server, draw it."""
+        target = share_target(user, everyone)
+        if target is None:
+            raise UserError(
+                f"Say whom to share {subject.strip()} with: user: (one member) or "
+                "everyone:True (everyone on this server)."
+            )
+        return await self.core.sharing.share(owner_of(interaction), subject, target)
+
+    async def unshare(
+        self,
+        interaction: discord.Interaction[Any],
+        subject: str,
+        user: discord.Member | discord.User | None,
+        everyone: bool,
+    ) -> str:
+        """/unshare subject: [user:|everyone:]: stop sharing it (with neither: with anyone)."""
+        target = share_target(user, everyone)
+        return await self.core.sharing.unshare(owner_of(interaction), subject, target)
+
     async def jobs(self, interaction: discord.Interaction[Any]) -> str:
         """/jobs: the caller's jobs waiting or running in this server."""
         return await self.core.jobs_text(owner_of(interaction))
@@ -515,7 +580,8 @@ class DiscordAdapter:
         files, buttons_for = await common.result_files(self.core.artifacts, delivery)
         self.edits.forget(job.id)
         content = f"<@{job.destination['user_id']}> {delivery.text}"
-        await self._post_to_user(job, Outgoing(content, files, buttons_for, len(files)))
+        outgoing = Outgoing(content, files, buttons_for, len(files), delivery.parts)
+        await self._post_to_user(job, outgoing)
         await self._finish_progress(job, "✓ done — result below.")
 
     async def show_failure(self, job: Job, text: str) -> None:
@@ -627,10 +693,15 @@ class DiscordAdapter:
         If Discord refuses files anyway (HTTP 413: the limit changed, or ours is wrong), the
         rest goes again as if the limit were half as large, ``UPLOAD_RETRIES`` times; then
         the text goes without the images, saying so. Retrying the delivery would fail alike.
+        Each message posted is added to ``outgoing.parts``; what an earlier try posted is
+        left out (the buttons ride on the last message, so they come with the rest).
         """
         limit = upload_limit(channel)
-        pending = outgoing.files
-        text: str | None = outgoing.content
+        parts = outgoing.parts
+        pending = parts.unposted(outgoing.files)
+        text = None if TEXT_PART in parts else outgoing.content
+        if text is None and not pending:
+            return  # all of it went out on an earlier try
         for _ in range(UPLOAD_RETRIES + 1):
             batches = await asyncio.to_thread(
                 uploads.plan_uploads, pending, limit, MAX_FILES_PER_MESSAGE
@@ -640,6 +711,9 @@ class DiscordAdapter:
                     last = index == len(batches) - 1
                     await self._send_message(
                         channel, outgoing, job, text, uploads.upload_notes(batch), batch, last
+                    )
+                    await parts.add(
+                        TEXT_PART, *(file_part(name) for name, _ in pending[: len(batch)])
                     )
                     text = None
                     pending = pending[len(batch) :]
@@ -659,6 +733,7 @@ class DiscordAdapter:
         )
         note = uploads.not_attached_note(len(pending))
         await self._send_message(channel, outgoing, job, text, [note], [], True)
+        await parts.add(TEXT_PART, *(file_part(name) for name, _ in pending))
 
     async def _send_message(
         self,
@@ -738,8 +813,8 @@ def _what(interaction: discord.Interaction[Any]) -> str:
 
 
 def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -> None:
-    """Add /train, /imagine, /showcase, /subjects, /forget, /jobs, /cancel, /quota, /help and
-    /mod to ``tree``."""
+    """Add /train, /imagine, /showcase, /subjects, /forget, /share, /unshare, /jobs, /cancel,
+    /quota, /help and /mod to ``tree``."""
 
     @tree.command(name="train", description="Teach me a subject from 3-10 photos of it")
     @app_commands.guild_only()
@@ -834,7 +909,7 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
     async def showcase_name(
         interaction: discord.Interaction[Any], current: str
     ) -> list[app_commands.Choice[str]]:
-        return await subject_choices(interaction, current, ready_only=True)
+        return await subject_choices(interaction, current, ready_only=True, shared=True)
 
     @tree.command(name="subjects", description="List your subjects and their status")
     @app_commands.guild_only()
@@ -854,6 +929,53 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
         interaction: discord.Interaction[Any], current: str
     ) -> list[app_commands.Choice[str]]:
         return await subject_choices(interaction, current)
+
+    @tree.command(name="share", description="Let a member, or everyone here, draw your subject")
+    @app_commands.guild_only()
+    @app_commands.describe(
+        subject="your subject's name",
+        user="the member to share it with",
+        everyone="share it with everyone on this server",
+    )
+    async def share(
+        interaction: discord.Interaction[Any],
+        subject: str,
+        user: User | None = None,
+        everyone: bool = False,
+    ) -> None:
+        await adapter.respond(
+            interaction, lambda: adapter.share(interaction, subject, user, everyone)
+        )
+
+    @share.autocomplete("subject")
+    async def share_subject(
+        interaction: discord.Interaction[Any], current: str
+    ) -> list[app_commands.Choice[str]]:
+        return await subject_choices(interaction, current, shareable=True)
+
+    @tree.command(name="unshare", description="Stop sharing one of your subjects")
+    @app_commands.guild_only()
+    @app_commands.describe(
+        subject="your subject's name",
+        user="stop sharing it with this member (default: with anyone)",
+        everyone="stop sharing it with everyone on this server",
+    )
+    async def unshare(
+        interaction: discord.Interaction[Any],
+        subject: str,
+        user: User | None = None,
+        everyone: bool = False,
+    ) -> None:
+        await adapter.respond(
+            interaction, lambda: adapter.unshare(interaction, subject, user, everyone)
+        )
+
+    @unshare.autocomplete("subject")
+    async def unshare_subject(
+        interaction: discord.Interaction[Any], current: str
+    ) -> list[app_commands.Choice[str]]:
+        subjects = await adapter.core.sharing.shared_subjects(owner_of(interaction))
+        return choices([(s.name, s.name) for s in subjects], current)
 
     @tree.command(name="jobs", description="Your jobs waiting or running, with their ids")
     @app_commands.guild_only()
@@ -877,11 +999,25 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
         return choices(jobs, current)
 
     async def subject_choices(
-        interaction: discord.Interaction[Any], current: str, *, ready_only: bool = False
+        interaction: discord.Interaction[Any],
+        current: str,
+        *,
+        ready_only: bool = False,
+        shareable: bool = False,
+        shared: bool = False,
     ) -> list[app_commands.Choice[str]]:
-        subjects = await adapter.core.list_subjects(owner_of(interaction))
-        names = [s.name for s in subjects if s.status == "ready" or not ready_only]
-        return choices([(name, name) for name in names], current)
+        """The caller's subjects (only the ready ones, or those that can be shared), and with
+        ``shared`` the ready ones shared with them, as a prompt writes them."""
+        lookup = await adapter.core.sharing.lookup(owner_of(interaction))
+        wanted = ("ready",) if ready_only else SHAREABLE if shareable else None
+        options = [(s.name, s.name) for s in lookup.own if wanted is None or s.status in wanted]
+        if shared:
+            for subject in lookup.shared:
+                if subject.status == "ready":
+                    value = lookup.reference(subject).strip("[]")
+                    written = "" if value == subject.name else f": write {value}"
+                    options.append((f"{subject.name} (shared with you{written})", value))
+        return choices(options, current)
 
     @tree.command(name="quota", description="Your usage today and when it resets")
     @app_commands.guild_only()

@@ -23,7 +23,8 @@ from bot.core.delivery import Delivery
 from bot.core.errors import UserError
 from bot.core.moderation import MOD_HELP
 from bot.core.photos import Upload, count_problem
-from bot.core.store import Job, Owner
+from bot.core.sharing import parse_share_text
+from bot.core.store import EVERYONE, Job, Owner
 from engine.api import Progress
 from engine.artifacts import local_path
 
@@ -238,6 +239,8 @@ class ShellAdapter:
                 self.say(await self.core.subjects_text(self.owner))
             elif command == "/forget":
                 self.say(await self.core.forget(self.owner, rest))
+            elif command in ("/share", "/unshare"):
+                self.say(await self._share(command[1:], rest))
             elif command == "/jobs":
                 self.say(await self.core.jobs_text(self.owner))
             elif command == "/cancel":
@@ -267,6 +270,21 @@ class ShellAdapter:
             )
             return
         self.say(await self.core.mod(self.owner, self.is_moderator, rest))
+
+    async def _share(self, verb: str, rest: str) -> str:
+        """/share <name> everyone, /unshare <name> [everyone]: the shell has one user, so
+        "everyone" (every shell user of this database) is the only one to share with."""
+        name, target = parse_share_text(verb, rest)
+        if target not in (None, EVERYONE):
+            does = "shares it with" if verb == "share" else "stops sharing it with"
+            raise UserError(
+                f"The shell has one user (you, {self.owner.user_id}), so there is nobody to "
+                f"name: `/{verb} {name} everyone` {does} every shell user of this database. "
+                "On Discord and Slack you can name one person."
+            )
+        if verb == "share":
+            return await self.core.sharing.share(self.owner, name, EVERYONE)
+        return await self.core.sharing.unshare(self.owner, name, target)
 
     async def _train(self, rest: str) -> None:
         rest, options = split_options(rest, ["model"])

@@ -23,8 +23,8 @@ channel trains ``rex``; or, without the slash command, one message with the phot
 ``@dreambot train rex dog`` (in a DM with the bot: ``train rex dog``). Photos are downloaded
 from files.slack.com only, with the bot token, size-capped while streaming. Any other command
 can be written to the bot the same way (``jobs`` in a DM, ``@dreambot cancel rex`` in a
-channel), as ``/dreambot <command>`` runs it; ``/dreambot jobs`` and ``/dreambot cancel`` have
-no slash command of their own.
+channel), as ``/dreambot <command>`` runs it; ``/dreambot jobs``, ``cancel``, ``share`` and
+``unshare`` have no slash command of their own.
 
 Who moderates is the one rule decided here: workspace admins and owners (``users.info``), or a
 configured user id (``DREAMBOT_MODERATOR_USERS``).
@@ -61,11 +61,19 @@ from bot.adapters.options import parse_imagine, queue_imagine, split_options
 from bot.adapters.throttle import Clock, EditThrottle, Sleep
 from bot.config import ConfigError, Settings
 from bot.core.commands import Core, Receipt
-from bot.core.delivery import Delivery, progress_text
+from bot.core.delivery import (
+    BUTTONS_PART,
+    TEXT_PART,
+    Delivery,
+    PostedParts,
+    file_part,
+    progress_text,
+)
 from bot.core.errors import UserError
 from bot.core.moderation import MOD_HELP
 from bot.core.photos import Upload
-from bot.core.store import Job, Owner
+from bot.core.sharing import parse_share_text
+from bot.core.store import EVERYONE, Job, Owner
 from engine.api import Progress
 
 log = logging.getLogger(__name__)
@@ -80,8 +88,9 @@ UPDATES_PER_MINUTE = 40
 three jobs at one update per interval would already exceed it. The rest of the 50 is left for
 closing progress messages when jobs end."""
 COMMAND_PREFIX = "/dreambot "
-"""How the core's hints type a command here: ``/dreambot jobs`` and ``/dreambot cancel`` have
-no slash command of their own (so the app's manifest needs no change for them)."""
+"""How the core's hints type a command here: ``/dreambot jobs``, ``cancel``, ``share`` and
+``unshare`` have no slash command of their own (so the app's manifest needs no change for
+them)."""
 SLACK_FILE_HOSTS = frozenset({"files.slack.com"})
 """Where Slack serves ``url_private_download``; the bot token is only ever sent there."""
 
@@ -94,6 +103,8 @@ CANCEL_ACTION_ID = "dreambot:cancel"
 ACTION_ID = re.compile(r"^dreambot:(?P<action>reroll|vary|upscale)(?::(?P<index>[0-3]))?$")
 MAX_BUTTON_IMAGES = 4
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+SLACK_USER_ID = re.compile(r"^[UW][A-Z0-9]+$")
+"""A Slack user id, as a mention carries it (``<@U123|mia>``)."""
 
 # A channel that won't take a message or a file: post the result by DM instead.
 CHANNEL_REFUSED = frozenset(
@@ -182,13 +193,19 @@ def usage_text(core: Core, train_window: float) -> str:
         e.g. /train rex dog
 /imagine <prompt> [--count N] [--seed N] [--no "things to avoid"] [--aspect shape]
         [--steps N] [--guidance X] [--strength X]
-        draw a prompt; [V] is your newest subject, [name] a named one
+        draw a prompt; [V] is your newest subject, [name] a named one (yours, or one
+        shared with you: see /subjects)
         e.g. /imagine a [V] dog wearing a hat --aspect portrait
         under each result: Reroll (new seed), and per image V1…V4 (a close variation of
         that image) and U1…U4 (that image enlarged)
 /showcase [name]       your subject in the DreamBooth paper's five capabilities, as one grid
-/subjects              list your subjects and their status
+/subjects              list your subjects and their status, and those shared with you
 /forget <name>         delete a subject, its photos and its adapter
+/dreambot share <name> <@user or everyone>
+        let one person, or everyone in this workspace, draw your subject as [name] (or as
+        its token, where another subject has that name) and /showcase it, on their quota
+/dreambot unshare <name> [@user or everyone]
+        stop sharing it with them (with neither: with anyone)
 /quota                 your usage today and when it resets (midnight UTC)
 /dreambot jobs         your jobs waiting or running, with their ids
 /dreambot cancel [name or job id]
@@ -306,6 +323,7 @@ class SlackAdapter:
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.core = core
+        core.mention = mention
         self.client = client
         self.downloader = downloader or SlackDownloader(
             client.token or "", max_bytes=core.settings.max_photo_bytes
@@ -333,6 +351,8 @@ class SlackAdapter:
             "showcase": self.showcase,
             "subjects": lambda caller, text: self.core.subjects_text(caller.owner),
             "forget": self.forget,
+            "share": lambda caller, text: self.share(caller, "share", text),
+            "unshare": lambda caller, text: self.share(caller, "unshare", text),
             "quota": lambda caller, text: self.core.quota_text(caller.owner),
             "jobs": lambda caller, text: self.core.jobs_text(caller.owner, prefix=COMMAND_PREFIX),
             "cancel": self.cancel,
@@ -413,8 +433,10 @@ class SlackAdapter:
                 "cancel button",
             )
 
-        async def on_message(event: dict[str, Any], context: AsyncBoltContext) -> None:
-            await self.message(event, context)
+        async def on_message(
+            body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext
+        ) -> None:
+            await self.message(event, context, str(body.get("event_id") or ""))
 
         for name in (*COMMANDS, "dreambot"):
             self.app.command(f"/{name}")(ack=ack_now, lazy=[on_command])
@@ -495,10 +517,13 @@ class SlackAdapter:
             f"the text: train {name} {class_noun.strip()})"
         )
 
-    async def message(self, event: dict[str, Any], context: AsyncBoltContext) -> None:
+    async def message(
+        self, event: dict[str, Any], context: AsyncBoltContext, event_id: str = ""
+    ) -> None:
         """A message: photos for a /train, photos with ``@dreambot train <name> <class>``, or
         a command written to the bot (``cancel rex`` in a DM, ``@dreambot jobs`` in a channel),
-        which runs as ``/dreambot <command>`` would."""
+        which runs as ``/dreambot <command>`` would. ``event_id`` is the event's, which a copy
+        that Slack sends again keeps: what the bot acts on, it acts on once."""
         files = event.get("files") or []
         user = event.get("user")
         if not user or event.get("bot_id") or user == context.bot_user_id:
@@ -509,7 +534,7 @@ class SlackAdapter:
         caller = Caller(team, str(user), str(event["channel"]))
         if not files:
             if event.get("subtype") is None:  # not an edit, a join, a deletion…
-                await self._text_command(event, context, caller)
+                await self._text_command(event, context, caller, event_id)
             return
         text, options = split_options(unescape(event.get("text") or ""), ["model"])
         match = _TRAIN_MESSAGE.match(text)
@@ -521,6 +546,8 @@ class SlackAdapter:
             name, class_noun, model = pending.name, pending.class_noun, pending.model
         else:
             return  # photos shared for people, not for us
+        if not await self._first_time(event_id):
+            return
         await self.reply(
             self._ephemeral(caller),
             lambda: self.train(caller, name, class_noun, files, model=model),
@@ -528,7 +555,7 @@ class SlackAdapter:
         )
 
     async def _text_command(
-        self, event: dict[str, Any], context: AsyncBoltContext, caller: Caller
+        self, event: dict[str, Any], context: AsyncBoltContext, caller: Caller, event_id: str
     ) -> None:
         """A message without files: a command when it is written to the bot (in a DM with
         it, or starting with its mention); everything else is people talking."""
@@ -541,11 +568,21 @@ class SlackAdapter:
                 return
         elif event.get("channel_type") != "im":
             return
+        if not await self._first_time(event_id):
+            return
         text = written["rest"].strip()
         name = text.partition(" ")[0].lstrip("/").lower() or "help"
         await self.reply(
             self._ephemeral(caller), lambda: self.command(caller, "dreambot", text), name
         )
+
+    async def _first_time(self, event_id: str) -> bool:
+        """Whether the event comes for the first time: Slack sends it again (with
+        X-Slack-Retry-Num) when our ack seemed late."""
+        if not event_id or await self.core.first_time(f"event:{event_id}"):
+            return True
+        log.info("event %s came again; it was handled already", event_id)
+        return False
 
     async def train(
         self,
@@ -590,6 +627,21 @@ class SlackAdapter:
         if not name:
             raise UserError("Usage: /forget <name> (see /subjects).")
         return await self.core.forget(caller.owner, name)
+
+    async def share(self, caller: Caller, verb: str, text: str) -> str:
+        """/dreambot share <name> <@user|everyone> and /dreambot unshare <name> [@user|
+        everyone] (``verb``). Slack sends a mention as ``<@U123|mia>`` or ``<@U123>``."""
+        name, target = parse_share_text(verb, unescape(text), prefix=COMMAND_PREFIX)
+        if target not in (None, EVERYONE) and not SLACK_USER_ID.match(target):
+            # A typed name ("mia", "@mia" without picking her) or <!here> is no user id.
+            raise UserError(
+                f"Name the person with a mention (type @ and pick them), or say everyone: "
+                f"{COMMAND_PREFIX}{verb} {name} @mia"
+            )
+        if verb == "share":
+            assert target is not None  # parse_share_text requires one for share
+            return await self.core.sharing.share(caller.owner, name, target, prefix=COMMAND_PREFIX)
+        return await self.core.sharing.unshare(caller.owner, name, target, prefix=COMMAND_PREFIX)
 
     async def cancel(self, caller: Caller, text: str) -> str:
         """/dreambot cancel [name or job id]: cancel one of the caller's jobs and close its
@@ -730,7 +782,7 @@ class SlackAdapter:
         files, buttons_for = await common.result_files(self.core.artifacts, delivery)
         self.edits.forget(job.id)
         text = f"{mention(job.destination['user_id'])} {escape(delivery.text)}"
-        await self._post_to_user(job, fit(text), files, buttons_for)
+        await self._post_to_user(job, fit(text), files, buttons_for, delivery.parts)
         await self._finish_progress(job, "✓ done — result below.")
 
     async def show_failure(self, job: Job, text: str) -> None:
@@ -837,16 +889,23 @@ class SlackAdapter:
         await self.progress.finish(job, lambda ts: self._edit_progress(job, ts, content, []))
 
     async def _post_to_user(
-        self, job: Job, text: str, files: list[tuple[str, bytes]], buttons_for: str | None
+        self,
+        job: Job,
+        text: str,
+        files: list[tuple[str, bytes]],
+        buttons_for: str | None,
+        parts: PostedParts | None = None,
     ) -> None:
-        """Post in the job's channel; by DM if the channel refuses; else log.
+        """Post in the job's channel; by DM if the channel refuses; else log. ``parts``: what
+        an earlier try posted (left out now), and what this one posts.
 
         Other errors (Slack down, rate limits beyond the retries) propagate, so the delivery
         is retried later.
         """
         user_id = str(job.destination["user_id"])
+        parts = PostedParts() if parts is None else parts
         try:
-            await self._send(str(job.destination["channel_id"]), text, files, buttons_for)
+            await self._send(str(job.destination["channel_id"]), text, files, buttons_for, parts)
             return
         except SlackApiError as exc:
             if slack_error(exc) not in CHANNEL_REFUSED:
@@ -854,32 +913,45 @@ class SlackAdapter:
             log.warning("job %s: channel refused the result (%s); sending it by DM", job.id, exc)
         try:
             opened = await self.client.conversations_open(users=user_id)
-            await self._send(str(opened["channel"]["id"]), text, files, buttons_for)
+            await self._send(str(opened["channel"]["id"]), text, files, buttons_for, parts)
         except SlackApiError as exc:
             if slack_error(exc) not in DM_REFUSED:
                 raise
             common.log_undelivered(log, job, slack_error(exc), text)
 
     async def _send(
-        self, channel: str, text: str, files: list[tuple[str, bytes]], buttons_for: str | None
+        self,
+        channel: str,
+        text: str,
+        files: list[tuple[str, bytes]],
+        buttons_for: str | None,
+        parts: PostedParts,
     ) -> None:
-        if not files:
-            await self.client.chat_postMessage(channel=channel, text=text, unfurl_links=False)
-        for start in range(0, len(files), MAX_FILES_PER_MESSAGE):
-            batch = files[start : start + MAX_FILES_PER_MESSAGE]
+        """The text with the first upload of files (ten a message), then the buttons in a
+        message of their own; each added to ``parts`` once posted, and left out if it was."""
+        comment = None if TEXT_PART in parts else text
+        if not files and comment is not None:
+            await self.client.chat_postMessage(channel=channel, text=comment, unfurl_links=False)
+            await parts.add(TEXT_PART)
+        pending = parts.unposted(files)
+        for start in range(0, len(pending), MAX_FILES_PER_MESSAGE):
+            batch = pending[start : start + MAX_FILES_PER_MESSAGE]
             await self.client.files_upload_v2(
                 channel=channel,
                 file_uploads=[
                     {"file": data, "filename": name, "title": name} for name, data in batch
                 ],
-                initial_comment=text if start == 0 else None,
+                initial_comment=comment,
             )
-        if buttons_for:
+            await parts.add(TEXT_PART, *(file_part(name) for name, _ in batch))
+            comment = None
+        if buttons_for and BUTTONS_PART not in parts:
             await self.client.chat_postMessage(
                 channel=channel,
                 text="Reroll, vary or upscale this result",
                 blocks=[job_buttons(buttons_for, len(files))],
             )
+            await parts.add(BUTTONS_PART)
 
 
 def job_buttons(job_id: str, images: int = 1) -> dict[str, Any]:

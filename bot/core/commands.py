@@ -1,5 +1,5 @@
 """The chat commands, platform-free: /train, /imagine, /subjects, /forget, /jobs, /cancel,
-/quota, /help.
+/quota, /help (and /share, /unshare through ``Core.sharing``).
 
 Adapters call these with plain values and render the returned text; errors a user can cause
 raise ``UserError``. Nothing here knows about Discord, Slack or the terminal.
@@ -37,7 +37,17 @@ from bot.core.moderation import (
 from bot.core.photos import PhotoRules, Upload, prepare_photos
 from bot.core.prompts import SUBJECT_REF, active_subject, resolve_prompt
 from bot.core.quotas import Limits, Quotas, check_allowance, format_duration
-from bot.core.store import Job, Owner, Store, Subject, WorkspaceSettings, utcnow
+from bot.core.sharing import Sharing
+from bot.core.store import (
+    Job,
+    Owner,
+    Redo,
+    RedoPending,
+    Store,
+    Subject,
+    WorkspaceSettings,
+    utcnow,
+)
 from bot.core.tokens import pick_token, usable_vocabulary_tokens
 from engine.api import (
     ALL_ENGINE_QUEUES,
@@ -75,6 +85,7 @@ SHELL_USAGE = """\
                                   e.g. /train rex dog a.jpg b.jpg c.jpg
                                   option: --model NAME, one of the configured base models
 /imagine <prompt>                 draw a prompt; [V] is your newest subject, [name] a named one
+                                  (yours, or one shared with you: see /subjects)
                                   e.g. /imagine a [V] dog wearing a hat
                                   options: --count N (1-4), --seed N, --no "things to avoid",
                                   --aspect square|portrait|landscape|wide, --steps N,
@@ -84,6 +95,8 @@ SHELL_USAGE = """\
 /showcase [name]                  your subject in the DreamBooth paper's five capabilities
 /subjects                         list your subjects and their status
 /forget <name>                    delete a subject, its photos and its adapter
+/share <name> everyone            let every user here draw your subject (others: /unshare)
+/unshare <name> [everyone]        stop sharing it
 /jobs                             your jobs waiting or running, with their ids
 /cancel [name or job id]          cancel your newest job, a subject's training, or the job
                                   whose id starts so (4+ characters, as /jobs shows)
@@ -96,8 +109,6 @@ HELP = f"{HELP_INTRO}\n\n{SHELL_USAGE}"
 
 SHOWCASE_CELLS = 10
 """Images in a showcase grid (five capabilities, two prompts each; see engine.showcase)."""
-
-_ACTIVE_REF = re.compile(r"\[\s*[vV]\s*\]")
 
 SUBMIT_CHECK_SECONDS = 2.0
 """How long a submission whose outcome was lost keeps asking Redis whether the job got there."""
@@ -112,6 +123,10 @@ NEVER_QUEUED = (
     "it never reached the job queue (I was cut off while sending it). "
     "Your quota is given back; please try again."
 )
+
+REQUEST_MEMORY_SECONDS = 3600
+"""How long ``Core.first_time`` remembers a platform's request id: Slack sends an event again
+up to three times within about five minutes when it did not see our answer in time."""
 
 ENGINE_CHECK_SECONDS = 1.0
 """How long a receipt waits to learn whether an engine is there before it says nothing."""
@@ -234,6 +249,10 @@ class Core:
         )
         self.quotas = Quotas(settings, store)
         self.moderation = Moderation(self)
+        self.sharing = Sharing(self)
+        self.mention: Callable[[str], str] = str
+        """How this platform writes a user id in a reply so that it shows who they are
+        (``<@id>``): adapters whose platform has mentions set theirs."""
         self._live_engines_script = queue.register_script(_LIVE_ENGINES_SCRIPT)
         self.told_positions: dict[str, int] = {}
         """Job id → the queue position its receipt gave, until the delivery side has seen it
@@ -367,6 +386,7 @@ class Core:
         init_image_url: str | None = None,
         init_strength: float | None = None,
         roles: Sequence[str] = (),
+        redo: Redo | None = None,
     ) -> Receipt:
         """Resolve the prompt's subjects, check it against the rules and quotas, queue it.
 
@@ -376,7 +396,7 @@ class Core:
         draws well. ``steps`` and ``guidance`` are bounded by the configuration; ``strength``
         is the subjects' LoRA scale (1 = as trained). ``init_image_url``/``init_strength``
         start from an earlier image (Vary, Upscale). The options are stored with the job, so
-        ``reimagine`` can repeat them.
+        ``reimagine`` can repeat them; ``redo`` is ``reimagine``'s (see there).
         """
         await self.moderation.check_not_banned(owner)
         count = self.settings.images_per_prompt if count is None else count
@@ -388,7 +408,8 @@ class Core:
             if side is not None and (side % 8 or not 64 <= side <= 2048):
                 raise UserError("width and height must be multiples of 8 from 64 to 2048.")
         self._check_generation_options(aspect, steps, guidance, strength)
-        subjects = await self.store.list_subjects(owner)
+        # The caller's own subjects and those shared with them (``[name]`` prefers their own).
+        subjects = await self.sharing.lookup(owner)
         resolved = resolve_prompt(prompt, subjects, max_chars=self.settings.max_prompt_chars)
         negative = (
             resolve_prompt(negative_prompt, subjects, max_chars=self.settings.max_prompt_chars).text
@@ -436,9 +457,10 @@ class Core:
         )
         subject_id = resolved.subjects[0].id if resolved.subjects else None
         options = {
-            # [V] pinned to the subject it meant now, so a later Reroll draws the same one.
-            "prompt": _pin_active(prompt, subjects),
-            "negative_prompt": _pin_active(negative_prompt, subjects),
+            # [V] (and a shared subject's name) pinned to the subject it meant now, so a later
+            # Reroll draws the same one.
+            "prompt": subjects.pinned(prompt),
+            "negative_prompt": subjects.pinned(negative_prompt),
             "count": count,
             "seed": seed,
             "width": width,
@@ -457,6 +479,7 @@ class Core:
             subject_id=subject_id,
             prompt=prompt,
             options=options,
+            redo=redo,
         )
         return submission.receipt(
             job_id,
@@ -482,7 +505,17 @@ class Core:
         prompt, negative prompt, count and size. A prompt that uses a subject may only be
         redrawn by the subject's owner: subjects resolve per user, and one user's photos must
         not be drawn on another's request. ``mention`` renders a user id for the refusal.
+
+        Once per press: while the job that the same redo (button and image) of this result
+        queued for ``owner`` waits or runs, pressing it again (a double click, a click that
+        seemed lost) queues and charges nothing, and the UserError points at that job. Once
+        that job has ended, the button queues a new one.
         """
+        button = "vary" if vary else "upscale" if upscale else "reroll"
+        redo = Redo(job_id, button if button == "reroll" else f"{button}:{index}")
+        pending = await self.store.pending_redo(owner, redo)
+        if pending is not None:
+            raise _redo_pending(redo, pending)
         job = await self.store.get_job(job_id)
         if job is None or job.kind != "generate" or not job.prompt:
             raise UserError("I no longer have that image's prompt; use /imagine instead.")
@@ -494,8 +527,9 @@ class Core:
         )
         if uses_subject and owner != job.owner:
             raise UserError(
-                f"Only {mention(job.owner.user_id)} can reroll images of their subject. "
-                "Nothing was queued; draw your own with /imagine."
+                f"Only {mention(job.owner.user_id)} can reroll these images: they draw a "
+                "subject, and subjects are drawn on their users' own requests. Nothing was "
+                "queued; draw your own with /imagine."
             )
         if options.get("showcase"):
             raise UserError("That was a showcase; run /showcase again for a new one.")
@@ -540,6 +574,7 @@ class Core:
             seed=seed,
             negative_prompt=negative,
             roles=roles,
+            redo=redo,
             **repeat,
         )
 
@@ -557,8 +592,9 @@ class Core:
         Without ``name``, the caller's newest ready subject ([V]). Costs one image per cell.
         """
         await self.moderation.check_not_banned(owner)
-        subjects = await self.store.list_subjects(owner)
-        # The prompt resolver gives the same messages as /imagine for unknown or unready names.
+        # The prompt resolver gives the same messages as /imagine for unknown or unready names,
+        # and finds the subjects shared with the caller as /imagine does.
+        subjects = await self.sharing.lookup(owner)
         reference = f"[{name.strip()}]" if name and name.strip() else "[V]"
         [subject] = resolve_prompt(reference, subjects, max_chars=10_000).subjects
         await self._check_queue_space()
@@ -610,21 +646,26 @@ class Core:
         ]
 
     async def subjects_text(self, owner: Owner) -> str:
-        """/subjects: the caller's subjects with their status."""
+        """/subjects: the caller's subjects with their status (and whom each is shared with),
+        then the subjects other users shared with them."""
         await self.moderation.check_not_banned(owner)
         subjects = await self.list_subjects(owner)
-        if not subjects:
-            return "You have no subjects yet. Train one: `/train <name> <class> <photos…>`."
+        shared_notes, shared_lines = await self.sharing.subjects_lines(owner, subjects)
         active = active_subject(subjects)
-        lines = ["Your subjects:"]
+        lines = (
+            ["Your subjects:"]
+            if subjects
+            else ["You have no subjects yet. Train one: `/train <name> <class> <photos…>`."]
+        )
         for subject in subjects:
             marker = "  ← [V]" if subject is active else ""
             detail = f" ({subject.error})" if subject.status == "failed" and subject.error else ""
+            shared = f" · {shared_notes[subject.id]}" if subject.id in shared_notes else ""
             lines.append(
                 f"  {subject.name}: {subject.class_noun}, {subject.status}{detail}, "
-                f"{subject.photo_count} photos, since {when(subject.created_at)}{marker}"
+                f"{subject.photo_count} photos, since {when(subject.created_at)}{marker}{shared}"
             )
-        return "\n".join(lines)
+        return "\n".join([*lines, *shared_lines])
 
     async def forget(self, owner: Owner, name: str) -> str:
         """/forget: delete one of the caller's subjects with its photos and adapter."""
@@ -643,7 +684,11 @@ class Core:
                     job, f"Training {subject.name} was stopped: you deleted it with /forget."
                 )
                 stopped = " Its training was stopped, and what it took from your quota is back."
+        shares = (await self.store.subject_shares(owner)).get(subject.id, [])
+        # Deleting the row deletes its shares too (ON DELETE CASCADE).
         await self.remove_subject(subject)
+        if shares:
+            stopped += f" It is no longer shared with {self.sharing.whom(shares)}."
         return f"Forgot {subject.name}: its photos and adapter are deleted.{stopped}"
 
     async def remove_subject(self, subject: Subject) -> None:
@@ -843,6 +888,19 @@ class Core:
             _queue_name=bot_queue(job.owner.platform),
         )
 
+    async def first_time(self, request_id: str) -> bool:
+        """Whether a request from the chat platform (its own id, e.g. Slack's event id) comes
+        for the first time: platforms send some again when they did not see the answer in
+        time, and a command must not run twice. Remembered in Redis for
+        ``REQUEST_MEMORY_SECONDS`` (SET NX, so two copies at once count once); True when Redis
+        can't tell, so the command runs (and says so if it needs the queue)."""
+        key = f"dreambot:{self.platform}:request:{request_id}"
+        try:
+            return bool(await self.queue.set(key, b"1", nx=True, ex=REQUEST_MEMORY_SECONDS))
+        except (RedisError, OSError) as exc:
+            log.warning("could not tell whether request %s came before: %s", request_id, exc)
+            return True
+
     async def live_engines(self) -> list[EngineHeartbeat]:
         """The engines running now (their heartbeat has not expired), oldest first.
 
@@ -1003,9 +1061,11 @@ class Core:
         subject_id: str | None,
         prompt: str,
         options: dict[str, Any],
+        redo: Redo | None = None,
     ) -> Submission:
         """Record an image job with the quota units it spends and queue it. The job's row goes
-        again if it is known not to have reached the queue."""
+        again if it is known not to have reached the queue. A ``redo`` whose earlier job still
+        waits or runs is refused, spending nothing."""
         try:
             await self.store.reserve_job(
                 request.job_id,
@@ -1018,7 +1078,11 @@ class Core:
                 usage_kind="images",
                 units=units,
                 check=functools.partial(check_allowance, limits, kind="images", units=units),
+                redo=redo,
             )
+        except RedoPending as pending:
+            assert redo is not None  # only a redo is refused so
+            raise _redo_pending(redo, pending.job) from None
         except aiosqlite.IntegrityError as exc:
             # The job row names its subject: /forget (or a moderator) deleted it while this
             # command was being checked.
@@ -1156,14 +1220,6 @@ def _ago(moment: datetime) -> str:
     return format_duration(datetime.now(UTC) - moment)
 
 
-def _pin_active(prompt: str, subjects: Sequence[Subject]) -> str:
-    """``prompt`` with ``[V]`` replaced by ``[name]`` of the subject it means now."""
-    active = active_subject(subjects)
-    if active is None:
-        return prompt
-    return _ACTIVE_REF.sub(f"[{active.name}]", prompt)
-
-
 def _common_base_model(subjects: Sequence[Subject], default: str) -> str:
     """The base model the prompt's subjects were trained on (an adapter only works on its own
     model); ``default`` for a prompt without subjects."""
@@ -1180,4 +1236,15 @@ def _common_base_model(subjects: Sequence[Subject], default: str) -> str:
 def _queue_down() -> UserError:
     return UserError(
         "The job queue can't be reached right now, so nothing was queued. Try again in a minute."
+    )
+
+
+def _redo_pending(redo: Redo, pending: Job) -> UserError:
+    """The answer to a redo pressed again while the job it queued waits or runs."""
+    action, _, index = redo.button.partition(":")
+    what = action.capitalize() + (f" of image {int(index) + 1}" if index else "")
+    state = "being drawn" if pending.status == "running" else "waiting in the queue"
+    return UserError(
+        f"You already asked for {what} of that result: job {pending.id[:8]} is {state}, and "
+        "its images will be posted when it is done. Nothing new was queued or charged."
     )

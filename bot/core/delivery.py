@@ -2,16 +2,22 @@
 
 The engine enqueues ``deliver_progress``/``deliver_result``/``deliver_failure`` jobs onto the
 bot's own arq queue; the bot consumes that queue inside its event loop. Results therefore wait
-safely in Redis while the bot is down and are posted once (``Store.begin_delivery``); one cut off
-by a hard kill mid-post is posted after the restart, perhaps twice (at least once, never lost).
+safely in Redis while the bot is down and are posted once (``Store.begin_delivery``). A post
+that fails, or takes longer than ``Settings.delivery_timeout``, is tried again later, up to
+``DELIVERY_TRIES`` times in all; the last try that fails tells the user instead. A result
+posted as several messages is posted part by part (``PostedParts``): a try after a failure
+posts only the parts not yet in the chat. One cut off by a hard kill mid-post is posted after
+the restart, its message under way perhaps twice (at least once, never lost).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from arq.connections import ArqRedis
@@ -32,6 +38,62 @@ from engine.api import (
 
 log = logging.getLogger(__name__)
 
+DELIVERY_TRIES = 20
+"""How many times arq runs a result's (or a failure's) delivery job before giving up."""
+RETRY_DELAY = 10.0
+"""Seconds before a failed (or timed-out) delivery is tried again."""
+GIVE_UP_SECONDS = 45.0
+"""How long the last try may take to tell the user, once the post itself has failed; arq's own
+time limit is the delivery's plus this and a margin, so arq never cuts a delivery off (it would
+drop it without a word)."""
+
+TEXT_PART = "text"
+"""A result's text, as a ``PostedParts`` name (the first message carries it)."""
+BUTTONS_PART = "buttons"
+"""A result's Reroll / Vary / Upscale buttons, when they go in a message of their own."""
+
+
+def file_part(name: str) -> str:
+    """A result's file, by name, as a ``PostedParts`` name."""
+    return f"file:{name}"
+
+
+class PostedParts:
+    """Which parts of one result are in the chat already: its text (``TEXT_PART``), each file
+    (``file_part``) and its buttons (``BUTTONS_PART``).
+
+    An adapter that posts a result as several messages skips what this holds and ``add``s what
+    each message carried once it is posted; so when a later message fails and the delivery
+    runs again, only the rest is posted. The deliverer's come from the store and are recorded
+    there as they are added (migration 0007); a bare one is kept in memory only.
+    """
+
+    def __init__(
+        self,
+        posted: Iterable[str] = (),
+        record: Callable[[Sequence[str]], Awaitable[None]] | None = None,
+    ) -> None:
+        self._posted = set(posted)
+        self._record = record
+
+    def __contains__(self, part: object) -> bool:
+        return part in self._posted
+
+    def __bool__(self) -> bool:
+        return bool(self._posted)
+
+    def unposted(self, files: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """The ``(name, data)`` files not posted yet, in order."""
+        return [(name, data) for name, data in files if file_part(name) not in self._posted]
+
+    async def add(self, *parts: str) -> None:
+        """Record that these parts are now in the chat."""
+        new = [part for part in dict.fromkeys(parts) if part not in self._posted]
+        if new and self._record is not None:
+            await self._record(new)
+        self._posted.update(new)
+
+
 PHASE_LABELS = {
     "queued": "waiting for the engine",
     "loading": "loading",
@@ -49,6 +111,8 @@ class Delivery:
     job: Job
     text: str
     image_urls: list[str]
+    parts: PostedParts = field(default_factory=PostedParts)
+    """What an earlier try of this delivery already posted: post the rest, and add to it."""
 
 
 class Sink(Protocol):
@@ -59,7 +123,8 @@ class Sink(Protocol):
         the artifact URL of a small preview of the image being drawn)."""
 
     async def show_result(self, delivery: Delivery) -> None:
-        """Post the final result (text and images) where the job was asked for."""
+        """Post the final result (text and images) where the job was asked for: only the parts
+        ``delivery.parts`` lacks, adding each part to it as soon as it is posted."""
 
     async def show_failure(self, job: Job, text: str) -> None:
         """Tell the user the job failed and what to do."""
@@ -151,8 +216,9 @@ class Deliverer:
                 Progress(job_id=job_id, phase="queued", position=position).model_dump()
             )
 
-    async def result(self, payload: dict[str, Any]) -> None:
-        """Handle a ``TrainResult`` or ``GenerateResult``."""
+    async def result(self, payload: dict[str, Any], *, last_try: bool = False) -> None:
+        """Handle a ``TrainResult`` or ``GenerateResult``. On the ``last_try`` a post that
+        fails is replaced by a note saying so."""
         job = await self.core.store.get_job(payload["job_id"])
         if job is None:
             log.warning("result for unknown job %s dropped", payload["job_id"])
@@ -194,10 +260,15 @@ class Deliverer:
                 f" · {generated.steps} steps in {generated.seconds:.1f}s"
             )
             images = generated.image_urls
-        await self._deliver_once(job, lambda: self.sink.show_result(Delivery(job, text, images)))
+        await self._deliver_once(
+            job,
+            lambda parts: self.sink.show_result(Delivery(job, text, images, parts)),
+            last_try,
+            note=functools.partial(_not_posted_note, job),
+        )
 
-    async def failure(self, payload: dict[str, Any]) -> None:
-        """Handle a ``Failure``."""
+    async def failure(self, payload: dict[str, Any], *, last_try: bool = False) -> None:
+        """Handle a ``Failure``. On the ``last_try`` a post that fails is logged and given up."""
         failure = Failure.model_validate(payload)
         job = await self.core.store.get_job(failure.job_id)
         if job is None or job.delivered_at:
@@ -206,7 +277,7 @@ class Deliverer:
             # The moderator's notice (or the engine reporting the abort): say it once, in the
             # words the cancelling moderation action chose. Its units were already refunded.
             text = job.error or "Your job was cancelled."
-            await self._deliver_once(job, lambda: self.sink.show_failure(job, text))
+            await self._deliver_once(job, lambda _: self.sink.show_failure(job, text), last_try)
             return
         if job.kind == "train" and job.subject_id:
             subject = await self.core.store.get_subject(job.subject_id)
@@ -222,28 +293,66 @@ class Deliverer:
         # The user didn't get what they spent quota on, so they get it back (idempotent, so
         # a retried delivery refunds once).
         await self.core.quotas.refund(job.id, "failed")
-        await self._deliver_once(job, lambda: self.sink.show_failure(job, text))
+        await self._deliver_once(job, lambda _: self.sink.show_failure(job, text), last_try)
 
-    async def _deliver_once(self, job: Job, send: Any) -> None:
+    async def _deliver_once(
+        self,
+        job: Job,
+        post: Callable[[PostedParts], Awaitable[None]],
+        last_try: bool = False,
+        *,
+        note: Callable[[PostedParts, bool], str] | None = None,
+    ) -> None:
+        """Claim the job's delivery and ``post`` it within ``delivery_timeout``, with the
+        parts an earlier try posted. A post that fails or times out is tried again later
+        (arq's ``Retry``), unless this is the ``last_try``: then the user gets the ``note``
+        (given what was posted, and whether it timed out), if there is one, and it is logged."""
         # Claimed and marked in flight together: a process killed mid-post leaves the mark,
         # and the next one unclaims the job at start-up (``reopen_deliveries``), so arq's
-        # re-run of this delivery job posts it. At least once: a post that went out just
+        # re-run of this delivery job posts it. At least once: a message that went out just
         # before the kill goes out again.
-        if not await self.core.store.begin_delivery(job.id):
+        store = self.core.store
+        if not await store.begin_delivery(job.id):
             return
         self._last_progress.pop(job.id, None)
+        parts = PostedParts(
+            await store.posted_parts(job.id), functools.partial(store.record_posted_parts, job.id)
+        )
+        deadline = asyncio.timeout(self.core.settings.delivery_timeout)
         try:
-            await send()
+            async with deadline:
+                await post(parts)
         except Exception as exc:
-            # Let arq retry the delivery later rather than lose the result.
-            await self.core.store.abandon_delivery(job.id)
-            log.exception("delivery of job %s failed; will retry", job.id)
-            raise Retry(defer=10) from exc
+            # Our own deadline comes out as TimeoutError (the post was cancelled), told apart
+            # from a platform library's timeouts, which are failures like any other.
+            timed_out = deadline.expired()
+            limit = self.core.settings.delivery_timeout
+            why = f" (took longer than {limit:g} s)" if timed_out else ""
+            if last_try:
+                log.exception("delivery of job %s failed on its last try%s", job.id, why)
+                if note is not None:
+                    await self._tell(job, note(parts, timed_out))
+                await store.end_delivery(job.id)  # stays claimed: nothing more is posted
+                return
+            # Unclaimed, so that arq's next try posts it (the parts posted so far are kept).
+            await store.abandon_delivery(job.id)
+            log.exception("delivery of job %s failed%s; will retry", job.id, why)
+            raise Retry(defer=RETRY_DELAY) from exc
         except asyncio.CancelledError:
-            # arq runs a job cancelled mid-post again: unclaimed, so that run posts it.
-            await self.core.store.abandon_delivery(job.id)
+            # arq runs a job cancelled mid-post (the bot stopping) again: unclaimed, so that
+            # run posts it.
+            await store.abandon_delivery(job.id)
             raise
-        await self.core.store.end_delivery(job.id)
+        await store.end_delivery(job.id)
+
+    async def _tell(self, job: Job, text: str) -> None:
+        """Post a note about a job whose result could not be posted (within
+        ``GIVE_UP_SECONDS``; logged if that fails too)."""
+        try:
+            async with asyncio.timeout(GIVE_UP_SECONDS):
+                await self.sink.show_failure(job, text)
+        except Exception:
+            log.exception("job %s: the note that its result was not posted failed too", job.id)
 
     async def reopen_deliveries(self) -> None:
         """Unclaim the deliveries an earlier process of this platform left in flight (killed
@@ -255,25 +364,47 @@ class Deliverer:
             log.warning("%d deliveries were cut off mid-post; they will be posted again", reopened)
 
 
+def _not_posted_note(job: Job, parts: PostedParts, timed_out: bool) -> str:
+    """What the user is told when the last try at posting a job's result failed."""
+    why = "it took too long" if timed_out else "the chat platform did not take it"
+    if parts:
+        return (
+            f"Your result is ready (job {job.id[:8]}), but posting the rest of it here kept "
+            f"failing ({why}), so it is not all shown. dreambot keeps it."
+        )
+    return (
+        f"Your result is ready (job {job.id[:8]}), but posting it here kept failing ({why}), "
+        "so it is not shown. dreambot keeps it."
+    )
+
+
 async def _deliver_progress(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     await ctx["deliverer"].progress(payload)
 
 
 async def _deliver_result(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
-    await ctx["deliverer"].result(payload)
+    await ctx["deliverer"].result(payload, last_try=ctx["job_try"] >= DELIVERY_TRIES)
 
 
 async def _deliver_failure(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
-    await ctx["deliverer"].failure(payload)
+    await ctx["deliverer"].failure(payload, last_try=ctx["job_try"] >= DELIVERY_TRIES)
 
 
 def delivery_worker(deliverer: Deliverer, pool: ArqRedis, platform: str) -> Worker:
-    """The arq worker that the bot runs inside its own event loop (``await worker.async_run()``)."""
+    """The arq worker that the bot runs inside its own event loop (``await worker.async_run()``).
+
+    Its job time limit is the delivery's own (``delivery_timeout``) plus ``GIVE_UP_SECONDS``
+    and a margin: the deliverer stops a post that runs long and has it tried again, or tells
+    the user; arq would fail the job on its TimeoutError and never run it again. A worker that
+    dies mid-job leaves its in-progress key for this limit + 10 s, so a killed bot's cut-off
+    delivery runs again that long after the kill.
+    """
+    job_timeout = deliverer.core.settings.delivery_timeout + GIVE_UP_SECONDS + 15
     return Worker(
         functions=[
             func(_deliver_progress, name=DELIVER_PROGRESS, max_tries=1),
-            func(_deliver_result, name=DELIVER_RESULT, max_tries=20),
-            func(_deliver_failure, name=DELIVER_FAILURE, max_tries=20),
+            func(_deliver_result, name=DELIVER_RESULT, max_tries=DELIVERY_TRIES),
+            func(_deliver_failure, name=DELIVER_FAILURE, max_tries=DELIVERY_TRIES),
         ],
         queue_name=bot_queue(platform),
         redis_pool=pool,
@@ -281,6 +412,7 @@ def delivery_worker(deliverer: Deliverer, pool: ArqRedis, platform: str) -> Work
         handle_signals=False,
         poll_delay=0.2,
         max_jobs=4,
+        job_timeout=job_timeout,
         keep_result=3600,
         log_results=False,
     )

@@ -22,6 +22,10 @@ _Row = TypeVar("_Row", bound="DataclassInstance")
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
+EVERYONE = "*"
+"""``subject_shares.shared_with`` for a subject shared with everyone in its workspace."""
+
+
 def utcnow() -> str:
     """The current time as an ISO-8601 UTC string, the store's timestamp format."""
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -83,6 +87,24 @@ class Job:
     def finished(self) -> bool:
         """Whether the job reached a final state."""
         return self.status in ("done", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Redo:
+    """What a Reroll / Vary / Upscale asks for: the job whose result it redraws and which
+    button (``reroll``, ``vary:N``, ``upscale:N``; N the image, from 0). Recorded with the job
+    it queues (``redo_jobs``, migration 0008)."""
+
+    of: str
+    button: str
+
+
+class RedoPending(Exception):
+    """The same user's same redo of the same result already has a job waiting or running."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(job.id)
+        self.job = job
 
 
 UsageKind = Literal["images", "trainings"]
@@ -403,8 +425,66 @@ class Store:
         )
 
     async def delete_subject(self, subject_id: str) -> None:
-        """Delete a subject row (its jobs keep their history, unlinked)."""
+        """Delete a subject row (its jobs keep their history, unlinked; its shares go)."""
         await self._write("DELETE FROM subjects WHERE id = ?", (subject_id,))
+
+    # Subject shares (migration 0009).
+
+    async def share_subject(self, subject_id: str, shared_with: str) -> bool:
+        """Let ``shared_with`` (a user id of the subject's workspace, or ``EVERYONE``) draw a
+        subject; False if it already could (nothing changes then). Raises
+        ``aiosqlite.IntegrityError`` if the subject is gone."""
+        return (
+            await self._write(
+                "INSERT OR IGNORE INTO subject_shares (subject_id, shared_with, created_at)"
+                " VALUES (?,?,?)",
+                (subject_id, shared_with, utcnow()),
+            )
+            == 1
+        )
+
+    async def unshare_subject(self, subject_id: str, shared_with: str | None = None) -> list[str]:
+        """Stop sharing a subject with ``shared_with`` (None: with anyone); return whom it
+        was shared with and no longer is, in the order they were shared with."""
+        async with self.transaction() as db:
+            async with db.execute(
+                "SELECT shared_with FROM subject_shares WHERE subject_id = ?"
+                " AND (? IS NULL OR shared_with = ?) ORDER BY created_at, rowid",
+                (subject_id, shared_with, shared_with),
+            ) as cur:
+                removed = [row[0] for row in await cur.fetchall()]
+            await db.execute(
+                "DELETE FROM subject_shares WHERE subject_id = ?"
+                " AND (? IS NULL OR shared_with = ?)",
+                (subject_id, shared_with, shared_with),
+            )
+        return removed
+
+    async def subject_shares(self, owner: Owner) -> dict[str, list[str]]:
+        """Whom each of the owner's subjects is shared with: subject id → user ids (and
+        ``EVERYONE``), in the order they were shared with; unshared subjects are left out."""
+        shares: dict[str, list[str]] = {}
+        async with self.db.execute(
+            "SELECT sh.subject_id, sh.shared_with FROM subject_shares sh"
+            " JOIN subjects s ON s.id = sh.subject_id"
+            " WHERE s.platform = ? AND s.workspace = ? AND s.user_id = ?"
+            " ORDER BY sh.created_at, sh.rowid",
+            _owner(owner),
+        ) as cur:
+            for subject_id, shared_with in await cur.fetchall():
+                shares.setdefault(subject_id, []).append(shared_with)
+        return shares
+
+    async def subjects_shared_with(self, user: Owner) -> list[Subject]:
+        """Other users' subjects that ``user`` may draw: those of the same workspace shared
+        with them or with everyone there, newest first."""
+        return await self._all(
+            _subject,
+            "SELECT * FROM subjects WHERE platform = ? AND workspace = ? AND user_id != ?"
+            " AND id IN (SELECT subject_id FROM subject_shares WHERE shared_with IN (?, ?))"
+            " ORDER BY created_at DESC, rowid DESC",
+            (*_owner(user), user.user_id, EVERYONE),
+        )
 
     # Jobs.
 
@@ -514,8 +594,28 @@ class Store:
             return True
 
     async def end_delivery(self, job_id: str) -> None:
-        """The claimed result was posted: it stays delivered and is no longer in flight."""
-        await self._write("DELETE FROM deliveries_in_flight WHERE job_id = ?", (job_id,))
+        """The claimed result was posted: it stays delivered and is no longer in flight (nor
+        are its parts kept: ``posted_parts``)."""
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM deliveries_in_flight WHERE job_id = ?", (job_id,))
+            await db.execute("DELETE FROM posted_parts WHERE job_id = ?", (job_id,))
+
+    async def posted_parts(self, job_id: str) -> set[str]:
+        """The parts of a job's result that an earlier, unfinished try already posted
+        (migration 0007; the names are the deliverer's: ``bot.core.delivery.PostedParts``)."""
+        async with self.db.execute(
+            "SELECT part FROM posted_parts WHERE job_id = ?", (job_id,)
+        ) as cursor:
+            return {row[0] for row in await cursor.fetchall()}
+
+    async def record_posted_parts(self, job_id: str, parts: Sequence[str]) -> None:
+        """Record that these parts of a job's result are in the chat."""
+        async with self.transaction() as db:
+            now = utcnow()
+            await db.executemany(
+                "INSERT OR IGNORE INTO posted_parts (job_id, part, posted_at) VALUES (?, ?, ?)",
+                [(job_id, part, now) for part in parts],
+            )
 
     async def abandon_delivery(self, job_id: str) -> None:
         """The claimed result was not posted: unclaim it, so a retry posts it."""
@@ -605,22 +705,39 @@ class Store:
         usage_kind: UsageKind,
         units: int,
         check: Callable[[Usage], None],
+        redo: Redo | None = None,
     ) -> None:
         """Record a job and the quota units it spends, if ``check`` lets the owner have them.
 
         ``check`` sees the owner's usage and raises to refuse. Reading the usage and writing
         the job happen in one BEGIN IMMEDIATE transaction, so simultaneous requests (from
         this process or another) are counted one after another and can never overshoot.
+        A ``redo`` (a result's button) raises ``RedoPending``, before anything is spent, while
+        the owner's job of the same redo waits or runs; the same transaction records it, so of
+        two presses at once one queues and the other is refused.
         """
         async with self.transaction() as db:
+            if redo is not None:
+                pending = await _pending_redo(db, owner, redo)
+                if pending is not None:
+                    raise RedoPending(pending)
             day = utcday()
             check(await _usage(db, owner, day))
             await _insert_job(db, job_id, kind, owner, destination, subject_id, prompt, options)
+            if redo is not None:
+                await db.execute(
+                    "INSERT INTO redo_jobs (job_id, redo_of, button) VALUES (?, ?, ?)",
+                    (job_id, redo.of, redo.button),
+                )
             await db.execute(
                 "INSERT INTO quota_usage (job_id, platform, workspace, user_id, kind, units, day,"
                 " created_at) VALUES (?,?,?,?,?,?,?,?)",
                 (job_id, *_owner(owner), usage_kind, units, day, utcnow()),
             )
+
+    async def pending_redo(self, owner: Owner, redo: Redo) -> Job | None:
+        """The owner's job of this redo (a result's button) while it waits or runs, if any."""
+        return await _pending_redo(self.db, owner, redo)
 
     async def usage(self, owner: Owner) -> Usage:
         """The owner's quota units spent today (UTC) and jobs waiting or running now."""
@@ -919,6 +1036,17 @@ async def _usage(db: aiosqlite.Connection, owner: Owner, day: str) -> Usage:
         trainings=spent.get("trainings", 0),
         active_jobs=int(row[0]) if row else 0,
     )
+
+
+async def _pending_redo(db: aiosqlite.Connection, owner: Owner, redo: Redo) -> Job | None:
+    async with db.execute(
+        "SELECT jobs.* FROM redo_jobs JOIN jobs ON jobs.id = redo_jobs.job_id"
+        " WHERE redo_of = ? AND button = ? AND platform = ? AND workspace = ? AND user_id = ?"
+        " AND status IN " + _ACTIVE + " ORDER BY jobs.created_at DESC, jobs.rowid DESC",
+        (redo.of, redo.button, *_owner(owner)),
+    ) as cursor:
+        row = await cursor.fetchone()
+    return _job(row) if row else None
 
 
 async def _touch_workspace(

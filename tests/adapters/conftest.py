@@ -9,9 +9,11 @@ Like Discord, it refuses a message whose files together exceed the channel's upl
 (``upload_limits``, 10 MiB unless a test sets another) with HTTP 413 and code 40005; a message
 over 2,000 characters, or with components beyond Discord's limits (5 rows of 5 buttons, custom
 ids up to 100 characters, labels up to 80), and autocomplete answers beyond 25 choices or 100
-characters, with HTTP 400 and code 50035; follow-ups on an interaction token more than 15
-minutes (of the fake clock) after its first response with HTTP 401 and code 50027; and the next
-``rate_limited_edits`` message edits with HTTP 429 and a ``retry_after``.
+characters, with HTTP 400 and code 50035; a second first response to an interaction with HTTP
+400 and code 40060; follow-ups on an interaction token more than 15 minutes (of the fake clock)
+after its first response with HTTP 401 and code 50027; and the next ``rate_limited_edits``
+message edits with HTTP 429 and a ``retry_after``. A test can make chosen message posts fail
+(``unavailable_posts``: HTTP 503, which discord.py does not retry).
 """
 
 from __future__ import annotations
@@ -149,6 +151,9 @@ class FakeDiscord:
     Discord answers beyond a route's rate limit."""
     cdn_delay: float = 0.0
     """Fake-clock seconds each download from the CDN takes (a slow download)."""
+    unavailable_posts: set[int] = field(default_factory=set)
+    """Which message posts (counted from 1 over every channel, refused ones included) are
+    answered 503, as a Discord outage would answer a message after some of a result's."""
     base: str = ""
     _responded: dict[str, float] = field(default_factory=dict)
     """Interaction token → fake-clock time of its first response."""
@@ -301,6 +306,9 @@ class FakeDiscord:
     async def create_message(self, request: web.Request) -> web.Response:
         recorded = await self.record(request)
         channel_id = int(request.match_info["channel_id"])
+        if len(self.find("POST", "/messages")) in self.unavailable_posts:
+            recorded.status = 503
+            return self.reply({"message": "Service Unavailable", "code": 0}, 503)
         refused = self.refusal(channel_id, recorded) or self.invalid(recorded)
         if refused is not None:
             return refused
@@ -337,7 +345,12 @@ class FakeDiscord:
 
     async def interaction_callback(self, request: web.Request) -> web.Response:
         recorded = await self.record(request)
-        self._responded.setdefault(request.match_info["token"], self.clock())
+        if request.match_info["token"] in self._responded:
+            # Like Discord: an interaction takes one first response (a replay can't answer).
+            recorded.status = 400
+            acknowledged = {"message": "Interaction has already been acknowledged.", "code": 40060}
+            return self.reply(acknowledged, 400)
+        self._responded[request.match_info["token"]] = self.clock()
         if recorded.json["type"] == 8:  # autocomplete: 25 choices, names 1-100, values ≤ 100
             choices = recorded.json["data"]["choices"]
             if len(choices) > 25 or any(

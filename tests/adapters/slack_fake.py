@@ -13,7 +13,8 @@ to 255, values up to 2,000) with ``invalid_blocks`` and text over 40,000 charact
 ``msg_too_long``; and a ``response_url`` takes five messages within 30 minutes (of the fake
 clock), then answers 404 ``used_url`` or ``expired_url``. Methods in ``rate_limits`` take that
 many calls a minute (of the fake clock), as Slack's rate-limit tiers do (``chat.update``: Tier
-3, 50 a minute), and answer more with HTTP 429, ``ratelimited`` and a ``Retry-After`` header.
+3, 50 a minute), and answer more with HTTP 429, ``ratelimited`` and a ``Retry-After`` header. A
+test can make chosen calls of a method fail (``failing_calls``: ``internal_error``).
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ class FakeSlack:
     """Calls a minute each method takes before Slack answers 429."""
     rate_limited: list[Call] = field(default_factory=list)
     """The calls answered 429."""
+    failing_calls: dict[str, set[int]] = field(default_factory=dict)
+    """Method → which of its calls (counted from 1) are answered ``internal_error``, as Slack
+    answers when it fails on its side."""
+    failed: list[Call] = field(default_factory=list)
+    """The calls answered with ``failing_calls``' error."""
     response_urls: dict[str, float] = field(default_factory=dict)
     """Response URL token → fake-clock time of the request that carried it."""
     _accepted: dict[str, list[float]] = field(default_factory=dict)
@@ -129,6 +135,9 @@ class FakeSlack:
         handler = getattr(self, "_" + method.replace(".", "_"), None)
         if handler is None:
             return web.json_response({"ok": False, "error": "unknown_method"})
+        if len(self.find(method)) in self.failing_calls.get(method, set()):
+            self.failed.append(call)
+            return web.json_response({"ok": False, "error": "internal_error"})
         limit = self.rate_limits.get(method)
         if limit is not None:
             accepted = self._accepted.setdefault(method, [])

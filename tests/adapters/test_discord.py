@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import functools
 import io
@@ -14,6 +15,7 @@ from typing import Any
 import discord
 import pytest
 from arq.jobs import Job as ArqJob
+from arq.worker import Retry
 from PIL import Image
 
 from bot.adapters.discord import BUTTON_ID, DiscordAdapter, EditThrottle
@@ -23,7 +25,7 @@ from bot.core.commands import NO_ENGINE_NOTE
 from bot.core.delivery import Deliverer, Delivery
 from bot.core.store import Job, Owner
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE, Progress
+from engine.api import GENERATE_QUEUE, GenerateResult, Progress, TrainResult
 from engine.images import encode_png, read_jpeg_metadata, read_png_metadata
 from tests.adapters.conftest import (
     APP_ID,
@@ -325,8 +327,8 @@ async def test_commands_are_synced_to_the_dev_guild_when_one_is_set(
     assert sync.path == f"/api/v10/applications/{APP_ID}/guilds/{GUILD_ID}/commands"
     commands = {command["name"]: command for command in sync.json}
     assert set(commands) == {
-        "train", "imagine", "showcase", "subjects", "forget", "jobs", "cancel", "quota", "help",
-        "mod",
+        "train", "imagine", "showcase", "subjects", "forget", "share", "unshare", "jobs",
+        "cancel", "quota", "help", "mod",
     }  # fmt: skip
     cancel_options = commands["cancel"]["options"]
     assert [(o["name"], o.get("required", False)) for o in cancel_options] == [("target", False)]
@@ -441,6 +443,72 @@ async def test_a_button_click_after_a_restart_redraws_for_the_clicking_user(
     else:
         assert request["seed"] == expected_seed
         assert request["init_image_url"]
+
+
+async def test_a_double_click_on_reroll_queues_one_job_and_points_the_second_at_it(
+    runtime: BotRuntime, fake_discord: FakeDiscord, clock: FakeClock
+) -> None:
+    job_id = await finished_generation(runtime, seed=7)
+    spent = (await runtime.store.usage(OWNER)).images
+    adapter = await start_adapter(runtime, clock)
+    try:
+        # Two clicks of one button, a moment apart: two interactions (ids of their own).
+        for _ in range(2):
+            payload = interaction_payload(custom_id=f"dreambot:reroll:{job_id}", user_id=USER_ID)
+            adapter.client._connection.parse_interaction_create(payload)  # type: ignore[arg-type]
+        await fake_discord.wait_until(lambda: len(fake_discord.find("POST", "/webhooks/")) == 2)
+    finally:
+        await adapter.close()
+
+    replies = sorted(r.content or "" for r in fake_discord.find("POST", "/webhooks/"))
+    [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
+    assert replies[0].startswith("Drawing 2 images")
+    assert replies[1].startswith("You already asked for Reroll of that result: job")
+    assert new_job.id[:8] in replies[1]
+    assert await engine_queue_length(runtime) == 1
+    assert (await runtime.store.usage(OWNER)).images == spent + 2
+    # One progress message, for the one job.
+    assert len(fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")) == 1
+
+
+@pytest.mark.parametrize("what", ["command", "button"])
+async def test_the_same_interaction_delivered_twice_runs_once_and_quietly(
+    runtime: BotRuntime,
+    fake_discord: FakeDiscord,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+    what: str,
+) -> None:
+    job_id = await finished_generation(runtime, seed=7)
+    if what == "command":
+        options = [{"name": "prompt", "type": 3, "value": "a red fox"}]
+        payload = interaction_payload(command="imagine", options=options)
+    else:
+        payload = interaction_payload(custom_id=f"dreambot:reroll:{job_id}")
+    adapter = await start_adapter(runtime, clock)
+    try:
+        with caplog.at_level(logging.ERROR):
+            for _ in range(2):  # the gateway hands the bot one interaction twice
+                state = adapter.client._connection
+                if what == "command":
+                    interaction = discord.Interaction(data=payload, state=state)  # type: ignore[arg-type]
+                    await adapter.client.tree._call(interaction)
+                else:
+                    state.parse_interaction_create(payload)  # type: ignore[arg-type]
+            await fake_discord.wait_until(
+                lambda: (
+                    len(fake_discord.find("POST", "/callback")) == 2
+                    and bool(fake_discord.find("POST", "/webhooks/"))
+                )
+            )
+            await asyncio.sleep(0.2)
+    finally:
+        await adapter.close()
+
+    assert [c.status for c in fake_discord.find("POST", "/callback")] == [200, 400]
+    assert len(fake_discord.find("POST", "/webhooks/")) == 1
+    assert await engine_queue_length(runtime) == 1
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []  # no error
 
 
 # The sink: progress, results, failures.
@@ -822,6 +890,72 @@ async def test_other_discord_errors_still_propagate_for_the_delivery_to_retry(
     assert len(fake_discord.find("POST", "/channels/")) == 1
 
 
+async def a_training_result(runtime: BotRuntime, samples: int) -> dict[str, Any]:
+    """A finished training of rex with ``samples`` sample images, as the engine sends it."""
+    subject = await ready_subject(runtime, OWNER, "rex", "zqv")
+    job_id = "c" * 32
+    await runtime.store.insert_job(job_id, "train", OWNER, DESTINATION, subject_id=subject.id)
+    return TrainResult(
+        job_id=job_id,
+        subject_id=subject.id,
+        adapter_url="file:///adapters/rex.safetensors",
+        sample_urls=await write_images(runtime, samples),
+        steps=400,
+        seconds=95.0,
+    ).model_dump()
+
+
+async def test_a_result_whose_second_message_failed_posts_only_the_rest_when_run_again(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    result = await a_training_result(runtime, 21)  # three messages: 10, 10 and 1 files
+    deliverer = Deliverer(runtime.core, adapter)
+    fake_discord.unavailable_posts.add(2)
+
+    with pytest.raises(Retry):
+        await deliverer.result(result)
+    await deliverer.result(result)  # arq's next try
+
+    attempts = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    assert [a.status for a in attempts] == [200, 503, 200, 200]
+    posted = fake_discord.posted(CHANNEL_ID)
+    assert [len(message.files) for message in posted] == [10, 10, 1]
+    names = [name for message in posted for name, _ in message.files]
+    assert names == [f"{i}.png" for i in range(21)]  # each once, in order
+    assert (posted[0].content or "").startswith(f"<@{USER_ID}> rex is ready")
+    assert [message.content for message in posted[1:]] == [None, None]
+    job = await runtime.store.get_job(result["job_id"])
+    assert job is not None and job.delivered_at is not None
+
+
+async def test_a_result_whose_last_message_failed_gets_its_buttons_when_run_again(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    receipt = await runtime.core.imagine(OWNER, DESTINATION, "a red fox", count=3, seed=7)
+    images = [noisy_png(1200, seed) for seed in range(3)]  # two messages: 2 images, then 1
+    result = GenerateResult(
+        job_id=receipt.job_id,
+        image_urls=await write_files(runtime, images),
+        seed=7,
+        width=1200,
+        height=1200,
+        steps=25,
+        seconds=3.0,
+    ).model_dump()
+    deliverer = Deliverer(runtime.core, adapter)
+    fake_discord.unavailable_posts.add(2)
+
+    with pytest.raises(Retry):
+        await deliverer.result(result)
+    await deliverer.result(result)
+
+    first, last = fake_discord.posted(CHANNEL_ID)
+    assert [name for name, _ in first.files + last.files] == ["0.png", "1.png", "2.png"]
+    assert (first.content or "").startswith(f"<@{USER_ID}> “a red fox”")
+    assert last.content is None
+    assert buttons_of(first) == [] and f"dreambot:vary:{receipt.job_id}:2" in buttons_of(last)
+
+
 @pytest.mark.parametrize("refusal", ["forbidden", "missing"])
 async def test_a_result_goes_to_the_user_by_dm_when_the_channel_refuses_it(
     adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime, refusal: str
@@ -948,7 +1082,7 @@ async def test_another_user_cannot_reroll_an_image_of_someone_elses_subject(
 
     reply = await click(runtime, fake_discord, clock, f"dreambot:reroll:{job_id}", OTHER_USER_ID)
 
-    assert (reply.content or "").startswith(f"Only <@{USER_ID}> can reroll images of their subject")
+    assert (reply.content or "").startswith(f"Only <@{USER_ID}> can reroll these images")
     assert [j.id for j in await runtime.store.unfinished_jobs("discord")] == [job_id]
     assert await engine_queue_length(runtime) == 0
     assert not fake_discord.find("POST", "/channels/")

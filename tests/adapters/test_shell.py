@@ -22,6 +22,7 @@ from tests.conftest import (
     make_photo,
     queued,
     queued_train_request,
+    ready_subject,
     running_job,
 )
 
@@ -221,4 +222,45 @@ async def test_a_folder_of_heic_heif_and_avif_photos_trains(
     said = await _train_from_folder(runtime, tmp_path)
 
     assert said.startswith("Training rex (dog) from 3 photos: queued")
+    assert await queued(runtime.queue) == 1
+
+
+async def test_share_with_everyone_works_and_a_named_user_is_explained(
+    runtime: BotRuntime,
+) -> None:
+    shell_user = Owner("shell", "local", "tester")
+    await ready_subject(runtime, shell_user, "rex", "zqv")
+    out = io.StringIO()
+    shell = ShellAdapter(runtime.core, "tester", out=out)
+
+    await shell.handle("/share rex mia")
+    await shell.handle("/share rex everyone")
+    await shell.handle("/share rex")
+    await shell.handle("/unshare rex")
+
+    said = out.getvalue().splitlines()
+    assert said[0].startswith("✗ The shell has one user (you, tester), so there is nobody to name")
+    assert said[1].startswith("Shared rex (dog) with everyone here: anyone here can draw it")
+    assert said[2] == "✗ Usage: /share <subject name> <@user or everyone>"
+    assert said[3] == (
+        "Stopped sharing rex (it was shared with everyone here). Only you can draw it now."
+    )
+    assert await runtime.store.subject_shares(shell_user) == {}
+
+
+async def test_another_shell_user_draws_a_subject_shared_with_everyone(
+    runtime: BotRuntime,
+) -> None:
+    await ready_subject(runtime, Owner("shell", "local", "tester"), "rex", "zqv")
+    owner_shell = ShellAdapter(runtime.core, "tester", out=io.StringIO())
+    await owner_shell.handle("/share rex everyone")
+    out = io.StringIO()
+    other = ShellAdapter(runtime.core, "mia", out=out)
+
+    await other.handle("/subjects")
+    await other.handle("/imagine [rex] on the moon --count 1")
+
+    said = out.getvalue()
+    assert "Shared with you (write them as shown):\n  [rex]  rex: dog, ready, by tester" in said
+    assert "Drawing 1 image" in said
     assert await queued(runtime.queue) == 1

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from arq.jobs import Job as ArqJob
+from arq.worker import Retry
 from pydantic import SecretStr, ValidationError
 from slack_sdk.http_retry import builtin_async_handlers
 
@@ -39,11 +41,11 @@ from bot.adapters.slack import (
 from bot.cli import cmd_slack
 from bot.config import ConfigError, Settings
 from bot.core.commands import NO_ENGINE_NOTE
-from bot.core.delivery import Delivery
+from bot.core.delivery import Deliverer, Delivery
 from bot.core.errors import UserError
 from bot.core.store import Job, Owner
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE, Progress
+from engine.api import GENERATE_QUEUE, GenerateResult, Progress, TrainResult
 from engine.artifacts import local_path
 from tests.adapters.conftest import FakeClock
 from tests.adapters.slack_fake import (
@@ -68,6 +70,7 @@ from tests.conftest import (
     make_settings,
     queued,
     queued_train_request,
+    ready_subject,
     running_job,
     training_progress,
 )
@@ -811,6 +814,75 @@ async def test_a_training_result_with_many_samples_is_uploaded_in_batches_of_ten
     assert fake_slack.find("chat.postMessage") == []  # no buttons under training samples
 
 
+def uploaded_names(fake: FakeSlack) -> list[str]:
+    """The names of the files whose upload Slack completed, in order."""
+    return [
+        file["title"]
+        for call in fake.find("files.completeUploadExternal")
+        if call not in fake.failed
+        for file in json.loads(call.args["files"])
+    ]
+
+
+async def test_a_result_whose_second_upload_failed_posts_only_the_rest_when_run_again(
+    adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime
+) -> None:
+    subject = await ready_subject(runtime, OWNER, "rex", "zqv")
+    job_id = "c" * 32
+    await runtime.store.insert_job(job_id, "train", OWNER, DESTINATION, subject_id=subject.id)
+    result = TrainResult(
+        job_id=job_id,
+        subject_id=subject.id,
+        adapter_url="file:///adapters/rex.safetensors",
+        sample_urls=await write_images(runtime, 21),  # three uploads: 10, 10 and 1 files
+        steps=400,
+        seconds=95.0,
+    ).model_dump()
+    deliverer = Deliverer(runtime.core, adapter)
+    fake_slack.failing_calls["files.completeUploadExternal"] = {2}
+
+    with pytest.raises(Retry):
+        await deliverer.result(result)
+    await deliverer.result(result)  # arq's next try
+
+    assert uploaded_names(fake_slack) == [f"{i}.png" for i in range(21)]  # each once, in order
+    comments = [
+        call.args.get("initial_comment")
+        for call in fake_slack.find("files.completeUploadExternal")
+        if call not in fake_slack.failed
+    ]
+    assert comments[0].startswith(f"<@{USER_ID}> rex is ready")
+    assert comments[1:] == [None, None]
+    job = await runtime.store.get_job(job_id)
+    assert job is not None and job.delivered_at is not None
+
+
+async def test_a_result_whose_buttons_failed_gets_only_its_buttons_when_run_again(
+    adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime
+) -> None:
+    receipt = await runtime.core.imagine(OWNER, DESTINATION, "a red fox", count=2, seed=7)
+    result = GenerateResult(
+        job_id=receipt.job_id,
+        image_urls=await write_images(runtime, 2),
+        seed=7,
+        width=64,
+        height=64,
+        steps=25,
+        seconds=1.0,
+    ).model_dump()
+    deliverer = Deliverer(runtime.core, adapter)
+    fake_slack.failing_calls["chat.postMessage"] = {1}  # the buttons under the images
+
+    with pytest.raises(Retry):
+        await deliverer.result(result)
+    await deliverer.result(result)
+
+    assert uploaded_names(fake_slack) == ["0.png", "1.png"]
+    assert len(fake_slack.find("upload")) == 2
+    _, buttons = fake_slack.find("chat.postMessage")
+    assert buttons.args["blocks"][0]["block_id"] == f"dreambot:{receipt.job_id}"
+
+
 async def test_a_result_goes_to_the_user_by_dm_when_the_channel_is_not_found(
     adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime
 ) -> None:
@@ -895,6 +967,46 @@ async def test_a_per_image_vary_button_starts_from_that_image(
     [varied] = [j for j in await runtime.store.unfinished_jobs("slack") if j.id != original.id]
     request = (await ArqJob(varied.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]
     assert request["init_image_url"] == images[start]
+
+
+async def test_a_double_click_on_reroll_queues_one_job_and_points_the_second_at_it(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    await send_command(fake_slack, events_url, "/imagine", "a red fox --count 2")
+    [original] = await runtime.store.unfinished_jobs("slack")
+    await runtime.store.update_job(original.id, status="done")
+    spent = (await runtime.store.usage(OWNER)).images
+    clicks = [action_body(fake_slack, "dreambot:reroll", original.id) for _ in range(2)]
+
+    answers = await asyncio.gather(*(post(events_url, body, signed(body)) for body in clicks))
+    assert [(status, text) for status, text, _ in answers] == [(200, ""), (200, "")]
+    await fake_slack.wait_until(lambda: len(fake_slack.find("respond")) == 3)
+
+    replies = sorted(call.text for call in fake_slack.find("respond")[1:])
+    [new_job] = [j for j in await runtime.store.unfinished_jobs("slack") if j.id != original.id]
+    assert replies[0].startswith("Drawing 2 images")
+    assert replies[1].startswith("You already asked for Reroll of that result: job")
+    assert new_job.id[:8] in replies[1]
+    assert (await runtime.store.usage(OWNER)).images == spent + 2
+
+
+async def test_a_message_command_slack_sends_again_is_run_once(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    body = message_event_body("imagine a red fox --count 1", [], channel_type="im")
+    await send_event(fake_slack, events_url, body)
+    await fake_slack.wait_until(lambda: bool(fake_slack.find("chat.postEphemeral")))
+
+    # Slack sends an event again, with its event id, when our answer seemed too slow.
+    headers = {**signed(body, content_type="application/json"), "X-Slack-Retry-Num": "1"}
+    headers["X-Slack-Retry-Reason"] = "http_timeout"
+    status, _, _ = await post(events_url, body, headers)
+    assert status == 200
+    await asyncio.sleep(0.3)
+
+    assert len(fake_slack.find("chat.postEphemeral")) == 1
+    assert len(await runtime.store.unfinished_jobs("slack")) == 1
+    assert (await runtime.store.usage(OWNER)).images == 1
 
 
 async def test_a_showcase_result_gets_no_buttons(

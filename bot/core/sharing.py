@@ -1,0 +1,189 @@
+"""Sharing subjects on purpose: ``/share <name> <user|everyone>`` and ``/unshare``.
+
+A subject belongs to one user; nobody else can draw it unless its owner shares it, with one
+user of the same workspace or with everyone there (``subject_shares``). Sharing lets others
+use the subject in their prompts (``[name]``, or ``[token]`` where names collide; see
+``bot.core.prompts.SubjectLookup``) and ``/showcase``, paid from their own quota; it gives
+them nothing else (no Reroll of the owner's images, no /forget). Only the owner shares and
+unshares; deleting the subject ends its sharing.
+
+Platform-free like the rest of the core: adapters pass a user id (or ``EVERYONE``), and
+render mentions with ``Core.mention``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import aiosqlite
+
+from bot.core.errors import UserError
+from bot.core.moderation import parse_user
+from bot.core.prompts import SubjectLookup
+from bot.core.store import EVERYONE, Owner, Subject
+
+if TYPE_CHECKING:
+    from bot.core.commands import Core
+
+SHAREABLE = ("queued", "training", "ready")
+"""A subject can be shared from the moment its training is queued; a failed one can't."""
+EVERYONE_WORDS = frozenset({"everyone", "@everyone", "<!everyone>", "all"})
+"""How a text command names everyone in the workspace (Slack sends ``@everyone`` as
+``<!everyone>``)."""
+
+
+def parse_target(word: str) -> str:
+    """A share's target from a typed word: ``EVERYONE``, or a user id (from a mention such as
+    Discord's ``<@123>``, Slack's ``<@U123|mia>`` or ``<@U123>``, or a bare id)."""
+    if word.strip().lower() in EVERYONE_WORDS:
+        return EVERYONE
+    return parse_user(word)
+
+
+def parse_share_text(verb: str, text: str, *, prefix: str = "/") -> tuple[str, str | None]:
+    """``rex @mia`` / ``rex everyone`` (``share``), or ``rex [@mia|everyone]`` (``unshare``)
+    → the subject's name and the target (None: unshare from everyone it is shared with).
+    ``prefix`` is how this platform's commands are typed, for the usage message."""
+    words = text.split()
+    wanted = "<@user or everyone>" if verb == "share" else "[@user or everyone]"
+    if not words or len(words) > 2 or (verb == "share" and len(words) < 2):
+        raise UserError(f"Usage: {prefix}{verb} <subject name> {wanted}")
+    return words[0], parse_target(words[1]) if len(words) == 2 else None
+
+
+class Sharing:
+    """The sharing commands of one bot process, and who may draw which subject."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    async def lookup(self, owner: Owner) -> SubjectLookup:
+        """The subjects ``owner`` may draw: their own and those shared with them."""
+        return SubjectLookup(
+            await self.core.store.list_subjects(owner),
+            await self.core.store.subjects_shared_with(owner),
+            mention=self.core.mention,
+        )
+
+    async def shared_subjects(self, owner: Owner) -> list[Subject]:
+        """The caller's own subjects that are shared with someone, newest first."""
+        shares = await self.core.store.subject_shares(owner)
+        return [s for s in await self.core.store.list_subjects(owner) if s.id in shares]
+
+    def whom(self, targets: Sequence[str]) -> str:
+        """``<@U2>, <@U3> and everyone here``: the targets of shares, as a reply says them."""
+        names = [self.core.mention(t) for t in targets if t != EVERYONE]
+        if EVERYONE in targets:
+            names.append("everyone here")
+        if len(names) < 2:
+            return "".join(names)
+        return f"{', '.join(names[:-1])} and {names[-1]}"
+
+    async def share(self, owner: Owner, name: str, target: str, *, prefix: str = "/") -> str:
+        """/share <name> <user|everyone>: let one user of the workspace (a user id), or
+        everyone there (``EVERYONE``), draw one of the caller's subjects. Sharing again is
+        harmless and says so."""
+        await self.core.moderation.check_not_banned(owner)
+        subject = await self._own_subject(owner, name)
+        if target == owner.user_id:
+            raise UserError(
+                f"That's you: your own subjects are always yours to draw. Share {subject.name} "
+                "with someone else, or with everyone."
+            )
+        if subject.status not in SHAREABLE:
+            raise UserError(
+                f"{subject.name} failed to train, so there is nothing to share yet: train it "
+                f"again first (`{prefix}train {subject.name} {subject.class_noun} …`)."
+            )
+        try:
+            added = await self.core.store.share_subject(subject.id, target)
+        except aiosqlite.IntegrityError:  # /forget ran meanwhile
+            raise UserError(f"{subject.name} was deleted just now; nothing was shared.") from None
+        shares = (await self.core.store.subject_shares(owner)).get(subject.id, [])
+        who = self.whom([target])
+        if not added:
+            return f"{subject.name} is already shared with {who}; nothing changed."
+        they = "anyone here" if target == EVERYONE else "they"
+        text = (
+            f"Shared {subject.name} ({subject.class_noun}) with {who}: {they} can draw it as "
+            f"[{subject.name}] in a prompt (or as [{subject.token}] where another subject has "
+            f"that name), and with {prefix}showcase, from their own quota."
+        )
+        if subject.status != "ready":
+            text += " It is still training; it can be drawn once it is ready."
+        if target != EVERYONE and EVERYONE in shares:
+            text += " (It is shared with everyone here as well.)"
+        return f"{text} `{prefix}unshare {subject.name}` stops sharing it."
+
+    async def unshare(
+        self, owner: Owner, name: str, target: str | None = None, *, prefix: str = "/"
+    ) -> str:
+        """/unshare <name> [user|everyone]: stop sharing one of the caller's subjects with
+        ``target``, or (None) with anyone. Images already drawn stay where they were posted."""
+        await self.core.moderation.check_not_banned(owner)
+        subject = await self._own_subject(owner, name)
+        removed = await self.core.store.unshare_subject(subject.id, target)
+        left = (await self.core.store.subject_shares(owner)).get(subject.id, [])
+        if target is None:
+            if not removed:
+                return f"{subject.name} isn't shared with anyone; nothing changed."
+            return (
+                f"Stopped sharing {subject.name} (it was shared with {self.whom(removed)}). "
+                "Only you can draw it now."
+            )
+        who = self.whom([target])
+        if not removed:
+            shared = f"it is shared with {self.whom(left)}" if left else "it isn't shared at all"
+            return f"{subject.name} isn't shared with {who} ({shared}); nothing changed."
+        text = f"Stopped sharing {subject.name} with {who}."
+        if EVERYONE in left:
+            text += (
+                f" It is still shared with everyone here, so they can still draw it: "
+                f"`{prefix}unshare {subject.name} everyone` stops that."
+            )
+        return text
+
+    async def subjects_lines(
+        self, owner: Owner, own: Sequence[Subject]
+    ) -> tuple[dict[str, str], list[str]]:
+        """For /subjects: a note per own subject that is shared (subject id → ``shared with
+        …``), and the lines of the section on the subjects shared with the caller."""
+        shares = await self.core.store.subject_shares(owner)
+        notes = {subject_id: f"shared with {self.whom(t)}" for subject_id, t in shares.items()}
+        shared = await self.core.store.subjects_shared_with(owner)
+        if not shared:
+            return notes, []
+        lookup = SubjectLookup(own, shared, mention=self.core.mention)
+        lines = ["Shared with you (write them as shown):"]
+        for subject in shared:
+            lines.append(
+                f"  {lookup.reference(subject)}  {subject.name}: {subject.class_noun}, "
+                f"{subject.status}, by {self.core.mention(subject.owner.user_id)}"
+            )
+        return notes, lines
+
+    async def _own_subject(self, owner: Owner, name: str) -> Subject:
+        """The caller's subject ``name``; UserError naming theirs (and, when the name is one
+        shared with them, that only its owner can share it)."""
+        name = name.strip()
+        subject = await self.core.store.find_subject(owner, name)
+        if subject is not None:
+            return subject
+        own = await self.core.store.list_subjects(owner)
+        text = (
+            f"You have no subject called '{name}'. Your subjects: "
+            f"{', '.join(s.name for s in own) or 'none yet'}."
+        )
+        others = [
+            s
+            for s in await self.core.store.subjects_shared_with(owner)
+            if name.lower() in (s.name.lower(), s.token.lower())
+        ]
+        if others:
+            owners = self.whom(sorted({s.owner.user_id for s in others}))
+            text += (
+                f" The {others[0].name} shared with you belongs to {owners}: only its owner "
+                "can share it."
+            )
+        raise UserError(text)

@@ -34,6 +34,16 @@ def test_v_resolves_to_the_newest_ready_subject() -> None:
     assert resolved.subjects == [REX]
 
 
+def test_v_resolves_to_the_chosen_subject_while_it_is_ready_else_the_newest() -> None:
+    chosen = SubjectLookup([REX, MIA], chosen=MIA.id)
+    assert resolve_prompt("a [V]", chosen, max_chars=400).text == "a bkt cat"
+    assert chosen.pinned("a [V] and [V]") == "a [mia] and [mia]"
+    training = replace(MIA, status="training")
+    fallback = SubjectLookup([REX, training], chosen=training.id)
+    assert resolve_prompt("a [V]", fallback, max_chars=400).text == "a zqv dog"
+    assert SubjectLookup([REX], chosen="gone").active == REX  # a deleted choice
+
+
 def test_class_noun_is_added_when_the_prompt_omits_it() -> None:
     assert resolve_prompt("[V] on the beach", [REX], max_chars=400).text == "zqv dog on the beach"
 

@@ -8,7 +8,7 @@ from bot.core.delivery import Deliverer, progress_text
 from bot.core.store import Owner, utcnow
 from bot.launcher import BotRuntime, delivering
 from engine.api import GENERATE_QUEUE, Progress
-from tests.conftest import RecordingSink
+from tests.conftest import RecordingSink, ready_subject
 
 DEST = {"channel": "c1"}
 
@@ -97,3 +97,24 @@ def test_a_place_in_the_queue_is_shown_only_while_waiting() -> None:
     assert progress_text(Progress(job_id="j", phase="queued"), "rex") == (
         "rex: waiting for the engine"
     )
+
+
+async def test_a_receipt_names_its_job_as_the_later_progress_updates_do(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    await ready_subject(runtime, owner, "rex", "zqv")
+    receipts = [
+        await runtime.core.imagine(owner, DEST, "a cat", count=1),
+        await runtime.core.imagine(owner, DEST, "a cat", count=2),
+        await runtime.core.showcase(owner, DEST, "rex"),
+    ]
+    sink = RecordingSink()
+    deliverer = Deliverer(runtime.core, sink)
+
+    for receipt in receipts:
+        step = Progress(job_id=receipt.job_id, phase="generating", step=1, total=4)
+        await deliverer.progress(step.model_dump())
+
+    labels = ["your image", "your images", "showcase of rex"]
+    assert [receipt.label for receipt in receipts] == labels
+    assert [text.partition(":")[0] for _, text in told(sink)] == labels

@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 
 from bot.adapters.throttle import EditThrottle
 from bot.core.commands import Receipt
-from bot.core.delivery import Delivery
+from bot.core.delivery import Delivery, PostedParts
 from bot.core.errors import UserError
 from bot.core.store import Job, Store
 from engine.artifacts import ArtifactStore
@@ -143,6 +143,14 @@ async def result_files(
     # A showcase grid can't be rerolled or varied (the core says so); no buttons for it.
     redo = job.kind == "generate" and files and not job.options.get("showcase")
     return files, job.id if redo else None
+
+
+def by_dm_note(channel: str, parts: PostedParts) -> str:
+    """The line that opens a result (or notice) sent by DM because its channel refused it:
+    ``channel`` as the platform links it, ``parts`` what the channel took before it refused."""
+    if parts:
+        return f"I couldn't post all of it in {channel}, so here is the rest:"
+    return f"I couldn't post in {channel}, so here it is:"
 
 
 def log_undelivered(logger: logging.Logger, job: Job, reason: object, text: str) -> None:

@@ -28,7 +28,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import discord
@@ -39,7 +39,7 @@ from bot.adapters.downloads import DISCORD_CDN_HOSTS, Downloader
 from bot.adapters.throttle import Clock, EditThrottle, Sleep
 from bot.config import ConfigError, Settings
 from bot.core.commands import Core, Receipt
-from bot.core.delivery import TEXT_PART, Delivery, PostedParts, file_part, progress_text
+from bot.core.delivery import Delivery, PostedParts, file_part, progress_text
 from bot.core.errors import UserError
 from bot.core.moderation import MOD_HELP, Moderator, parse_duration
 from bot.core.sharing import SHAREABLE
@@ -134,14 +134,15 @@ def usage_text(core: Core) -> str:
         e.g. /train name:rex class:dog with photo1, photo2 and photo3 attached
 /imagine prompt:<text> [negative:<text>] [count:1-4] [seed:<number>] [aspect:<shape>]
         [steps:<n>] [guidance:<x>] [strength:<x>]
-        draw a prompt; [V] is your newest subject, [name] a named one (yours, or one
-        shared with you: see /subjects)
+        draw a prompt; [V] is your active subject (see /use), [name] a named one
+        (yours, or one shared with you: see /subjects)
         e.g. /imagine prompt:a [V] dog wearing a hat aspect:portrait
         under each result: 🎲 Reroll (new seed), and per image V1…V4 (a close variation
         of that image) and U1…U4 (that image enlarged)
 /showcase [name:<name>]
         your subject in the DreamBooth paper's five capabilities, as one grid
 /subjects              list your subjects and their status, and those shared with you
+/use [subject:<name>]  make one of your ready subjects [V]; left out: your newest one
 /forget name:<name>    delete a subject, its photos and its adapter
 /share subject:<name> user:<member> | everyone:True
         let one member, or everyone on this server, draw your subject as [name] (or as
@@ -378,7 +379,11 @@ class DiscordAdapter:
         parts = common.split_text(text, MAX_CONTENT)
         for index, part in enumerate(parts):
             try:
-                await interaction.followup.send(part, ephemeral=True)
+                # Mentions show as names but ping nobody: a reply may echo what was typed
+                # ("@everyone" as a subject's name).
+                await interaction.followup.send(
+                    part, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
+                )
             except discord.HTTPException as exc:
                 if exc.code not in TOKEN_EXPIRED:
                     raise
@@ -417,7 +422,7 @@ class DiscordAdapter:
             roles=role_ids(interaction.user),
             model=model,
         )
-        await self._post_queued(interaction, receipt, name.strip())
+        await self._post_queued(interaction, receipt)
         return receipt.text
 
     async def imagine(
@@ -447,7 +452,7 @@ class DiscordAdapter:
             strength=strength,
             roles=role_ids(interaction.user),
         )
-        await self._post_queued(interaction, receipt, "your image")
+        await self._post_queued(interaction, receipt)
         return receipt.text
 
     async def showcase(self, interaction: discord.Interaction[Any], name: str | None) -> str:
@@ -458,7 +463,7 @@ class DiscordAdapter:
             name,
             roles=role_ids(interaction.user),
         )
-        await self._post_queued(interaction, receipt, "the showcase")
+        await self._post_queued(interaction, receipt)
         return receipt.text
 
     async def click(
@@ -481,7 +486,7 @@ class DiscordAdapter:
                 roles=role_ids(interaction.user),
                 mention=lambda user_id: f"<@{user_id}>",
             )
-            await self._post_queued(interaction, receipt, "your image")
+            await self._post_queued(interaction, receipt)
             return receipt.text
 
         await self.respond(interaction, work)
@@ -550,10 +555,9 @@ class DiscordAdapter:
         """Run one /mod action, privately, after the moderator check."""
         await self.respond(interaction, lambda: action(self.moderator(interaction)))
 
-    async def _post_queued(
-        self, interaction: discord.Interaction[Any], receipt: Receipt, label: str
-    ) -> None:
-        queued = progress_text(Progress(job_id=receipt.job_id, phase="queued"), label)
+    async def _post_queued(self, interaction: discord.Interaction[Any], receipt: Receipt) -> None:
+        """Post the job's progress message, naming the job as its later updates will."""
+        queued = progress_text(Progress(job_id=receipt.job_id, phase="queued"), receipt.label)
         content = f"<@{interaction.user.id}> · {queued} {common.queue_place(receipt)}"
         await self.progress.post_queued(
             receipt.job_id, destination_of(interaction), content, self._post_progress
@@ -579,7 +583,7 @@ class DiscordAdapter:
         job = delivery.job
         files, buttons_for = await common.result_files(self.core.artifacts, delivery)
         self.edits.forget(job.id)
-        content = f"<@{job.destination['user_id']}> {delivery.text}"
+        content = f"<@{job.destination['user_id']}> {plain(delivery.text)}"
         outgoing = Outgoing(content, files, buttons_for, len(files), delivery.parts)
         await self._post_to_user(job, outgoing)
         await self._finish_progress(job, "✓ done — result below.")
@@ -590,7 +594,7 @@ class DiscordAdapter:
         self.edits.forget(job.id)
         mark = common.ending_mark(job)
         await self._post_to_user(
-            job, Outgoing(f"<@{job.destination['user_id']}> {mark} {text}", [])
+            job, Outgoing(f"<@{job.destination['user_id']}> {mark} {plain(text)}", [])
         )
         await self._finish_progress(job, common.ending_note(job))
 
@@ -671,6 +675,10 @@ class DiscordAdapter:
     async def _post_to_user(self, job: Job, outgoing: Outgoing) -> None:
         """Post in the job's channel; by DM if the channel is gone or forbidden; else log.
 
+        The DM stands on its own, even when the channel refused only the later messages of a
+        result: its first message carries the text, under a line saying why it came by DM,
+        then come the files and buttons the channel didn't take.
+
         Other errors (Discord down, network) propagate so the delivery is retried later; files
         too large for the channel are not one of them (``_send`` deals with those).
         """
@@ -679,10 +687,14 @@ class DiscordAdapter:
             return
         except (discord.Forbidden, discord.NotFound) as exc:
             log.warning("job %s: channel refused the result (%s); sending it by DM", job.id, exc)
+        note = common.by_dm_note(f"<#{job.destination['channel_id']}>", outgoing.parts)
+        by_dm = replace(
+            outgoing, content=f"{note}\n{outgoing.content}", parts=outgoing.parts.by_dm()
+        )
         try:
             user_id = int(job.destination["user_id"])
             dm = await self.client.create_dm(discord.Object(user_id))
-            await self._send(dm, outgoing, job)
+            await self._send(dm, by_dm, job)
         except (discord.Forbidden, discord.NotFound) as exc:
             common.log_undelivered(log, job, exc, outgoing.content)
 
@@ -699,7 +711,7 @@ class DiscordAdapter:
         limit = upload_limit(channel)
         parts = outgoing.parts
         pending = parts.unposted(outgoing.files)
-        text = None if TEXT_PART in parts else outgoing.content
+        text = None if parts.text in parts else outgoing.content
         if text is None and not pending:
             return  # all of it went out on an earlier try
         for _ in range(UPLOAD_RETRIES + 1):
@@ -713,7 +725,7 @@ class DiscordAdapter:
                         channel, outgoing, job, text, uploads.upload_notes(batch), batch, last
                     )
                     await parts.add(
-                        TEXT_PART, *(file_part(name) for name, _ in pending[: len(batch)])
+                        parts.text, *(file_part(name) for name, _ in pending[: len(batch)])
                     )
                     text = None
                     pending = pending[len(batch) :]
@@ -733,7 +745,7 @@ class DiscordAdapter:
         )
         note = uploads.not_attached_note(len(pending))
         await self._send_message(channel, outgoing, job, text, [note], [], True)
-        await parts.add(TEXT_PART, *(file_part(name) for name, _ in pending))
+        await parts.add(parts.text, *(file_part(name) for name, _ in pending))
 
     async def _send_message(
         self,
@@ -746,7 +758,8 @@ class DiscordAdapter:
         last: bool,
     ) -> None:
         """One message of a result: ``text`` (the first's), ``notes`` below it, the batch's
-        files, and the buttons if it is the ``last``."""
+        files, and the buttons if it is the ``last``. It pings only the job's user, and shows
+        no embed: a link in a prompt is not previewed in the channel."""
         mentions = discord.AllowedMentions(
             everyone=False, roles=False, users=[discord.Object(int(job.destination["user_id"]))]
         )
@@ -761,8 +774,15 @@ class DiscordAdapter:
                 if upload.data is not None
             ],
             allowed_mentions=mentions,
+            suppress_embeds=True,
             **kwargs,
         )
+
+
+def plain(text: str) -> str:
+    """``text`` with Discord's markdown escaped, so that what a user typed (a prompt, a
+    reason) shows as typed: no masked link, heading or bold comes from it."""
+    return discord.utils.escape_markdown(text)
 
 
 def with_notes(text: str | None, notes: list[str]) -> str | None:
@@ -813,8 +833,8 @@ def _what(interaction: discord.Interaction[Any]) -> str:
 
 
 def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -> None:
-    """Add /train, /imagine, /showcase, /subjects, /forget, /share, /unshare, /jobs, /cancel,
-    /quota, /help and /mod to ``tree``."""
+    """Add /train, /imagine, /showcase, /subjects, /use, /forget, /share, /unshare, /jobs,
+    /cancel, /quota, /help and /mod to ``tree``."""
 
     @tree.command(name="train", description="Teach me a subject from 3-10 photos of it")
     @app_commands.guild_only()
@@ -854,7 +874,7 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
         # The core checks the name again: a typed one need not be among these.
         return choices([(name, name) for name in adapter.core.settings.model_names], current)
 
-    @tree.command(name="imagine", description="Draw a prompt; [V] is your newest subject")
+    @tree.command(name="imagine", description="Draw a prompt; [V] is your active subject (/use)")
     @app_commands.guild_only()
     @app_commands.describe(
         prompt="what to draw, e.g. a [V] dog wearing a hat",
@@ -901,7 +921,7 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
 
     @tree.command(name="showcase", description="Your subject in the paper's five capabilities")
     @app_commands.guild_only()
-    @app_commands.describe(name="the subject's name (default: your newest)")
+    @app_commands.describe(name="the subject's name (default: your [V], see /use)")
     async def showcase(interaction: discord.Interaction[Any], name: str | None = None) -> None:
         await adapter.respond(interaction, lambda: adapter.showcase(interaction, name))
 
@@ -917,6 +937,21 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
         await adapter.respond(
             interaction, lambda: adapter.core.subjects_text(owner_of(interaction))
         )
+
+    @tree.command(name="use", description="Make one of your ready subjects [V] in prompts")
+    @app_commands.guild_only()
+    @app_commands.describe(
+        subject="your ready subject; leave out to go back to your newest ready subject"
+    )
+    async def use(interaction: discord.Interaction[Any], subject: str | None = None) -> None:
+        await adapter.respond(interaction, lambda: adapter.core.use(owner_of(interaction), subject))
+
+    @use.autocomplete("subject")
+    async def use_subject(
+        interaction: discord.Interaction[Any], current: str
+    ) -> list[app_commands.Choice[str]]:
+        # Only their own: a shared subject is never [V]. The core checks the name again.
+        return await subject_choices(interaction, current, ready_only=True)
 
     @tree.command(name="forget", description="Delete a subject, its photos and its adapter")
     @app_commands.guild_only()

@@ -237,6 +237,8 @@ class ShellAdapter:
                 await self._redo(command[1:], rest)
             elif command == "/subjects":
                 self.say(await self.core.subjects_text(self.owner))
+            elif command == "/use":
+                self.say(await self.core.use(self.owner, rest.strip() or None))
             elif command == "/forget":
                 self.say(await self.core.forget(self.owner, rest))
             elif command in ("/share", "/unshare"):

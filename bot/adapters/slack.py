@@ -23,8 +23,8 @@ channel trains ``rex``; or, without the slash command, one message with the phot
 ``@dreambot train rex dog`` (in a DM with the bot: ``train rex dog``). Photos are downloaded
 from files.slack.com only, with the bot token, size-capped while streaming. Any other command
 can be written to the bot the same way (``jobs`` in a DM, ``@dreambot cancel rex`` in a
-channel), as ``/dreambot <command>`` runs it; ``/dreambot jobs``, ``cancel``, ``share`` and
-``unshare`` have no slash command of their own.
+channel), as ``/dreambot <command>`` runs it; ``/dreambot jobs``, ``cancel``, ``use``,
+``share`` and ``unshare`` have no slash command of their own.
 
 Who moderates is the one rule decided here: workspace admins and owners (``users.info``), or a
 configured user id (``DREAMBOT_MODERATOR_USERS``).
@@ -63,7 +63,6 @@ from bot.config import ConfigError, Settings
 from bot.core.commands import Core, Receipt
 from bot.core.delivery import (
     BUTTONS_PART,
-    TEXT_PART,
     Delivery,
     PostedParts,
     file_part,
@@ -88,9 +87,9 @@ UPDATES_PER_MINUTE = 40
 three jobs at one update per interval would already exceed it. The rest of the 50 is left for
 closing progress messages when jobs end."""
 COMMAND_PREFIX = "/dreambot "
-"""How the core's hints type a command here: ``/dreambot jobs``, ``cancel``, ``share`` and
-``unshare`` have no slash command of their own (so the app's manifest needs no change for
-them)."""
+"""How the core's hints type a command here: ``/dreambot jobs``, ``cancel``, ``use``,
+``share`` and ``unshare`` have no slash command of their own (so the app's manifest needs no
+change for them)."""
 SLACK_FILE_HOSTS = frozenset({"files.slack.com"})
 """Where Slack serves ``url_private_download``; the bot token is only ever sent there."""
 
@@ -193,13 +192,15 @@ def usage_text(core: Core, train_window: float) -> str:
         e.g. /train rex dog
 /imagine <prompt> [--count N] [--seed N] [--no "things to avoid"] [--aspect shape]
         [--steps N] [--guidance X] [--strength X]
-        draw a prompt; [V] is your newest subject, [name] a named one (yours, or one
-        shared with you: see /subjects)
+        draw a prompt; [V] is your active subject (see /dreambot use), [name] a named
+        one (yours, or one shared with you: see /subjects)
         e.g. /imagine a [V] dog wearing a hat --aspect portrait
         under each result: Reroll (new seed), and per image V1…V4 (a close variation of
         that image) and U1…U4 (that image enlarged)
 /showcase [name]       your subject in the DreamBooth paper's five capabilities, as one grid
 /subjects              list your subjects and their status, and those shared with you
+/dreambot use [name]   make one of your ready subjects [V] (it stays [V] when you train
+        others); /dreambot use alone: [V] is your newest ready subject again
 /forget <name>         delete a subject, its photos and its adapter
 /dreambot share <name> <@user or everyone>
         let one person, or everyone in this workspace, draw your subject as [name] (or as
@@ -324,6 +325,7 @@ class SlackAdapter:
     ) -> None:
         self.core = core
         core.mention = mention
+        core.command_prefix = COMMAND_PREFIX
         self.client = client
         self.downloader = downloader or SlackDownloader(
             client.token or "", max_bytes=core.settings.max_photo_bytes
@@ -350,6 +352,7 @@ class SlackAdapter:
             "imagine": self.imagine,
             "showcase": self.showcase,
             "subjects": lambda caller, text: self.core.subjects_text(caller.owner),
+            "use": lambda caller, text: self.core.use(caller.owner, unescape(text).strip() or None),
             "forget": self.forget,
             "share": lambda caller, text: self.share(caller, "share", text),
             "unshare": lambda caller, text: self.share(caller, "unshare", text),
@@ -604,21 +607,21 @@ class SlackAdapter:
         )
         self.pending.pop(self._pending_key(caller), None)
         await self._drop_pending(caller)
-        await self._post_queued(caller, receipt, name.strip())
+        await self._post_queued(caller, receipt)
         return receipt.text
 
     async def imagine(self, caller: Caller, text: str) -> str:
         """/imagine <prompt> [--options]: queue a generation."""
         args = parse_imagine(unescape(text))
         receipt = await queue_imagine(self.core, caller.owner, caller.destination, args)
-        await self._post_queued(caller, receipt, "your image")
+        await self._post_queued(caller, receipt)
         return receipt.text
 
     async def showcase(self, caller: Caller, text: str) -> str:
         """/showcase [name]: queue a subject's showcase grid."""
         name = unescape(text).strip() or None
         receipt = await self.core.showcase(caller.owner, caller.destination, name)
-        await self._post_queued(caller, receipt, "the showcase")
+        await self._post_queued(caller, receipt)
         return receipt.text
 
     async def forget(self, caller: Caller, text: str) -> str:
@@ -670,7 +673,7 @@ class SlackAdapter:
             index=index,
             mention=mention,
         )
-        await self._post_queued(caller, receipt, "your image")
+        await self._post_queued(caller, receipt)
         return receipt.text
 
     async def is_moderator(self, caller: Caller) -> bool:
@@ -796,8 +799,9 @@ class SlackAdapter:
 
     # Messages.
 
-    async def _post_queued(self, caller: Caller, receipt: Receipt, label: str) -> None:
-        queued = progress_text(Progress(job_id=receipt.job_id, phase="queued"), label)
+    async def _post_queued(self, caller: Caller, receipt: Receipt) -> None:
+        """Post the job's progress message, naming the job as its later updates will."""
+        queued = progress_text(Progress(job_id=receipt.job_id, phase="queued"), receipt.label)
         content = f"{mention(caller.user_id)} · {escape(queued)} {common.queue_place(receipt)}"
         await self.progress.post_queued(
             receipt.job_id, caller.destination, content, self._post_progress
@@ -899,6 +903,10 @@ class SlackAdapter:
         """Post in the job's channel; by DM if the channel refuses; else log. ``parts``: what
         an earlier try posted (left out now), and what this one posts.
 
+        The DM stands on its own, even when the channel refused only the later messages of a
+        result: its first message carries the text, under a line saying why it came by DM,
+        then come the files and buttons the channel didn't take.
+
         Other errors (Slack down, rate limits beyond the retries) propagate, so the delivery
         is retried later.
         """
@@ -911,9 +919,11 @@ class SlackAdapter:
             if slack_error(exc) not in CHANNEL_REFUSED:
                 raise
             log.warning("job %s: channel refused the result (%s); sending it by DM", job.id, exc)
+        note = common.by_dm_note(f"<#{job.destination['channel_id']}>", parts)
         try:
             opened = await self.client.conversations_open(users=user_id)
-            await self._send(str(opened["channel"]["id"]), text, files, buttons_for, parts)
+            dm = str(opened["channel"]["id"])
+            await self._send(dm, fit(f"{note}\n{text}"), files, buttons_for, parts.by_dm())
         except SlackApiError as exc:
             if slack_error(exc) not in DM_REFUSED:
                 raise
@@ -927,13 +937,14 @@ class SlackAdapter:
         buttons_for: str | None,
         parts: PostedParts,
     ) -> None:
-        """The text with the first upload of files (ten a message), then the buttons in a
-        message of their own; each added to ``parts`` once posted, and left out if it was."""
-        comment = None if TEXT_PART in parts else text
-        if not files and comment is not None:
-            await self.client.chat_postMessage(channel=channel, text=comment, unfurl_links=False)
-            await parts.add(TEXT_PART)
+        """The text with the first upload of files (ten a message), or alone when no file is
+        left to post, then the buttons in a message of their own; each added to ``parts`` once
+        posted, and left out if it was."""
+        comment = None if parts.text in parts else text
         pending = parts.unposted(files)
+        if not pending and comment is not None:
+            await self.client.chat_postMessage(channel=channel, text=comment, unfurl_links=False)
+            await parts.add(parts.text)
         for start in range(0, len(pending), MAX_FILES_PER_MESSAGE):
             batch = pending[start : start + MAX_FILES_PER_MESSAGE]
             await self.client.files_upload_v2(
@@ -943,7 +954,7 @@ class SlackAdapter:
                 ],
                 initial_comment=comment,
             )
-            await parts.add(TEXT_PART, *(file_part(name) for name, _ in batch))
+            await parts.add(parts.text, *(file_part(name) for name, _ in batch))
             comment = None
         if buttons_for and BUTTONS_PART not in parts:
             await self.client.chat_postMessage(

@@ -1,5 +1,5 @@
-"""The chat commands, platform-free: /train, /imagine, /subjects, /forget, /jobs, /cancel,
-/quota, /help (and /share, /unshare through ``Core.sharing``).
+"""The chat commands, platform-free: /train, /imagine, /subjects, /use, /forget, /jobs,
+/cancel, /quota, /help (and /share, /unshare through ``Core.sharing``).
 
 Adapters call these with plain values and render the returned text; errors a user can cause
 raise ``UserError``. Nothing here knows about Discord, Slack or the terminal.
@@ -35,7 +35,13 @@ from bot.core.moderation import (
     when,
 )
 from bot.core.photos import PhotoRules, Upload, prepare_photos
-from bot.core.prompts import SUBJECT_REF, active_subject, resolve_prompt
+from bot.core.prompts import (
+    SUBJECT_REF,
+    SubjectLookup,
+    active_subject,
+    format_names,
+    resolve_prompt,
+)
 from bot.core.quotas import Limits, Quotas, check_allowance, format_duration
 from bot.core.sharing import Sharing
 from bot.core.store import (
@@ -84,8 +90,9 @@ SHELL_USAGE = """\
 /train <name> <class> <photos…>   learn a subject from 3–20 photos
                                   e.g. /train rex dog a.jpg b.jpg c.jpg
                                   option: --model NAME, one of the configured base models
-/imagine <prompt>                 draw a prompt; [V] is your newest subject, [name] a named one
-                                  (yours, or one shared with you: see /subjects)
+/imagine <prompt>                 draw a prompt; [V] is your active subject (see /use),
+                                  [name] a named one (yours, or one shared with you: see
+                                  /subjects)
                                   e.g. /imagine a [V] dog wearing a hat
                                   options: --count N (1-4), --seed N, --no "things to avoid",
                                   --aspect square|portrait|landscape|wide, --steps N,
@@ -93,7 +100,9 @@ SHELL_USAGE = """\
 /reroll, /vary [N], /upscale [N]  redo your last result: new seed, a close variation of
                                   image N, or image N enlarged
 /showcase [name]                  your subject in the DreamBooth paper's five capabilities
-/subjects                         list your subjects and their status
+/subjects                         list your subjects and their status, and which is [V]
+/use [name]                       make one of your ready subjects [V] (it stays [V] when you
+                                  train others); /use alone: [V] is your newest ready subject
 /forget <name>                    delete a subject, its photos and its adapter
 /share <name> everyone            let every user here draw your subject (others: /unshare)
 /unshare <name> [everyone]        stop sharing it
@@ -185,11 +194,12 @@ class Submission:
         """The end of a receipt's first sentence: ``queued (position 2).`` or why not sure."""
         return f"queued (position {self.position})." if self.confirmed else UNCONFIRMED_NOTE
 
-    def receipt(self, job_id: str, text: str) -> Receipt:
-        """The receipt telling ``text``, then the engine note on a line of its own."""
+    def receipt(self, job_id: str, text: str, label: str = "") -> Receipt:
+        """The receipt telling ``text``, then the engine note on a line of its own; ``label``
+        names the job in its progress messages (``Receipt.label``)."""
         if self.engine_note:
             text = f"{text}\n{self.engine_note}"
-        return Receipt(job_id, self.position, text, self.confirmed)
+        return Receipt(job_id, self.position, text, self.confirmed, label)
 
 
 @dataclass(frozen=True)
@@ -201,6 +211,15 @@ class Receipt:
     position: int
     text: str
     confirmed: bool = True
+    label: str = ""
+    """How the job's progress messages name it (``rex``, ``your images``), the first one
+    (posted by the adapter) as the later ones (``bot.core.delivery``)."""
+
+
+def images_label(count: int) -> str:
+    """How the progress messages of an image job name what it draws: ``your image``, or
+    ``your images`` when it draws more than one."""
+    return "your images" if count > 1 else "your image"
 
 
 CANCEL_STATES: dict[CancelState, str] = {
@@ -253,6 +272,10 @@ class Core:
         self.mention: Callable[[str], str] = str
         """How this platform writes a user id in a reply so that it shows who they are
         (``<@id>``): adapters whose platform has mentions set theirs."""
+        self.command_prefix = "/"
+        """How this platform types the commands that have no slash command of their own
+        everywhere (``/use``): Slack's adapter sets ``/dreambot ``. For hints in replies and
+        in results, which carry no ``prefix`` argument."""
         self._live_engines_script = queue.register_script(_LIVE_ENGINES_SCRIPT)
         self.told_positions: dict[str, int] = {}
         """Job id → the queue position its receipt gave, until the delivery side has seen it
@@ -293,7 +316,7 @@ class Core:
         if not SUBJECT_NAME.match(name) or name.lower() == "v":
             raise UserError(
                 f"'{name}' can't be a subject name: use 1-32 letters, digits, - or _ "
-                "(and not 'V', which means your newest subject)."
+                "(and not 'V', which means your active subject in prompts)."
             )
         if not CLASS_NOUN.match(class_noun):
             raise UserError(
@@ -366,6 +389,7 @@ class Core:
             job_id,
             f"Training {name} ({class_noun}) from {len(photos)} photos: {submission.status} "
             "I'll post progress here.",
+            name,
         )
 
     async def imagine(
@@ -484,6 +508,7 @@ class Core:
         return submission.receipt(
             job_id,
             f"Drawing {count} image{'s' if count > 1 else ''} (seed {seed}): {submission.status}",
+            images_label(count),
         )
 
     async def reimagine(
@@ -589,7 +614,7 @@ class Core:
         """/showcase [name]: one grid of the subject in the DreamBooth paper's five
         capabilities (two prompts each, chosen for a living thing or an object).
 
-        Without ``name``, the caller's newest ready subject ([V]). Costs one image per cell.
+        Without ``name``, the caller's active subject ([V]). Costs one image per cell.
         """
         await self.moderation.check_not_banned(owner)
         # The prompt resolver gives the same messages as /imagine for unknown or unready names,
@@ -629,6 +654,7 @@ class Core:
             f"Drawing the showcase of {subject.name}: {units} images in one grid "
             f"(recontextualisation, art renditions, novel views, property modification, "
             f"accessorisation): {submission.status}",
+            f"showcase of {subject.name}",
         )
 
     async def list_subjects(self, owner: Owner) -> list[Subject]:
@@ -647,25 +673,116 @@ class Core:
 
     async def subjects_text(self, owner: Owner) -> str:
         """/subjects: the caller's subjects with their status (and whom each is shared with),
-        then the subjects other users shared with them."""
+        which one ``[V]`` means and whether they chose it with /use or it is their newest
+        ready one, then the subjects other users shared with them."""
         await self.moderation.check_not_banned(owner)
         subjects = await self.list_subjects(owner)
         shared_notes, shared_lines = await self.sharing.subjects_lines(owner, subjects)
-        active = active_subject(subjects)
+        chosen_id = await self.store.chosen_subject_id(owner)
+        active = active_subject(subjects, chosen_id)
         lines = (
             ["Your subjects:"]
             if subjects
             else ["You have no subjects yet. Train one: `/train <name> <class> <photos…>`."]
         )
+        use = f"{self.command_prefix}use"
         for subject in subjects:
-            marker = "  ← [V]" if subject is active else ""
+            marker = ""
+            if subject is active:
+                how = f"chosen with {use}" if subject.id == chosen_id else "your newest ready one"
+                marker = f"  ← [V] ({how})"
             detail = f" ({subject.error})" if subject.status == "failed" and subject.error else ""
             shared = f" · {shared_notes[subject.id]}" if subject.id in shared_notes else ""
             lines.append(
                 f"  {subject.name}: {subject.class_noun}, {subject.status}{detail}, "
                 f"{subject.photo_count} photos, since {when(subject.created_at)}{marker}{shared}"
             )
+        chosen = next((s for s in subjects if s.id == chosen_id), None)
+        if chosen is not None and chosen is not active:
+            instead = (
+                f"[V] is {active.name}, your newest ready subject, until it is ready again"
+                if active is not None
+                else "[V] works once one of your subjects is ready"
+            )
+            lines.append(
+                f"You chose {chosen.name} with {use}, but it is {chosen.status}, so {instead}."
+            )
+        elif chosen is not None:
+            lines.append(f"`{use}` alone makes [V] your newest ready subject again.")
+        elif sum(s.status == "ready" for s in subjects) > 1:
+            lines.append(f"`{use} <name>` makes another of your ready subjects [V].")
         return "\n".join([*lines, *shared_lines])
+
+    async def use(self, owner: Owner, name: str | None = None) -> str:
+        """/use [name]: make one of the caller's own ready subjects their ``[V]`` in this
+        workspace (kept in SQLite: a subject trained later does not replace it), or without
+        ``name`` go back to their newest ready subject. A subject still training, a failed
+        one and a shared one (written ``[name]`` or ``[token]``, never ``[V]``) are refused.
+        A chosen subject that is deleted, or no longer ready, is passed over: ``[V]`` is the
+        newest ready one then."""
+        await self.moderation.check_not_banned(owner)
+        wanted = (name or "").strip()
+        if wanted.startswith("[") and wanted.endswith("]"):  # /use [rex], as a prompt writes it
+            wanted = wanted[1:-1].strip()
+        lookup = await self.sharing.lookup(owner)
+        use = f"{self.command_prefix}use"
+        current = lookup.active
+        if not wanted:
+            if lookup.chosen is None or not await self.store.clear_chosen_subject(owner):
+                now = f", {current.name}" if current is not None else ", once one is ready"
+                return (
+                    f"[V] already means your newest ready subject{now}; nothing changed. "
+                    f"`{use} <name>` makes one of your ready subjects [V]."
+                )
+            newest = active_subject(lookup.own)
+            now = f": {newest.name}" if newest is not None else ", once one is ready"
+            return f"[V] means your newest ready subject again{now}."
+        key = wanted.lower()
+        subject = next((s for s in lookup.own if s.name.lower() == key), None)
+        if subject is None:
+            raise UserError(_not_yours_to_use(lookup, wanted))
+        stays = f" [V] stays {current.name}." if current is not None else ""
+        if subject.status != "ready":
+            if subject.status == "failed":
+                raise UserError(
+                    f"{subject.name} failed to train, so it can't be [V]: train it again "
+                    f"first (`/train {subject.name} {subject.class_noun} …`).{stays}"
+                )
+            raise UserError(
+                f"{subject.name} is still {subject.status}; `{use} {subject.name}` works once "
+                f"it is ready.{stays}"
+            )
+        if lookup.chosen == subject.id:
+            return f"[V] already means {subject.name}, as you chose; nothing changed."
+        if not await self.store.choose_subject(owner, subject.id):
+            raise UserError(f"{subject.name} was deleted just now, so [V] is unchanged.")
+        text = (
+            f"[V] now means {subject.name} ({subject.class_noun}), also after you train "
+            f"others: `/imagine a [V] on the beach` draws it."
+        )
+        if current is not None and current.id != subject.id:
+            text += f" (It was {current.name}.)"
+        return f"{text} `{use}` alone goes back to your newest ready subject."
+
+    async def ready_text(self, subject: Subject, took: str) -> str:
+        """What a finished training's result says: ``subject`` is ready, with a prompt to try
+        (``took``: how many steps in how long). When the owner's ``[V]`` stays another subject
+        (one they chose with /use, or a newer one), it says so and how to change it, rather
+        than suggesting a ``[V]`` that would draw the other one."""
+        owner = subject.owner
+        active = active_subject(
+            await self.store.list_subjects(owner), await self.store.chosen_subject_id(owner)
+        )
+        if active is None or active.id == subject.id:
+            return (
+                f"{subject.name} is ready — try /imagine a [V] {subject.class_noun} on the "
+                f"beach  ({took})"
+            )
+        return (
+            f"{subject.name} is ready — try /imagine a [{subject.name}] {subject.class_noun} on "
+            f"the beach  ({took})\n[V] is still {active.name}; "
+            f"`{self.command_prefix}use {subject.name}` to draw {subject.name} as [V]."
+        )
 
     async def forget(self, owner: Owner, name: str) -> str:
         """/forget: delete one of the caller's subjects with its photos and adapter."""
@@ -685,10 +802,18 @@ class Core:
                 )
                 stopped = " Its training was stopped, and what it took from your quota is back."
         shares = (await self.store.subject_shares(owner)).get(subject.id, [])
-        # Deleting the row deletes its shares too (ON DELETE CASCADE).
+        was_chosen = await self.store.chosen_subject_id(owner) == subject.id
+        # Deleting the row deletes its shares and a /use choice of it too (ON DELETE CASCADE).
         await self.remove_subject(subject)
         if shares:
             stopped += f" It is no longer shared with {self.sharing.whom(shares)}."
+        if was_chosen:
+            newest = active_subject(await self.list_subjects(owner))
+            stopped += (
+                f" It was your [V]; [V] is now your newest ready subject, {newest.name}."
+                if newest is not None
+                else " It was your [V]; [V] works again once another subject of yours is ready."
+            )
         return f"Forgot {subject.name}: its photos and adapter are deleted.{stopped}"
 
     async def remove_subject(self, subject: Subject) -> None:
@@ -1231,6 +1356,22 @@ def _common_base_model(subjects: Sequence[Subject], default: str) -> str:
             "can't hold them all. Nothing was queued."
         )
     return models[0] if models else default
+
+
+def _not_yours_to_use(lookup: SubjectLookup, name: str) -> str:
+    """Why /use can't take ``name``: none of the caller's subjects has it (the existing
+    "Your subjects: …" message), and if a subject shared with them does, how to draw that."""
+    text = f"You have no subject called '{name}'. Your subjects: {format_names(lookup.own)}."
+    key = name.lower()
+    shared = [s for s in lookup.shared if key in (s.name.lower(), s.token.lower())]
+    if shared:
+        written = " or ".join(sorted({lookup.reference(s) for s in shared}))
+        owners = ", ".join(sorted({lookup.mention(s.owner.user_id) for s in shared}))
+        text += (
+            f" The {shared[0].name} shared with you by {owners} can't be [V], which is always "
+            f"one of your own subjects: write {written} in a prompt to draw it."
+        )
+    return text
 
 
 def _queue_down() -> UserError:

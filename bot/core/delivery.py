@@ -7,7 +7,9 @@ that fails, or takes longer than ``Settings.delivery_timeout``, is tried again l
 ``DELIVERY_TRIES`` times in all; the last try that fails tells the user instead. A result
 posted as several messages is posted part by part (``PostedParts``): a try after a failure
 posts only the parts not yet in the chat. One cut off by a hard kill mid-post is posted after
-the restart, its message under way perhaps twice (at least once, never lost).
+the restart, its message under way perhaps twice (at least once, never lost). When the channel
+refuses a result (or the rest of one), the adapter sends it by DM instead, the DM's first
+message carrying the text again with a line saying why it came there (``PostedParts.by_dm``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Protocol
 from arq.connections import ArqRedis
 from arq.worker import Retry, Worker, func
 
-from bot.core.commands import Core
+from bot.core.commands import Core, images_label
 from bot.core.store import Job
 from engine.api import (
     DELIVER_FAILURE,
@@ -51,6 +53,8 @@ TEXT_PART = "text"
 """A result's text, as a ``PostedParts`` name (the first message carries it)."""
 BUTTONS_PART = "buttons"
 """A result's Reroll / Vary / Upscale buttons, when they go in a message of their own."""
+DM_TEXT_PART = "text:dm"
+"""A result's text as sent by DM once its channel refused it (``PostedParts.by_dm``)."""
 
 
 def file_part(name: str) -> str:
@@ -66,15 +70,30 @@ class PostedParts:
     each message carried once it is posted; so when a later message fails and the delivery
     runs again, only the rest is posted. The deliverer's come from the store and are recorded
     there as they are added (migration 0007); a bare one is kept in memory only.
+
+    ``text`` names the part the text is recorded as where these parts are being posted:
+    ``TEXT_PART`` in the job's channel, ``DM_TEXT_PART`` in the DM that replaces it.
     """
 
     def __init__(
         self,
         posted: Iterable[str] = (),
         record: Callable[[Sequence[str]], Awaitable[None]] | None = None,
+        *,
+        text: str = TEXT_PART,
     ) -> None:
         self._posted = set(posted)
         self._record = record
+        self.text = text
+
+    def by_dm(self) -> PostedParts:
+        """The same parts, for posting the rest of the result by DM once its channel refused
+        it: a file or the buttons posted in either place are not posted again, but the text
+        counts only once it went by DM, so that the DM's first message carries it and stands
+        on its own. What is added to one is added to both (and recorded as before)."""
+        view = PostedParts(record=self._record, text=DM_TEXT_PART)
+        view._posted = self._posted  # shared, not copied
+        return view
 
     def __contains__(self, part: object) -> bool:
         return part in self._posted
@@ -171,7 +190,7 @@ class Deliverer:
             return subject.name if subject else "training"
         if job.options.get("showcase"):
             return f"showcase of {job.options['showcase']}"
-        return "your image"
+        return images_label(int(job.options.get("count") or 1))
 
     async def progress(self, payload: dict[str, Any]) -> None:
         """Handle a ``Progress`` message."""
@@ -248,10 +267,8 @@ class Deliverer:
                 await self.core.store.update_subject(
                     subject.id, status="ready", adapter_url=train.adapter_url, error=None
                 )
-                text = (
-                    f"{subject.name} is ready — try /imagine a [V] {subject.class_noun} "
-                    f"on the beach  ({train.steps} steps in {format_eta(train.seconds)})"
-                )
+                took = f"{train.steps} steps in {format_eta(train.seconds)}"
+                text = await self.core.ready_text(subject, took)
                 images = train.sample_urls
         else:
             generated = GenerateResult.model_validate(payload)

@@ -25,12 +25,15 @@ class ResolvedPrompt:
     subjects: list[Subject]
 
 
-def active_subject(subjects: Sequence[Subject]) -> Subject | None:
-    """The subject ``[V]`` means: the caller's newest ready one (``subjects`` newest first)."""
-    return next((s for s in subjects if s.status == "ready"), None)
+def active_subject(subjects: Sequence[Subject], chosen: str | None = None) -> Subject | None:
+    """The subject ``[V]`` means among the caller's own ``subjects`` (newest first): the one
+    they chose with /use (``chosen``, its id) while it is ready, else their newest ready one."""
+    ready = [s for s in subjects if s.status == "ready"]
+    return next((s for s in ready if s.id == chosen), None) or next(iter(ready), None)
 
 
-def _format_names(subjects: Sequence[Subject]) -> str:
+def format_names(subjects: Sequence[Subject]) -> str:
+    """``rex, mia``: subjects' names as replies list them (``none yet`` for none)."""
     return ", ".join(s.name for s in subjects) or "none yet"
 
 
@@ -38,7 +41,9 @@ class SubjectLookup:
     """The subjects one caller may draw: their own (newest first) and those other users of
     the workspace shared with them (``shared``, newest first).
 
-    ``[V]`` is the caller's newest ready subject. ``[name]`` is the caller's own subject of
+    ``[V]`` is the caller's active subject: the one they chose with /use (``chosen``, its id)
+    while it is ready, else their newest ready one (``active_subject``); never a shared one.
+    ``[name]`` is the caller's own subject of
     that name, else the one shared subject of that name (several: the caller is asked to
     write the token instead). ``[token]`` also names a subject: tokens are unique within a
     workspace, so it is the unambiguous way to write a shared subject. ``mention`` renders an
@@ -50,11 +55,18 @@ class SubjectLookup:
         own: Sequence[Subject],
         shared: Sequence[Subject] = (),
         *,
+        chosen: str | None = None,
         mention: Callable[[str], str] = str,
     ) -> None:
         self.own = list(own)
         self.shared = list(shared)
+        self.chosen = chosen
         self.mention = mention
+
+    @property
+    def active(self) -> Subject | None:
+        """The subject ``[V]`` means now, if any (see ``active_subject``)."""
+        return active_subject(self.own, self.chosen)
 
     def find(self, ref: str) -> Subject:
         """The ready subject ``ref`` (the text between the brackets) means.
@@ -103,7 +115,7 @@ class SubjectLookup:
         def pin(match: re.Match[str]) -> str:
             ref = match.group(1).strip()
             if ref.lower() == ACTIVE:
-                active = active_subject(self.own)
+                active = self.active
                 return f"[{active.name}]" if active is not None else match.group(0)
             if self._own(ref.lower()) is not None:
                 return match.group(0)
@@ -116,7 +128,7 @@ class SubjectLookup:
         return SUBJECT_REF.sub(pin, prompt)
 
     def _active(self) -> Subject:
-        active = active_subject(self.own)
+        active = self.active
         if active is not None:
             return active
         if self.own:
@@ -158,7 +170,7 @@ class SubjectLookup:
         )
 
     def _unknown(self, ref: str) -> str:
-        text = f"You have no subject called '{ref}'. Your subjects: {_format_names(self.own)}."
+        text = f"You have no subject called '{ref}'. Your subjects: {format_names(self.own)}."
         if self.shared:
             text += f" Shared with you: {self.shared_list()}."
         return text
@@ -170,8 +182,8 @@ def resolve_prompt(
     *,
     max_chars: int,
 ) -> ResolvedPrompt:
-    """Replace ``[V]`` (the caller's newest ready subject), ``[name]`` and ``[token]`` with
-    subject tokens.
+    """Replace ``[V]`` (the caller's active subject: see ``SubjectLookup``), ``[name]`` and
+    ``[token]`` with subject tokens.
 
     ``subjects`` are the caller's own, newest first, or a ``SubjectLookup`` that also holds
     the subjects shared with them. The class noun is added after the token when the prompt

@@ -59,10 +59,12 @@ class Sharing:
         self.core = core
 
     async def lookup(self, owner: Owner) -> SubjectLookup:
-        """The subjects ``owner`` may draw: their own and those shared with them."""
+        """The subjects ``owner`` may draw: their own and those shared with them, and which
+        of their own they chose as ``[V]`` with /use."""
         return SubjectLookup(
             await self.core.store.list_subjects(owner),
             await self.core.store.subjects_shared_with(owner),
+            chosen=await self.core.store.chosen_subject_id(owner),
             mention=self.core.mention,
         )
 

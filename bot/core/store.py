@@ -425,7 +425,8 @@ class Store:
         )
 
     async def delete_subject(self, subject_id: str) -> None:
-        """Delete a subject row (its jobs keep their history, unlinked; its shares go)."""
+        """Delete a subject row (its jobs keep their history, unlinked; its shares go, and
+        so does its owner's /use choice of it)."""
         await self._write("DELETE FROM subjects WHERE id = ?", (subject_id,))
 
     # Subject shares (migration 0009).
@@ -484,6 +485,49 @@ class Store:
             " AND id IN (SELECT subject_id FROM subject_shares WHERE shared_with IN (?, ?))"
             " ORDER BY created_at DESC, rowid DESC",
             (*_owner(user), user.user_id, EVERYONE),
+        )
+
+    # Active subjects (/use, migration 0010).
+
+    async def chosen_subject_id(self, owner: Owner) -> str | None:
+        """The id of the subject the owner chose as their ``[V]`` with /use, if they chose one
+        (it may no longer be ready; a deleted one's choice is gone)."""
+        async with self.db.execute(
+            "SELECT subject_id FROM active_subjects WHERE platform = ? AND workspace = ?"
+            " AND user_id = ?",
+            _owner(owner),
+        ) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def choose_subject(self, owner: Owner, subject_id: str) -> bool:
+        """Make one of the owner's ready subjects their ``[V]``, replacing an earlier choice;
+        False if it is not (any more) one of their ready subjects, e.g. deleted meanwhile:
+        nothing changes then. One statement, so the check and the choice can't be split by a
+        /forget."""
+        now = utcnow()
+        return (
+            await self._write(
+                "INSERT INTO active_subjects (platform, workspace, user_id, subject_id,"
+                " chosen_at) SELECT platform, workspace, user_id, id, ? FROM subjects"
+                " WHERE id = ? AND platform = ? AND workspace = ? AND user_id = ?"
+                " AND status = 'ready'"
+                " ON CONFLICT (platform, workspace, user_id) DO UPDATE SET"
+                " subject_id = excluded.subject_id, chosen_at = excluded.chosen_at",
+                (now, subject_id, *_owner(owner)),
+            )
+            == 1
+        )
+
+    async def clear_chosen_subject(self, owner: Owner) -> bool:
+        """Forget the owner's /use choice, so ``[V]`` is their newest ready subject again;
+        False if they had none."""
+        return (
+            await self._write(
+                "DELETE FROM active_subjects WHERE platform = ? AND workspace = ? AND user_id = ?",
+                _owner(owner),
+            )
+            == 1
         )
 
     # Jobs.

@@ -8,12 +8,15 @@ under ``/cdn/…``.
 Like Discord, it refuses a message whose files together exceed the channel's upload limit
 (``upload_limits``, 10 MiB unless a test sets another) with HTTP 413 and code 40005; a message
 over 2,000 characters, or with components beyond Discord's limits (5 rows of 5 buttons, custom
-ids up to 100 characters, labels up to 80), and autocomplete answers beyond 25 choices or 100
-characters, with HTTP 400 and code 50035; a second first response to an interaction with HTTP
+ids up to 100 characters, labels up to 80), autocomplete answers beyond 25 choices or 100
+characters, and slash commands registered beyond Discord's rules (``command_errors``: names,
+descriptions, option and choice counts and lengths, option order, 4,000 characters a command),
+with HTTP 400 and code 50035; a second first response to an interaction with HTTP
 400 and code 40060; follow-ups on an interaction token more than 15 minutes (of the fake clock)
 after its first response with HTTP 401 and code 50027; and the next ``rate_limited_edits``
 message edits with HTTP 429 and a ``retry_after``. A test can make chosen message posts fail
-(``unavailable_posts``: HTTP 503, which discord.py does not retry).
+(``unavailable_posts``: HTTP 503, which discord.py does not retry), or a channel refuse
+messages after its first few (``refuse_after``: 403 or 404, access lost or channel deleted).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -100,6 +104,28 @@ class Recorded:
         """The message content sent, if any."""
         return (self.json or {}).get("content")
 
+    @property
+    def pings(self) -> set[str]:
+        """Whom Discord would notify for this message, as its documented allowed-mentions
+        rules decide: ``"everyone"`` for @everyone or @here, ``"role:<id>"``, and user ids,
+        each only where ``allowed_mentions`` lets it (without one: all that is written). An
+        ephemeral message counts alike (what Discord does with those is not documented)."""
+        content = self.content or ""
+        allowed = (self.json or {}).get("allowed_mentions")
+        parse = {"everyone", "roles", "users"} if allowed is None else set(allowed.get("parse", []))
+        users = set() if allowed is None else {str(u) for u in allowed.get("users", [])}
+        roles = set() if allowed is None else {str(r) for r in allowed.get("roles", [])}
+        pings = set()
+        if "everyone" in parse and re.search(r"@(everyone|here)", content):
+            pings.add("everyone")
+        for role in re.findall(r"<@&(\d+)>", content):
+            if "roles" in parse or role in roles:
+                pings.add(f"role:{role}")
+        for user in re.findall(r"<@!?(\d+)>", content):
+            if "users" in parse or user in users:
+                pings.add(user)
+        return pings
+
 
 class FakeClock:
     """Time that moves only when a test says so; ``sleep`` waits for it."""
@@ -154,6 +180,10 @@ class FakeDiscord:
     unavailable_posts: set[int] = field(default_factory=set)
     """Which message posts (counted from 1 over every channel, refused ones included) are
     answered 503, as a Discord outage would answer a message after some of a result's."""
+    refuse_after: dict[int, tuple[int, str]] = field(default_factory=dict)
+    """Channel → (n, ``"forbidden"`` or ``"missing"``): once the channel has accepted n
+    messages it joins that set, as when the bot loses access to it, or it is deleted, while a
+    result is being posted."""
     base: str = ""
     _responded: dict[str, float] = field(default_factory=dict)
     """Interaction token → fake-clock time of its first response."""
@@ -250,6 +280,12 @@ class FakeDiscord:
 
     async def sync_commands(self, request: web.Request) -> web.Response:
         recorded = await self.record(request)
+        errors = command_errors(recorded.json)
+        if errors:
+            recorded.status = 400
+            return self.reply(
+                {"message": "Invalid Form Body", "code": 50035, "errors": errors}, 400
+            )
         return self.reply(
             [
                 {**command, "id": str(next(self._ids)), "application_id": str(APP_ID)}
@@ -314,6 +350,10 @@ class FakeDiscord:
             return refused
         message = self.message(channel_id, recorded.json)
         recorded.response_id = message["id"]
+        if channel_id in self.refuse_after:
+            accepted, refusal = self.refuse_after[channel_id]
+            if len(self.posted(channel_id)) >= accepted:
+                getattr(self, refusal).add(channel_id)
         return self.reply(message)
 
     async def edit_message(self, request: web.Request) -> web.Response:
@@ -414,6 +454,84 @@ class FakeDiscord:
         )
         app.router.add_get("/cdn/{name}", self.cdn_file)
         return app
+
+
+MAX_COMMANDS = 100
+"""How many slash commands an application may register (globally, or in one server)."""
+MAX_COMMAND_CHARACTERS = 4000
+"""Discord's cap on a command's names, descriptions and choice values, all counted together."""
+SUBCOMMAND_TYPES = (1, 2)
+
+
+def _command_name_ok(name: Any) -> bool:
+    # Discord's ^[-_'\p{L}\p{N}\p{sc=Deva}\p{sc=Thai}]{1,32}$, lowercase where a letter has a
+    # lowercase form (str.isalnum covers letters and digits of every script).
+    return (
+        isinstance(name, str)
+        and 1 <= len(name) <= 32
+        and all(c.isalnum() or c in "-_'" for c in name)
+        and name == name.lower()
+    )
+
+
+def _option_errors(options: list[dict[str, Any]], where: str) -> tuple[list[str], int]:
+    """What Discord refuses in a list of command options (recursively), and their count of
+    characters toward ``MAX_COMMAND_CHARACTERS``."""
+    errors: list[str] = []
+    characters = 0
+    if len(options) > 25:
+        errors.append(f"{where}.options: Must be 25 or fewer in length.")
+    seen_optional = False
+    for index, option in enumerate(options):
+        at = f"{where}.options.{index}"
+        name, description = option.get("name"), option.get("description") or ""
+        characters += len(str(name)) + len(description)
+        if not _command_name_ok(name):
+            errors.append(f"{at}.name: Invalid name {name!r}.")
+        if not 1 <= len(description) <= 100:
+            errors.append(f"{at}.description: Must be between 1 and 100 in length.")
+        if option.get("type") in SUBCOMMAND_TYPES:
+            nested, count = _option_errors(option.get("options") or [], at)
+            errors += nested
+            characters += count
+            continue
+        if option.get("required"):
+            if seen_optional:
+                errors.append(f"{at}.required: Required options must be placed before optional.")
+        else:
+            seen_optional = True
+        choices = option.get("choices") or []
+        if choices and option.get("autocomplete"):
+            errors.append(f"{at}.autocomplete: Autocomplete cannot be set with choices.")
+        if len(choices) > 25:
+            errors.append(f"{at}.choices: Must be 25 or fewer in length.")
+        for choice in choices:
+            characters += len(choice["name"]) + len(str(choice["value"]))
+            if not 1 <= len(choice["name"]) <= 100 or len(str(choice["value"])) > 100:
+                errors.append(f"{at}.choices: names 1-100 characters, values up to 100.")
+    return errors, characters
+
+
+def command_errors(commands: list[dict[str, Any]]) -> list[str]:
+    """What Discord refuses in a bulk overwrite of slash commands: more than 100 commands;
+    names not 1-32 lowercase letters, digits, - _ or '; descriptions not 1-100 characters;
+    more than 25 options (or choices) at one level; a required option after an optional one;
+    choices with autocomplete; choice names over 100 characters or values over 100; or a
+    command over 4,000 characters in all."""
+    errors = []
+    if len(commands) > MAX_COMMANDS:
+        errors.append(f"Must be {MAX_COMMANDS} or fewer in length.")
+    for index, command in enumerate(commands):
+        name, description = command.get("name"), command.get("description") or ""
+        if not _command_name_ok(name):
+            errors.append(f"{index}.name: Invalid name {name!r}.")
+        if not 1 <= len(description) <= 100:
+            errors.append(f"{index}.description: Must be between 1 and 100 in length.")
+        nested, characters = _option_errors(command.get("options") or [], str(index))
+        errors += nested
+        if len(str(name)) + len(description) + characters > MAX_COMMAND_CHARACTERS:
+            errors.append(f"{index}: Command exceeds maximum size ({MAX_COMMAND_CHARACTERS}).")
+    return errors
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ to 255, values up to 2,000) with ``invalid_blocks`` and text over 40,000 charact
 clock), then answers 404 ``used_url`` or ``expired_url``. Methods in ``rate_limits`` take that
 many calls a minute (of the fake clock), as Slack's rate-limit tiers do (``chat.update``: Tier
 3, 50 a minute), and answer more with HTTP 429, ``ratelimited`` and a ``Retry-After`` header. A
-test can make chosen calls of a method fail (``failing_calls``: ``internal_error``).
+test can make chosen calls of a method fail (``failing_calls``: ``internal_error``), or a
+channel refuse messages after its first few (``refuse_after``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import asyncio
 import itertools
 import json
 import math
+import re
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -65,6 +67,20 @@ class Call:
         """The message text sent, if any."""
         return str(self.args.get("text") or "")
 
+    @property
+    def pings(self) -> set[str]:
+        """Whom Slack would notify for this message's text (or a file's comment), by its
+        documented formatting rules: ``<!channel>``, ``<!here>``, ``<!everyone>`` (as
+        ``channel``…), ``<!subteam^ID>`` (``subteam:ID``) and ``<@U…>`` (the user id); the
+        plain words ``@channel``… only with ``link_names``. An ephemeral message counts alike."""
+        text = f"{self.text}\n{self.args.get('initial_comment') or ''}"
+        pings = set(re.findall(r"<!(channel|here|everyone)(?:\|[^>]*)?>", text))
+        pings |= {f"subteam:{team}" for team in re.findall(r"<!subteam\^(\w+)", text)}
+        pings |= set(re.findall(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>", text))
+        if str(self.args.get("link_names")).lower() in ("1", "true"):
+            pings |= set(re.findall(r"(?<![<\w])@(channel|here|everyone)\b", text))
+        return pings
+
 
 @dataclass
 class FakeSlack:
@@ -93,9 +109,16 @@ class FakeSlack:
     answers when it fails on its side."""
     failed: list[Call] = field(default_factory=list)
     """The calls answered with ``failing_calls``' error."""
+    refuse_after: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Channel → (n, error): once the channel has taken n messages (``chat.postMessage``, or
+    a completed upload), it answers every new one with that error (``channel_not_found``,
+    ``is_archived``, ``not_in_channel``), as when it is deleted, archived or the bot is
+    removed while a result is being posted."""
     response_urls: dict[str, float] = field(default_factory=dict)
     """Response URL token → fake-clock time of the request that carried it."""
     _accepted: dict[str, list[float]] = field(default_factory=dict)
+    _taken: dict[str, int] = field(default_factory=dict)
+    """Channel → how many messages it has taken (for ``refuse_after``)."""
     _ts: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -166,7 +189,18 @@ class FakeSlack:
         }
 
     def _refused(self, channel: str) -> dict[str, Any] | None:
-        return {"ok": False, "error": "channel_not_found"} if channel in self.missing else None
+        if channel in self.missing:
+            return {"ok": False, "error": "channel_not_found"}
+        taken, error = self.refuse_after.get(channel, (-1, ""))
+        if 0 <= taken <= self._taken.get(channel, 0):
+            return {"ok": False, "error": error}
+        return None
+
+    def _take(self, channel: str, answer: dict[str, Any]) -> dict[str, Any]:
+        """Count a new message the channel took (``answer`` is ok), then pass the answer on."""
+        if answer.get("ok"):
+            self._taken[channel] = self._taken.get(channel, 0) + 1
+        return answer
 
     async def _download_images(self, args: dict[str, Any]) -> dict[str, Any] | None:
         """Slack's check of a message's image blocks: each image must download."""
@@ -228,11 +262,12 @@ class FakeSlack:
         if gate is not None:
             await gate.wait()
         channel = str(args["channel"])
-        return (
+        return self._take(
+            channel,
             self._refused(channel)
             or self._beyond_limits(args)
             or await self._download_images(args)
-            or {"ok": True, "channel": channel, "ts": self.next_ts()}
+            or {"ok": True, "channel": channel, "ts": self.next_ts()},
         )
 
     async def _chat_update(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -266,12 +301,13 @@ class FakeSlack:
         return {"ok": True, "file_id": file_id, "upload_url": f"{self.base}/upload/{file_id}"}
 
     async def _files_completeUploadExternal(self, args: dict[str, Any]) -> dict[str, Any]:
-        refused = self._refused(str(args.get("channel_id")))
+        channel = str(args.get("channel_id"))
         files = json.loads(args["files"])
-        return refused or {
-            "ok": True,
-            "files": [{"id": f["id"], "title": f["title"]} for f in files],
-        }
+        return self._take(
+            channel,
+            self._refused(channel)
+            or {"ok": True, "files": [{"id": f["id"], "title": f["title"]} for f in files]},
+        )
 
     async def _files_info(self, args: dict[str, Any]) -> dict[str, Any]:
         name = str(args["file"])

@@ -265,7 +265,33 @@ async def test_imagine_passes_its_options_to_the_core(
     request = (await ArqJob(job.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]
     assert (request["count"], request["seed"], request["negative_prompt"]) == (2, 42, "blurry")
     [progress] = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
-    assert "your image: waiting for the engine" in (progress.content or "")
+    # Two images: the first progress line names them as the engine's updates will.
+    assert "your images: waiting for the engine" in (progress.content or "")
+
+
+@pytest.mark.parametrize(("count", "label"), [(1, "your image"), (3, "your images")])
+async def test_an_image_jobs_progress_names_its_images_alike_from_the_first_line_on(
+    adapter: DiscordAdapter,
+    fake_discord: FakeDiscord,
+    runtime: BotRuntime,
+    clock: FakeClock,
+    count: int,
+    label: str,
+) -> None:
+    prompt = {"name": "prompt", "type": 3, "value": "a red fox"}
+    await run_command(adapter, "imagine", [prompt, {"name": "count", "type": 4, "value": count}])
+    [job] = await runtime.store.unfinished_jobs("discord")
+
+    await Deliverer(runtime.core, adapter).progress(
+        {"job_id": job.id, "phase": "generating", "step": 5, "total": 10}
+    )
+    await clock.advance(EDIT_INTERVAL)
+    await fake_discord.wait_until(lambda: bool(fake_discord.find("PATCH")))
+
+    [queued_line] = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
+    assert queued_line.content == f"<@{USER_ID}> · {label}: waiting for the engine (position 1)"
+    [edit] = fake_discord.find("PATCH", "/channels/")
+    assert edit.content == f"<@{USER_ID}> · {label}: drawing ████████░░░░░░░░ 5/10"
 
 
 async def test_imagine_with_v_but_no_subject_is_answered_privately_and_queues_nothing(
@@ -327,8 +353,8 @@ async def test_commands_are_synced_to_the_dev_guild_when_one_is_set(
     assert sync.path == f"/api/v10/applications/{APP_ID}/guilds/{GUILD_ID}/commands"
     commands = {command["name"]: command for command in sync.json}
     assert set(commands) == {
-        "train", "imagine", "showcase", "subjects", "forget", "share", "unshare", "jobs",
-        "cancel", "quota", "help", "mod",
+        "train", "imagine", "showcase", "subjects", "use", "forget", "share", "unshare",
+        "jobs", "cancel", "quota", "help", "mod",
     }  # fmt: skip
     cancel_options = commands["cancel"]["options"]
     assert [(o["name"], o.get("required", False)) for o in cancel_options] == [("target", False)]
@@ -794,7 +820,8 @@ async def test_images_over_the_upload_limit_together_are_split_over_messages(
     assert [name for name, _ in first.files + second.files] == ["0.png", "1.png", "2.png"]
     assert [data for _, data in first.files + second.files] == images  # as stored, in order
     assert sum(len(data) for _, data in first.files) <= UPLOAD_LIMIT
-    assert first.content == f"<@{USER_ID}> “a red fox” · seed 7"
+    by_dm = f"I couldn't post in <#{CHANNEL_ID}>, so here it is:\n" if where == "dm" else ""
+    assert first.content == f"{by_dm}<@{USER_ID}> “a red fox” · seed 7"
     assert second.content is None
     assert first.json["allowed_mentions"]["users"] == second.json["allowed_mentions"]["users"]
     assert buttons_of(first) == []
@@ -968,8 +995,102 @@ async def test_a_result_goes_to_the_user_by_dm_when_the_channel_refuses_it(
     [dm] = fake_discord.find("POST", "/users/@me/channels")
     assert dm.json == {"recipient_id": USER_ID}
     [sent] = fake_discord.find("POST", f"/channels/{DM_CHANNEL_ID}/messages")
-    assert sent.content == f"<@{USER_ID}> “a red fox” · seed 7"
+    assert sent.content == (
+        f"I couldn't post in <#{CHANNEL_ID}>, so here it is:\n<@{USER_ID}> “a red fox” · seed 7"
+    )
     assert [name for name, _ in sent.files] == ["0.png"]
+
+
+@pytest.mark.parametrize("refusal", ["forbidden", "missing"])
+async def test_a_result_the_channel_refuses_midway_comes_by_dm_with_its_text(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime, refusal: str
+) -> None:
+    result = await a_training_result(runtime, 21)  # three messages: 10, 10 and 1 files
+    fake_discord.refuse_after[CHANNEL_ID] = (1, refusal)  # access lost, or channel deleted
+
+    await Deliverer(runtime.core, adapter).result(result)
+
+    [in_channel] = fake_discord.posted(CHANNEL_ID)
+    first, second = fake_discord.posted(DM_CHANNEL_ID)
+    names = [name for message in (in_channel, first, second) for name, _ in message.files]
+    assert names == [f"{i}.png" for i in range(21)]  # each once, in order
+    # The DM stands on its own: why it came, and what it is, above the rest of the images.
+    assert (first.content or "").startswith(
+        f"I couldn't post all of it in <#{CHANNEL_ID}>, so here is the rest:\n"
+        f"<@{USER_ID}> rex is ready"
+    )
+    assert second.content is None
+    job = await runtime.store.get_job(result["job_id"])
+    assert job is not None and job.delivered_at is not None
+
+
+async def test_a_dm_fallback_cut_off_midway_posts_only_its_rest_when_run_again(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    result = await a_training_result(runtime, 21)
+    deliverer = Deliverer(runtime.core, adapter)
+    fake_discord.refuse_after[CHANNEL_ID] = (1, "forbidden")
+    fake_discord.unavailable_posts.add(4)  # channel ✓, channel ✗, DM ✓, DM: Discord down
+
+    with pytest.raises(Retry):
+        await deliverer.result(result)
+    await deliverer.result(result)  # the channel refuses again: the DM goes on
+
+    attempts = fake_discord.find("POST", f"/channels/{DM_CHANNEL_ID}/messages")
+    assert [a.status for a in attempts] == [200, 503, 200]
+    first, second = fake_discord.posted(DM_CHANNEL_ID)
+    assert [len(message.files) for message in (first, second)] == [10, 1]
+    assert "so here is the rest" in (first.content or "")
+    assert second.content is None  # the text went once
+
+
+async def test_a_failure_the_channel_refuses_says_in_the_dm_why_it_came_there(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord
+) -> None:
+    fake_discord.missing.add(CHANNEL_ID)
+
+    await adapter.show_failure(make_job(), "Training rex failed: no GPU")
+
+    [sent] = fake_discord.posted(DM_CHANNEL_ID)
+    assert sent.content == (
+        f"I couldn't post in <#{CHANNEL_ID}>, so here it is:\n"
+        f"<@{USER_ID}> ✗ Training rex failed: no GPU"
+    )
+
+
+SUPPRESS_EMBEDS = 1 << 2
+
+
+async def test_a_prompt_with_markdown_a_link_or_pings_is_shown_as_typed_pinging_only_its_owner(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    prompt = "[rex](https://evil.example) **big** __dog__ @everyone <@&999>"
+    urls = await write_images(runtime, 1)
+
+    await adapter.show_result(Delivery(make_job(), f"“{prompt}” · seed 7", urls))
+    await adapter.show_failure(make_job("b" * 32), f"Your image could not be drawn: {prompt}")
+
+    result, failure = fake_discord.posted(CHANNEL_ID)
+    # No masked link, bold or underline: the markdown shows as the characters typed.
+    shown = r"\[rex](https://evil.example) \*\*big\*\* \_\_dog\_\_ @everyone <@&999>"
+    assert result.content == f"<@{USER_ID}> “{shown}” · seed 7"
+    assert failure.content == f"<@{USER_ID}> ✗ Your image could not be drawn: {shown}"
+    for message in (result, failure):
+        assert message.pings == {str(USER_ID)}
+        assert message.json["flags"] & SUPPRESS_EMBEDS  # no preview of the link
+
+
+@pytest.mark.parametrize("name", ["*bold*", "<!channel>", "@everyone", "<@&999>", "a_b c"])
+async def test_train_refuses_a_name_that_would_format_or_ping_and_its_reply_pings_nobody(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime, name: str
+) -> None:
+    await run_command(adapter, "train", *train_options(fake_discord, name=name))
+
+    reply = private_reply(fake_discord)
+    assert f"'{name}' can't be a subject name" in (reply.content or "")
+    assert reply.pings == set()
+    assert await runtime.store.list_subjects(OWNER) == []
+    assert await engine_queue_length(runtime) == 0
 
 
 async def test_a_result_nobody_accepts_is_logged_not_lost_silently(
@@ -1124,7 +1245,7 @@ async def test_the_progress_message_is_edited_after_a_restart_not_posted_again(
         await deliverer.progress({"job_id": job.id, "phase": "generating", "step": 5, "total": 25})
         [edit] = fake_discord.find("PATCH", "/channels/")
         assert edit.path.endswith(f"/channels/{CHANNEL_ID}/messages/{progress_id(posted)}")
-        assert "your image: drawing" in (edit.content or "")
+        assert "your images: drawing" in (edit.content or "")  # four, by default
         assert len(fake_discord.find("POST", "/channels/")) == 1  # no second progress message
 
         images = await write_images(runtime, 1)

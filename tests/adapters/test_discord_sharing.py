@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import discord
+import pytest
 
 from bot.adapters.discord import DiscordAdapter
 from bot.core.store import EVERYONE, Owner
@@ -17,6 +18,7 @@ from tests.adapters.conftest import (
     USER_ID,
     FakeDiscord,
     Recorded,
+    command_errors,
     interaction_payload,
     user_option,
     user_payload,
@@ -210,3 +212,64 @@ async def test_share_and_unshare_are_registered_with_their_options(
         assert (options["user"]["type"], options["everyone"]["type"]) == (6, 5)
         assert not options["user"].get("required") and not options["everyone"].get("required")
         assert commands[name]["contexts"] == [0]  # guild only
+
+
+async def test_share_and_unshare_keep_to_discords_rules_for_commands(
+    runtime: BotRuntime, fake_discord: FakeDiscord, adapter: DiscordAdapter
+) -> None:
+    [sync] = fake_discord.find("PUT", "/commands")
+    assert sync.status == 200  # the fake refuses what Discord refuses (command_errors)
+    assert command_errors(sync.json) == []
+    share = next(command for command in sync.json if command["name"] == "share")
+    # What the fake would refuse, as Discord does, if these commands grew past the rules.
+    too_long = {**share, "description": "x" * 101}
+    capitalised = {**share, "options": [{**share["options"][0], "name": "Subject"}]}
+    optional_first = {**share, "options": share["options"][::-1]}
+    assert len(command_errors([too_long, capitalised, optional_first])) == 3
+
+
+async def test_share_suggests_no_more_subjects_than_discord_takes(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    for number in range(30):
+        await ready_subject(runtime, OWNER, f"subject-{number:02d}", f"zq{number:02d}")
+    await runtime.core.sharing.share(OWNER, "subject-00", EVERYONE)
+
+    assert len(await suggestions(adapter, fake_discord, "share", "subject", "")) == 25
+    [answer] = fake_discord.find("POST", "/callback")
+    assert answer.status == 200
+    assert await suggestions(adapter, fake_discord, "unshare", "subject", "0") == [
+        {"name": "subject-00", "value": "subject-00"}
+    ]
+
+
+@pytest.mark.parametrize("typed", ["@everyone", "@here", "<@&999>", f"<@{OTHER_USER_ID}>"])
+async def test_a_typed_subject_name_that_would_ping_pings_nobody(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime, typed: str
+) -> None:
+    await ready_subject(runtime, OWNER, "rex", "zqv")
+
+    said = await run_as(adapter, fake_discord, "unshare", [subject_option(typed)])
+
+    assert said.startswith(f"You have no subject called '{typed}'.")
+    [reply] = fake_discord.find("POST", f"/webhooks/{APP_ID}/")
+    assert reply.pings == set()
+
+
+async def test_share_mentions_the_member_without_pinging_them(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    await ready_subject(runtime, OWNER, "rex", "zqv")
+    member = user_option("user", OTHER_USER_ID)
+
+    said = await run_as(
+        adapter,
+        fake_discord,
+        "share",
+        [subject_option("rex"), member["option"]],
+        member["resolved"],
+    )
+
+    assert f"<@{OTHER_USER_ID}>" in said  # shown as their name
+    [reply] = fake_discord.find("POST", f"/webhooks/{APP_ID}/")
+    assert reply.pings == set()

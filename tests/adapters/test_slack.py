@@ -253,9 +253,34 @@ async def test_imagine_queues_a_job_for_the_caller_with_its_options(
     assert (request["count"], request["seed"], request["negative_prompt"]) == (2, 42, "blurry")
     [progress] = fake_slack.find("chat.postMessage")
     assert progress.args["channel"] == CHANNEL_ID
-    assert progress.text == f"<@{USER_ID}> · your image: waiting for the engine (position 1)"
+    assert progress.text == f"<@{USER_ID}> · your images: waiting for the engine (position 1)"
     # The progress message's ts is kept with the job, so a restarted bot still updates it.
     assert job.destination == {**DESTINATION, "progress_ts": adapter.progress_messages[job.id]}
+
+
+@pytest.mark.parametrize(("count", "label"), [(1, "your image"), (3, "your images")])
+async def test_an_image_jobs_progress_names_its_images_alike_from_the_first_line_on(
+    adapter: SlackAdapter,
+    fake_slack: FakeSlack,
+    events_url: str,
+    runtime: BotRuntime,
+    clock: FakeClock,
+    count: int,
+    label: str,
+) -> None:
+    await send_command(fake_slack, events_url, "/imagine", f"a red fox --count {count}")
+    [job] = await runtime.store.unfinished_jobs("slack")
+
+    await Deliverer(runtime.core, adapter).progress(
+        {"job_id": job.id, "phase": "generating", "step": 5, "total": 10}
+    )
+    await clock.advance(EDIT_INTERVAL)
+    await fake_slack.wait_until(lambda: bool(fake_slack.find("chat.update")))
+
+    [queued_line] = fake_slack.find("chat.postMessage")
+    assert queued_line.text == f"<@{USER_ID}> · {label}: waiting for the engine (position 1)"
+    [update] = fake_slack.find("chat.update")
+    assert update.text == f"<@{USER_ID}> · {label}: drawing ████████░░░░░░░░ 5/10"
 
 
 @pytest.mark.parametrize(
@@ -895,9 +920,72 @@ async def test_a_result_goes_to_the_user_by_dm_when_the_channel_is_not_found(
     assert opened.args["users"] == USER_ID
     refused, sent = fake_slack.find("files.completeUploadExternal")
     assert (refused.args["channel_id"], sent.args["channel_id"]) == (CHANNEL_ID, DM_CHANNEL_ID)
-    assert sent.args["initial_comment"] == f"<@{USER_ID}> “a red fox” · seed 7"
+    assert sent.args["initial_comment"] == (
+        f"I couldn't post in <#{CHANNEL_ID}>, so here it is:\n<@{USER_ID}> “a red fox” · seed 7"
+    )
     [buttons] = fake_slack.find("chat.postMessage")
     assert buttons.args["channel"] == DM_CHANNEL_ID
+
+
+@pytest.mark.parametrize("error", ["channel_not_found", "is_archived", "not_in_channel"])
+async def test_a_result_the_channel_refuses_midway_comes_by_dm_with_its_text(
+    adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime, error: str
+) -> None:
+    receipt = await runtime.core.imagine(OWNER, DESTINATION, "a red fox", count=1, seed=7)
+    urls = await write_images(runtime, 12)  # two uploads (10 and 2), then the buttons
+    job = await runtime.store.get_job(receipt.job_id)
+    assert job is not None
+    fake_slack.refuse_after[CHANNEL_ID] = (1, error)
+
+    await adapter.show_result(Delivery(job, "“a red fox” · seed 7", urls))
+
+    in_channel, refused, in_dm = fake_slack.find("files.completeUploadExternal")
+    assert (in_channel.args["channel_id"], refused.args["channel_id"]) == (CHANNEL_ID, CHANNEL_ID)
+    assert in_dm.args["channel_id"] == DM_CHANNEL_ID
+    assert [file["title"] for file in json.loads(in_dm.args["files"])] == ["10.png", "11.png"]
+    # The DM stands on its own: why it came, and what it is, above the rest of the images.
+    assert in_dm.args["initial_comment"] == (
+        f"I couldn't post all of it in <#{CHANNEL_ID}>, so here is the rest:\n"
+        f"<@{USER_ID}> “a red fox” · seed 7"
+    )
+    [buttons] = fake_slack.find("chat.postMessage")
+    assert buttons.args["channel"] == DM_CHANNEL_ID
+
+
+async def test_a_result_whose_buttons_the_channel_refuses_comes_by_dm_with_its_text(
+    adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime
+) -> None:
+    receipt = await runtime.core.imagine(OWNER, DESTINATION, "a red fox", count=1, seed=7)
+    job = await runtime.store.get_job(receipt.job_id)
+    assert job is not None
+    fake_slack.refuse_after[CHANNEL_ID] = (1, "is_archived")  # the images, not the buttons
+
+    await adapter.show_result(Delivery(job, "“a red fox” · seed 7", await write_images(runtime, 1)))
+
+    refused, text, buttons = fake_slack.find("chat.postMessage")
+    assert refused.args["channel"] == CHANNEL_ID
+    assert (text.args["channel"], buttons.args["channel"]) == (DM_CHANNEL_ID, DM_CHANNEL_ID)
+    assert text.text == (
+        f"I couldn't post all of it in <#{CHANNEL_ID}>, so here is the rest:\n"
+        f"<@{USER_ID}> “a red fox” · seed 7"
+    )
+    assert buttons.args["blocks"][0]["block_id"] == f"dreambot:{receipt.job_id}"
+    assert len(fake_slack.find("files.completeUploadExternal")) == 1  # the image went once
+
+
+async def test_a_failure_the_channel_refuses_says_in_the_dm_why_it_came_there(
+    adapter: SlackAdapter, fake_slack: FakeSlack
+) -> None:
+    fake_slack.missing.add(CHANNEL_ID)
+
+    await adapter.show_failure(make_job(), "Training rex failed: out of memory")
+
+    _, sent = fake_slack.find("chat.postMessage")
+    assert sent.args["channel"] == DM_CHANNEL_ID
+    assert sent.text == (
+        f"I couldn't post in <#{CHANNEL_ID}>, so here it is:\n"
+        f"<@{USER_ID}> ✗ Training rex failed: out of memory"
+    )
 
 
 async def test_a_result_nobody_accepts_is_logged_not_lost_silently(

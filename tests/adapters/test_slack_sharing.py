@@ -28,7 +28,7 @@ from tests.adapters.test_slack import (  # noqa: F401  (fixtures)
     send_command,
     send_event,
 )
-from tests.conftest import queued_generate_request, ready_subject
+from tests.conftest import make_photo, queued_generate_request, ready_subject
 
 OTHER = Owner("slack", TEAM_ID, OTHER_USER_ID)
 
@@ -130,3 +130,33 @@ async def test_only_the_owner_unshares(
 
     assert reply.text.endswith(f"belongs to <@{USER_ID}>: only its owner can share it.")
     assert await runtime.store.subject_shares(OWNER) == {rex.id: [EVERYONE]}
+
+
+@pytest.mark.parametrize("typed", ["<!channel>", "<!here|here>", "<!subteam^S0TEAM>", "@channel"])
+async def test_a_typed_subject_name_that_would_ping_pings_nobody(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime, typed: str
+) -> None:
+    await ready_subject(runtime, OWNER, "rex", "zqv")
+
+    # Slack sends a typed @channel as <!channel>, & < > escaped as &amp; &lt; &gt;.
+    reply = await send_command(fake_slack, events_url, "/dreambot", f"unshare {typed}")
+
+    assert reply.text.startswith("You have no subject called '")
+    assert reply.pings == set()
+    assert await runtime.store.subject_shares(OWNER) == {}
+
+
+@pytest.mark.parametrize("name", ["*bold*", "<!channel>", "@everyone", "~strike~"])
+async def test_train_with_a_name_that_would_format_or_ping_trains_nothing_and_pings_nobody(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime, name: str
+) -> None:
+    await send_command(fake_slack, events_url, "/train", f"{name} dog")
+    fake_slack.files.update({f"p{i}.jpg": make_photo(i) for i in range(3)})
+    photos = [fake_slack.file_object(f"p{i}.jpg") for i in range(3)]
+    await send_event(fake_slack, events_url, message_event_body("", photos))
+    await fake_slack.wait_until(lambda: bool(fake_slack.find("chat.postEphemeral")))
+
+    [refused] = fake_slack.find("chat.postEphemeral")
+    assert "can't be a subject name" in refused.text
+    assert all(call.pings == set() for call in [*fake_slack.find("respond"), refused])
+    assert await runtime.store.list_subjects(OWNER) == []

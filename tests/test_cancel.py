@@ -50,7 +50,7 @@ async def test_cancel_alone_takes_the_newest_job_out_of_the_queue_and_gives_its_
 
     assert cancellation.job.id == newest.job_id
     assert cancellation.text == (
-        f"Cancelled your image “a red fox on the moon” (job {newest.job_id[:8]}): taken out of "
+        f"Cancelled your images “a red fox on the moon” (job {newest.job_id[:8]}): taken out of "
         "the queue. What it took from your quota is given back."
     )
     assert await runtime.queue.zrange(GENERATE_QUEUE, 0, -1) == [first.job_id.encode()]
@@ -137,7 +137,7 @@ async def test_cancelling_a_running_job_asks_the_engine_to_stop_at_its_next_step
 
     assert "the engine stops it at its next step" in cancellation.text
     reason = await runtime.queue.get(cancel_key(receipt.job_id))
-    assert reason.decode() == "You cancelled your image “a cat”."
+    assert reason.decode() == "You cancelled your images “a cat”."
     assert await runtime.queue.zscore(abort_jobs_ss, receipt.job_id) is not None
     assert (await runtime.store.usage(owner)).images == 0
 
@@ -307,6 +307,22 @@ async def test_jobs_lists_the_callers_waiting_and_running_jobs_with_their_ids(
         "/cancel alone cancels the newest."
     )
     assert theirs.job_id[:8] not in text
+
+
+async def test_jobs_says_images_for_a_job_drawing_more_than_one(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    one = await runtime.core.imagine(owner, DEST, "a cat", count=1)
+    four = await runtime.core.imagine(owner, DEST, "a red fox", count=4)
+
+    text = await runtime.core.jobs_text(owner)
+
+    assert f"  {one.job_id[:8]}  image “a cat”  waiting #1" in text
+    assert f"  {four.job_id[:8]}  images “a red fox”  waiting #2" in text
+    cancellation = await runtime.core.cancel(owner)
+    assert cancellation.text.startswith(
+        f"Cancelled your images “a red fox” (job {four.job_id[:8]}): taken out of the queue."
+    )
 
 
 async def test_jobs_without_the_queue_still_lists_them_from_the_database(

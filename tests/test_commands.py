@@ -14,7 +14,7 @@ from bot.core.tokens import CANDIDATES
 from bot.launcher import BotRuntime, open_core
 from engine.api import TRAIN_QUEUE, TRAIN_SUBJECT, TrainRequest, rare_tokens_key
 from engine.artifacts import local_path
-from tests.conftest import TEST_PLATFORM, make_photo, make_settings, queued
+from tests.conftest import TEST_PLATFORM, make_photo, make_settings, queued, ready_subject
 
 DEST = {"channel": "c1"}
 
@@ -208,6 +208,34 @@ async def test_bad_names_and_classes_are_refused(
 ) -> None:
     with pytest.raises(UserError):
         await runtime.core.train(owner, DEST, name, noun, _photos(3))
+
+
+async def test_a_new_name_with_two_underscores_in_a_row_is_refused_before_the_photos(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    # Discord shows __text__ underlined, so my__dog__2 would not read as typed there.
+    with pytest.raises(UserError, match="two underscores in a row") as refused:
+        await runtime.core.train(owner, DEST, "my__dog__2", "dog", [])
+    assert refused.value.message.startswith("`my__dog__2` can't be a subject name")
+    assert refused.value.message.endswith("Use one at a time, or a -: `my_dog_2` or `my-dog-2`.")
+    assert await _job_count(runtime) == 0
+    # One underscore at a time is fine.
+    receipt = await runtime.core.train(owner, DEST, "my_dog_2", "dog", _photos(3))
+    assert receipt.text.startswith("Training my_dog_2 (dog) from 3 photos")
+
+
+async def test_a_subject_named_with_two_underscores_before_they_were_refused_keeps_working(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    subject = await ready_subject(runtime, owner, "my__dog", "zqv")
+
+    receipt = await runtime.core.imagine(owner, DEST, "[my__dog] on the beach", count=1)
+    assert receipt.text.startswith("Drawing 1 image")
+    await runtime.store.update_subject(subject.id, status="failed", error="cancelled")
+    # Training a failed subject again keeps its name: it replaces the subject, as ever.
+    retrained = await runtime.core.train(owner, DEST, "my__dog", "dog", _photos(3))
+    assert retrained.text.startswith("Training my__dog (dog) from 3 photos")
+    assert (await runtime.core.forget(owner, "my__dog")).startswith("Forgot my__dog")
 
 
 async def test_tokens_come_from_the_models_published_rare_words(

@@ -23,11 +23,11 @@ from bot.core.moderation import (
     parse_duration,
     parse_user,
 )
-from bot.core.store import MIGRATIONS_DIR, Owner, Store, apply_migrations
+from bot.core.store import EVERYONE, MIGRATIONS_DIR, Owner, Store, apply_migrations
 from bot.launcher import BotRuntime
 from engine.api import GENERATE, GENERATE_QUEUE, GenerateResult, bot_queue, cancel_key
 from engine.artifacts import local_path
-from tests.conftest import TEST_PLATFORM, RecordingSink, queued
+from tests.conftest import TEST_PLATFORM, RecordingSink, queued, ready_subject
 from tests.test_commands import _photos
 
 DEST = {"channel": "c1"}
@@ -206,7 +206,7 @@ async def test_cancelling_a_queued_job_removes_it_from_the_queue_and_tells_the_o
     [notice] = await _notices(runtime)
     await Deliverer(runtime.core, sink).failure(notice)
     assert sink.failures[receipt.job_id] == (
-        "Your image “a cat on the moon” was cancelled by a moderator: not today."
+        "Your images “a cat on the moon” were cancelled by a moderator: not today."
     )
     with pytest.raises(UserError, match="No waiting or running job"):
         await mod.cancel(receipt.job_id[:6])
@@ -272,6 +272,23 @@ async def test_a_running_job_without_a_worker_is_flagged_for_abort(
 
 
 # Subjects.
+
+
+async def test_mod_subjects_shows_whom_each_subject_is_shared_with(
+    runtime: BotRuntime, owner: Owner, mod: Moderator
+) -> None:
+    await ready_subject(runtime, owner, "rex", "zqv")
+    await ready_subject(runtime, owner, "mia", "bkt")
+    await runtime.core.sharing.share(owner, "rex", "user-2")
+    await runtime.core.sharing.share(owner, "rex", EVERYONE)
+
+    lines = (await mod.subjects(owner.user_id)).splitlines()
+
+    assert lines[0] == "Subjects of user-1:"
+    assert lines[1].startswith("  mia: dog, ready, 3 photos, since ")
+    assert "shared" not in lines[1]
+    assert lines[2].startswith("  rex: dog, ready, 3 photos, since ")
+    assert lines[2].endswith(" · shared with user-2 and everyone here")
 
 
 async def test_a_moderator_deletes_a_subject_with_its_files_and_stops_its_training(

@@ -88,6 +88,31 @@ async def test_v_falls_back_to_the_newest_ready_subject_once_the_chosen_one_is_f
     assert "[V]" not in await runtime.core.forget(owner, "rex")
 
 
+async def test_forgetting_the_newest_ready_subject_says_what_v_means_now(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    await rex_then_mia(runtime, owner)  # [V] is mia, the newest ready one: nobody chose
+
+    said = await runtime.core.forget(owner, "mia")
+
+    assert said.endswith("It was your [V]; [V] is now your newest ready subject, rex.")
+    assert await drawn(runtime, owner) == "a zqv dog on the beach"
+    said = await runtime.core.forget(owner, "rex")
+    assert said.endswith(
+        "It was your [V]; [V] has no subject now: it works again once another subject of "
+        "yours is ready."
+    )
+
+
+async def test_forgetting_a_subject_still_training_says_nothing_about_v(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    _, mia = await rex_then_mia(runtime, owner)
+    await runtime.store.update_subject(mia.id, status="training")  # [V] is rex
+
+    assert "[V]" not in await runtime.core.forget(owner, "mia")
+
+
 async def test_v_falls_back_to_the_newest_ready_subject_while_the_chosen_one_is_not_ready(
     runtime: BotRuntime, owner: Owner
 ) -> None:

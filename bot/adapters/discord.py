@@ -411,15 +411,17 @@ class DiscordAdapter:
         model: str | None = None,
     ) -> str:
         """/train: download the photos, queue the training, post the progress message."""
-        self.core.base_model_named(model)  # an unknown model is refused before the downloads
+        owner, roles = owner_of(interaction), role_ids(interaction.user)
+        # What the core would refuse without the photos is refused before the downloads.
+        await self.core.check_new_subject(owner, name, class_noun, roles=roles, model=model)
         uploads = await self.downloader.fetch_all((a.url, a.filename) for a in photos)
         receipt = await self.core.train(
-            owner_of(interaction),
+            owner,
             destination_of(interaction),
             name,
             class_noun,
             uploads,
-            roles=role_ids(interaction.user),
+            roles=roles,
             model=model,
         )
         await self._post_queued(interaction, receipt)
@@ -1216,7 +1218,7 @@ def mod_commands(adapter: DiscordAdapter) -> app_commands.Group:
     async def cancel(interaction: Interaction, job: str, reason: str = "") -> None:
         await adapter.mod(interaction, lambda m: m.cancel(job, reason))
 
-    @mod.command(name="subjects", description="A member's subjects")
+    @mod.command(name="subjects", description="A member's subjects, and whom each is shared with")
     async def subjects(interaction: Interaction, user: User) -> None:
         await adapter.mod(interaction, lambda m: m.subjects(str(user.id)))
 

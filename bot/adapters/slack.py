@@ -17,14 +17,15 @@ folder has neither, and uploading each preview would post new files instead of u
 message, so there the updates carry no picture. When the channel refuses (gone, archived, the
 bot not in it), the result goes to the user by DM; if that fails too, it is logged.
 
-Slash commands cannot carry files, so photos come in a message: ``/train rex dog`` opens a
-window (``DREAMBOT_SLACK_TRAIN_WINDOW``) in which the user's next message with photos in that
-channel trains ``rex``; or, without the slash command, one message with the photos and the text
-``@dreambot train rex dog`` (in a DM with the bot: ``train rex dog``). Photos are downloaded
-from files.slack.com only, with the bot token, size-capped while streaming. Any other command
-can be written to the bot the same way (``jobs`` in a DM, ``@dreambot cancel rex`` in a
-channel), as ``/dreambot <command>`` runs it; ``/dreambot jobs``, ``cancel``, ``use``,
-``share`` and ``unshare`` have no slash command of their own.
+Slash commands cannot carry files, so photos come in a message: ``/train rex dog`` (once the
+core's checks that need no photos passed) opens a window (``DREAMBOT_SLACK_TRAIN_WINDOW``) in
+which the user's next message with photos in that channel trains ``rex``; or, without the
+slash command, one message with the photos and the text ``@dreambot train rex dog`` (in a DM
+with the bot: ``train rex dog``). Photos are downloaded from files.slack.com only, with the
+bot token, size-capped while streaming. Any other command can be written to the bot the same
+way (``jobs`` in a DM, ``@dreambot cancel rex`` in a channel), as ``/dreambot <command>`` runs
+it; ``/dreambot jobs``, ``cancel``, ``use``, ``share`` and ``unshare`` have no slash command of
+their own.
 
 Who moderates is the one rule decided here: workspace admins and owners (``users.info``), or a
 configured user id (``DREAMBOT_MODERATOR_USERS``).
@@ -496,7 +497,8 @@ class SlackAdapter:
         return f"```\n{self.core.help_text(usage_text(self.core, self.train_window))}\n```"
 
     async def train_command(self, caller: Caller, text: str) -> str:
-        """/train <name> <class> [--model NAME]: wait for the photos in this channel."""
+        """/train <name> <class> [--model NAME]: check what needs no photos, then wait for
+        them in this channel."""
         rest, options = split_options(unescape(text), ["model"])
         name, _, class_noun = rest.strip().partition(" ")
         if not name or not class_noun.strip():
@@ -505,19 +507,23 @@ class SlackAdapter:
                 "the photos here."
             )
         model = options.get("model")
-        # A model nobody configured is refused now, not after the photos came.
-        self.core.base_model_named(model)
+        # A model, name or class the core would refuse (or a ban, or no trainings left
+        # today) is refused now, not after the photos came.
+        new = await self.core.check_new_subject(caller.owner, name, class_noun, model=model)
         until = self.clock() + self.train_window
-        pending = PendingTraining(name, class_noun.strip(), until, model)
+        pending = PendingTraining(new.name, new.class_noun, until, model)
         self.pending[self._pending_key(caller)] = pending
         await self._keep_pending(caller, pending)
         most = min(self.core.settings.max_photos, MAX_FILES_PER_MESSAGE)
         minutes = max(1, round(self.train_window / 60))
+        in_dm = f"train {new.name} {new.class_noun}" + (f" --model {model}" if model else "")
+        # Code spans: mrkdwn has no escape for _ (a name may hold one), and the DM's text is
+        # then copied as it is.
         return (
-            f"Now post {self.core.settings.min_photos}–{most} photos of {name} "
-            f"({class_noun.strip()}) here, in one message, within {minutes} minutes. "
+            f"Now post {self.core.settings.min_photos}–{most} photos of `{new.name}` "
+            f"({new.class_noun}) here, in one message, within {minutes} minutes. "
             "(If I'm not in this channel, invite me first, or send them to me in a DM with "
-            f"the text: train {name} {class_noun.strip()})"
+            f"the text: `{in_dm}`)"
         )
 
     async def message(
@@ -597,6 +603,8 @@ class SlackAdapter:
         model: str | None = None,
     ) -> str:
         """Download the shared photos, queue the training, post the progress message."""
+        # What the core would refuse without the photos is refused before the downloads.
+        await self.core.check_new_subject(caller.owner, name, class_noun, model=model)
         shared = [await self._file_info(file) for file in files]
         uploads = await self.downloader.fetch_all(
             (str(file["url_private_download"]), str(file.get("name") or file["id"]))

@@ -31,6 +31,8 @@ from bot.core.moderation import (
     Moderation,
     QueueState,
     describe_job,
+    draws_images,
+    images_word,
     job_prefix,
     when,
 )
@@ -43,7 +45,7 @@ from bot.core.prompts import (
     resolve_prompt,
 )
 from bot.core.quotas import Limits, Quotas, check_allowance, format_duration
-from bot.core.sharing import Sharing
+from bot.core.sharing import Sharing, stopped_note
 from bot.core.store import (
     Job,
     Owner,
@@ -216,10 +218,17 @@ class Receipt:
     (posted by the adapter) as the later ones (``bot.core.delivery``)."""
 
 
+def as_typed(text: str) -> str:
+    """``text`` in a code span, where Discord's markdown and Slack's mrkdwn show it as typed
+    (a refused name such as ``*rex*`` or ``my__dog`` is neither bold nor underlined there);
+    a backtick, which would end the span, shows as ˋ."""
+    return f"`{text.replace('`', 'ˋ')}`"
+
+
 def images_label(count: int) -> str:
     """How the progress messages of an image job name what it draws: ``your image``, or
     ``your images`` when it draws more than one."""
-    return "your images" if count > 1 else "your image"
+    return f"your {images_word(count)}"
 
 
 CANCEL_STATES: dict[CancelState, str] = {
@@ -232,6 +241,19 @@ CANCEL_STATES: dict[CancelState, str] = {
     ),
 }
 """How a user's own cancellation went in the queue, as their reply says it."""
+
+
+@dataclass(frozen=True)
+class NewSubject:
+    """A subject /train may create, as ``Core.check_new_subject`` found it before the photos:
+    its name and class as they will be stored, its base model, the failed subject of that name
+    it replaces (or None), and the caller's limits (for the binding quota check)."""
+
+    name: str
+    class_noun: str
+    base_model: str
+    replaces: Subject | None
+    limits: Limits
 
 
 @dataclass(frozen=True)
@@ -285,6 +307,67 @@ class Core:
 
     # Commands.
 
+    async def check_new_subject(
+        self,
+        owner: Owner,
+        name: str,
+        class_noun: str,
+        *,
+        roles: Sequence[str] = (),
+        model: str | None = None,
+    ) -> NewSubject:
+        """What /train checks before it needs the photos: a ban, the model, the name (its
+        form, and not one the caller already uses), the class, the blocked words, and the
+        caller's trainings left today. The name and class come back as they will be stored.
+
+        ``train`` runs it first; an adapter whose photos come later (Slack's ``/train``, then
+        a message with the photos) runs it when the command arrives, so the user learns of a
+        refusal before uploading anything. See ``train`` for ``roles`` and ``model``.
+        """
+        await self.moderation.check_not_banned(owner)
+        # Read once: the default model and the prompt filter both come from these.
+        workspace_settings = await self.store.workspace_settings(owner.platform, owner.workspace)
+        if model is None or not model.strip():
+            base_model = await self.default_model(
+                owner.platform, owner.workspace, workspace_settings
+            )
+        else:
+            base_model = self.base_model_named(model)
+        name, class_noun = name.strip(), " ".join(class_noun.lower().split())
+        if not SUBJECT_NAME.match(name) or name.lower() == "v":
+            raise UserError(
+                f"{as_typed(name)} can't be a subject name: use 1-32 letters, digits, - or _ "
+                "(and not 'V', which means your active subject in prompts)."
+            )
+        if not CLASS_NOUN.match(class_noun):
+            raise UserError(
+                f"{as_typed(class_noun)} isn't a class: say what kind of thing it is in a word "
+                "or two, e.g. dog, cat, person, backpack, toy car."
+            )
+        await self.moderation.check_prompt(
+            owner, f"{name} {class_noun}", subject=True, settings=workspace_settings
+        )
+        existing = await self.store.find_subject(owner, name)
+        # A failed training (cancelled, or stopped by an error) left a subject that can't be
+        # drawn; training the name again replaces it.
+        if existing is not None and existing.status != "failed":
+            raise UserError(
+                f"You already have a subject called {existing.name}. Pick another name, "
+                f"or `/forget {existing.name}` first."
+            )
+        # Discord shows __text__ underlined. Only new names: a subject named so before keeps
+        # its name, also when a failed one is trained again.
+        if existing is None and "__" in name:
+            one = re.sub("_{2,}", "_", name)
+            raise UserError(
+                f"{as_typed(name)} can't be a subject name: two underscores in a row show as "
+                f"underlined text on Discord. Use one at a time, or a -: "
+                f"{as_typed(one)} or {as_typed(one.replace('_', '-'))}."
+            )
+        # Refuse before the costly photo work; the binding check comes with the job insert.
+        limits = await self.quotas.precheck(owner, roles, "trainings", 1)
+        return NewSubject(name, class_noun, base_model, existing, limits)
+
     async def train(
         self,
         owner: Owner,
@@ -303,39 +386,8 @@ class Core:
         model if a moderator set one, else the configured default); the subject is drawn on
         that model from then on.
         """
-        await self.moderation.check_not_banned(owner)
-        # Read once: the default model and the prompt filter both come from these.
-        workspace_settings = await self.store.workspace_settings(owner.platform, owner.workspace)
-        if model is None or not model.strip():
-            base_model = await self.default_model(
-                owner.platform, owner.workspace, workspace_settings
-            )
-        else:
-            base_model = self.base_model_named(model)
-        name, class_noun = name.strip(), " ".join(class_noun.lower().split())
-        if not SUBJECT_NAME.match(name) or name.lower() == "v":
-            raise UserError(
-                f"'{name}' can't be a subject name: use 1-32 letters, digits, - or _ "
-                "(and not 'V', which means your active subject in prompts)."
-            )
-        if not CLASS_NOUN.match(class_noun):
-            raise UserError(
-                f"'{class_noun}' isn't a class: say what kind of thing it is in a word or two, "
-                "e.g. dog, cat, person, backpack, toy car."
-            )
-        await self.moderation.check_prompt(
-            owner, f"{name} {class_noun}", subject=True, settings=workspace_settings
-        )
-        existing = await self.store.find_subject(owner, name)
-        # A failed training (cancelled, or stopped by an error) left a subject that can't be
-        # drawn; training the name again replaces it.
-        if existing is not None and existing.status != "failed":
-            raise UserError(
-                f"You already have a subject called {existing.name}. Pick another name, "
-                f"or `/forget {existing.name}` first."
-            )
-        # Refuse before the costly photo work; the binding check comes with the job insert.
-        limits = await self.quotas.precheck(owner, roles, "trainings", 1)
+        new = await self.check_new_subject(owner, name, class_noun, roles=roles, model=model)
+        name, class_noun, base_model = new.name, new.class_noun, new.base_model
         photos = await prepare_photos(uploads, self.photo_rules)
         await self._check_queue_space()
 
@@ -343,8 +395,12 @@ class Core:
         subject_url = self.artifacts.url("subjects", subject_id)
         photos_url = f"{subject_url}/photos"
         photo_urls = [f"{photos_url}/{i:02d}.png" for i in range(len(photos))]
-        if existing is not None:
-            await self.remove_subject(existing)
+        shared_before: list[str] = []
+        if new.replaces is not None:
+            # Its sharing ends with it (ON DELETE CASCADE): the new photos may show something
+            # else, so the new subject is shared only on purpose; the receipt says so.
+            shared_before = (await self.store.subject_shares(owner)).get(new.replaces.id, [])
+            await self.remove_subject(new.replaces)
         subject = await self._insert_subject(
             owner, subject_id, name, class_noun, photos_url, len(photos), base_model
         )
@@ -360,7 +416,7 @@ class Core:
                 subject_id=subject_id,
                 usage_kind="trainings",
                 units=1,
-                check=functools.partial(check_allowance, limits, kind="trainings", units=1),
+                check=functools.partial(check_allowance, new.limits, kind="trainings", units=1),
             )
             # A ban made while this command ran may have swept the user's jobs before this
             # one was recorded; look again now that it is (the row goes, as for any refusal).
@@ -385,12 +441,16 @@ class Core:
                 await self.store.delete_subject(subject_id)
                 await self.artifacts.adelete_tree(subject_url)
             raise
-        return submission.receipt(
-            job_id,
+        text = (
             f"Training {name} ({class_noun}) from {len(photos)} photos: {submission.status} "
-            "I'll post progress here.",
-            name,
+            "I'll post progress here."
         )
+        if shared_before:
+            text += (
+                f" The {name} you replaced was shared with {self.sharing.whom(shared_before)}; "
+                f"this one isn't yet: `{self.command_prefix}share {name} …` shares it again."
+            )
+        return submission.receipt(job_id, text, name)
 
     async def imagine(
         self,
@@ -490,6 +550,10 @@ class Core:
             "width": width,
             "height": height,
         }
+        if resolved.subjects:
+            # Which subjects it draws (id → name), so that deleting or unsharing one stops
+            # this job, and a redo of it can say which one is gone (bot.core.sharing).
+            options["subjects"] = {s.id: s.name for s in resolved.subjects}
         # Only what was asked for, so older jobs and plain requests keep their shape.
         extra = {"aspect": aspect, "steps": steps, "guidance": guidance, "strength": strength}
         options.update({key: value for key, value in extra.items() if value is not None})
@@ -501,13 +565,15 @@ class Core:
             limits,
             count,
             subject_id=subject_id,
-            prompt=prompt,
+            # What /jobs and the result show: as typed, or for a redo, whose prompt has its
+            # subjects pinned, with shared ones by name where that is unambiguous.
+            prompt=prompt if redo is None else subjects.written(prompt),
             options=options,
             redo=redo,
         )
         return submission.receipt(
             job_id,
-            f"Drawing {count} image{'s' if count > 1 else ''} (seed {seed}): {submission.status}",
+            f"Drawing {count} {images_word(count)} (seed {seed}): {submission.status}",
             images_label(count),
         )
 
@@ -558,6 +624,7 @@ class Core:
             )
         if options.get("showcase"):
             raise UserError("That was a showcase; run /showcase again for a new one.")
+        await self.sharing.check_redrawable(owner, job)
         count = options.get("count") or len(result.get("image_urls") or []) or None
         repeat: dict[str, Any] = {
             key: options.get(key)
@@ -647,7 +714,11 @@ class Core:
             units,
             subject_id=subject.id,
             prompt=f"showcase of {subject.name}",
-            options={"showcase": subject.name, "seed": request.seed},
+            options={
+                "showcase": subject.name,
+                "seed": request.seed,
+                "subjects": {subject.id: subject.name},
+            },
         )
         return submission.receipt(
             job_id,
@@ -801,18 +872,33 @@ class Core:
                     job, f"Training {subject.name} was stopped: you deleted it with /forget."
                 )
                 stopped = " Its training was stopped, and what it took from your quota is back."
+        stopped += stopped_note(
+            await self.sharing.stop_jobs_drawing(
+                subject,
+                lambda job: (
+                    f"you deleted {subject.name} with /forget"
+                    if job.owner == owner
+                    else f"{subject.name} was deleted by its owner"
+                ),
+            )
+        )
         shares = (await self.store.subject_shares(owner)).get(subject.id, [])
-        was_chosen = await self.store.chosen_subject_id(owner) == subject.id
+        chosen_id = await self.store.chosen_subject_id(owner)
+        # [V] meant it: chosen with /use, or the newest ready subject (no chosen one ready).
+        active = active_subject(await self.list_subjects(owner), chosen_id)
+        was_v = subject.id in (chosen_id, active.id if active is not None else None)
         # Deleting the row deletes its shares and a /use choice of it too (ON DELETE CASCADE).
         await self.remove_subject(subject)
         if shares:
             stopped += f" It is no longer shared with {self.sharing.whom(shares)}."
-        if was_chosen:
+        if was_v:
+            # Whatever else was chosen isn't ready, so [V] is the newest ready one now.
             newest = active_subject(await self.list_subjects(owner))
             stopped += (
                 f" It was your [V]; [V] is now your newest ready subject, {newest.name}."
                 if newest is not None
-                else " It was your [V]; [V] works again once another subject of yours is ready."
+                else " It was your [V]; [V] has no subject now: it works again once another "
+                "subject of yours is ready."
             )
         return f"Forgot {subject.name}: its photos and adapter are deleted.{stopped}"
 
@@ -945,7 +1031,8 @@ class Core:
             job, f"You cancelled your {what}.", tell_owner=False
         )
         if state is None:
-            raise UserError(f"Your {what} has just ended; there is nothing to cancel.")
+            have = "have" if draws_images(job) > 1 else "has"
+            raise UserError(f"Your {what} {have} just ended; there is nothing to cancel.")
         text = (
             f"Cancelled your {what} (job {job.id[:8]}): {CANCEL_STATES[state]}. "
             "What it took from your quota is given back."

@@ -119,7 +119,7 @@ Moderator commands (every change is written to the audit log):
 /mod status                          the engines running (models, busy with what, up since)
                                      and how many jobs wait in the queues
 /mod cancel <job id> [reason]        abort a waiting or running job (the first 4+ characters)
-/mod subjects <user>                 a user's subjects
+/mod subjects <user>                 a user's subjects, and whom each is shared with
 /mod delete-subject <user> <name>    delete a subject with its photos and adapter
 /mod log [n]                         the latest moderator actions"""
 
@@ -201,15 +201,34 @@ def _audit_line(entry: AuditEntry) -> str:
     return f"  {when(entry.created_at)}  {entry.moderator.user_id}: {entry.action}{target}{detail}"
 
 
+def images_word(count: int) -> str:
+    """``image``, or ``images`` for more than one."""
+    return "images" if count > 1 else "image"
+
+
+def draws_images(job: Job) -> int:
+    """How many images an image job draws (older jobs, without a count, drew one); 0 for a
+    training or a showcase (one grid), which ``describe_job`` names otherwise."""
+    if job.kind == "train" or job.options.get("showcase"):
+        return 0
+    return int(job.options.get("count") or 1)
+
+
 def describe_job(job: Job, subject_name: str | None = None) -> str:
     """What a job is, for its owner and moderators: ``training of rex``, ``showcase of rex``,
-    ``image “a red fox…”``. ``subject_name`` is a training's subject (see ``subject_names``)."""
+    ``image “a red fox…”`` (``images “…”`` when it draws more than one: take ``was_were`` for
+    the verb after it). ``subject_name`` is a training's subject (see ``subject_names``)."""
     if job.kind == "train":
         return f"training of {subject_name}" if subject_name else "training"
     if job.options.get("showcase"):
         return f"showcase of {job.options['showcase']}"
     prompt = job.prompt or ""
-    return f"image “{prompt[:40]}{'…' if len(prompt) > 40 else ''}”"
+    return f"{images_word(draws_images(job))} “{prompt[:40]}{'…' if len(prompt) > 40 else ''}”"
+
+
+def was_were(job: Job) -> str:
+    """The verb after ``describe_job(job)``: ``were`` when it names several images."""
+    return "were" if draws_images(job) > 1 else "was"
 
 
 _HEX = frozenset("0123456789abcdef")
@@ -808,7 +827,8 @@ class Moderator:
         job = jobs[0]
         names = await self.moderation.subject_names(jobs)
         reason = " ".join(reason.split())[:300]
-        message = f"Your {describe_job(job, names.get(job.id))} was cancelled by a moderator" + (
+        what = describe_job(job, names.get(job.id))
+        message = f"Your {what} {was_were(job)} cancelled by a moderator" + (
             f": {reason}." if reason else "."
         )
         cancelled = await self.moderation.cancel_job(job, message)
@@ -860,13 +880,16 @@ class Moderator:
     # Subjects.
 
     async def subjects(self, user_id: str) -> str:
-        """A user's subjects."""
+        """A user's subjects, and whom each is shared with (who else can draw it)."""
         user = self._user(user_id)
         subjects = await self.store.list_subjects(user)
         if not subjects:
             return f"{user.user_id} has no subjects."
+        notes = await self.moderation.core.sharing.share_notes(user)
         lines = [f"Subjects of {user.user_id}:"]
-        lines += [_subject_line(subject) for subject in subjects]
+        for subject in subjects:
+            shared = f" · {notes[subject.id]}" if subject.id in notes else ""
+            lines.append(f"{_subject_line(subject)}{shared}")
         return "\n".join(lines)
 
     async def delete_subject(self, user_id: str, name: str) -> str:
@@ -880,9 +903,16 @@ class Moderator:
                 await self.moderation.cancel_job(
                     job, f"Training {subject.name} was stopped: a moderator deleted it."
                 )
+        # Anyone's images of it waiting or running (it may be shared) stop too.
+        stopped = await self.moderation.core.sharing.stop_jobs_drawing(
+            subject, lambda _: f"a moderator deleted {subject.name}"
+        )
         await self.moderation.core.remove_subject(subject)
         await self._audit("delete-subject", user.user_id, f"{subject.name} ({subject.id})")
-        return f"Deleted {user.user_id}'s subject {subject.name}, its photos and its adapter."
+        text = f"Deleted {user.user_id}'s subject {subject.name}, its photos and its adapter."
+        if stopped:
+            text += f" Stopped {stopped} image job(s) drawing it; their owners were told."
+        return text
 
     # Audit.
 

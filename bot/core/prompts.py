@@ -127,6 +127,21 @@ class SubjectLookup:
 
         return SUBJECT_REF.sub(pin, prompt)
 
+    def written(self, prompt: str) -> str:
+        """``prompt`` as the caller would write it, for showing it: a shared subject that a
+        pinned prompt names by token (``pinned``) is written as ``reference`` writes it, by
+        name unless that name is ambiguous for them."""
+
+        def write(match: re.Match[str]) -> str:
+            ref = match.group(1).strip()
+            if self._own(ref.lower()) is not None:
+                return match.group(0)
+            key = ref.lower()
+            shared = next((s for s in self.shared if s.token.lower() == key), None)
+            return self.reference(shared) if shared is not None else match.group(0)
+
+        return SUBJECT_REF.sub(write, prompt)
+
     def _active(self) -> Subject:
         active = self.active
         if active is not None:

@@ -5,7 +5,10 @@ user of the same workspace or with everyone there (``subject_shares``). Sharing 
 use the subject in their prompts (``[name]``, or ``[token]`` where names collide; see
 ``bot.core.prompts.SubjectLookup``) and ``/showcase``, paid from their own quota; it gives
 them nothing else (no Reroll of the owner's images, no /forget). Only the owner shares and
-unshares; deleting the subject ends its sharing.
+unshares; deleting the subject ends its sharing. What was promised holds for jobs already
+queued: unsharing stops the waiting and running image jobs of those who can no longer draw the
+subject, deleting it stops every job drawing it (``Sharing.stop_jobs_drawing``), and a redo of
+images whose subject is gone or no longer shared says so (``Sharing.check_redrawable``).
 
 Platform-free like the rest of the core: adapters pass a user id (or ``EVERYONE``), and
 render mentions with ``Core.mention``.
@@ -13,15 +16,15 @@ render mentions with ``Core.mention``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import aiosqlite
 
 from bot.core.errors import UserError
-from bot.core.moderation import parse_user
+from bot.core.moderation import describe_job, parse_user, was_were
 from bot.core.prompts import SubjectLookup
-from bot.core.store import EVERYONE, Owner, Subject
+from bot.core.store import EVERYONE, Job, Owner, Subject
 
 if TYPE_CHECKING:
     from bot.core.commands import Core
@@ -31,6 +34,27 @@ SHAREABLE = ("queued", "training", "ready")
 EVERYONE_WORDS = frozenset({"everyone", "@everyone", "<!everyone>", "all"})
 """How a text command names everyone in the workspace (Slack sends ``@everyone`` as
 ``<!everyone>``)."""
+
+
+def drawn_subjects(job: Job) -> dict[str, str]:
+    """The subjects an image job draws: subject id → its name when the job was queued
+    (``options["subjects"]``; a job queued before they were recorded there: the subject of
+    its ``subject_id``, name unknown). Nothing for a training."""
+    if job.kind == "train":
+        return {}
+    recorded = job.options.get("subjects")
+    if isinstance(recorded, dict):
+        return {str(subject_id): str(name) for subject_id, name in recorded.items()}
+    return {job.subject_id: ""} if job.subject_id else {}
+
+
+def stopped_note(count: int) -> str:
+    """What a reply adds when ``stop_jobs_drawing`` stopped ``count`` jobs (nothing for 0)."""
+    if not count:
+        return ""
+    if count == 1:
+        return " 1 image job drawing it was stopped, and the quota it took is given back."
+    return f" {count} image jobs drawing it were stopped, and the quota they took is given back."
 
 
 def parse_target(word: str) -> str:
@@ -122,23 +146,34 @@ class Sharing:
         self, owner: Owner, name: str, target: str | None = None, *, prefix: str = "/"
     ) -> str:
         """/unshare <name> [user|everyone]: stop sharing one of the caller's subjects with
-        ``target``, or (None) with anyone. Images already drawn stay where they were posted."""
+        ``target``, or (None) with anyone. Images already drawn stay where they were posted;
+        the waiting and running image jobs of those who can no longer draw it are stopped."""
         await self.core.moderation.check_not_banned(owner)
         subject = await self._own_subject(owner, name)
         removed = await self.core.store.unshare_subject(subject.id, target)
         left = (await self.core.store.subject_shares(owner)).get(subject.id, [])
+        stopped = ""
+        if removed:
+            mention = self.core.mention(owner.user_id)
+            stopped = stopped_note(
+                await self.stop_jobs_drawing(
+                    subject,
+                    lambda _: f"{mention} stopped sharing {subject.name} with you",
+                    unshared=True,
+                )
+            )
         if target is None:
             if not removed:
                 return f"{subject.name} isn't shared with anyone; nothing changed."
             return (
                 f"Stopped sharing {subject.name} (it was shared with {self.whom(removed)}). "
-                "Only you can draw it now."
+                f"Only you can draw it now.{stopped}"
             )
         who = self.whom([target])
         if not removed:
             shared = f"it is shared with {self.whom(left)}" if left else "it isn't shared at all"
             return f"{subject.name} isn't shared with {who} ({shared}); nothing changed."
-        text = f"Stopped sharing {subject.name} with {who}."
+        text = f"Stopped sharing {subject.name} with {who}.{stopped}"
         if EVERYONE in left:
             text += (
                 f" It is still shared with everyone here, so they can still draw it: "
@@ -146,13 +181,69 @@ class Sharing:
             )
         return text
 
+    async def may_draw(self, user: Owner, subject: Subject) -> bool:
+        """Whether ``user`` may draw ``subject``: it is theirs, or shared with them."""
+        if subject.owner == user:
+            return True
+        return any(s.id == subject.id for s in await self.core.store.subjects_shared_with(user))
+
+    async def stop_jobs_drawing(
+        self, subject: Subject, why: Callable[[Job], str], *, unshared: bool = False
+    ) -> int:
+        """Cancel the waiting and running image jobs of ``subject``'s workspace that draw it:
+        everyone's (it is being deleted: call this first), or with ``unshared`` those of the
+        users who may no longer draw it. Each job's owner is told ``why(job)`` (a clause: ``rex
+        was deleted by its owner``) and gets its quota back, as for a moderator's cancel; a
+        running job is stopped at its next step, before it draws a subject that is no longer
+        theirs to draw (or no longer there: the engine would fail it, saying to train it
+        again). Returns how many were stopped."""
+        owner = subject.owner
+        stopped = 0
+        for job in await self.core.store.active_jobs(owner.platform, owner.workspace):
+            if subject.id not in drawn_subjects(job):
+                continue
+            if unshared and await self.may_draw(job.owner, subject):
+                continue
+            verb = was_were(job)
+            message = (
+                f"Your {describe_job(job)} {verb} cancelled: {why(job)}. What "
+                f"{'they' if verb == 'were' else 'it'} took from your quota is given back."
+            )
+            if await self.core.moderation.cancel_job(job, message) is not None:
+                stopped += 1
+        return stopped
+
+    async def check_redrawable(self, owner: Owner, job: Job) -> None:
+        """Refuse (UserError) a Reroll/Vary/Upscale by ``owner`` of ``job``'s images when a
+        subject they draw was deleted, or is another user's and no longer shared with
+        ``owner``: said with the subject's name, which the user knows (their redo would
+        otherwise name the token it was pinned to)."""
+        for subject_id, name in drawn_subjects(job).items():
+            subject = await self.core.store.get_subject(subject_id)
+            if subject is None:
+                raise UserError(
+                    f"{name or 'A subject'}, which these images draw, was deleted, so they "
+                    "can't be redrawn. Nothing was queued; draw something else with /imagine."
+                )
+            if not await self.may_draw(owner, subject):
+                raise UserError(
+                    f"{subject.name}, which these images draw, is no longer shared with you by "
+                    f"{self.core.mention(subject.owner.user_id)}, so they can't be redrawn. "
+                    "Nothing was queued."
+                )
+
+    async def share_notes(self, owner: Owner) -> dict[str, str]:
+        """A note per subject of ``owner`` that is shared: subject id → ``shared with …``
+        (for /subjects, and for moderators' /mod subjects)."""
+        shares = await self.core.store.subject_shares(owner)
+        return {subject_id: f"shared with {self.whom(t)}" for subject_id, t in shares.items()}
+
     async def subjects_lines(
         self, owner: Owner, own: Sequence[Subject]
     ) -> tuple[dict[str, str], list[str]]:
-        """For /subjects: a note per own subject that is shared (subject id → ``shared with
-        …``), and the lines of the section on the subjects shared with the caller."""
-        shares = await self.core.store.subject_shares(owner)
-        notes = {subject_id: f"shared with {self.whom(t)}" for subject_id, t in shares.items()}
+        """For /subjects: a note per own subject that is shared (``share_notes``), and the
+        lines of the section on the subjects shared with the caller."""
+        notes = await self.share_notes(owner)
         shared = await self.core.store.subjects_shared_with(owner)
         if not shared:
             return notes, []

@@ -1087,10 +1087,23 @@ async def test_train_refuses_a_name_that_would_format_or_ping_and_its_reply_ping
     await run_command(adapter, "train", *train_options(fake_discord, name=name))
 
     reply = private_reply(fake_discord)
-    assert f"'{name}' can't be a subject name" in (reply.content or "")
+    assert (reply.content or "").startswith(f"`{name}` can't be a subject name")
     assert reply.pings == set()
+    assert fake_discord.find("GET", "/cdn/") == []  # refused before the downloads
     assert await runtime.store.list_subjects(OWNER) == []
     assert await engine_queue_length(runtime) == 0
+
+
+async def test_train_refuses_a_new_name_that_discord_would_underline_before_the_downloads(
+    adapter: DiscordAdapter, fake_discord: FakeDiscord, runtime: BotRuntime
+) -> None:
+    await run_command(adapter, "train", *train_options(fake_discord, name="my__dog__2"))
+
+    reply = private_reply(fake_discord).content or ""
+    # In code spans, so that this very reply shows the name as typed.
+    assert reply.startswith("`my__dog__2` can't be a subject name: two underscores in a row")
+    assert fake_discord.find("GET", "/cdn/") == []
+    assert await runtime.store.list_subjects(OWNER) == []
 
 
 async def test_a_result_nobody_accepts_is_logged_not_lost_silently(

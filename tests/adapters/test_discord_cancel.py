@@ -106,7 +106,7 @@ async def test_the_button_goes_when_the_job_ends(
     if ending == "moderator":
         notice = fake_discord.posted(CHANNEL_ID)[-1]
         assert notice.content == (
-            f"<@{USER_ID}> ⊘ Your image “a red fox” was cancelled by a moderator: spam."
+            f"<@{USER_ID}> ⊘ Your images “a red fox” were cancelled by a moderator: spam."
         )
 
 
@@ -120,7 +120,7 @@ async def test_the_owner_presses_cancel_after_a_restart_and_the_message_closes(
     reply = await click(runtime, fake_discord, clock, f"dreambot:cancel:{job_id}", USER_ID)
 
     assert reply.content == (
-        f"Cancelled your image “a red fox” (job {job_id[:8]}): taken out of the queue. "
+        f"Cancelled your images “a red fox” (job {job_id[:8]}): taken out of the queue. "
         "What it took from your quota is given back."
     )
     assert await queued(runtime.queue) == 0
@@ -240,7 +240,7 @@ async def test_cancel_suggests_the_callers_own_jobs_and_forget_their_subjects(
     await runtime.core.imagine(other, {"channel_id": CHANNEL_ID}, "a hen", count=1)
 
     assert await suggestions(adapter, fake_discord, "cancel", "target", "") == [
-        {"name": f"image “a red fox” ({job_id[:8]})", "value": job_id[:8]},
+        {"name": f"images “a red fox” ({job_id[:8]})", "value": job_id[:8]},
         {"name": f"training of rex ({training.id[:8]})", "value": training.id[:8]},
     ]
     assert await suggestions(adapter, fake_discord, "cancel", "target", "REX") == [

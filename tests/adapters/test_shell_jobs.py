@@ -26,11 +26,11 @@ async def test_jobs_then_cancel_by_id_in_the_shell(
     [job_id] = shell.pending
 
     listing = await _say(shell, "/jobs")
-    assert f"  {job_id[:8]}  image “a red fox”  waiting #1 in the queue" in listing
+    assert f"  {job_id[:8]}  images “a red fox”  waiting #1 in the queue" in listing
     said = await _say(shell, f"/cancel {job_id[:6]}")
 
     assert said == (
-        f"Cancelled your image “a red fox” (job {job_id[:8]}): taken out of the queue. "
+        f"Cancelled your images “a red fox” (job {job_id[:8]}): taken out of the queue. "
         "What it took from your quota is given back.\n"
     )
     assert await queued(runtime.queue) == 0

@@ -395,7 +395,7 @@ async def test_train_then_photos_in_the_channel_queue_a_training(
     adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
 ) -> None:
     asked = await send_command(fake_slack, events_url, "/train", "rex dog")
-    assert asked.text.startswith("Now post 3–10 photos of rex (dog) here, in one message")
+    assert asked.text.startswith("Now post 3–10 photos of `rex` (dog) here, in one message")
     assert await engine_queue_length(runtime) == 0
 
     await send_event(fake_slack, events_url, message_event_body("", serve_photos(fake_slack, 4)))
@@ -436,7 +436,7 @@ async def test_train_with_a_model_queues_the_training_on_that_model(
 ) -> None:
     configure_second_model(runtime.settings, "xl")
     asked = await send_command(fake_slack, events_url, "/train", "rex dog --model XL")
-    assert asked.text.startswith("Now post 3–10 photos of rex (dog) here")
+    assert asked.text.startswith("Now post 3–10 photos of `rex` (dog) here")
 
     await send_event(fake_slack, events_url, message_event_body("", serve_photos(fake_slack, 3)))
     await fake_slack.wait_until(lambda: bool(fake_slack.find("chat.postEphemeral")))
@@ -451,6 +451,84 @@ async def test_train_with_an_unknown_model_is_refused_before_the_photos(
 
     assert reply.text.startswith("There is no model called 'sdxl'. Models: tiny")
     assert adapter.pending == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "refusal"),
+    [
+        ("*rex* dog", "can't be a subject name"),
+        ("V dog", "can't be a subject name"),
+        ("my__dog dog", "two underscores in a row"),
+        ("rex d0g!", "isn't a class"),
+        ("rex nude", "That subject name or class isn't allowed here"),
+    ],
+)
+async def test_train_with_a_name_or_class_the_core_refuses_is_refused_before_the_photos(
+    adapter: SlackAdapter,
+    fake_slack: FakeSlack,
+    events_url: str,
+    runtime: BotRuntime,
+    text: str,
+    refusal: str,
+) -> None:
+    reply = await send_command(fake_slack, events_url, "/train", text)
+
+    assert refusal in reply.text and "Now post" not in reply.text
+    assert adapter.pending == {}
+    assert not await runtime.queue.keys("dreambot:slack:pending-train:*")
+
+
+async def test_train_with_a_name_already_taken_is_refused_before_the_photos(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    await ready_subject(runtime, OWNER, "rex", "zqv")
+
+    reply = await send_command(fake_slack, events_url, "/dreambot", "train Rex dog")
+
+    assert reply.text.startswith("You already have a subject called rex.")
+    assert adapter.pending == {}
+    assert not await runtime.queue.keys("dreambot:slack:pending-train:*")
+
+
+async def test_train_at_the_daily_training_limit_is_refused_before_the_photos(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    runtime.settings.quota_daily_trainings = 0
+
+    reply = await send_command(fake_slack, events_url, "/train", "rex dog")
+
+    assert reply.text.startswith("You've used all 0 of today's trainings.")
+    assert adapter.pending == {}
+
+
+async def test_photos_with_a_train_mention_and_a_taken_name_are_not_downloaded(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    await ready_subject(runtime, OWNER, "rex", "zqv")
+    text = f"<@{BOT_USER_ID}> train rex dog"
+
+    await send_event(fake_slack, events_url, message_event_body(text, serve_photos(fake_slack, 3)))
+    await fake_slack.wait_until(lambda: bool(fake_slack.find("chat.postEphemeral")))
+
+    assert fake_slack.find("chat.postEphemeral")[0].text.startswith(
+        "You already have a subject called rex."
+    )
+    assert fake_slack.find("download") == []
+
+
+async def test_the_train_reply_shows_the_name_and_class_as_they_will_be_stored_not_as_mrkdwn(
+    adapter: SlackAdapter, fake_slack: FakeSlack, events_url: str, runtime: BotRuntime
+) -> None:
+    asked = await send_command(fake_slack, events_url, "/train", "a-_b_ Toy  Car")
+
+    # Slack's mrkdwn has no escape for _ * ~: a code span shows the name as typed.
+    assert asked.text.startswith("Now post 3–10 photos of `a-_b_` (toy car) here")
+    assert asked.text.endswith("send them to me in a DM with the text: `train a-_b_ toy car`)")
+    await send_event(fake_slack, events_url, message_event_body("", serve_photos(fake_slack, 3)))
+    await fake_slack.wait_until(lambda: bool(fake_slack.find("chat.postEphemeral")))
+    assert fake_slack.find("chat.postEphemeral")[0].text.startswith(
+        "Training a-_b_ (toy car) from 3 photos: queued"
+    )
 
 
 @pytest.mark.parametrize(

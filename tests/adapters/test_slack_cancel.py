@@ -86,7 +86,7 @@ async def test_the_owner_presses_cancel_and_the_message_closes_without_the_butto
     reply = await press(fake_slack, events_url, job_id, USER_ID)
 
     assert reply == (
-        f"Cancelled your image “a red fox” (job {job_id[:8]}): taken out of the queue. "
+        f"Cancelled your images “a red fox” (job {job_id[:8]}): taken out of the queue. "
         "What it took from your quota is given back."
     )
     assert await queued(runtime.queue) == 0
@@ -120,7 +120,7 @@ async def test_dreambot_jobs_and_cancel_by_id(
     job_id = await imagine(fake_slack, events_url, runtime)
 
     listing = (await send_command(fake_slack, events_url, "/dreambot", "jobs")).text
-    assert f"  {job_id[:8]}  image “a red fox”  waiting #1 in the queue" in listing
+    assert f"  {job_id[:8]}  images “a red fox”  waiting #1 in the queue" in listing
     assert listing.endswith("/dreambot cancel alone cancels the newest.")
 
     other = await send_command(
@@ -129,7 +129,7 @@ async def test_dreambot_jobs_and_cancel_by_id(
     assert other.text.startswith("You have no jobs waiting or running here")
     reply = await send_command(fake_slack, events_url, "/dreambot", f"cancel {job_id[:6]}")
 
-    assert reply.text.startswith(f"Cancelled your image “a red fox” (job {job_id[:8]})")
+    assert reply.text.startswith(f"Cancelled your images “a red fox” (job {job_id[:8]})")
     assert await queued(runtime.queue) == 0
     [closing] = fake_slack.find("chat.update")
     assert closing.text == f"<@{USER_ID}> · ⊘ cancelled by you." and closing.args["blocks"] == []
@@ -170,7 +170,7 @@ async def test_cancel_written_in_a_dm_cancels_the_newest_job(
     await fake_slack.wait_until(lambda: bool(fake_slack.find("chat.postEphemeral")))
 
     [reply] = fake_slack.find("chat.postEphemeral")
-    assert reply.text.startswith(f"Cancelled your image “a red fox” (job {job_id[:8]})")
+    assert reply.text.startswith(f"Cancelled your images “a red fox” (job {job_id[:8]})")
     job = await runtime.store.get_job(job_id)
     assert job is not None and job.status == "cancelled"
 
@@ -199,8 +199,8 @@ async def test_a_moderators_cancellation_closes_the_message_as_cancelled_not_fai
     await Deliverer(runtime.core, adapter).failure({"job_id": job_id, "message": "cancelled"})
 
     notice = fake_slack.find("chat.postMessage")[-1]
-    assert (
-        notice.text == f"<@{USER_ID}> ⊘ Your image “a red fox” was cancelled by a moderator: spam."
+    assert notice.text == (
+        f"<@{USER_ID}> ⊘ Your images “a red fox” were cancelled by a moderator: spam."
     )
     [closing] = fake_slack.find("chat.update")
     assert closing.text == f"<@{USER_ID}> · ⊘ cancelled — see below."

@@ -256,6 +256,26 @@ async def test_tokens_come_from_the_models_published_rare_words(
     assert tokens[2] not in words and tokens[2] in CANDIDATES
 
 
+async def test_a_name_and_a_token_never_mean_two_subjects_of_a_workspace(
+    runtime: BotRuntime, settings: Settings
+) -> None:
+    """[word] in a prompt names a subject by name or token: a new token is never a subject's
+    name in the workspace, and a new name is never another subject's token."""
+    alice, mia = (Owner(TEST_PLATFORM, "guild-1", user) for user in ("alice", "mia"))
+    # A name first (its token a three-letter fallback), then the model's rare words appear.
+    await runtime.core.train(mia, DEST, "ZQVW", "toy", _photos(3))
+    await runtime.queue.set(rare_tokens_key(settings.base_model), json.dumps(["zqvw", "xjkq"]))
+    await runtime.core.train(alice, DEST, "rex", "dog", _photos(3))
+    rex = await runtime.store.find_subject(alice, "rex")
+    assert rex is not None and rex.token == "xjkq", "zqvw is a name here, so not a token"
+
+    with pytest.raises(UserError, match="`xjkq` can't be a subject name here: it is the token"):
+        await runtime.core.train(mia, DEST, "xjkq", "cat", _photos(3))
+    # Another workspace has no such subject: the name is free there.
+    elsewhere = Owner(TEST_PLATFORM, "guild-2", "mia")
+    assert (await runtime.core.train(elsewhere, DEST, "xjkq", "cat", _photos(3))).text
+
+
 async def test_unusable_published_tokens_fall_back(runtime: BotRuntime, settings: Settings) -> None:
     await runtime.queue.set(rare_tokens_key(settings.base_model), "not json")
     await runtime.core.train(Owner(TEST_PLATFORM, "g", "u"), DEST, "rex", "dog", _photos(3))

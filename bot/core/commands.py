@@ -364,6 +364,14 @@ class Core:
                 f"underlined text on Discord. Use one at a time, or a -: "
                 f"{as_typed(one)} or {as_typed(one.replace('_', '-'))}."
             )
+        # A subject's token names it in prompts too ([zqv]): a name equal to another
+        # subject's token would make [zqv] mean two subjects.
+        tokens = await self.store.workspace_tokens(owner.platform, owner.workspace)
+        if name.lower() in tokens and (existing is None or existing.token != name.lower()):
+            raise UserError(
+                f"{as_typed(name)} can't be a subject name here: it is the token of a subject "
+                "in this workspace, which prompts can also use. Pick another name."
+            )
         # Refuse before the costly photo work; the binding check comes with the job insert.
         limits = await self.quotas.precheck(owner, roles, "trainings", 1)
         return NewSubject(name, class_noun, base_model, existing, limits)
@@ -1158,7 +1166,10 @@ class Core:
     ) -> Subject:
         vocabulary = await self._rare_tokens(base_model)
         for _ in range(5):
-            taken = await self.store.workspace_tokens(owner.platform, owner.workspace)
+            # Nor a name of this workspace: [word] in a prompt must name one subject.
+            taken = await self.store.workspace_tokens(
+                owner.platform, owner.workspace
+            ) | await self.store.workspace_names(owner.platform, owner.workspace)
             now = utcnow()
             subject = Subject(
                 id=subject_id,

@@ -416,6 +416,14 @@ class Store:
         ) as cur:
             return {row[0] for row in await cur.fetchall()}
 
+    async def workspace_names(self, platform: str, workspace: str) -> set[str]:
+        """Every subject name in a workspace (anyone's), in lower case."""
+        async with self.db.execute(
+            "SELECT lower(name) FROM subjects WHERE platform = ? AND workspace = ?",
+            (platform, workspace),
+        ) as cur:
+            return {row[0] for row in await cur.fetchall()}
+
     async def update_subject(self, subject_id: str, **fields: Any) -> None:
         """Set columns of a subject (and its ``updated_at``)."""
         fields["updated_at"] = utcnow()

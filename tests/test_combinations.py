@@ -518,3 +518,16 @@ async def test_two_users_sharing_with_each_other_draw_both_in_one_prompt_on_the_
         f"Those subjects were trained on different base models (luna ({luna.base_model}), "
         "kit (xl)), so one image can't hold them all. Nothing was queued."
     )
+
+
+async def test_a_banned_user_pressing_a_redo_button_is_told_of_the_ban_first(
+    runtime: BotRuntime,
+) -> None:
+    await alice_shares_rex(runtime)
+    mias = await runtime.core.imagine(MIA, DEST, "[rex] on the beach", count=1)
+    await finish(runtime, mias.job_id, count=1)
+    await runtime.core.sharing.unshare(ALICE, "rex")
+    await moderator(runtime).ban(MIA.user_id, "spam")
+
+    with pytest.raises(UserError, match="You're banned from using dreambot here"):
+        await runtime.core.reimagine(MIA, DEST, mias.job_id)

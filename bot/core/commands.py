@@ -612,6 +612,7 @@ class Core:
         """
         button = "vary" if vary else "upscale" if upscale else "reroll"
         redo = Redo(job_id, button if button == "reroll" else f"{button}:{index}")
+        await self.moderation.check_not_banned(owner)  # (imagine checks again, race-free)
         pending = await self.store.pending_redo(owner, redo)
         if pending is not None:
             raise _redo_pending(redo, pending)

@@ -168,7 +168,7 @@ async def test_another_users_job_cannot_be_cancelled_by_id_or_by_its_button(
     with pytest.raises(UserError) as by_id:
         await runtime.core.cancel(owner, theirs.job_id[:8])
     assert by_id.value.message == (
-        f"You have no subject called '{theirs.job_id[:8]}', and none of your jobs waiting or "
+        f"You have no subject called `{theirs.job_id[:8]}`, and none of your jobs waiting or "
         f"running here starts with {theirs.job_id[:8]}. Your jobs: /jobs."
     )
     with pytest.raises(UserError) as by_button:
@@ -206,12 +206,12 @@ async def test_the_owners_button_cancels_and_a_second_press_says_it_already_ende
     [
         (
             "fido",
-            "You have no subject called 'fido'. Give a subject's name, or at least the first 4 "
+            "You have no subject called `fido`. Give a subject's name, or at least the first 4 "
             "characters of a job id from /dreambot jobs.",
         ),
         (
             "beefcafe",
-            "You have no subject called 'beefcafe', and none of your jobs waiting or running here "
+            "You have no subject called `beefcafe`, and none of your jobs waiting or running here "
             "starts with beefcafe. Your jobs: /dreambot jobs.",
         ),
         (

@@ -240,8 +240,8 @@ async def test_a_moderators_deletion_stops_the_jobs_drawing_the_subject_too(
     said = await moderator(runtime).delete_subject(ALICE.user_id, "rex")
 
     assert said == (
-        "Deleted alice's subject rex, its photos and its adapter. Stopped 1 image job(s) "
-        "drawing it; their owners were told."
+        "Deleted alice's subject rex, its photos and its adapter. Stopped 1 image job "
+        "drawing it; its owner was told."
     )
     job = await runtime.store.get_job(receipt.job_id)
     assert job is not None and job.status == "cancelled"
@@ -380,14 +380,14 @@ async def test_use_and_shares_stay_in_their_workspace(runtime: BotRuntime) -> No
 
     assert await drawn(runtime, MIA, "a [V] with [rex]") == "a pfx dog with zqv dog"
     assert await drawn(runtime, MIA_ELSEWHERE, "a [V]") == "a gmq dog"
-    with pytest.raises(UserError, match="no subject called 'rex'"):
+    with pytest.raises(UserError, match="no subject called `rex`"):
         await runtime.core.imagine(MIA_ELSEWHERE, DEST, "[rex]")
-    with pytest.raises(UserError, match="no subject called 'zqv'"):
+    with pytest.raises(UserError, match="no subject called `zqv`"):
         await runtime.core.imagine(MIA_ELSEWHERE, DEST, "[zqv]")
     # Mia's kit here is not the one she shared there.
     assert await runtime.store.subject_shares(MIA) == {}
     assert "shared with" not in await runtime.core.subjects_text(MIA)
-    with pytest.raises(UserError, match="no subject called 'rex'"):
+    with pytest.raises(UserError, match="no subject called `rex`"):
         await runtime.core.use(MIA_ELSEWHERE, "rex")
     assert await runtime.store.chosen_subject_id(MIA_ELSEWHERE) is None
 

@@ -8,6 +8,7 @@ import pytest
 from bot.config import Settings
 from bot.core.commands import Core
 from bot.core.errors import UserError
+from bot.core.moderation import parse_duration
 from bot.core.photos import Upload
 from bot.core.store import Owner
 from bot.core.tokens import CANDIDATES
@@ -70,7 +71,7 @@ async def test_imagine_with_unknown_subject_queues_nothing(
 ) -> None:
     await runtime.core.train(owner, DEST, "rex", "dog", _photos(3))
     before = await _queued(runtime)
-    with pytest.raises(UserError, match="no subject called 'fido'"):
+    with pytest.raises(UserError, match="no subject called `fido`"):
         await runtime.core.imagine(owner, DEST, "[fido] in the snow")
     assert await _queued(runtime) == before
 
@@ -110,7 +111,7 @@ async def test_tokens_are_unique_within_a_workspace(runtime: BotRuntime) -> None
 async def test_other_users_subjects_are_not_visible(runtime: BotRuntime, owner: Owner) -> None:
     await runtime.core.train(owner, DEST, "rex", "dog", _photos(3))
     stranger = Owner(TEST_PLATFORM, "guild-1", "someone-else")
-    with pytest.raises(UserError, match="no subject called 'rex'"):
+    with pytest.raises(UserError, match="no subject called `rex`"):
         await runtime.core.imagine(stranger, DEST, "[rex] at the park")
     assert "no subjects yet" in await runtime.core.subjects_text(stranger)
     listed = (await runtime.core.subjects_text(owner)).splitlines()
@@ -196,7 +197,7 @@ async def test_forget_deletes_the_subject_and_its_files(runtime: BotRuntime, own
     assert job is not None and job.status == "cancelled"
     assert await runtime.queue.zcard(TRAIN_QUEUE) == 0
     assert (await runtime.store.usage(owner)).trainings == 0
-    with pytest.raises(UserError, match="no subject called 'rex'"):
+    with pytest.raises(UserError, match="no subject called `rex`"):
         await runtime.core.forget(owner, "rex")
 
 
@@ -281,3 +282,40 @@ async def test_unusable_published_tokens_fall_back(runtime: BotRuntime, settings
     await runtime.core.train(Owner(TEST_PLATFORM, "g", "u"), DEST, "rex", "dog", _photos(3))
     subject = await runtime.store.find_subject(Owner(TEST_PLATFORM, "g", "u"), "rex")
     assert subject is not None and subject.token in CANDIDATES
+
+
+async def test_refusals_echo_what_was_typed_in_a_code_span_so_no_markdown_shows(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    core = runtime.core
+    mod = core.moderation.acting(Owner(owner.platform, owner.workspace, "mod-1"), True)
+    await core.imagine(owner, DEST, "a cat", count=1)  # a job, so /cancel looks for a name
+    for refused, expected in (
+        (lambda: core.forget(owner, "*rex*"), "You have no subject called `*rex*`."),
+        (lambda: core.use(owner, "__rex__"), "You have no subject called `__rex__`."),
+        (lambda: core.cancel(owner, "~~rex~~"), "You have no subject called `~~rex~~`."),
+        (
+            lambda: core.sharing.share(owner, "*rex*", "user-2"),
+            "You have no subject called `*rex*`.",
+        ),
+        (
+            lambda: core.imagine(owner, DEST, "a [_fido_] dog"),
+            "You have no subject called `_fido_`.",
+        ),
+        (
+            lambda: core.check_new_subject(owner, "rex", "dog", model="*xl*"),
+            "no model called `*xl*`.",
+        ),
+        (
+            lambda: mod.delete_subject(owner.user_id, "*rex*"),
+            "user-1 has no subject called `*rex*`.",
+        ),
+        (lambda: core.mod(mod.owner, True, "quota set bob *many* 3"), "`*many*` isn't a limit"),
+        (lambda: core.mod(mod.owner, True, "*frob*"), "Unknown /mod command `*frob*`."),
+        (lambda: core.mod(mod.owner, True, "log `x`"), "`ˋxˋ` isn't a number."),
+    ):
+        with pytest.raises(UserError) as error:
+            await refused()
+        assert expected in error.value.message
+    with pytest.raises(UserError, match="`\\*soon\\*` isn't a duration"):
+        parse_duration("*soon*")

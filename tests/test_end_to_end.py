@@ -207,7 +207,7 @@ def test_shell_through_a_pipe_trains_then_imagines(
     assert "rex is ready" in out
     assert "training" in out  # progress lines
     assert "seed 7" in out
-    assert "no subject called 'nobody'" in out
+    assert "no subject called `nobody`" in out
     pngs = [Path(line.strip()) for line in out.splitlines() if line.strip().endswith(".png")]
     assert len(pngs) == 1 + 2  # the training sample (the showcase grid), two generated images
     sizes = []

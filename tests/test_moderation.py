@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from arq.worker import Worker, func
 from bot.core.delivery import Deliverer
 from bot.core.errors import UserError
 from bot.core.moderation import (
+    MOD_HELP,
     Moderator,
     NotModerator,
     parse_duration,
@@ -352,6 +354,100 @@ async def test_every_moderator_change_is_in_the_audit_log(
     assert "mod-1: unban user-1" in lines[0]
     assert "mod-1: ban user-1 — until unbanned; spam; 0 job(s) cancelled" in lines[1]
     assert "mod-1: quota-set user-1 — jobs at once = 1" in lines[2]
+
+
+# Every /mod command MOD_HELP lists, run as typed: the ones that change something leave one
+# audit entry each, the ones that only show something leave none. A command added to MOD_HELP
+# fails here until it is listed below.
+_MOD_CHANGES = {
+    "block add": ["block add clown"],
+    "block add-regex": ["block add-regex cl[o]wn"],
+    "block remove": ["block remove 1"],
+    "block defaults": ["block defaults off"],
+    "block reveal": ["block reveal on"],
+    "model": ["model default"],
+    "quota set": ["quota set user-1 jobs 2"],
+    "quota reset": ["quota reset user-1"],
+    "ban": ["ban user-2 spam 1d"],
+    "unban": ["unban user-2"],
+    "cancel": ["cancel {job}"],
+    "delete-subject": ["delete-subject user-1 rex"],
+}
+_MOD_READS = {
+    "block list": ["block list"],
+    "blocked": ["blocked"],
+    "model": ["model"],
+    "quota show": ["quota show user-1"],
+    "quota list": ["quota list"],
+    "bans": ["bans"],
+    "queue": ["queue"],
+    "status": ["status"],
+    "subjects": ["subjects user-1"],
+    "log": ["log"],
+}
+
+
+def _help_commands() -> set[str]:
+    """The subcommands MOD_HELP lists: ``block add``, ``quota set``, ``model``…"""
+    commands = set()
+    for line in MOD_HELP.splitlines():
+        if not line.startswith("/mod "):
+            continue
+        words = []
+        usage = re.split(r"\s{2,}", line)[0]  # the description follows after two spaces
+        for word in usage.split()[1:]:
+            if word[0] in "<[" or "|" in word:
+                break
+            words.append(word)
+        commands.add(" ".join(words))
+    return commands
+
+
+async def test_every_mod_command_that_changes_something_leaves_an_audit_entry(
+    runtime: BotRuntime, owner: Owner, mod: Moderator
+) -> None:
+    assert _help_commands() == set(_MOD_CHANGES) | set(_MOD_READS)
+    await ready_subject(runtime, owner, "rex", "zqv")
+    receipt = await runtime.core.imagine(owner, DEST, "a cat", count=1)
+    for command, texts in [*_MOD_CHANGES.items(), *_MOD_READS.items()]:
+        for text in texts:
+            before = await _rows(runtime, "audit_log")
+            await runtime.core.mod(mod.owner, True, text.format(job=receipt.job_id[:8]))
+            expected = 1 if text in _MOD_CHANGES.get(command, []) else 0
+            assert await _rows(runtime, "audit_log") == before + expected, text
+
+
+async def test_the_audit_entry_of_a_deletion_says_which_jobs_it_stopped(
+    runtime: BotRuntime, owner: Owner, mod: Moderator
+) -> None:
+    await ready_subject(runtime, owner, "rex", "zqv")
+    await runtime.core.sharing.share(owner, "rex", EVERYONE)
+    other = Owner(owner.platform, owner.workspace, "user-2")
+    await runtime.core.imagine(other, DEST, "[rex] on a sofa", count=1)
+    await runtime.core.imagine(owner, DEST, "a [V] at home", count=2)
+    await runtime.core.imagine(other, DEST, "an owl", count=1)  # not drawing rex: kept
+
+    said = await mod.delete_subject(owner.user_id, "rex")
+
+    assert "Stopped 2 image jobs drawing it" in said
+    [entry] = (await runtime.core.mod(mod.owner, True, "log 1")).splitlines()[1:]
+    assert entry.endswith(
+        "mod-1: delete-subject user-1 — deleted user-1's rex (id-rex-zqv); "
+        "stopped 2 image jobs drawing it"
+    )
+
+
+async def test_the_audit_entry_of_a_deletion_says_it_stopped_the_training(
+    runtime: BotRuntime, owner: Owner, mod: Moderator
+) -> None:
+    await runtime.core.train(owner, DEST, "rex", "dog", _photos(3))
+
+    said = await mod.delete_subject(owner.user_id, "rex")
+
+    assert "Stopped its training" in said
+    [entry] = (await runtime.core.mod(mod.owner, True, "log 1")).splitlines()[1:]
+    assert "delete-subject user-1 — deleted user-1's rex (" in entry
+    assert entry.endswith("); stopped its training")
 
 
 async def test_configured_moderators_are_recognised(runtime: BotRuntime) -> None:

@@ -45,7 +45,7 @@ async def test_mod_commands_parse_and_answer_in_the_shell(shell: ShellAdapter) -
     assert "images:    0 of 7" in await _say(shell, "/mod quota show bob")
     assert "Jobs at once for role 42: now 9" in await _say(shell, "/mod quota set role:42 jobs 9")
     assert "role 42: jobs at once 9" in await _say(shell, "/mod quota list")
-    assert "✗ 'lots' isn't a number" in await _say(shell, "/mod quota set bob images lots")
+    assert "✗ `lots` isn't a number" in await _say(shell, "/mod quota set bob images lots")
 
     assert "queued (position 1)" in await _say(shell, "/imagine a cat --count 1")
     assert "Image jobs: 1 waiting, 0 running." in await _say(shell, "/mod status")
@@ -57,7 +57,7 @@ async def test_mod_commands_parse_and_answer_in_the_shell(shell: ShellAdapter) -
     log = await _say(shell, "/mod log 50")
     for action in ("block-add", "ban bob", "unban bob", "quota-set bob", "cancel"):
         assert action in log
-    assert "✗ Unknown /mod command 'frobnicate'" in await _say(shell, "/mod frobnicate")
+    assert "✗ Unknown /mod command `frobnicate`" in await _say(shell, "/mod frobnicate")
 
 
 async def test_quota_in_the_shell_shows_usage_and_the_utc_reset(shell: ShellAdapter) -> None:

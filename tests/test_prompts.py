@@ -65,7 +65,7 @@ def test_v_while_the_only_subject_trains_says_so() -> None:
 
 
 def test_unknown_name_lists_the_callers_subjects() -> None:
-    with pytest.raises(UserError, match="no subject called 'bob'. Your subjects: rex, mia"):
+    with pytest.raises(UserError, match="no subject called `bob`. Your subjects: rex, mia"):
         resolve_prompt("[bob] surfing", [REX, MIA], max_chars=400)
 
 

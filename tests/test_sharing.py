@@ -56,9 +56,9 @@ async def test_a_subject_nobody_shared_stays_private(runtime: BotRuntime, owner:
     await runtime.core.sharing.share(owner, "rex", BOB.user_id)
 
     for ref in ("rex", "zqv"):
-        with pytest.raises(UserError, match=f"You have no subject called '{ref}'"):
+        with pytest.raises(UserError, match=f"You have no subject called `{ref}`"):
             await runtime.core.imagine(MIA, DEST, f"[{ref}] on the beach")
-    with pytest.raises(UserError, match="no subject called 'rex'"):
+    with pytest.raises(UserError, match="no subject called `rex`"):
         await runtime.core.showcase(MIA, DEST, "rex")
 
 
@@ -109,7 +109,7 @@ async def test_everyone_means_everyone_in_that_workspace_only(
         await runtime.core.imagine(user, DEST, "[rex] in the snow")
     # The same user id in another workspace sees nothing, by name or by token.
     for ref in ("rex", "zqv"):
-        with pytest.raises(UserError, match=f"no subject called '{ref}'"):
+        with pytest.raises(UserError, match=f"no subject called `{ref}`"):
             await runtime.core.imagine(ELSEWHERE, DEST, f"[{ref}] in the snow")
     assert "Shared with you" not in await runtime.core.subjects_text(ELSEWHERE)
     assert await runtime.store.subjects_shared_with(ELSEWHERE) == []
@@ -125,7 +125,7 @@ async def test_only_the_owner_shares_and_unshares(runtime: BotRuntime, owner: Ow
     ):
         with pytest.raises(UserError, match="belongs to user-1: only its owner can share it"):
             await call
-    with pytest.raises(UserError, match="You have no subject called 'rex'"):
+    with pytest.raises(UserError, match="You have no subject called `rex`"):
         await runtime.core.sharing.share(BOB, "rex", EVERYONE)
     assert await runtime.store.subject_shares(owner) == {"id-rex-zqv": ["mia"]}
 
@@ -165,7 +165,7 @@ async def test_unshare_stops_one_user_or_everyone_and_says_who_can_still_draw_it
         "now. 1 image job drawing it was stopped, and the quota it took is given back."
     )
     assert await sharing.unshare(owner, "rex") == "rex isn't shared with anyone; nothing changed."
-    with pytest.raises(UserError, match="no subject called 'rex'"):
+    with pytest.raises(UserError, match="no subject called `rex`"):
         await runtime.core.imagine(BOB, DEST, "[rex]")
 
 
@@ -178,7 +178,7 @@ async def test_forget_ends_the_sharing(runtime: BotRuntime, owner: Owner) -> Non
 
     assert "It is no longer shared with mia and everyone here." in said
     assert await share_count(runtime) == 0  # ON DELETE CASCADE
-    with pytest.raises(UserError, match="no subject called 'rex'"):
+    with pytest.raises(UserError, match="no subject called `rex`"):
         await runtime.core.imagine(MIA, DEST, "[rex]")
 
 
@@ -249,7 +249,7 @@ async def test_an_unknown_name_also_lists_the_subjects_shared_with_the_caller(
         await runtime.core.imagine(MIA, DEST, "[fido] in the snow")
 
     assert refused.value.message == (
-        "You have no subject called 'fido'. Your subjects: luna. "
+        "You have no subject called `fido`. Your subjects: luna. "
         "Shared with you: [bkt] by bob, [zqv] by user-1."
     )
 

@@ -13,6 +13,7 @@ import pytest
 from bot.core.delivery import Deliverer, Delivery
 from bot.core.errors import UserError
 from bot.core.store import EVERYONE, Owner, Store, Subject, apply_migrations, migration_files
+from bot.core.syntax import CommandSyntax
 from bot.launcher import BotRuntime
 from engine.api import GenerateRequest, TrainResult
 from tests.conftest import TEST_PLATFORM, RecordingSink, ready_subject, table_rows
@@ -165,7 +166,7 @@ async def test_use_refuses_a_subject_that_is_not_ready_and_an_unknown_name(
     with pytest.raises(UserError) as unknown:
         await runtime.core.use(owner, "fido")
     assert (
-        unknown.value.message == "You have no subject called 'fido'. Your subjects: kit, mia, rex."
+        unknown.value.message == "You have no subject called `fido`. Your subjects: kit, mia, rex."
     )
     assert await runtime.store.chosen_subject_id(owner) is None
     # The store checks too: nobody else's subject, nor one that is not ready, is chosen.
@@ -195,7 +196,7 @@ async def test_a_subject_shared_with_you_cannot_be_your_v(
         await runtime.core.use(MIA, "rex")
 
     assert refused.value.message == (
-        "You have no subject called 'rex'. Your subjects: luna. The rex shared with you by "
+        "You have no subject called `rex`. Your subjects: luna. The rex shared with you by "
         "user-1 can't be [V], which is always one of your own subjects: write [rex] in a "
         "prompt to draw it."
     )
@@ -284,7 +285,7 @@ async def test_the_ready_message_says_when_v_stays_another_subject(
         "[V] is still mia; `/use rex` to draw rex as [V]."
     )
     assert await drawn(runtime, owner) == "a bkt dog on the beach"  # not silently replaced
-    runtime.core.command_prefix = "/dreambot "  # as Slack's adapter sets it
+    runtime.core.syntax = CommandSyntax(prefix="/dreambot ")  # as Slack's adapter sets it
     third = await finish_training(runtime, owner, "kit", "pfx")
     assert third.text.endswith("[V] is still mia; `/dreambot use kit` to draw kit as [V].")
 

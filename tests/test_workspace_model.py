@@ -79,7 +79,7 @@ async def test_an_unknown_model_is_refused_and_nothing_changes(
     configure_second_model(runtime.settings, "xl")
     with pytest.raises(UserError) as refused:
         await runtime.core.mod(owner, True, "model sd3")
-    assert refused.value.message.startswith("There is no model called 'sd3'. Models: tiny, xl")
+    assert refused.value.message.startswith("There is no model called `sd3`. Models: tiny, xl")
     settings = await runtime.store.workspace_settings(owner.platform, owner.workspace)
     assert settings.default_model is None
     assert await _audit_actions(runtime, owner) == []

@@ -44,6 +44,7 @@ from bot.core.errors import UserError
 from bot.core.moderation import MOD_HELP, Moderator, parse_duration
 from bot.core.sharing import SHAREABLE
 from bot.core.store import EVERYONE, Job, Owner
+from bot.core.syntax import DISCORD_SYNTAX
 from engine.api import ASPECT_RATIOS, Progress
 
 log = logging.getLogger(__name__)
@@ -338,6 +339,7 @@ class DiscordAdapter:
     ) -> None:
         self.core = core
         core.mention = mention
+        core.syntax = DISCORD_SYNTAX
         self.downloader = downloader or Downloader(max_bytes=core.settings.max_photo_bytes)
         self.edits = EditThrottle(edit_interval, clock=clock, sleep=sleep)
         self.client = DreamClient(self, dev_guild=dev_guild)

@@ -74,6 +74,7 @@ from bot.core.moderation import MOD_HELP
 from bot.core.photos import Upload
 from bot.core.sharing import parse_share_text
 from bot.core.store import EVERYONE, Job, Owner
+from bot.core.syntax import CommandSyntax
 from engine.api import Progress
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ SLACK_FILE_HOSTS = frozenset({"files.slack.com"})
 
 COMMANDS = ("train", "imagine", "showcase", "subjects", "forget", "quota", "mod", "help")
 """Each is a slash command of its own, and a word after ``/dreambot`` (``/dreambot quota``)."""
+SYNTAX = CommandSyntax(prefix=COMMAND_PREFIX, own_commands=frozenset(COMMANDS))
+"""How the core's hints type a command here: ``/forget rex``, ``/dreambot unshare rex``."""
 CANCEL_ACTION_ID = "dreambot:cancel"
 """The Cancel button on a job's progress message (its value is the job id)."""
 
@@ -326,7 +329,7 @@ class SlackAdapter:
     ) -> None:
         self.core = core
         core.mention = mention
-        core.command_prefix = COMMAND_PREFIX
+        core.syntax = SYNTAX
         self.client = client
         self.downloader = downloader or SlackDownloader(
             client.token or "", max_bytes=core.settings.max_photo_bytes
@@ -651,8 +654,8 @@ class SlackAdapter:
             )
         if verb == "share":
             assert target is not None  # parse_share_text requires one for share
-            return await self.core.sharing.share(caller.owner, name, target, prefix=COMMAND_PREFIX)
-        return await self.core.sharing.unshare(caller.owner, name, target, prefix=COMMAND_PREFIX)
+            return await self.core.sharing.share(caller.owner, name, target)
+        return await self.core.sharing.unshare(caller.owner, name, target)
 
     async def cancel(self, caller: Caller, text: str) -> str:
         """/dreambot cancel [name or job id]: cancel one of the caller's jobs and close its

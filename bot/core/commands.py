@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from bot.config import Settings
-from bot.core.errors import UserError
+from bot.core.errors import UserError, as_typed
 from bot.core.moderation import (
     CancelState,
     Moderation,
@@ -56,6 +56,7 @@ from bot.core.store import (
     WorkspaceSettings,
     utcnow,
 )
+from bot.core.syntax import TEXT_SYNTAX, CommandSyntax
 from bot.core.tokens import pick_token, usable_vocabulary_tokens
 from engine.api import (
     ALL_ENGINE_QUEUES,
@@ -218,13 +219,6 @@ class Receipt:
     (posted by the adapter) as the later ones (``bot.core.delivery``)."""
 
 
-def as_typed(text: str) -> str:
-    """``text`` in a code span, where Discord's markdown and Slack's mrkdwn show it as typed
-    (a refused name such as ``*rex*`` or ``my__dog`` is neither bold nor underlined there);
-    a backtick, which would end the span, shows as ˋ."""
-    return f"`{text.replace('`', 'ˋ')}`"
-
-
 def images_label(count: int) -> str:
     """How the progress messages of an image job name what it draws: ``your image``, or
     ``your images`` when it draws more than one."""
@@ -294,10 +288,10 @@ class Core:
         self.mention: Callable[[str], str] = str
         """How this platform writes a user id in a reply so that it shows who they are
         (``<@id>``): adapters whose platform has mentions set theirs."""
-        self.command_prefix = "/"
-        """How this platform types the commands that have no slash command of their own
-        everywhere (``/use``): Slack's adapter sets ``/dreambot ``. For hints in replies and
-        in results, which carry no ``prefix`` argument."""
+        self.syntax: CommandSyntax = TEXT_SYNTAX
+        """How this platform types a command with arguments, for the hints in replies and
+        results (`/use rex`): Slack's adapter sets ``/dreambot `` before the commands without
+        a slash command of their own, Discord's names the options (`/use subject:rex`)."""
         self._live_engines_script = queue.register_script(_LIVE_ENGINES_SCRIPT)
         self.told_positions: dict[str, int] = {}
         """Job id → the queue position its receipt gave, until the delivery side has seen it
@@ -353,7 +347,7 @@ class Core:
         if existing is not None and existing.status != "failed":
             raise UserError(
                 f"You already have a subject called {existing.name}. Pick another name, "
-                f"or `/forget {existing.name}` first."
+                f"or `{self.syntax.hint('forget', ('name', existing.name))}` first."
             )
         # Discord shows __text__ underlined. Only new names: a subject named so before keeps
         # its name, also when a failed one is trained again.
@@ -456,7 +450,8 @@ class Core:
         if shared_before:
             text += (
                 f" The {name} you replaced was shared with {self.sharing.whom(shared_before)}; "
-                f"this one isn't yet: `{self.command_prefix}share {name} …` shares it again."
+                f"this one isn't yet: `{self.syntax.hint('share', ('subject', name), '…')}` "
+                "shares it again."
             )
         return submission.receipt(job_id, text, name)
 
@@ -765,7 +760,7 @@ class Core:
             if subjects
             else ["You have no subjects yet. Train one: `/train <name> <class> <photos…>`."]
         )
-        use = f"{self.command_prefix}use"
+        use = self.syntax.name("use")
         for subject in subjects:
             marker = ""
             if subject is active:
@@ -790,7 +785,8 @@ class Core:
         elif chosen is not None:
             lines.append(f"`{use}` alone makes [V] your newest ready subject again.")
         elif sum(s.status == "ready" for s in subjects) > 1:
-            lines.append(f"`{use} <name>` makes another of your ready subjects [V].")
+            choose = self.syntax.hint("use", ("subject", "<name>"))
+            lines.append(f"`{choose}` makes another of your ready subjects [V].")
         return "\n".join([*lines, *shared_lines])
 
     async def use(self, owner: Owner, name: str | None = None) -> str:
@@ -805,14 +801,15 @@ class Core:
         if wanted.startswith("[") and wanted.endswith("]"):  # /use [rex], as a prompt writes it
             wanted = wanted[1:-1].strip()
         lookup = await self.sharing.lookup(owner)
-        use = f"{self.command_prefix}use"
+        use = self.syntax.name("use")
         current = lookup.active
         if not wanted:
             if lookup.chosen is None or not await self.store.clear_chosen_subject(owner):
                 now = f", {current.name}" if current is not None else ", once one is ready"
                 return (
                     f"[V] already means your newest ready subject{now}; nothing changed. "
-                    f"`{use} <name>` makes one of your ready subjects [V]."
+                    f"`{self.syntax.hint('use', ('subject', '<name>'))}` makes one of your "
+                    "ready subjects [V]."
                 )
             newest = active_subject(lookup.own)
             now = f": {newest.name}" if newest is not None else ", once one is ready"
@@ -826,11 +823,12 @@ class Core:
             if subject.status == "failed":
                 raise UserError(
                     f"{subject.name} failed to train, so it can't be [V]: train it again "
-                    f"first (`/train {subject.name} {subject.class_noun} …`).{stays}"
+                    f"first (`{self.train_hint(subject)}`).{stays}"
                 )
             raise UserError(
-                f"{subject.name} is still {subject.status}; `{use} {subject.name}` works once "
-                f"it is ready.{stays}"
+                f"{subject.name} is still {subject.status}; "
+                f"`{self.syntax.hint('use', ('subject', subject.name))}` works once it is "
+                f"ready.{stays}"
             )
         if lookup.chosen == subject.id:
             return f"[V] already means {subject.name}, as you chose; nothing changed."
@@ -843,6 +841,10 @@ class Core:
         if current is not None and current.id != subject.id:
             text += f" (It was {current.name}.)"
         return f"{text} `{use}` alone goes back to your newest ready subject."
+
+    def train_hint(self, subject: Subject) -> str:
+        """How to train ``subject`` again: `/train rex dog …` (``/train name:rex …``)."""
+        return self.syntax.hint("train", ("name", subject.name), ("class", subject.class_noun), "…")
 
     async def ready_text(self, subject: Subject, took: str) -> str:
         """What a finished training's result says: ``subject`` is ready, with a prompt to try
@@ -861,7 +863,8 @@ class Core:
         return (
             f"{subject.name} is ready — try /imagine a [{subject.name}] {subject.class_noun} on "
             f"the beach  ({took})\n[V] is still {active.name}; "
-            f"`{self.command_prefix}use {subject.name}` to draw {subject.name} as [V]."
+            f"`{self.syntax.hint('use', ('subject', subject.name))}` to draw {subject.name} "
+            "as [V]."
         )
 
     async def forget(self, owner: Owner, name: str) -> str:
@@ -871,7 +874,7 @@ class Core:
         if subject is None:
             subjects = await self.list_subjects(owner)
             names = ", ".join(s.name for s in subjects) or "none"
-            raise UserError(f"You have no subject called '{name}'. Your subjects: {names}.")
+            raise UserError(f"You have no subject called {as_typed(name)}. Your subjects: {names}.")
         stopped = ""
         for job in await self.store.active_jobs(owner.platform, owner.workspace, owner.user_id):
             if job.subject_id == subject.id and job.kind == "train":
@@ -1024,12 +1027,12 @@ class Core:
             )
         if start is not None:
             raise UserError(
-                f"You have no subject called '{target}', and none of your jobs waiting or "
+                f"You have no subject called {as_typed(target)}, and none of your jobs waiting or "
                 f"running here starts with {start}. Your jobs: {prefix}jobs."
             )
         raise UserError(
-            f"You have no subject called '{target}'. Give a subject's name, or at least the "
-            f"first 4 characters of a job id from {prefix}jobs."
+            f"You have no subject called {as_typed(target)}. Give a subject's name, or at least "
+            f"the first 4 characters of a job id from {prefix}jobs."
         )
 
     async def _cancel_own(self, job: Job) -> Cancellation:
@@ -1048,8 +1051,10 @@ class Core:
         )
         if name is not None:
             text += (
-                f" {name} stays in your subjects as failed: `/train {name}` again (with other "
-                f"photos or another class) replaces it, or `/forget {name}` deletes it."
+                f" {name} stays in your subjects as failed: "
+                f"`{self.syntax.hint('train', ('name', name))}` again (with other photos or "
+                f"another class) replaces it, or `{self.syntax.hint('forget', ('name', name))}` "
+                "deletes it."
             )
         return Cancellation(job, text)
 
@@ -1237,7 +1242,7 @@ class Core:
             if name.lower() == wanted.lower():
                 return name
         raise UserError(
-            f"There is no model called '{wanted}'. Models: {', '.join(names)} "
+            f"There is no model called {as_typed(wanted)}. Models: {', '.join(names)} "
             f"(default {self.settings.base_model})."
         )
 
@@ -1460,7 +1465,9 @@ def _common_base_model(subjects: Sequence[Subject], default: str) -> str:
 def _not_yours_to_use(lookup: SubjectLookup, name: str) -> str:
     """Why /use can't take ``name``: none of the caller's subjects has it (the existing
     "Your subjects: …" message), and if a subject shared with them does, how to draw that."""
-    text = f"You have no subject called '{name}'. Your subjects: {format_names(lookup.own)}."
+    text = (
+        f"You have no subject called {as_typed(name)}. Your subjects: {format_names(lookup.own)}."
+    )
     key = name.lower()
     shared = [s for s in lookup.shared if key in (s.name.lower(), s.token.lower())]
     if shared:

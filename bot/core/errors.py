@@ -1,4 +1,5 @@
-"""The one exception type for errors a user can cause."""
+"""The one exception type for errors a user can cause, and how its messages echo what they
+typed."""
 
 
 class UserError(Exception):
@@ -7,3 +8,10 @@ class UserError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+def as_typed(text: str) -> str:
+    """``text`` in a code span, where Discord's markdown and Slack's mrkdwn show it as typed
+    (a refused name such as ``*rex*`` or ``my__dog`` is neither bold nor underlined there);
+    a backtick, which would end the span, shows as ˋ."""
+    return f"`{text.replace('`', 'ˋ')}`"

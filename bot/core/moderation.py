@@ -8,7 +8,8 @@ is_moderator)``, which refuses non-moderators before anything can change and ret
 ``Moderation.handle_text`` parses the text form (``/mod ban @bob spam 7d``) for adapters whose
 platform hands over a line of text (the shell, Slack).
 
-Every change a moderator makes is written to ``audit_log``.
+Every change a moderator makes is written to ``audit_log``, with what else it did (the jobs a
+ban cancelled, the trainings and image jobs a deleted subject stopped).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from arq.constants import (
 )
 from redis.exceptions import RedisError
 
-from bot.core.errors import UserError
+from bot.core.errors import UserError, as_typed
 from bot.core.prompt_filter import InvalidRule, Match, PromptFilter, Rule, validate_rule
 from bot.core.quotas import FIELD_NAMES, format_duration
 from bot.core.store import (
@@ -141,7 +142,7 @@ def parse_duration(text: str) -> timedelta | None:
         return None
     match = _DURATION.match(word)
     if not word or match is None:
-        raise UserError(f"'{text}' isn't a duration: use e.g. 30m, 12h, 7d, 2w or forever.")
+        raise UserError(f"{as_typed(text)} isn't a duration: use e.g. 30m, 12h, 7d, 2w or forever.")
     weeks, days, hours, minutes = (int(part or 0) for part in match.groups())
     duration = timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes)
     if duration <= timedelta(0):
@@ -165,7 +166,7 @@ def parse_user(text: str) -> str:
     match = _MENTION.match(text)
     user = match.group(1) if match else text.removeprefix("@")
     if not user or any(char.isspace() for char in user):
-        raise UserError(f"'{text}' isn't a user.")
+        raise UserError(f"{as_typed(text)} isn't a user.")
     return user
 
 
@@ -694,7 +695,7 @@ class Moderator:
         scope, target_id, label = _quota_target(target)
         field = _FIELD_ALIASES.get(what.strip().lower())
         if field is None:
-            raise UserError(f"'{what}' isn't a limit: say images, trainings or jobs.")
+            raise UserError(f"{as_typed(what)} isn't a limit: say images, trainings or jobs.")
         limit = _quota_value(value)
         await self.store.set_quota_override(
             self.owner.platform,
@@ -897,21 +898,35 @@ class Moderator:
         user = self._user(user_id)
         subject = await self.store.find_subject(user, name.strip())
         if subject is None:
-            raise UserError(f"{user.user_id} has no subject called '{name.strip()}'.")
+            raise UserError(f"{user.user_id} has no subject called {as_typed(name.strip())}.")
+        training = False
         for job in await self.store.active_jobs(user.platform, user.workspace, user.user_id):
             if job.subject_id == subject.id and job.kind == "train":
-                await self.moderation.cancel_job(
-                    job, f"Training {subject.name} was stopped: a moderator deleted it."
+                training |= (
+                    await self.moderation.cancel_job(
+                        job, f"Training {subject.name} was stopped: a moderator deleted it."
+                    )
+                    is not None
                 )
         # Anyone's images of it waiting or running (it may be shared) stop too.
         stopped = await self.moderation.core.sharing.stop_jobs_drawing(
             subject, lambda _: f"a moderator deleted {subject.name}"
         )
         await self.moderation.core.remove_subject(subject)
-        await self._audit("delete-subject", user.user_id, f"{subject.name} ({subject.id})")
+        # The log says what else the deletion stopped, as the reply does: those jobs' owners
+        # were told a moderator did it.
+        image_jobs = f"{stopped} image {'job' if stopped == 1 else 'jobs'} drawing it"
+        effects = (["stopped its training"] if training else []) + (
+            [f"stopped {image_jobs}"] if stopped else []
+        )
+        detail = "; ".join([f"deleted {user.user_id}'s {subject.name} ({subject.id})", *effects])
+        await self._audit("delete-subject", user.user_id, detail)
         text = f"Deleted {user.user_id}'s subject {subject.name}, its photos and its adapter."
+        if training:
+            text += f" Stopped its training; {user.user_id} was told."
         if stopped:
-            text += f" Stopped {stopped} image job(s) drawing it; their owners were told."
+            told = "its owner was" if stopped == 1 else "their owners were"
+            text += f" Stopped {image_jobs}; {told} told."
         return text
 
     # Audit.
@@ -958,7 +973,9 @@ def _quota_value(value: str | int | None) -> int | None:
     try:
         number = int(value)
     except ValueError:
-        raise UserError(f"'{value}' isn't a number: give 0 or more, or 'default'.") from None
+        raise UserError(
+            f"{as_typed(str(value))} isn't a number: give 0 or more, or 'default'."
+        ) from None
     if not 0 <= number <= 1_000_000:
         raise UserError("A limit must be between 0 and 1000000.")
     return number
@@ -980,7 +997,7 @@ def _count(words: list[str], default: int) -> int:
     if not words:
         return default
     if not words[0].isdigit():
-        raise UserError(f"'{words[0]}' isn't a number.")
+        raise UserError(f"{as_typed(words[0])} isn't a number.")
     return int(words[0])
 
 
@@ -1065,7 +1082,7 @@ async def _dispatch(mod: Moderator, text: str) -> str:
         return await mod.delete_subject(words[0], words[1])
     if command == "log":
         return await mod.log(_count(words, 20))
-    raise UserError(f"Unknown /mod command '{command}'. Try /mod help.")
+    raise UserError(f"Unknown /mod command {as_typed(command)}. Try /mod help.")
 
 
 __all__ = [

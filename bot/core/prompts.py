@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bot.core.errors import UserError
+from bot.core.errors import UserError, as_typed
 from bot.core.store import Subject
 
 SUBJECT_REF = re.compile(r"\[([^\[\]]{1,40})\]")
@@ -185,7 +185,9 @@ class SubjectLookup:
         )
 
     def _unknown(self, ref: str) -> str:
-        text = f"You have no subject called '{ref}'. Your subjects: {format_names(self.own)}."
+        text = (
+            f"You have no subject called {as_typed(ref)}. Your subjects: {format_names(self.own)}."
+        )
         if self.shared:
             text += f" Shared with you: {self.shared_list()}."
         return text

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import aiosqlite
 
-from bot.core.errors import UserError
+from bot.core.errors import UserError, as_typed
 from bot.core.moderation import describe_job, parse_user, was_were
 from bot.core.prompts import SubjectLookup
 from bot.core.store import EVERYONE, Job, Owner, Subject
@@ -106,10 +106,11 @@ class Sharing:
             return "".join(names)
         return f"{', '.join(names[:-1])} and {names[-1]}"
 
-    async def share(self, owner: Owner, name: str, target: str, *, prefix: str = "/") -> str:
+    async def share(self, owner: Owner, name: str, target: str) -> str:
         """/share <name> <user|everyone>: let one user of the workspace (a user id), or
         everyone there (``EVERYONE``), draw one of the caller's subjects. Sharing again is
         harmless and says so."""
+        syntax = self.core.syntax
         await self.core.moderation.check_not_banned(owner)
         subject = await self._own_subject(owner, name)
         if target == owner.user_id:
@@ -120,7 +121,7 @@ class Sharing:
         if subject.status not in SHAREABLE:
             raise UserError(
                 f"{subject.name} failed to train, so there is nothing to share yet: train it "
-                f"again first (`{prefix}train {subject.name} {subject.class_noun} …`)."
+                f"again first (`{self.core.train_hint(subject)}`)."
             )
         try:
             added = await self.core.store.share_subject(subject.id, target)
@@ -134,17 +135,16 @@ class Sharing:
         text = (
             f"Shared {subject.name} ({subject.class_noun}) with {who}: {they} can draw it as "
             f"[{subject.name}] in a prompt (or as [{subject.token}] where another subject has "
-            f"that name), and with {prefix}showcase, from their own quota."
+            f"that name), and with {syntax.name('showcase')}, from their own quota."
         )
         if subject.status != "ready":
             text += " It is still training; it can be drawn once it is ready."
         if target != EVERYONE and EVERYONE in shares:
             text += " (It is shared with everyone here as well.)"
-        return f"{text} `{prefix}unshare {subject.name}` stops sharing it."
+        unshare = syntax.hint("unshare", ("subject", subject.name))
+        return f"{text} `{unshare}` stops sharing it."
 
-    async def unshare(
-        self, owner: Owner, name: str, target: str | None = None, *, prefix: str = "/"
-    ) -> str:
+    async def unshare(self, owner: Owner, name: str, target: str | None = None) -> str:
         """/unshare <name> [user|everyone]: stop sharing one of the caller's subjects with
         ``target``, or (None) with anyone. Images already drawn stay where they were posted;
         the waiting and running image jobs of those who can no longer draw it are stopped."""
@@ -175,9 +175,12 @@ class Sharing:
             return f"{subject.name} isn't shared with {who} ({shared}); nothing changed."
         text = f"Stopped sharing {subject.name} with {who}.{stopped}"
         if EVERYONE in left:
+            everyone = self.core.syntax.hint(
+                "unshare", ("subject", subject.name), ("everyone", True)
+            )
             text += (
-                f" It is still shared with everyone here, so they can still draw it: "
-                f"`{prefix}unshare {subject.name} everyone` stops that."
+                " It is still shared with everyone here, so they can still draw it: "
+                f"`{everyone}` stops that."
             )
         return text
 
@@ -265,7 +268,7 @@ class Sharing:
             return subject
         own = await self.core.store.list_subjects(owner)
         text = (
-            f"You have no subject called '{name}'. Your subjects: "
+            f"You have no subject called {as_typed(name)}. Your subjects: "
             f"{', '.join(s.name for s in own) or 'none yet'}."
         )
         others = [

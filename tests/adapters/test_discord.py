@@ -158,7 +158,7 @@ async def test_train_with_an_unknown_model_is_refused_and_queues_nothing(
     await run_command(adapter, "train", *train_options(fake_discord, model="sdxl"))
 
     reply = private_reply(fake_discord).content or ""
-    assert reply.startswith("There is no model called 'sdxl'. Models: tiny")
+    assert reply.startswith("There is no model called `sdxl`. Models: tiny")
     assert await engine_queue_length(runtime) == 0
 
 
@@ -310,7 +310,7 @@ async def test_imagine_with_v_but_no_subject_is_answered_privately_and_queues_no
     ("command", "options", "expected"),
     [
         ("subjects", [], "You have no subjects yet"),
-        ("forget", [{"name": "name", "type": 3, "value": "rex"}], "no subject called 'rex'"),
+        ("forget", [{"name": "name", "type": 3, "value": "rex"}], "no subject called `rex`"),
         ("help", [], "/train name:<name> class:<class> photo1 … photo10"),
         ("quota", [], "images:    0 of 100"),
     ],

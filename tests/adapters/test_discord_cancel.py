@@ -175,7 +175,7 @@ async def test_jobs_and_cancel_by_subject_name_as_slash_commands(
     assert reply.startswith(
         f"Cancelled your training of rex (job {job.id[:8]}): the engine stops it at its next step."
     )
-    assert "`/train rex` again" in reply
+    assert "`/train name:rex` again" in reply and "`/forget name:rex` deletes it" in reply
     assert await runtime.queue.exists(cancel_key(job.id))
     [closing] = fake_discord.find("PATCH", "/channels/")
     assert closing.path.endswith(f"/messages/{progress_id(posted)}")

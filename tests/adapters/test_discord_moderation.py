@@ -168,7 +168,7 @@ async def test_a_bad_duration_is_refused_and_nobody_is_banned(
     options, resolved = ban_options(duration="soon")
     reply = await chat.mod("ban", options, resolved)
 
-    assert "'soon' isn't a duration" in reply
+    assert "`soon` isn't a duration" in reply
     assert await runtime.store.active_ban(OTHER) is None
 
 
@@ -304,7 +304,7 @@ OTHER_USER = user_option("user", OTHER_USER_ID)
             "delete-subject",
             [OTHER_USER["option"], {"name": "name", "type": 3, "value": "rex"}],
             OTHER_USER["resolved"],
-            "has no subject called 'rex'",
+            "has no subject called `rex`",
         ),
         ("log", [{"name": "count", "type": 4, "value": 5}], None, "No moderator actions yet."),
     ],

@@ -73,7 +73,7 @@ async def test_share_with_a_member_lets_them_draw_it_on_their_quota(
     )
 
     assert said.startswith(f"Shared rex (dog) with <@{OTHER_USER_ID}>: they can draw it as [rex]")
-    assert "`/unshare rex` stops sharing it." in said
+    assert "`/unshare subject:rex` stops sharing it." in said
     assert await runtime.store.subject_shares(OWNER) == {rex.id: [str(OTHER_USER_ID)]}
     assert not fake_discord.find("POST", "/channels/")  # nothing public
 
@@ -167,7 +167,7 @@ async def test_another_member_cannot_share_or_unshare_your_subject(
     )
 
     assert said == (
-        "You have no subject called 'rex'. Your subjects: none yet. The rex shared with you "
+        "You have no subject called `rex`. Your subjects: none yet. The rex shared with you "
         f"belongs to <@{USER_ID}>: only its owner can share it."
     )
     assert await runtime.store.subjects_shared_with(OTHER) != []
@@ -251,7 +251,7 @@ async def test_a_typed_subject_name_that_would_ping_pings_nobody(
 
     said = await run_as(adapter, fake_discord, "unshare", [subject_option(typed)])
 
-    assert said.startswith(f"You have no subject called '{typed}'.")
+    assert said.startswith(f"You have no subject called `{typed}`.")
     [reply] = fake_discord.find("POST", f"/webhooks/{APP_ID}/")
     assert reply.pings == set()
 

@@ -60,7 +60,9 @@ async def test_use_refuses_a_subject_still_training_privately(
 
     said = await run_as(adapter, fake_discord, "use", [subject_option("rex")])
 
-    assert said == "rex is still training; `/use rex` works once it is ready. [V] stays mia."
+    assert (
+        said == "rex is still training; `/use subject:rex` works once it is ready. [V] stays mia."
+    )
     assert await runtime.store.chosen_subject_id(OWNER) is None
 
 

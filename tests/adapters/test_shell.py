@@ -75,7 +75,7 @@ async def test_train_with_an_unknown_model_is_refused_and_queues_nothing(
 ) -> None:
     said = await _train_in_shell(runtime, tmp_path, "sdxl")
 
-    assert said.startswith("✗ There is no model called 'sdxl'. Models: tiny")
+    assert said.startswith("✗ There is no model called `sdxl`. Models: tiny")
     assert await queued(runtime.queue) == 0
 
 

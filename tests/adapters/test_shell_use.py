@@ -47,7 +47,7 @@ async def test_use_in_the_shell_picks_v_and_use_alone_goes_back(
     await _say(shell, "/imagine a [V] on the beach --count 1")
     assert await queued_prompt(runtime, shell) == "a bkt dog on the beach"
     assert await _say(shell, "/use fido") == (
-        "✗ You have no subject called 'fido'. Your subjects: mia, rex.\n"
+        "✗ You have no subject called `fido`. Your subjects: mia, rex.\n"
     )
     assert "/use [name]" in await _say(shell, "/help")
 

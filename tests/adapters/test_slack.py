@@ -449,7 +449,7 @@ async def test_train_with_an_unknown_model_is_refused_before_the_photos(
 ) -> None:
     reply = await send_command(fake_slack, events_url, "/train", "rex dog --model sdxl")
 
-    assert reply.text.startswith("There is no model called 'sdxl'. Models: tiny")
+    assert reply.text.startswith("There is no model called `sdxl`. Models: tiny")
     assert adapter.pending == {}
 
 

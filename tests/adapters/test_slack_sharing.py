@@ -143,7 +143,7 @@ async def test_a_typed_subject_name_that_would_ping_pings_nobody(
     # Slack sends a typed @channel as <!channel>, & < > escaped as &amp; &lt; &gt;.
     reply = await send_command(fake_slack, events_url, "/dreambot", f"unshare {typed}")
 
-    assert reply.text.startswith("You have no subject called '")
+    assert reply.text.startswith("You have no subject called `")
     assert reply.pings == set()
     assert await runtime.store.subject_shares(OWNER) == {}
 

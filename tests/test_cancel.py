@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 
+from bot.adapters.slack import SYNTAX as SLACK_SYNTAX
 from bot.core.delivery import Deliverer
 from bot.core.errors import UserError
 from bot.core.store import Owner
@@ -226,9 +227,10 @@ async def test_a_name_or_id_that_matches_nothing_is_answered_clearly_and_cancels
 ) -> None:
     await ready_subject(runtime, owner, "max", "zqv")
     receipt = await runtime.core.imagine(owner, DEST, "a [max] on the beach", count=1)
+    runtime.core.syntax = SLACK_SYNTAX  # as Slack's adapter sets it
 
     with pytest.raises(UserError) as refused:
-        await runtime.core.cancel(owner, target, prefix="/dreambot ")
+        await runtime.core.cancel(owner, target)
 
     assert refused.value.message == expected
     job = await runtime.store.get_job(receipt.job_id)
@@ -331,9 +333,13 @@ async def test_jobs_without_the_queue_still_lists_them_from_the_database(
     receipt = await runtime.core.imagine(owner, DEST, "a cat", count=1)
     await runtime.queue.delete(GENERATE_QUEUE)
     await runtime.queue.set(GENERATE_QUEUE, "not a queue")  # Redis answers WRONGTYPE
+    runtime.core.syntax = SLACK_SYNTAX  # as Slack's adapter sets it
 
-    text = await runtime.core.jobs_text(owner, prefix="/dreambot ")
+    text = await runtime.core.jobs_text(owner)
 
     assert f"  {receipt.job_id[:8]}  image “a cat”  waiting (queued " in text
     assert "places are not shown" in text
-    assert text.endswith("/dreambot cancel alone cancels the newest.")
+    assert text.endswith(
+        "Cancel one with /dreambot cancel <id> (a training also by its subject's name); "
+        "/dreambot cancel alone cancels the newest."
+    )

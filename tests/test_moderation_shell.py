@@ -40,6 +40,7 @@ async def test_mod_commands_parse_and_answer_in_the_shell(shell: ShellAdapter) -
     assert "Banned bob until" in reply and ": posting spam." in reply
     assert "bob until" in await _say(shell, "/mod bans")
     assert "bob may use dreambot again" in await _say(shell, "/mod unban bob")
+    assert "✗ `bob` isn't banned here." in await _say(shell, "/mod unban @bob")
 
     assert "Images per day for bob: now 7" in await _say(shell, "/mod quota set bob images 7")
     assert "images:    0 of 7" in await _say(shell, "/mod quota show bob")

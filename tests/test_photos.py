@@ -39,19 +39,19 @@ async def test_wrong_number_of_photos_is_refused(count: int) -> None:
 
 async def test_undecodable_file_is_named_in_the_message() -> None:
     uploads = [*_uploads(2), Upload("holiday.jpg", b"\xff\xd8 not really a jpeg")]
-    with pytest.raises(UserError, match="holiday.jpg could not be read"):
+    with pytest.raises(UserError, match="`holiday.jpg` could not be read"):
         await prepare_photos(uploads, RULES)
 
 
 async def test_small_photo_is_named_with_its_size() -> None:
     uploads = [*_uploads(2), Upload("tiny.jpg", make_photo(3, (200, 400)))]
-    with pytest.raises(UserError, match=r"tiny.jpg is 200×400.*256 px"):
+    with pytest.raises(UserError, match=r"`tiny.jpg` is 200×400.*256 px"):
         await prepare_photos(uploads, RULES)
 
 
 async def test_giant_file_is_refused_by_size() -> None:
     uploads = [*_uploads(2), Upload("huge.png", b"\x89PNG" + b"\0" * 2_000_001)]
-    with pytest.raises(UserError, match="huge.png is 1.9 MiB; photos may be at most 1.9 MiB"):
+    with pytest.raises(UserError, match="`huge.png` is 1.9 MiB; photos may be at most 1.9 MiB"):
         await prepare_photos(uploads, RULES)
 
 
@@ -59,7 +59,7 @@ async def test_decompression_bomb_is_refused() -> None:
     bomb = io.BytesIO()
     Image.new("1", (12_000, 12_000)).save(bomb, format="PNG")  # tiny file, 144 Mpx
     uploads = [*_uploads(2), Upload("bomb.png", bomb.getvalue())]
-    with pytest.raises(UserError, match="bomb.png"):
+    with pytest.raises(UserError, match="`bomb.png`"):
         await prepare_photos(uploads, RULES)
 
 
@@ -67,7 +67,7 @@ async def test_other_image_formats_are_refused_by_content() -> None:
     gif = io.BytesIO()
     Image.new("RGB", (300, 300)).save(gif, format="GIF")
     uploads = [*_uploads(2), Upload("looks-like.jpg", gif.getvalue())]
-    with pytest.raises(UserError, match="looks-like.jpg is a GIF file"):
+    with pytest.raises(UserError, match="`looks-like.jpg` is a GIF file"):
         await prepare_photos(uploads, RULES)
 
 
@@ -150,9 +150,9 @@ def _claiming(data: bytes, width: int, height: int) -> bytes:
     [
         # Under Pillow's own bomb limit, over ours: refused by its header. Decoding would
         # have failed ("damaged"): its real pixels don't fill the claimed size.
-        ("HEIF", 8000, r"giant.heif is 8000×8000 pixels, too large to use; .* 50 megapixels"),
-        ("AVIF", 8000, r"giant.avif is 8000×8000 pixels, too large to use; .* 50 megapixels"),
-        ("HEIF", 20000, r"giant.heif claims too many pixels to use; .* 50 megapixels"),
+        ("HEIF", 8000, r"`giant.heif` is 8000×8000 pixels, too large to use; .* 50 megapixels"),
+        ("AVIF", 8000, r"`giant.avif` is 8000×8000 pixels, too large to use; .* 50 megapixels"),
+        ("HEIF", 20000, r"`giant.heif` claims too many pixels to use; .* 50 megapixels"),
     ],
 )
 async def test_a_heic_or_avif_claiming_huge_dimensions_is_refused_before_decoding(
@@ -178,7 +178,7 @@ def _without_payload(data: bytes) -> bytes:
 async def test_a_damaged_avif_is_reported_as_damaged(damage: Callable[[bytes], bytes]) -> None:
     avif = damage(_encode(_subject(), "AVIF"))
     uploads = [*_uploads(2), Upload("broken.avif", avif)]
-    with pytest.raises(UserError, match="broken.avif could not be read as an image"):
+    with pytest.raises(UserError, match="`broken.avif` could not be read as an image"):
         await prepare_photos(uploads, RULES)
 
 
@@ -310,7 +310,7 @@ async def test_every_bad_photo_is_reported_at_once_one_line_each() -> None:
         await prepare_photos(uploads, RULES)
 
     lines = refused.value.message.splitlines()
-    assert [line.split()[0] for line in lines] == ["tiny.jpg", "holiday.jpg", "anim.gif"]
+    assert [line.split()[0] for line in lines] == ["`tiny.jpg`", "`holiday.jpg`", "`anim.gif`"]
     assert "Send a larger photo" in lines[0]
 
 
@@ -321,7 +321,7 @@ async def test_an_unreadable_photo_is_described_in_plain_words() -> None:
 
     message = refused.value.message
     assert message == (
-        "holiday.jpg could not be read as an image: it is damaged or not a photo. "
+        "`holiday.jpg` could not be read as an image: it is damaged or not a photo. "
         "Send JPEG, PNG, WebP, HEIC or AVIF photos."
     )
     assert "Error" not in message
@@ -358,7 +358,7 @@ async def test_the_same_photo_sent_again_is_refused_naming_both(copy: str) -> No
         await prepare_photos(uploads, RULES)
 
     assert refused.value.message == (
-        "b.jpg looks like the same photo as a.jpg; send 3–5 different photos of the subject."
+        "`b.jpg` looks like the same photo as `a.jpg`; send 3–5 different photos of the subject."
     )
 
 
@@ -372,7 +372,9 @@ async def test_a_rotated_copy_is_the_same_photo_once_upright() -> None:
         Upload("sideways.jpg", _encode(stored_sideways, "JPEG", exif=exif)),
         *_uploads(2),
     ]
-    with pytest.raises(UserError, match="sideways.jpg looks like the same photo as upright.jpg"):
+    with pytest.raises(
+        UserError, match="`sideways.jpg` looks like the same photo as `upright.jpg`"
+    ):
         await prepare_photos(uploads, RULES)
 
 
@@ -382,8 +384,8 @@ async def test_photos_with_one_name_are_told_apart_by_number() -> None:
     uploads = [Upload("image.png", make_photo(0)), *(Upload("image.png", photo) for _ in "ab")]
     with pytest.raises(
         UserError,
-        match=r"^photo 3 \(image.png\) looks like the same photo as "
-        r"photo 2 \(image.png\);",
+        match=r"^photo 3 \(`image.png`\) looks like the same photo as "
+        r"photo 2 \(`image.png`\);",
     ):
         await prepare_photos(uploads, RULES)
 

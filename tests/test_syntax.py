@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from bot.adapters.slack import SYNTAX as SLACK_SYNTAX
 from bot.core.errors import UserError
 from bot.core.store import EVERYONE, Owner
-from bot.core.syntax import DISCORD_SYNTAX, TEXT_SYNTAX, CommandSyntax
+from bot.core.syntax import DISCORD_SYNTAX, TEXT_SYNTAX, CommandSyntax, train_example
 from bot.launcher import BotRuntime
 from tests.conftest import ready_subject
 from tests.test_commands import _photos
@@ -60,3 +61,63 @@ async def test_on_discord_the_hints_name_the_commands_options(
         "`/train name:kit` again (with other photos or another class) replaces it, or "
         "`/forget name:kit` deletes it."
     )
+
+
+def test_the_first_training_is_suggested_with_each_platforms_options() -> None:
+    assert train_example(TEXT_SYNTAX) == "/train <name> <class> <photos…>"
+    assert train_example(SLACK_SYNTAX) == "/train <name> <class> <photos…>"
+    assert train_example(DISCORD_SYNTAX) == (
+        "/train name:<name> class:<class> photo1:… photo2:… photo3:…"
+    )
+
+
+async def test_on_discord_the_train_imagine_and_cancel_hints_name_their_options(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    runtime.core.syntax = DISCORD_SYNTAX  # as Discord's adapter sets it
+    train = "`/train name:<name> class:<class> photo1:… photo2:… photo3:…`"
+    assert await runtime.core.subjects_text(owner) == (
+        f"You have no subjects yet. Train one: {train}."
+    )
+    with pytest.raises(UserError) as no_subject:
+        await runtime.core.imagine(owner, DEST, "a [V] on the beach", count=1)
+    assert no_subject.value.message.endswith(f"Train one first: {train}.")
+    with pytest.raises(UserError) as empty:
+        await runtime.core.imagine(owner, DEST, "   ", count=1)
+    assert empty.value.message == (
+        "Tell me what to draw, e.g. `/imagine prompt:a [V] dog on the beach`."
+    )
+
+    rex = await ready_subject(runtime, owner, "rex", "zqv")
+    used = await runtime.core.use(owner, "rex")
+    assert "`/imagine prompt:a [V] on the beach` draws it." in used
+    ready = await runtime.core.ready_text(rex, "60 steps in 0:31")
+    assert ready == "rex is ready — try /imagine prompt:a [V] dog on the beach  (60 steps in 0:31)"
+
+    await runtime.core.imagine(owner, DEST, "a [V] on the beach", count=1)
+    assert (await runtime.core.jobs_text(owner)).endswith(
+        "Cancel one with /cancel target:<id> (a training also by its subject's name); "
+        "/cancel alone cancels the newest."
+    )
+    with pytest.raises(UserError) as unknown:
+        await runtime.core.cancel(owner, "fido")
+    assert unknown.value.message.endswith("the first 4 characters of a job id from /jobs.")
+
+
+async def test_on_slack_the_train_and_imagine_hints_are_their_own_slash_commands(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    runtime.core.syntax = SLACK_SYNTAX  # as Slack's adapter sets it
+    assert await runtime.core.subjects_text(owner) == (
+        "You have no subjects yet. Train one: `/train <name> <class> <photos…>`."
+    )
+    with pytest.raises(UserError) as empty:
+        await runtime.core.imagine(owner, DEST, "   ", count=1)
+    assert empty.value.message == "Tell me what to draw, e.g. `/imagine a [V] dog on the beach`."
+
+    rex = await ready_subject(runtime, owner, "rex", "zqv")
+    used = await runtime.core.use(owner, "rex")
+    assert "`/imagine a [V] on the beach` draws it." in used
+    assert used.endswith("`/dreambot use` alone goes back to your newest ready subject.")
+    ready = await runtime.core.ready_text(rex, "60 steps in 0:31")
+    assert ready == "rex is ready — try /imagine a [V] dog on the beach  (60 steps in 0:31)"

@@ -40,7 +40,7 @@ from bot.adapters.throttle import Clock, EditThrottle, Sleep
 from bot.config import ConfigError, Settings
 from bot.core.commands import Core, Receipt
 from bot.core.delivery import Delivery, PostedParts, file_part, progress_text
-from bot.core.errors import UserError
+from bot.core.errors import UserError, as_typed
 from bot.core.moderation import MOD_HELP, Moderator, parse_duration
 from bot.core.sharing import SHAREABLE
 from bot.core.store import EVERYONE, Job, Owner
@@ -506,7 +506,7 @@ class DiscordAdapter:
         target = share_target(user, everyone)
         if target is None:
             raise UserError(
-                f"Say whom to share {subject.strip()} with: user: (one member) or "
+                f"Say whom to share {as_typed(subject.strip())} with: user: (one member) or "
                 "everyone:True (everyone on this server)."
             )
         return await self.core.sharing.share(owner_of(interaction), subject, target)

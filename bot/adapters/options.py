@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.core.commands import Core, Receipt
-from bot.core.errors import UserError
+from bot.core.errors import UserError, as_typed
 from bot.core.store import Owner
 
 IMAGINE_OPTIONS = ("count", "seed", "no", "aspect", "steps", "guidance", "strength")
@@ -47,7 +47,8 @@ def _refuse_leftover_options(rest: str, names: Iterable[str]) -> None:
             raise UserError(f"--{name} needs a value after it, e.g. {_EXAMPLES.get(name, '')}.")
         if match.group(1) == "--":  # a dash in prose ("a cat —happy") is left alone
             listed = ", ".join(f"--{k}" for k in known)
-            raise UserError(f"Unknown option --{name}; the options here are {listed}.")
+            unknown = as_typed(f"--{name}")
+            raise UserError(f"Unknown option {unknown}; the options here are {listed}.")
 
 
 _EXAMPLES = {

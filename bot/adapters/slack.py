@@ -361,7 +361,7 @@ class SlackAdapter:
             "share": lambda caller, text: self.share(caller, "share", text),
             "unshare": lambda caller, text: self.share(caller, "unshare", text),
             "quota": lambda caller, text: self.core.quota_text(caller.owner),
-            "jobs": lambda caller, text: self.core.jobs_text(caller.owner, prefix=COMMAND_PREFIX),
+            "jobs": lambda caller, text: self.core.jobs_text(caller.owner),
             "cancel": self.cancel,
             "mod": self.mod,
             "help": self.help,
@@ -645,7 +645,7 @@ class SlackAdapter:
     async def share(self, caller: Caller, verb: str, text: str) -> str:
         """/dreambot share <name> <@user|everyone> and /dreambot unshare <name> [@user|
         everyone] (``verb``). Slack sends a mention as ``<@U123|mia>`` or ``<@U123>``."""
-        name, target = parse_share_text(verb, unescape(text), prefix=COMMAND_PREFIX)
+        name, target = parse_share_text(verb, unescape(text), syntax=self.core.syntax)
         if target not in (None, EVERYONE) and not SLACK_USER_ID.match(target):
             # A typed name ("mia", "@mia" without picking her) or <!here> is no user id.
             raise UserError(
@@ -661,7 +661,7 @@ class SlackAdapter:
         """/dreambot cancel [name or job id]: cancel one of the caller's jobs and close its
         progress message."""
         target = unescape(text).strip() or None
-        cancellation = await self.core.cancel(caller.owner, target, prefix=COMMAND_PREFIX)
+        cancellation = await self.core.cancel(caller.owner, target)
         await self._finish_progress(cancellation.job, common.CANCELLED_BY_OWNER)
         return cancellation.text
 

@@ -56,7 +56,7 @@ from bot.core.store import (
     WorkspaceSettings,
     utcnow,
 )
-from bot.core.syntax import TEXT_SYNTAX, CommandSyntax
+from bot.core.syntax import TEXT_SYNTAX, CommandSyntax, train_example
 from bot.core.tokens import pick_token, usable_vocabulary_tokens
 from engine.api import (
     ALL_ENGINE_QUEUES,
@@ -758,7 +758,7 @@ class Core:
         lines = (
             ["Your subjects:"]
             if subjects
-            else ["You have no subjects yet. Train one: `/train <name> <class> <photos…>`."]
+            else [f"You have no subjects yet. Train one: `{train_example(self.syntax)}`."]
         )
         use = self.syntax.name("use")
         for subject in subjects:
@@ -836,7 +836,7 @@ class Core:
             raise UserError(f"{subject.name} was deleted just now, so [V] is unchanged.")
         text = (
             f"[V] now means {subject.name} ({subject.class_noun}), also after you train "
-            f"others: `/imagine a [V] on the beach` draws it."
+            f"others: `{self.syntax.hint('imagine', ('prompt', 'a [V] on the beach'))}` draws it."
         )
         if current is not None and current.id != subject.id:
             text += f" (It was {current.name}.)"
@@ -855,14 +855,16 @@ class Core:
         active = active_subject(
             await self.store.list_subjects(owner), await self.store.chosen_subject_id(owner)
         )
-        if active is None or active.id == subject.id:
-            return (
-                f"{subject.name} is ready — try /imagine a [V] {subject.class_noun} on the "
-                f"beach  ({took})"
-            )
+        other = active if active is not None and active.id != subject.id else None
+        reference = "[V]" if other is None else f"[{subject.name}]"
+        example = self.syntax.hint(
+            "imagine", ("prompt", f"a {reference} {subject.class_noun} on the beach")
+        )
+        text = f"{subject.name} is ready — try {example}  ({took})"
+        if other is None:
+            return text
         return (
-            f"{subject.name} is ready — try /imagine a [{subject.name}] {subject.class_noun} on "
-            f"the beach  ({took})\n[V] is still {active.name}; "
+            f"{text}\n[V] is still {other.name}; "
             f"`{self.syntax.hint('use', ('subject', subject.name))}` to draw {subject.name} "
             "as [V]."
         )
@@ -924,13 +926,10 @@ class Core:
         await self.moderation.check_not_banned(owner)
         return await self.quotas.usage_text(owner, roles)
 
-    async def jobs_text(self, owner: Owner, *, prefix: str = "/") -> str:
+    async def jobs_text(self, owner: Owner) -> str:
         """/jobs: the caller's jobs waiting or running in this workspace, oldest first: the
-        start of each id (what /cancel takes), what it is, and where it stands.
-
-        ``prefix`` is how this platform's commands are typed (``/`` or ``/dreambot ``), for
-        the hint at the end.
-        """
+        start of each id (what /cancel takes), what it is, and where it stands; then how to
+        cancel one, as this platform types it (``Core.syntax``)."""
         await self.moderation.check_not_banned(owner)
         jobs = await self.store.active_jobs(owner.platform, owner.workspace, owner.user_id)
         if not jobs:
@@ -954,23 +953,21 @@ class Core:
             lines.append(f"  {job.id[:8]}  {describe_job(job, names.get(job.id))}  {where}")
         if states is None:
             lines.append("(The job queue can't be reached right now, so places are not shown.)")
+        cancel = self.syntax.hint("cancel", ("target", "<id>"))
         lines.append(
-            f"Cancel one with {prefix}cancel <id> (a training also by its subject's name); "
-            f"{prefix}cancel alone cancels the newest."
+            f"Cancel one with {cancel} (a training also by its subject's name); "
+            f"{self.syntax.name('cancel')} alone cancels the newest."
         )
         return "\n".join(lines)
 
-    async def cancel(
-        self, owner: Owner, target: str | None = None, *, prefix: str = "/"
-    ) -> Cancellation:
+    async def cancel(self, owner: Owner, target: str | None = None) -> Cancellation:
         """/cancel [name or job id]: cancel one of the caller's own waiting or running jobs in
         this workspace, and give its quota back.
 
         No ``target``: the newest. A subject's name: its training. Otherwise the job whose id
         starts with ``target`` (4 or more characters, as /jobs shows). A waiting job leaves
-        the queue; a running one is stopped by the engine at its next step. ``prefix`` is how
-        this platform's commands are typed, for the hints. The adapter closes the job's
-        progress message (``Cancellation.job``); nothing else is posted about it.
+        the queue; a running one is stopped by the engine at its next step. The adapter closes
+        the job's progress message (``Cancellation.job``); nothing else is posted about it.
         """
         await self.moderation.check_not_banned(owner)
         jobs = await self.store.active_jobs(owner.platform, owner.workspace, owner.user_id)
@@ -978,7 +975,7 @@ class Core:
             raise UserError(
                 "You have no jobs waiting or running here, so there is nothing to cancel."
             )
-        job = await self._own_job(owner, jobs, (target or "").strip(), prefix)
+        job = await self._own_job(owner, jobs, (target or "").strip())
         return await self._cancel_own(job)
 
     async def cancel_from_button(
@@ -1002,8 +999,9 @@ class Core:
             raise UserError("That job has already ended; there is nothing to cancel.")
         return await self._cancel_own(job)
 
-    async def _own_job(self, owner: Owner, jobs: list[Job], target: str, prefix: str) -> Job:
+    async def _own_job(self, owner: Owner, jobs: list[Job], target: str) -> Job:
         """Which of the caller's active ``jobs`` (oldest first) ``target`` means."""
+        list_jobs = self.syntax.name("jobs")
         if not target:
             return jobs[-1]
         subject = await self.store.find_subject(owner, target)
@@ -1018,21 +1016,21 @@ class Core:
         if matches:
             raise UserError(
                 f"{len(matches)} of your jobs start with {start}; give more of the id "
-                f"(see {prefix}jobs)."
+                f"(see {list_jobs})."
             )
         if subject is not None:
             raise UserError(
                 f"{subject.name} isn't training (it is {subject.status}), so there is nothing "
-                f"to cancel for it. Your jobs: {prefix}jobs."
+                f"to cancel for it. Your jobs: {list_jobs}."
             )
         if start is not None:
             raise UserError(
                 f"You have no subject called {as_typed(target)}, and none of your jobs waiting or "
-                f"running here starts with {start}. Your jobs: {prefix}jobs."
+                f"running here starts with {start}. Your jobs: {list_jobs}."
             )
         raise UserError(
             f"You have no subject called {as_typed(target)}. Give a subject's name, or at least "
-            f"the first 4 characters of a job id from {prefix}jobs."
+            f"the first 4 characters of a job id from {list_jobs}."
         )
 
     async def _cancel_own(self, job: Job) -> Cancellation:

@@ -774,7 +774,7 @@ class Moderator:
         """Lift a ban."""
         user = self._user(user_id)
         if not await self.store.delete_ban(user):
-            raise UserError(f"{user.user_id} isn't banned here.")
+            raise UserError(f"{as_typed(user.user_id)} isn't banned here.")
         await self._audit("unban", user.user_id)
         return f"{user.user_id} may use dreambot again."
 

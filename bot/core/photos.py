@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from pillow_heif import register_heif_opener
 
-from bot.core.errors import UserError
+from bot.core.errors import UserError, as_typed
 
 # HEIF: iPhones' default (HEIC). AVIF is decoded by Pillow itself. MPO: multi-picture JPEG from
 # phone cameras. Thumbnails, depth maps and other auxiliary images are never used, so pillow-heif
@@ -190,13 +190,14 @@ def _same_photo(a: _Prepared, b: _Prepared) -> bool:
 
 
 def _labels(uploads: list[Upload]) -> list[str]:
-    """How each upload is named in messages: chat clients often call every pasted image
-    image.png, so a name that is not unique gets the photo's number."""
+    """How each upload is named in messages: its file name, chosen by the user, as code
+    (``as_typed``); chat clients often call every pasted image image.png, so a name that is
+    not unique gets the photo's number."""
     names = Counter(upload.filename for upload in uploads)
     return [
-        upload.filename
+        as_typed(upload.filename)
         if upload.filename and names[upload.filename] == 1
-        else f"photo {number}" + (f" ({upload.filename})" if upload.filename else "")
+        else f"photo {number}" + (f" ({as_typed(upload.filename)})" if upload.filename else "")
         for number, upload in enumerate(uploads, 1)
     ]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from bot.core.errors import UserError, as_typed
 from bot.core.store import Subject
+from bot.core.syntax import TEXT_SYNTAX, CommandSyntax, train_example
 
 SUBJECT_REF = re.compile(r"\[([^\[\]]{1,40})\]")
 ACTIVE = "v"
@@ -47,7 +48,7 @@ class SubjectLookup:
     that name, else the one shared subject of that name (several: the caller is asked to
     write the token instead). ``[token]`` also names a subject: tokens are unique within a
     workspace, so it is the unambiguous way to write a shared subject. ``mention`` renders an
-    owner's user id in messages.
+    owner's user id in messages; ``syntax`` types the commands its messages suggest.
     """
 
     def __init__(
@@ -57,11 +58,13 @@ class SubjectLookup:
         *,
         chosen: str | None = None,
         mention: Callable[[str], str] = str,
+        syntax: CommandSyntax = TEXT_SYNTAX,
     ) -> None:
         self.own = list(own)
         self.shared = list(shared)
         self.chosen = chosen
         self.mention = mention
+        self.syntax = syntax
 
     @property
     def active(self) -> Subject | None:
@@ -153,7 +156,7 @@ class SubjectLookup:
             )
         raise UserError(
             "[V] stands for your trained subject, and you have none yet. "
-            "Train one first: `/train <name> <class> <3 or more photos>`."
+            f"Train one first: `{train_example(self.syntax)}`."
         )
 
     def _own(self, key: str) -> Subject | None:
@@ -211,7 +214,8 @@ def resolve_prompt(
     lookup = subjects if isinstance(subjects, SubjectLookup) else SubjectLookup(subjects)
     prompt = " ".join(prompt.split())
     if not prompt:
-        raise UserError("Tell me what to draw, e.g. `/imagine a [V] dog on the beach`.")
+        example = lookup.syntax.hint("imagine", ("prompt", "a [V] dog on the beach"))
+        raise UserError(f"Tell me what to draw, e.g. `{example}`.")
     used: list[Subject] = []
     pieces: list[str] = []
     position = 0

@@ -25,6 +25,7 @@ from bot.core.errors import UserError, as_typed
 from bot.core.moderation import describe_job, parse_user, was_were
 from bot.core.prompts import SubjectLookup
 from bot.core.store import EVERYONE, Job, Owner, Subject
+from bot.core.syntax import TEXT_SYNTAX, CommandSyntax
 
 if TYPE_CHECKING:
     from bot.core.commands import Core
@@ -65,14 +66,17 @@ def parse_target(word: str) -> str:
     return parse_user(word)
 
 
-def parse_share_text(verb: str, text: str, *, prefix: str = "/") -> tuple[str, str | None]:
+def parse_share_text(
+    verb: str, text: str, *, syntax: CommandSyntax = TEXT_SYNTAX
+) -> tuple[str, str | None]:
     """``rex @mia`` / ``rex everyone`` (``share``), or ``rex [@mia|everyone]`` (``unshare``)
     → the subject's name and the target (None: unshare from everyone it is shared with).
-    ``prefix`` is how this platform's commands are typed, for the usage message."""
+    ``syntax`` is how this platform types its commands (``Core.syntax``), for the usage
+    message."""
     words = text.split()
     wanted = "<@user or everyone>" if verb == "share" else "[@user or everyone]"
     if not words or len(words) > 2 or (verb == "share" and len(words) < 2):
-        raise UserError(f"Usage: {prefix}{verb} <subject name> {wanted}")
+        raise UserError(f"Usage: {syntax.name(verb)} <subject name> {wanted}")
     return words[0], parse_target(words[1]) if len(words) == 2 else None
 
 
@@ -90,6 +94,7 @@ class Sharing:
             await self.core.store.subjects_shared_with(owner),
             chosen=await self.core.store.chosen_subject_id(owner),
             mention=self.core.mention,
+            syntax=self.core.syntax,
         )
 
     async def shared_subjects(self, owner: Owner) -> list[Subject]:

@@ -51,3 +51,12 @@ TEXT_SYNTAX = CommandSyntax()
 """The shell's: ``/unshare rex``; the core's default."""
 DISCORD_SYNTAX = CommandSyntax(named_options=True)
 """Discord's: ``/unshare subject:rex``."""
+
+
+def train_example(syntax: CommandSyntax) -> str:
+    """How to train a first subject, for a caller who has none: ``/train <name> <class>
+    <photos…>``; on Discord with its options, the photos being its attachment options (three
+    required, up to ``photo10``): ``/train name:<name> class:<class> photo1:… photo2:…
+    photo3:…``."""
+    photos = "photo1:… photo2:… photo3:…" if syntax.named_options else "<photos…>"
+    return syntax.hint("train", ("name", "<name>"), ("class", "<class>"), photos)

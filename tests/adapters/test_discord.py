@@ -168,7 +168,7 @@ async def test_train_with_an_unknown_model_is_refused_and_queues_nothing(
         ({"p1.jpg": "image/jpeg", "p2.jpg": "image/jpeg"}, "You sent 2 photos"),
         (
             {"p1.jpg": "image/jpeg", "p2.jpg": "image/jpeg", "page.jpg": "text/html"},
-            "page.jpg could not be read as an image",
+            "`page.jpg` could not be read as an image",
         ),
     ],
 )

@@ -166,6 +166,10 @@ async def test_jobs_and_cancel_by_subject_name_as_slash_commands(
     await run_command(adapter, "jobs")
     listing = private_reply(fake_discord).content or ""
     assert f"  {job.id[:8]}  training of rex  running (queued " in listing
+    assert listing.endswith(
+        "Cancel one with /cancel target:<id> (a training also by its subject's name); "
+        "/cancel alone cancels the newest."
+    )
     assert not fake_discord.find("POST", "/channels/")
     fake_discord.requests.clear()
 

@@ -295,7 +295,12 @@ OTHER_USER = user_option("user", OTHER_USER_ID)
         ("quota list", [], None, "Configured defaults: 100 images"),
         ("quota reset", [OTHER_USER["option"]], OTHER_USER["resolved"], "0 job(s) given back"),
         ("bans", [], None, "Nobody is banned here."),
-        ("unban", [OTHER_USER["option"]], OTHER_USER["resolved"], "isn't banned here"),
+        (
+            "unban",
+            [OTHER_USER["option"]],
+            OTHER_USER["resolved"],
+            f"`{OTHER_USER_ID}` isn't banned",
+        ),
         ("queue", [], None, "No jobs are waiting or running here."),
         ("status", [], None, "No engine is running: queued jobs wait until one starts."),
         ("cancel", [{"name": "job", "type": 3, "value": "abcd"}], None, "No waiting or running"),

@@ -150,7 +150,7 @@ async def test_share_needs_exactly_one_target_and_never_a_bot(
         adapter, fake_discord, "share", [subject_option("rex"), bot["option"]], bot["resolved"]
     )
 
-    assert neither.startswith("Say whom to share rex with: user: (one member) or everyone:True")
+    assert neither.startswith("Say whom to share `rex` with: user: (one member) or everyone:True")
     assert both == "Pick either user: or everyone:, not both."
     assert to_a_bot == f"<@{APP_ID}> is a bot; bots don't draw subjects."
     assert await runtime.store.subject_shares(OWNER) == {}

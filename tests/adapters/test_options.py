@@ -26,9 +26,9 @@ def test_an_option_without_a_value_is_refused_not_drawn(text: str) -> None:
 
 
 def test_an_unknown_option_is_refused_with_the_known_ones() -> None:
-    with pytest.raises(UserError, match="Unknown option --cuont; .*--count.*--seed"):
+    with pytest.raises(UserError, match="Unknown option `--cuont`; .*--count.*--seed"):
         parse_imagine("a cat --cuont 3")
-    with pytest.raises(UserError, match="Unknown option --modle; the options here are --model"):
+    with pytest.raises(UserError, match="Unknown option `--modle`; the options here are --model"):
         split_options("rex dog photos/ --modle xl", ["model"])
 
 

@@ -121,7 +121,10 @@ async def test_dreambot_jobs_and_cancel_by_id(
 
     listing = (await send_command(fake_slack, events_url, "/dreambot", "jobs")).text
     assert f"  {job_id[:8]}  images “a red fox”  waiting #1 in the queue" in listing
-    assert listing.endswith("/dreambot cancel alone cancels the newest.")
+    assert listing.endswith(  # as sent: Slack's text escapes < and >
+        "Cancel one with /dreambot cancel &lt;id&gt; (a training also by its subject's name); "
+        "/dreambot cancel alone cancels the newest."
+    )
 
     other = await send_command(
         fake_slack, events_url, "/dreambot", f"cancel {job_id[:6]}", user_id=OTHER_USER_ID

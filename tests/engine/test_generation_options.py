@@ -268,7 +268,7 @@ async def test_showcase_queues_the_grid_for_the_named_or_newest_subject(
     drawing = Progress(job_id=receipt.job_id, phase="generating", step=3, total=20)
     await Deliverer(runtime.core, sink).progress(drawing.model_dump())
     assert sink.progress[0][1].startswith("showcase of rex: drawing")
-    with pytest.raises(UserError, match="no subject called 'max'"):
+    with pytest.raises(UserError, match="no subject called `max`"):
         await runtime.core.showcase(owner, DEST, "max")
     with pytest.raises(UserError, match="showcase again"):
         await runtime.core.reimagine(owner, DEST, receipt.job_id)

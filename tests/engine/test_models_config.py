@@ -103,7 +103,7 @@ async def test_train_may_name_a_model_and_its_subject_is_drawn_on_it(
 async def test_train_with_an_unknown_model_lists_the_models_and_queues_nothing(
     two_models: BotRuntime, owner: Owner
 ) -> None:
-    with pytest.raises(UserError, match=r"no model called 'sd3'. Models: sd, xl \(default sd\)"):
+    with pytest.raises(UserError, match=r"no model called `sd3`. Models: sd, xl \(default sd\)"):
         await two_models.core.train(owner, DEST, "rex", "dog", _photos(), model="sd3")
     assert await two_models.queue.zcard(TRAIN_QUEUE) == 0
     assert await two_models.store.find_subject(owner, "rex") is None

@@ -17,6 +17,7 @@ from pathlib import PurePosixPath
 
 from PIL import Image
 
+from bot.core.errors import spoken_list
 from engine.images import AI_NOTICE, encode_jpeg, text_chunks
 
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
@@ -94,10 +95,6 @@ def plan_uploads(
     return batches
 
 
-def _names(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
 def upload_notes(batch: list[Attachment]) -> list[str]:
     """What a message says about its files that are smaller copies or missing (one line
     each kind; none when every file is attached as stored)."""
@@ -110,13 +107,13 @@ def upload_notes(batch: list[Attachment]) -> list[str]:
         )
     elif copied:
         notes.append(
-            f"{_names(copied)} were too large to upload here, so they are attached as smaller "
+            f"{spoken_list(copied)} were too large to upload here, so they are attached as smaller "
             "JPEGs; dreambot keeps the full-size originals with their metadata."
         )
     missing = [u.name for u in batch if u.data is None]
     if missing:
         notes.append(
-            f"{_names(missing)} could not be made small enough to upload here and "
+            f"{spoken_list(missing)} could not be made small enough to upload here and "
             f"{'is' if len(missing) == 1 else 'are'} not attached; dreambot keeps "
             f"{'it' if len(missing) == 1 else 'them'}."
         )

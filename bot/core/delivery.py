@@ -26,6 +26,7 @@ from arq.connections import ArqRedis
 from arq.worker import Retry, Worker, func
 
 from bot.core.commands import Core, images_label
+from bot.core.moderation import draws_images
 from bot.core.store import Job
 from engine.api import (
     DELIVER_FAILURE,
@@ -190,7 +191,7 @@ class Deliverer:
             return subject.name if subject else "training"
         if job.options.get("showcase"):
             return f"showcase of {job.options['showcase']}"
-        return images_label(int(job.options.get("count") or 1))
+        return images_label(draws_images(job))
 
     async def progress(self, payload: dict[str, Any]) -> None:
         """Handle a ``Progress`` message."""

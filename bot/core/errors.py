@@ -1,5 +1,9 @@
 """The one exception type for errors a user can cause, and how its messages echo what they
-typed."""
+typed and list things."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class UserError(Exception):
@@ -15,3 +19,10 @@ def as_typed(text: str) -> str:
     (a refused name such as ``*rex*`` or ``my__dog`` is neither bold nor underlined there);
     a backtick, which would end the span, shows as ˋ."""
     return f"`{text.replace('`', 'ˋ')}`"
+
+
+def spoken_list(items: Sequence[str]) -> str:
+    """``a, b and c``: items as a reply lists them (``a`` alone, nothing for none)."""
+    if len(items) < 2:
+        return "".join(items)
+    return f"{', '.join(items[:-1])} and {items[-1]}"

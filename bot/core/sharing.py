@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import aiosqlite
 
-from bot.core.errors import UserError, as_typed
+from bot.core.errors import UserError, as_typed, spoken_list
 from bot.core.moderation import describe_job, parse_user, was_were
 from bot.core.prompts import SubjectLookup
 from bot.core.store import EVERYONE, Job, Owner, Subject
@@ -107,9 +107,7 @@ class Sharing:
         names = [self.core.mention(t) for t in targets if t != EVERYONE]
         if EVERYONE in targets:
             names.append("everyone here")
-        if len(names) < 2:
-            return "".join(names)
-        return f"{', '.join(names[:-1])} and {names[-1]}"
+        return spoken_list(names)
 
     async def share(self, owner: Owner, name: str, target: str) -> str:
         """/share <name> <user|everyone>: let one user of the workspace (a user id), or

@@ -22,6 +22,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -138,6 +140,19 @@ SDXL_TEXT_ENCODER_2 = {  # OpenCLIP ViT-bigG/14's text tower, with its projectio
 
 SDXL_SCHEDULER = {**SD15_SCHEDULER, "timestep_spacing": "leading"}
 
+SAFETY_CHECKER_VISION = {  # CLIP ViT-L/14's vision tower
+    "hidden_act": "quick_gelu",
+    "hidden_size": 1024,
+    "image_size": 224,
+    "intermediate_size": 4096,
+    "layer_norm_eps": 1e-05,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 24,
+    "patch_size": 14,
+}
+"""The classifier of CompVis/stable-diffusion-safety-checker (what SD 1.x/2.x folders ship in
+``safety_checker/``): this vision tower, projected to 768 dimensions."""
+
 RESOLUTIONS = {"sd15": SD15_RESOLUTION, "sdxl": 1024}
 """Each architecture's native training and generation size in pixels."""
 NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
@@ -201,4 +216,22 @@ def save_random(arch: str, tokenizer_dir: Path, folder: Path, *, device: str) ->
 
     pipe = build_random(arch, tokenizer_dir, device=device, dtype=default_dtype(device))
     pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_random_safety_checker(folder: Path, *, device: str) -> Path:
+    """The safety checker's architecture (``SAFETY_CHECKER_VISION``) with random weights and
+    CLIP's 224 px preprocessor, saved as one folder in the layout of
+    CompVis/stable-diffusion-safety-checker (``engine.safety`` loads it). Random concept
+    embeddings and thresholds: it flags what it flags, and costs what the real one costs."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        checker = StableDiffusionSafetyChecker(
+            CLIPConfig(vision_config=SAFETY_CHECKER_VISION, projection_dim=768)
+        )
+    checker.save_pretrained(folder)
+    # CLIP's defaults: shortest side to 224, centre crop 224, CLIP's mean and deviation.
+    CLIPImageProcessor().save_pretrained(folder)
     return folder

@@ -9,6 +9,8 @@ trainer, then one warm :class:`engine.generation.Generator` is measured:
   subjects, as the difference between the medians of 1-step images alternating A↔B and
   repeating A (1-step images keep the switch from drowning in the noise of full generations);
 - a full pipeline reload + generation, what a server without adapter switching pays;
+- the safety checker (``engine.safety``) on a batch of four: the tiny model's own, or with
+  ``--full`` the real checker's architecture with random weights;
 - the reference path: a plain diffusers pipeline doing ``load_lora_weights`` → generate →
   ``unload_lora_weights`` for every request.
 """
@@ -146,6 +148,19 @@ def build_model(work: Path, args: argparse.Namespace) -> Path:
     )
 
 
+def safety_checker_folder(work: Path, model: Path, args: argparse.Namespace) -> Path:
+    """The model folder's own safety checker (the tiny model's), else the real checker's
+    architecture with random weights (``--full``: the random base models are saved without
+    one, so the reference pipeline runs none)."""
+    from engine.safety import has_checker
+
+    if has_checker(model):
+        return model
+    from bench.full_size import save_random_safety_checker
+
+    return save_random_safety_checker(work / "safety-checker", device=args.device)
+
+
 def train_subjects(pipe: object, work: Path, steps: int) -> list[tuple[str, Path]]:
     """Train each benchmark subject briefly (no priors) and save its adapter file."""
     from engine.training import TrainConfig, native_resolution, save_adapter, train_lora
@@ -163,11 +178,13 @@ def train_subjects(pipe: object, work: Path, steps: int) -> list[tuple[str, Path
 
 
 def measure_generator(
-    model: Path, adapters: list[tuple[str, Path]], args: argparse.Namespace
+    model: Path, adapters: list[tuple[str, Path]], checker: Path, args: argparse.Namespace
 ) -> tuple[list[Row], Timing]:
-    """The engine's warm Generator: load, latency, throughput, subject switching, reload."""
+    """The engine's warm Generator: load, latency, throughput, subject switching, reload; the
+    safety checker in ``checker`` on a batch of its images."""
     from engine.generation import Generator
-    from engine.models import load_pipeline
+    from engine.models import default_dtype, load_pipeline
+    from engine.safety import load_safety_checker
 
     (a_name, a_path), (b_name, b_path) = adapters
     tokens = dict(SUBJECTS)
@@ -197,6 +214,11 @@ def measure_generator(
     load = Timing(time.perf_counter() - started[0], time.process_time() - started[1])
     first = timed(request())
     batch = median_time([request(count=4)], args.repeats)
+    safety = load_safety_checker(checker, device=args.device, dtype=default_dtype(args.device))
+    images = request(count=4)()
+    assert isinstance(images, list)
+    safety.flagged(images)  # warm-up
+    check = median_time([lambda: safety.flagged(images)], args.repeats)
 
     first_a = timed(request(subject=(a_name, a_path)))  # reads A's file (and compiles)
     first_b = timed(request(subject=(b_name, b_path)))  # reads B's file
@@ -241,6 +263,7 @@ def measure_generator(
         row("one image, warm (no subject)", one),
         row("batch of 4", batch),
         {"measure": "throughput, batches of 4", "value": 4 / batch.wall, "unit": "images/s"},
+        row("safety check of that batch (engine.safety, one call)", check),
         row(SAME_SUBJECT, same),
         *(
             [row("the same, adapter not merged (Generator fuse=False)", unfused)]
@@ -271,9 +294,12 @@ def measure_reference(
     from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
     from engine.models import default_dtype
+    from engine.safety import has_checker
 
+    # No safety check, like the Generator's rows (the tiny model's folder ships a checker).
+    unchecked = {"safety_checker": None, "feature_extractor": None} if has_checker(model) else {}
     pipe = DiffusionPipeline.from_pretrained(  # StableDiffusion(XL)Pipeline, as saved
-        model, dtype=default_dtype(args.device), local_files_only=True
+        model, dtype=default_dtype(args.device), local_files_only=True, **unchecked
     ).to(args.device)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -330,13 +356,14 @@ def main(argv: list[str] | None = None) -> None:
         from engine.training import native_resolution
 
         model = build_model(work, args)
+        checker = safety_checker_folder(work, model, args)
         trainer_pipe = load_pipeline(model, device=args.device)
         adapters = train_subjects(trainer_pipe, work, args.train_steps)
         size = native_resolution(trainer_pipe)
         del trainer_pipe
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        rows, same_1 = measure_generator(model, adapters, args)
+        rows, same_1 = measure_generator(model, adapters, checker, args)
         if not (args.no_reference or args.compile):
             rows += measure_reference(model, adapters, args, same_1)
         add_ratios(rows)
@@ -368,6 +395,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.guidance}, 1 image unless said; torch threads {torch.get_num_threads()}; "
         f"medians of {args.repeats} runs, of {6 * args.repeats} for 1-step images; "
         f"subjects trained {args.train_steps} steps{mode}",
+        "safety check: "
+        + (
+            "the real checker's architecture (CLIP ViT-L/14 vision, 224 px), random weights"
+            if args.full
+            else "the tiny model's checker (2-layer CLIP vision, 32 px)"
+        ),
         "switch cost: median of 1-step images alternating between two cached subjects minus "
         "the median of 1-step images repeating one subject",
     ]

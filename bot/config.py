@@ -111,6 +111,13 @@ class Settings(BaseSettings):
         "'sd15=/models/sd15,xl=/m/xl.safetensors'; the engine loads all of them",
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    safety_checker: str = Field(
+        "auto",
+        description="the NSFW check of the engine's images: 'auto' (the safety checker of the "
+        "first base model folder with safety_checker/ and feature_extractor/, else none), "
+        "'off', or a folder holding a StableDiffusionSafetyChecker and its "
+        "preprocessor_config.json (directly, or in those two subfolders)",
+    )
     train_steps: int = Field(400, ge=1, le=10_000)
     train_learning_rate: float = Field(1e-4, gt=0, le=1.0)
     train_rank: int = Field(4, ge=1, le=256)
@@ -303,6 +310,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("safety_checker")
+    @classmethod
+    def _check_safety_checker(cls, value: str) -> str:
+        # The folder itself is checked by the engine at start (a bot host does not have it).
+        value = value.strip()
+        if not value:
+            raise ValueError("use 'auto', 'off' or the folder of a safety checker")
+        return value.lower() if value.lower() in ("auto", "off") else value
 
     @field_validator("artifacts_public_url")
     @classmethod

@@ -110,6 +110,11 @@ class TrainRequest(BaseModel):
         "DREAMBOT_BASE_MODEL); the engine trains on that model"
     )
     steps: int | None = None
+    safety_check: bool = Field(
+        True,
+        description="run the engine's safety checker (if it has one) on the sample grid's "
+        "cells; a flagged cell is drawn as a grey 'withheld' tile",
+    )
 
 
 class GenerateRequest(BaseModel):
@@ -143,6 +148,11 @@ class GenerateRequest(BaseModel):
         description="how far img2img may move from the init image; 0 only resizes it",
     )
     previews: bool = Field(True, description="send small previews with the progress updates")
+    safety_check: bool = Field(
+        True,
+        description="run the engine's safety checker (if it has one) on the images and the "
+        "previews: a flagged image is neither stored nor listed, a flagged preview not sent",
+    )
 
 
 class ShowcaseRequest(BaseModel):
@@ -159,6 +169,11 @@ class ShowcaseRequest(BaseModel):
     steps: int | None = None
     output_url: str = Field(description="folder URL for the grid image")
     base_model: str
+    safety_check: bool = Field(
+        True,
+        description="run the engine's safety checker (if it has one) on the cells (and "
+        "previews); a flagged cell is drawn as a grey 'withheld' tile",
+    )
 
 
 class Progress(BaseModel):
@@ -189,6 +204,7 @@ class TrainResult(BaseModel):
     sample_urls: list[str]
     steps: int
     seconds: float
+    withheld: int = Field(0, description="sample-grid cells the safety checker withheld")
 
 
 class GenerateResult(BaseModel):
@@ -201,6 +217,11 @@ class GenerateResult(BaseModel):
     height: int
     steps: int
     seconds: float
+    withheld: int = Field(
+        0,
+        description="images (a showcase: grid cells) the safety checker withheld; a generate "
+        "job's image_urls then hold only the others, possibly none",
+    )
 
 
 class Failure(BaseModel):
@@ -227,6 +248,10 @@ class EngineHeartbeat(BaseModel):
     pid: int
     device: str = Field(description="the torch device it runs on, e.g. 'cuda' or 'cpu'")
     models: list[str] = Field(description="the base models it serves (DREAMBOT_MODELS names)")
+    safety_checker: str | None = Field(
+        None,
+        description="where its safety checker was loaded from (a folder), None when it has none",
+    )
     started_at: datetime
     jobs: list[EngineJob] = Field(
         default_factory=list,

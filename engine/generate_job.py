@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +29,7 @@ from engine.reporting import (
     read_request,
     run_in_thread,
 )
+from engine.safety import SafetyChecker, screen
 from engine.showcase import render_showcase
 
 GENERATE_JOB_TIMEOUT = 600
@@ -34,6 +37,8 @@ GENERATE_JOB_TIMEOUT = 600
 
 if TYPE_CHECKING:
     from engine.generation import Generator
+
+log = logging.getLogger(__name__)
 
 MAX_SIDE = 2048
 
@@ -107,18 +112,26 @@ def draw(
     return images
 
 
+def safety_checker(ctx: dict[str, Any], wanted: bool) -> SafetyChecker | None:
+    """The engine's safety checker when the job asks for the check and the engine has one."""
+    return ctx.get("safety") if wanted else None
+
+
 async def store_images(
     ctx: dict[str, Any],
-    images: list[Image.Image],
+    images: Sequence[Image.Image | None],
     output_url: str,
     metadata: dict[str, str],
     name: Callable[[int], str] = lambda i: f"{i:02d}.png",
 ) -> list[str]:
     """Write the images as PNGs with provenance metadata (and the optional invisible
-    watermark); return their URLs."""
+    watermark); return their URLs. A None (an image the safety checker withheld) is not
+    written; the others keep their place in the batch as their index (name and metadata)."""
     artifacts: ArtifactStore = ctx["artifacts"]
     urls = []
     for i, image in enumerate(images):
+        if image is None:
+            continue
         url = f"{output_url}/{name(i)}"
         data = await asyncio.to_thread(encode_png, image, {**metadata, "index": str(i)})
         await artifacts.aput_bytes(url, data)
@@ -174,16 +187,20 @@ def previewer(
     writes: BackgroundWrites,
 ) -> Callable[[int, int, Image.Image], None] | None:
     """A preview sink that stores each preview beside the outputs and reports its URL (only
-    the reference travels through Redis), or None when previews are off.
+    the reference travels through Redis), or None when previews are off. A preview the
+    safety checker flags is neither stored nor reported (the progress updates go on without).
 
-    It runs in the torch thread, which holds the GPU: it only encodes the JPEG and hands it
-    to ``writes``; the URL is reported once the file is stored.
+    It runs in the torch thread, which holds the GPU: it only checks and encodes the JPEG and
+    hands it to ``writes``; the URL is reported once the file is stored.
     """
     settings: Settings = ctx["settings"]
     if not request.previews or settings.preview_interval <= 0:
         return None
+    checker = safety_checker(ctx, request.safety_check)
 
     def send(step: int, total: int, image: Image.Image) -> None:
+        if screen(checker, [image])[0] is None:
+            return  # flagged: this update goes without a preview
         url = f"{request.output_url}/previews/{step:03d}.jpg"
         writes.put(
             url,
@@ -211,7 +228,9 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
     """Generate images for a prompt with the requested subject adapters active.
 
     With ``init_image_url`` the images start from that image (img2img: Vary, Upscale); an
-    ``init_strength`` of 0 only resizes it (Upscale without an upscaling model).
+    ``init_strength`` of 0 only resizes it (Upscale without an upscaling model). The images
+    the safety checker flags (when the request asks for the check) are withheld: not stored,
+    not listed, only counted.
     """
     request = await read_request(ctx["redis"], GenerateRequest, payload)
     if request is None:
@@ -233,17 +252,24 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
         if request.init_image_url:
             init = await _open_init_image(ctx, request.init_image_url)
         width, height = output_size(request, generator.native_size, init)
+        checker = safety_checker(ctx, request.safety_check)
 
         def draw_images(
             on_preview: Callable[[int, int, Image.Image], None] | None,
-        ) -> list[Image.Image]:
+        ) -> tuple[list[Image.Image], list[Image.Image | None]]:
+            """The images, and the same with those the safety checker flags withheld."""
             if init is not None and request.init_strength == 0:
-                # No diffusion: a plain Lanczos resize to the requested size.
+                # No diffusion: a plain Lanczos resize to the requested size; the GPU is only
+                # needed for the check.
                 size = (width or init.width, height or init.height)
-                return [init.resize(size, Image.Resampling.LANCZOS)] * request.count
+                images = [init.resize(size, Image.Resampling.LANCZOS)] * request.count
+                if checker is None:
+                    return images, list(images)
+                with ctx["gpu"].generation(cancel=watch.event):
+                    return images, screen(checker, images)
             with ctx["gpu"].generation(cancel=watch.event):
                 watch.raise_if_cancelled()
-                return draw(
+                images = draw(
                     ctx,
                     prompt=request.prompt,
                     negative=request.negative_prompt,
@@ -261,17 +287,26 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
                     preview_every=settings.preview_interval,
                     model=request.base_model,
                 )
+                return images, screen(checker, images)
 
         async with watch.watching(ctx["redis"], request.job_id):
             # Leaving the block waits for the previews' writes: they are all stored and
             # reported before the result is.
             async with BackgroundWrites(ctx["artifacts"]) as writes:
                 on_preview = previewer(ctx, request, report, "generating", writes)
-                images = await run_in_thread(watch, draw_images, on_preview)
+                images, kept = await run_in_thread(watch, draw_images, on_preview)
         urls = await store_images(
-            ctx, images, request.output_url, image_metadata(settings, request, steps, guidance)
+            ctx, kept, request.output_url, image_metadata(settings, request, steps, guidance)
         )
-        return _result(request, urls, images[0].size, steps, started)
+        withheld = kept.count(None)
+        if withheld:
+            log.info(
+                "job %s: the safety checker withheld %d of %d images",
+                request.job_id,
+                withheld,
+                len(kept),
+            )
+        return _result(request, urls, images[0].size, steps, started, withheld)
 
     return await answer_job(
         ctx["redis"], request, work, time_limit=GENERATE_JOB_TIMEOUT - TIME_LIMIT_MARGIN
@@ -284,6 +319,7 @@ def _result(
     size: tuple[int, int],
     steps: int,
     started: float,
+    withheld: int,
 ) -> GenerateResult:
     width, height = size
     return GenerateResult(
@@ -294,7 +330,18 @@ def _result(
         height=height,
         steps=steps,
         seconds=time.monotonic() - started,
+        withheld=withheld,
     )
+
+
+@dataclass
+class StoredGrid:
+    """A showcase grid written to the artifact store."""
+
+    url: str
+    size: tuple[int, int]
+    withheld: int
+    """Cells the safety checker withheld (drawn as grey "withheld" tiles)."""
 
 
 async def render_showcase_grid(
@@ -312,25 +359,28 @@ async def render_showcase_grid(
     phase: str,
     watch: CancelWatch,
     hold_gpu: Callable[..., AbstractContextManager[Any]],
+    safety_check: bool,
     scale: float = 1.0,
     model: str | None = None,
-) -> tuple[str, tuple[int, int]]:
-    """Draw a subject's showcase grid (``engine.showcase``) and store it; return its URL and
-    size.
+) -> StoredGrid:
+    """Draw a subject's showcase grid (``engine.showcase``) and store it.
 
     ``hold_gpu`` is the GPU scheduler's context for the caller (called with
     ``cancel=watch.event``): a training job takes the GPU as a training, a showcase job queues
-    like any generation. ``model`` is the base model's name
-    (default: the engine's default model).
+    like any generation. With ``safety_check`` the engine's safety checker (if it has one)
+    screens the cells; a flagged one is drawn as a grey "withheld" tile. ``model`` is the base
+    model's name (default: the engine's default model).
     """
     settings: Settings = ctx["settings"]
     generator = _generator(ctx, model)
     adapters = await fetch_adapters(ctx, [(subject_id, adapter_url, scale)])
+    checker = safety_checker(ctx, safety_check)
     batches = 2
     done = 0
+    withheld = 0
 
-    def draw_batch(prompts: list[str], batch_seed: int) -> list[Image.Image]:
-        nonlocal done
+    def draw_batch(prompts: list[str], batch_seed: int) -> list[Image.Image | None]:
+        nonlocal done, withheld
         watch.raise_if_cancelled()
         images = draw(
             ctx,
@@ -347,7 +397,9 @@ async def render_showcase_grid(
             model=model,
         )
         done += 1
-        return images
+        cells = screen(checker, images)
+        withheld += cells.count(None)
+        return cells
 
     def work() -> Image.Image:
         with hold_gpu(cancel=watch.event):
@@ -372,7 +424,9 @@ async def render_showcase_grid(
         "subject_tokens": token,
     }
     [url] = await store_images(ctx, [grid], output_url, metadata, name=lambda _: "showcase.png")
-    return url, grid.size
+    if withheld:
+        log.info("showcase %s: the safety checker withheld %d cells", output_url, withheld)
+    return StoredGrid(url, grid.size, withheld)
 
 
 async def showcase(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any] | None:
@@ -391,7 +445,7 @@ async def showcase(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
 
         served_model(ctx, request.base_model)  # EngineError for a model not served here
         async with watch.watching(ctx["redis"], request.job_id):
-            url, size = await render_showcase_grid(
+            grid = await render_showcase_grid(
                 ctx,
                 subject_id=request.subject.name,
                 adapter_url=request.subject.url,
@@ -405,10 +459,11 @@ async def showcase(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
                 phase="generating",
                 watch=watch,
                 hold_gpu=ctx["gpu"].generation,
+                safety_check=request.safety_check,
                 scale=request.subject.scale,
                 model=request.base_model,
             )
-        return _result(request, [url], size, steps, started)
+        return _result(request, [grid.url], grid.size, steps, started, grid.withheld)
 
     return await answer_job(
         ctx["redis"], request, work, time_limit=GENERATE_JOB_TIMEOUT - TIME_LIMIT_MARGIN

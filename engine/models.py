@@ -115,9 +115,12 @@ def load_pipeline(
     dtype = dtype or default_dtype(device)
     family = check_model(path, config=config)
     pipeline_class: Any = StableDiffusionXLPipeline if family.is_sdxl else StableDiffusionPipeline
-    # SDXL pipelines have no safety checker; SD ones must be told not to want one.
+    # SDXL pipelines have no safety checker; SD ones must be told not to want one: the engine
+    # runs its own on what it posts (engine.safety), where a pipeline's would only black out.
     extra: dict[str, Any] = (
-        {} if family.is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
+        {}
+        if family.is_sdxl
+        else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     )
     try:
         if path.is_dir():

@@ -91,6 +91,9 @@ ROW_LABEL_WIDTH = 150
 CAPTION_HEIGHT = 20
 BACKGROUND = (24, 24, 28)
 TEXT = (235, 235, 235)
+WITHHELD_GREY = (128, 128, 128)
+"""The neutral tile drawn in place of a cell the safety checker withheld."""
+WITHHELD_LABEL = "withheld"
 
 
 def is_living(class_noun: str) -> bool:
@@ -173,8 +176,9 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def render_grid(layout: Layout, images: Sequence[Image.Image]) -> Image.Image:
-    """Paste ``images`` (one per cell, in order) into the layout and write its labels."""
+def render_grid(layout: Layout, images: Sequence[Image.Image | None]) -> Image.Image:
+    """Paste ``images`` (one per cell, in order) into the layout and write its labels; a None
+    (withheld by the safety checker) becomes a grey tile labelled "withheld"."""
     if len(images) != len(layout.cells):
         raise ValueError(f"{len(layout.cells)} cells but {len(images)} images")
     grid = Image.new("RGB", layout.size, BACKGROUND)
@@ -185,15 +189,21 @@ def render_grid(layout: Layout, images: Sequence[Image.Image]) -> Image.Image:
         pen.text((left, (top + bottom) // 2), text, fill=TEXT, font=_font(13), anchor="lm")
     for cell, image in zip(layout.cells, images, strict=True):
         left, top, right, bottom = cell.image_box
-        grid.paste(image.convert("RGB").resize((right - left, bottom - top)), (left, top))
+        if image is None:
+            pen.rectangle((left, top, right - 1, bottom - 1), fill=WITHHELD_GREY)
+            centre = ((left + right) // 2, (top + bottom) // 2)
+            pen.text(centre, WITHHELD_LABEL, fill=BACKGROUND, font=_font(16), anchor="mm")
+        else:
+            grid.paste(image.convert("RGB").resize((right - left, bottom - top)), (left, top))
         left, top, right, bottom = cell.caption_box
         centre = ((left + right) // 2, (top + bottom) // 2)
         pen.text(centre, cell.caption, fill=TEXT, font=_font(12), anchor="mm")
     return grid
 
 
-DrawBatch = Callable[[list[str], int], list[Image.Image]]
-"""Draws one image per prompt with the given seed (the engine wraps its Generator)."""
+DrawBatch = Callable[[list[str], int], list[Image.Image | None]]
+"""Draws one image per prompt with the given seed (the engine wraps its Generator); None for
+an image the safety checker withheld."""
 
 
 def render_showcase(
@@ -208,7 +218,7 @@ def render_showcase(
 ) -> tuple[Image.Image, list[ShowcasePrompt]]:
     """Draw the ten prompts (``batch`` per call, seeds ``seed``, ``seed+1``, …) into the grid."""
     prompts = showcase_prompts(token, class_noun)
-    images: list[Image.Image] = []
+    images: list[Image.Image | None] = []
     for start in range(0, len(prompts), batch):
         chunk = [p.prompt for p in prompts[start : start + batch]]
         images += draw(chunk, seed + start // batch)

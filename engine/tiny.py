@@ -26,7 +26,10 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -183,6 +186,48 @@ def _build_pipeline(scratch: Path, seed: int) -> StableDiffusionPipeline:
     return _sd_pipeline(tokenizer, unet, _text_config(tokenizer), _scheduler())
 
 
+def _safety_checker() -> tuple[StableDiffusionSafetyChecker, CLIPImageProcessor]:
+    """A tiny random safety checker (a 2-layer CLIP vision model at 32 px) and its
+    preprocessor, as real SD 1.x/2.x folders ship them in ``safety_checker/`` and
+    ``feature_extractor/``, so the engine runs the real checking path (``engine.safety``).
+
+    It flags nothing: the checker flags an image when, for some concept, the cosine
+    similarity of the image's embedding with the concept's embedding minus the concept's
+    weight (plus 0.01 once a "special care" concept matched), rounded to 3 decimals, is above
+    0. A cosine is at most 1 and every weight here is 1, so no special-care score is above 0,
+    no 0.01 is added, and no concept score is above 0 either. Tests set other weights.
+    """
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+    # The checker builds no text model, but its config needs a text part: a minimal one.
+    text = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 1,
+        "vocab_size": 16,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    )
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(1.0)
+        checker.special_care_embeds_weights.fill_(1.0)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    return checker, processor
+
+
 def _sd_pipeline(
     tokenizer: CLIPTokenizer,
     unet: UNet2DConditionModel,
@@ -190,19 +235,20 @@ def _sd_pipeline(
     scheduler: DDPMScheduler,
 ) -> StableDiffusionPipeline:
     """The rest of an SD 1.x/2.x-shaped pipeline around ``unet``: the VAE, then the text
-    encoder (in that order: the random weights depend on it)."""
+    encoder, then the safety checker (in that order: the random weights depend on it; the
+    checker was added last, so the other modules' weights stayed as they were)."""
     vae = _vae()
     text_encoder = CLIPTextModel(text_config)
     _add_word_rows(tokenizer, text_encoder)
+    safety_checker, feature_extractor = _safety_checker()
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor,
     )
 
 
@@ -300,6 +346,18 @@ def build_tiny_sd2_model(path: Path, *, seed: int = 0, v_prediction: bool = True
     return _build_into(Path(path), lambda scratch: _build_sd2_pipeline(scratch, seed, v_prediction))
 
 
+def _name_processor_portably(folder: Path) -> None:
+    """Record the feature extractor in ``model_index.json`` as ``CLIPImageProcessor``, as real
+    SD folders do. Without torchvision, transformers 5 builds the PIL variant and records
+    ``CLIPImageProcessorPil``, a class transformers 4 lacks; ``CLIPImageProcessor`` loads on
+    both (on 5 without torchvision it falls back to the PIL variant)."""
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    if index.get("feature_extractor", [None])[0] == "transformers":
+        index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def _build_into(path: Path, build: Callable[[Path], DiffusionPipeline]) -> Path:
     if (path / "model_index.json").exists():
         return path
@@ -309,6 +367,7 @@ def _build_into(path: Path, build: Callable[[Path], DiffusionPipeline]) -> Path:
         with tempfile.TemporaryDirectory() as scratch:
             pipe = build(Path(scratch))
             pipe.save_pretrained(staging, safe_serialization=True)
+            _name_processor_portably(staging)
         try:
             os.rename(staging, path)
         except OSError:

@@ -357,10 +357,11 @@ async def _train(
         await _train_adapter(ctx, model, request, cfg, key, photo_bytes, report, watch)
 
     sample_urls: list[str] = []
+    withheld = 0
     if settings.sample_count > 0:
         # The sample is the showcase grid: the subject across the paper's five capabilities,
         # drawn as part of the training job (waiting generations still go first).
-        url, _ = await render_showcase_grid(
+        grid = await render_showcase_grid(
             ctx,
             subject_id=request.subject_id,
             adapter_url=request.adapter_url,
@@ -374,9 +375,10 @@ async def _train(
             phase="sampling",
             watch=watch,
             hold_gpu=ctx["gpu"].training,
+            safety_check=request.safety_check,
             model=model.name,
         )
-        sample_urls = [url]
+        sample_urls, withheld = [grid.url], grid.withheld
     return TrainResult(
         job_id=request.job_id,
         subject_id=request.subject_id,
@@ -384,4 +386,5 @@ async def _train(
         sample_urls=sample_urls,
         steps=steps,
         seconds=time.monotonic() - started,
+        withheld=withheld,
     )

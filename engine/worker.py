@@ -57,7 +57,8 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
     Every model's path is checked before any is loaded, so a typo in the configuration fails
     the start (with the path in the message) instead of the first job, and quickly. ``ctx``
     gets ``models`` (name → :class:`~engine.models.ServedModel`; jobs find theirs with
-    :func:`engine.models.served_model`; the configured default comes first).
+    :func:`engine.models.served_model`; the configured default comes first) and ``safety``
+    (the :class:`~engine.safety.SafetyChecker` of ``DREAMBOT_SAFETY_CHECKER``, or None).
     """
     from engine.generation import Generator
     from engine.models import (
@@ -67,6 +68,7 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
         load_pipeline,
         resolve_device,
     )
+    from engine.safety import SafetyCheckerError, configured_checker
     from engine.tiny import build_tiny_named
     from engine.train_job import model_key
 
@@ -85,6 +87,12 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
         if entry.path in TINY_MODEL_FOLDERS:
             await asyncio.to_thread(build_tiny_named, entry.path, source)
         families[name] = await asyncio.to_thread(check_model, source, config=entry.config)
+    # After the models' paths are checked and before they load: a wrong checker folder fails
+    # the start quickly too.
+    try:
+        safety = await asyncio.to_thread(configured_checker, settings, device)
+    except SafetyCheckerError as exc:
+        raise ConfigError(f"DREAMBOT_SAFETY_CHECKER: {exc}") from exc
     # Generation hot-swaps adapters to keep a compiled UNet's graph; on the CPU the plain path.
     hotswap = (settings.lora_hotswap or settings.compile_unet) and device.startswith("cuda")
     models: dict[str, ServedModel] = {}
@@ -114,6 +122,7 @@ async def load_resources(settings: Settings) -> dict[str, Any]:
         "settings": settings,
         "artifacts": ArtifactStore(settings.artifacts),
         "models": models,
+        "safety": safety,  # the SafetyChecker, or None: see engine.safety
         "device": device,
         "cache_dir": settings.data_dir / "engine-cache",
         "gpu": GpuScheduler(),
@@ -158,16 +167,18 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 def engine_identity(ctx: dict[str, Any]) -> EngineHeartbeat:
-    """This engine's heartbeat without its running jobs: a fresh id, where it runs and the
-    models (``ctx["models"]``) it serves. Kept in ``ctx["engine"]``."""
+    """This engine's heartbeat without its running jobs: a fresh id, where it runs, the models
+    (``ctx["models"]``) it serves and its safety checker's folder. Kept in ``ctx["engine"]``."""
     identity: EngineHeartbeat | None = ctx.get("engine")
     if identity is None:
+        safety = ctx.get("safety")
         identity = EngineHeartbeat(
             engine_id=uuid.uuid4().hex[:8],
             host=socket.gethostname(),
             pid=os.getpid(),
             device=_device_label(ctx["device"]),
             models=list(ctx["models"]),
+            safety_checker=str(safety.source) if safety is not None else None,
             started_at=datetime.now(UTC),
         )
         ctx["engine"] = identity

@@ -455,7 +455,7 @@ async def test_a_reroll_job_shows_the_prompt_as_typed_in_jobs_cancel_and_its_res
     assert await images_spent(runtime, MIA) == 2
     vary = await runtime.core.reimagine(MIA, DEST, first.job_id, vary=True)
     [delivery] = (await finish(runtime, vary.job_id)).results.values()
-    assert delivery.text.startswith("“[rex] on the beach” · seed 5")
+    assert delivery.text.startswith("“[rex] on the beach” · variations of image 1 · seed 5")
     # Once she has a rex of her own, a redo shows Alice's by its token, as she must write it;
     # and a redo of the redo still draws Alice's rex.
     await ready_subject(runtime, MIA, "rex", "bkt")

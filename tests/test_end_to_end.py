@@ -365,3 +365,31 @@ async def test_a_subject_trained_on_the_sdxl_model_is_drawn_on_it(
             # Same seed and text: only the adapter differs, so the pixels must.
             difference = np.abs(_pixels(first.image_urls[0]) - _pixels(second.image_urls[0]))
             assert difference.mean() > 1.0
+
+
+async def test_the_workspaces_safety_switch_flows_through_a_real_engine(
+    e2e_settings: Settings, engine: list[Worker], sink: RecordingSink
+) -> None:
+    # The engine loads the tiny model's safety checker, which never flags anything: this shows
+    # the workspace's switch reaching the engine either way, and moderators seeing its checker.
+    owner = Owner(TEST_PLATFORM, "guild-1", "user-1")
+    async with open_core(e2e_settings, TEST_PLATFORM) as runtime, delivering(runtime, sink):
+        mod = runtime.core.moderation.acting(Owner(TEST_PLATFORM, "guild-1", "mod-1"), True)
+        for _ in range(200):  # the engine announces itself as its workers start
+            if await runtime.core.live_engines():
+                break
+            await asyncio.sleep(0.05)
+        assert (await mod.safety()).startswith(
+            "The safety filter is on here: images the engines' safety checker flags are withheld"
+        )
+        [engine_line] = [line for line in (await mod.status()).splitlines() if "models" in line]
+        assert "; safety checker " in engine_line
+        for enabled in (True, False):
+            await mod.safety(enabled)
+            receipt = await runtime.core.imagine(owner, {}, "a red fox", count=2, seed=3)
+            done = await sink.wait_for(receipt.job_id, within=120)
+            assert isinstance(done, Delivery), done
+            assert len(done.image_urls) == 2
+            assert done.text.startswith("“a red fox” · seed 3 · 64×64 · ")
+            assert "withheld" not in done.text
+            assert (await runtime.store.usage(owner)).images == 2 * (2 - enabled)

@@ -270,7 +270,7 @@ async def test_mod_status_lists_the_engines_and_what_they_run(
 
     lines = text.splitlines()
     assert lines[0] == "Engines running (1):"
-    assert lines[1].startswith("  e1, cuda (NVIDIA H100): models tiny; up since")
+    assert lines[1].startswith("  e1, cuda (NVIDIA H100): models tiny; no safety checker; up since")
     assert lines[1].endswith("(3h 2m)")
     # Only this workspace's job is named; the other one is only counted.
     assert lines[2] == f"    busy: image {mine.job_id[:8]} (4m); training of another workspace (4m)"

@@ -139,6 +139,6 @@ async def test_an_old_job_without_options_can_still_be_rerolled(
 
     varied = await runtime.core.reimagine(owner, DEST, receipt.job_id, vary=True)
 
-    assert varied.text.startswith("Drawing 2 images (seed 5)")
+    assert varied.text.startswith("Drawing 2 variations of image 1 (seed 5)")
     job = await runtime.store.get_job(varied.job_id)
     assert job is not None and job.options["count"] == 2 and job.prompt == "a red fox"

@@ -313,7 +313,7 @@ async def test_migration_0010_adds_the_choices_and_changes_no_earlier_row(tmp_pa
         after = await table_rows(store.db, tables)
         assert after["subjects"] == before["subjects"]
         assert after["subject_shares"] == before["subject_shares"]
-        assert [row[0] for row in after["schema_migrations"]] == list(range(1, 11))
+        assert [row[0] for row in after["schema_migrations"]][:10] == list(range(1, 11))
         rex = Owner("test", "g", "u")
         assert await store.chosen_subject_id(rex) is None  # [V]: the newest ready, as before
         assert await store.choose_subject(rex, "s1")

@@ -133,7 +133,9 @@ async def result_files(
     artifacts: ArtifactStore, delivery: Delivery
 ) -> tuple[list[tuple[str, bytes]], str | None]:
     """A result's images as (file name, bytes), and the generation job whose Reroll / Vary /
-    Upscale buttons go under them (None for a training or a showcase grid)."""
+    Upscale buttons go under them (None for a training or a showcase grid). A result whose
+    every image the safety filter withheld has none: its buttons are Reroll alone (Vary and
+    Upscale go per image)."""
     job = delivery.job
     contents = await asyncio.gather(*(artifacts.aget_bytes(url) for url in delivery.image_urls))
     files = [
@@ -141,7 +143,7 @@ async def result_files(
         for url, data in zip(delivery.image_urls, contents, strict=True)
     ]
     # A showcase grid can't be rerolled or varied (the core says so); no buttons for it.
-    redo = job.kind == "generate" and files and not job.options.get("showcase")
+    redo = job.kind == "generate" and not job.options.get("showcase")
     return files, job.id if redo else None
 
 

@@ -289,10 +289,11 @@ def cancel_button(job_id: str) -> discord.ui.View:
 
 def job_buttons(job_id: str, images: int = 1) -> discord.ui.View:
     """Reroll, then Vary and Upscale for each of the first four images of a generation job
-    (one row each when there are several: V1 V2 … / U1 U2 …)."""
+    (one row each when there are several: V1 V2 … / U1 U2 …); Reroll alone when it has no
+    image (the safety filter withheld them all)."""
     view = discord.ui.View(timeout=None)
     view.add_item(JobButton("reroll", job_id))
-    shown = max(1, min(images, MAX_BUTTON_IMAGES))
+    shown = min(images, MAX_BUTTON_IMAGES)
     for action in ("vary", "upscale"):
         for index in range(shown):
             view.add_item(JobButton(action, job_id, index, images=shown))
@@ -1131,7 +1132,7 @@ def mod_commands(adapter: DiscordAdapter) -> app_commands.Group:
     async def block_reveal(interaction: Interaction, enabled: bool) -> None:
         await adapter.mod(interaction, lambda m: m.block_reveal(enabled))
 
-    @mod.command(name="blocked", description="The latest blocked prompts")
+    @mod.command(name="blocked", description="The latest blocked prompts and withheld images")
     async def blocked(
         interaction: Interaction, count: app_commands.Range[int, 1, 100] = 10
     ) -> None:
@@ -1146,6 +1147,11 @@ def mod_commands(adapter: DiscordAdapter) -> app_commands.Group:
     async def model_name(interaction: Interaction, current: str) -> list[app_commands.Choice[str]]:
         names = [*adapter.core.settings.model_names, "default"]
         return choices([(name, name) for name in names], current)
+
+    @mod.command(name="safety", description="The safety filter on images (off: adult-only)")
+    @app_commands.describe(enabled="leave out to see it, and whether the engines have a checker")
+    async def safety(interaction: Interaction, enabled: bool | None = None) -> None:
+        await adapter.mod(interaction, lambda m: m.safety(enabled))
 
     @quota.command(name="show", description="A member's usage and limits today")
     async def quota_show(interaction: Interaction, user: User) -> None:

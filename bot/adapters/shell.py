@@ -160,7 +160,8 @@ class ShellAdapter:
         lines = [delivery.text]
         for url in delivery.image_urls:
             lines.append(f"  {await self._local_file(url)}")
-        if delivery.job.kind == "generate" and delivery.image_urls:
+        # Also a result whose images the safety filter withheld: /reroll draws it again.
+        if delivery.job.kind == "generate":
             self.last_generation = delivery.job.id
         self.say("\n".join(lines))
         self._previewed.discard(delivery.job.id)

@@ -970,7 +970,7 @@ class SlackAdapter:
         if buttons_for and BUTTONS_PART not in parts:
             await self.client.chat_postMessage(
                 channel=channel,
-                text="Reroll, vary or upscale this result",
+                text="Reroll, vary or upscale this result" if files else "Reroll this prompt",
                 blocks=[job_buttons(buttons_for, len(files))],
             )
             await parts.add(BUTTONS_PART)
@@ -978,8 +978,9 @@ class SlackAdapter:
 
 def job_buttons(job_id: str, images: int = 1) -> dict[str, Any]:
     """An actions block for a generation job: Reroll, then Vary and Upscale for each of its
-    first four images (🔀 V1 … ⬆️ U1 …; plain "Vary" / "Upscale" for a single image)."""
-    shown = max(1, min(images, MAX_BUTTON_IMAGES))
+    first four images (🔀 V1 … ⬆️ U1 …; plain "Vary" / "Upscale" for a single image); Reroll
+    alone when it has no image (the safety filter withheld them all)."""
+    shown = min(images, MAX_BUTTON_IMAGES)
 
     def button(text: str, action_id: str) -> dict[str, Any]:
         return {

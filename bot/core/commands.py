@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 from arq.connections import ArqRedis
@@ -225,6 +225,65 @@ def images_label(count: int) -> str:
     return f"your {images_word(count)}"
 
 
+PLAIN_RESIZE = "plain resize; no upscaler is configured"
+"""How an Upscale at ``DREAMBOT_UPSCALE_STRENGTH`` 0 is described: the engine only resizes."""
+
+
+@dataclass(frozen=True)
+class Redraw:
+    """What a Vary or an Upscale makes of one image of an earlier result, as its receipt and
+    its result's caption say it. Kept in the job's options (``redraw``), so the caption is
+    right after a restart."""
+
+    action: Literal["vary", "upscale"]
+    image: int
+    """The image it starts from, from 0."""
+    strength: float
+    """The img2img strength; 0 (an Upscale only) is a plain resize."""
+    factor: int = 1
+    """How many times each side is enlarged (an Upscale)."""
+
+    def caption(self, count: int = 1) -> str:
+        """``variations of image 2``; ``image 1 enlarged 2× (img2img at strength 0.3)``, or
+        ``(plain resize; no upscaler is configured)``."""
+        number = self.image + 1
+        if self.action == "vary":
+            return f"{'variations' if count > 1 else 'variation'} of image {number}"
+        return f"image {number} enlarged {self.factor}× ({self.how})"
+
+    @property
+    def how(self) -> str:
+        """How an Upscale enlarges: ``img2img at strength 0.3``, or a plain resize."""
+        return f"img2img at strength {self.strength:g}" if self.strength else PLAIN_RESIZE
+
+    @property
+    def plain_resize(self) -> bool:
+        """Whether the engine only resizes the image (nothing is drawn, no seed or steps)."""
+        return self.action == "upscale" and not self.strength
+
+    def option(self) -> dict[str, Any]:
+        """As the job's options keep it (``from_options`` reads it back)."""
+        return {
+            "action": self.action,
+            "image": self.image,
+            "strength": self.strength,
+            "factor": self.factor,
+        }
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Redraw | None:
+        """The Vary or Upscale a job's options record; None for any other job."""
+        kept = options.get("redraw")
+        if not isinstance(kept, dict) or kept.get("action") not in ("vary", "upscale"):
+            return None
+        return cls(
+            kept["action"],
+            int(kept.get("image") or 0),
+            float(kept.get("strength") or 0),
+            int(kept.get("factor") or 1),
+        )
+
+
 CANCEL_STATES: dict[CancelState, str] = {
     "removed": "taken out of the queue",
     "running": "the engine stops it at its next step",
@@ -248,6 +307,8 @@ class NewSubject:
     base_model: str
     replaces: Subject | None
     limits: Limits
+    safety_check: bool = True
+    """Whether the workspace has the engines' safety checker on (/mod safety)."""
 
 
 @dataclass(frozen=True)
@@ -368,7 +429,9 @@ class Core:
             )
         # Refuse before the costly photo work; the binding check comes with the job insert.
         limits = await self.quotas.precheck(owner, roles, "trainings", 1)
-        return NewSubject(name, class_noun, base_model, existing, limits)
+        return NewSubject(
+            name, class_noun, base_model, existing, limits, workspace_settings.safety_check
+        )
 
     async def train(
         self,
@@ -435,6 +498,7 @@ class Core:
                 samples_url=f"{subject_url}/samples",
                 base_model=base_model,
                 steps=self.settings.train_steps,
+                safety_check=new.safety_check,
             )
             submission = await self._enqueue(TRAIN_SUBJECT, job_id, request.model_dump())
         except BaseException:
@@ -474,6 +538,7 @@ class Core:
         init_strength: float | None = None,
         roles: Sequence[str] = (),
         redo: Redo | None = None,
+        redraw: Redraw | None = None,
     ) -> Receipt:
         """Resolve the prompt's subjects, check it against the rules and quotas, queue it.
 
@@ -483,7 +548,9 @@ class Core:
         draws well. ``steps`` and ``guidance`` are bounded by the configuration; ``strength``
         is the subjects' LoRA scale (1 = as trained). ``init_image_url``/``init_strength``
         start from an earlier image (Vary, Upscale). The options are stored with the job, so
-        ``reimagine`` can repeat them; ``redo`` is ``reimagine``'s (see there).
+        ``reimagine`` can repeat them; ``redo`` is ``reimagine``'s (see there), and ``redraw``
+        says what its Vary or Upscale does, for the receipt and the result. The engines run
+        their safety checker on the images unless the workspace turned it off (/mod safety).
         """
         await self.moderation.check_not_banned(owner)
         count = self.settings.images_per_prompt if count is None else count
@@ -541,6 +608,7 @@ class Core:
             base_model=base_model,
             init_image_url=init_image_url,
             init_strength=0.5 if init_strength is None else init_strength,
+            safety_check=workspace_settings.safety_check,
         )
         subject_id = resolved.subjects[0].id if resolved.subjects else None
         options = {
@@ -560,6 +628,8 @@ class Core:
         # Only what was asked for, so older jobs and plain requests keep their shape.
         extra = {"aspect": aspect, "steps": steps, "guidance": guidance, "strength": strength}
         options.update({key: value for key, value in extra.items() if value is not None})
+        if redraw is not None:
+            options["redraw"] = redraw.option()
         submission = await self._queue_images(
             GENERATE,
             request,
@@ -575,9 +645,7 @@ class Core:
             redo=redo,
         )
         return submission.receipt(
-            job_id,
-            f"Drawing {count} {images_word(count)} (seed {seed}): {submission.status}",
-            images_label(count),
+            job_id, _drawing_text(count, seed, request, redraw, submission), images_label(count)
         )
 
     async def reimagine(
@@ -640,6 +708,11 @@ class Core:
             # result stays close to it. Upscale: the same at a larger size (or, with an
             # upscale strength of 0, a plain resize).
             urls = result.get("image_urls") or []
+            if not urls and result.get("withheld"):
+                raise UserError(
+                    "The safety filter withheld every image of that result, so there is none "
+                    f"to {button}. Nothing was queued."
+                )
             if not urls:
                 raise UserError("That image isn't finished yet; try again when it is posted.")
             if not 0 <= index < len(urls):
@@ -648,6 +721,7 @@ class Core:
             seed = original if isinstance(original, int) else None
             repeat["init_image_url"] = urls[index]
             repeat["init_strength"] = self.settings.vary_strength
+            repeat["redraw"] = Redraw("vary", index, self.settings.vary_strength)
             if upscale:
                 factor = self.settings.upscale_factor
                 width, height = result.get("width"), result.get("height")
@@ -660,6 +734,7 @@ class Core:
                     height=height * factor,
                     aspect=None,
                     init_strength=self.settings.upscale_strength,
+                    redraw=Redraw("upscale", index, self.settings.upscale_strength, factor),
                 )
                 count = 1
         return await self.imagine(
@@ -708,6 +783,9 @@ class Core:
             steps=self.settings.generate_steps,
             output_url=self.artifacts.url("outputs", job_id),
             base_model=subject.base_model,
+            safety_check=(
+                await self.store.workspace_settings(owner.platform, owner.workspace)
+            ).safety_check,
         )
         submission = await self._queue_images(
             SHOWCASE,
@@ -1423,6 +1501,26 @@ class Core:
             pipe.zscore(queue, job_id)
             held, score = await pipe.execute()
         return bool(held) or score is not None
+
+
+def _drawing_text(
+    count: int,
+    seed: int,
+    request: GenerateRequest,
+    redraw: Redraw | None,
+    submission: Submission,
+) -> str:
+    """An image job's receipt: ``Drawing 4 images (seed 7): queued (position 1).``, and for
+    a Vary or an Upscale what it does with which image."""
+    if redraw is None:
+        return f"Drawing {count} {images_word(count)} (seed {seed}): {submission.status}"
+    if redraw.action == "vary":
+        return f"Drawing {count} {redraw.caption(count)} (seed {seed}): {submission.status}"
+    how = redraw.how if redraw.plain_resize else f"{redraw.how}, seed {seed}"
+    return (
+        f"Enlarging image {redraw.image + 1} {redraw.factor}× to {request.width}×{request.height}"
+        f" ({how}): {submission.status}"
+    )
 
 
 def _job_state(job: Job, where: QueueState | None, started: datetime | None) -> str:

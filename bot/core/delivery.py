@@ -25,8 +25,8 @@ from typing import Any, Protocol
 from arq.connections import ArqRedis
 from arq.worker import Retry, Worker, func
 
-from bot.core.commands import Core, images_label
-from bot.core.moderation import draws_images
+from bot.core.commands import SHOWCASE_CELLS, Core, Redraw, images_label
+from bot.core.moderation import draws_images, withheld_phrase
 from bot.core.store import Job
 from engine.api import (
     DELIVER_FAILURE,
@@ -271,18 +271,38 @@ class Deliverer:
                 took = f"{train.steps} steps in {format_eta(train.seconds)}"
                 text = await self.core.ready_text(subject, took)
                 images = train.sample_urls
+                if train.withheld:
+                    # The training itself succeeded: nothing is refunded, moderators are told.
+                    await self.core.store.record_withheld(
+                        job, "samples", train.withheld, total=None, prompt=subject.name
+                    )
+                    text += f"\n{samples_withheld_note(train.withheld)}"
         else:
             generated = GenerateResult.model_validate(payload)
-            text = (
-                f"“{job.prompt}” · seed {generated.seed} · {generated.width}×{generated.height}"
-                f" · {generated.steps} steps in {generated.seconds:.1f}s"
-            )
+            if generated.withheld:
+                await self._record_withheld(job, generated)
+            text = result_text(job, generated)
             images = generated.image_urls
         await self._deliver_once(
             job,
             lambda parts: self.sink.show_result(Delivery(job, text, images, parts)),
             last_try,
             note=functools.partial(_not_posted_note, job),
+        )
+
+    async def _record_withheld(self, job: Job, generated: GenerateResult) -> None:
+        """Log the images (a showcase: grid cells) the safety checker withheld, for moderators,
+        and give their units back (one per image or cell), once however often the delivery
+        is tried."""
+        showcase = job.options.get("showcase")
+        await self.core.store.record_withheld(
+            job,
+            "showcase" if showcase else "images",
+            generated.withheld,
+            total=_withheld_total(job, generated),
+            prompt=str(showcase or job.prompt or ""),
+            negative_prompt=str(job.options.get("negative_prompt") or ""),
+            refund=generated.withheld,
         )
 
     async def failure(self, payload: dict[str, Any], *, last_try: bool = False) -> None:
@@ -380,6 +400,59 @@ class Deliverer:
         reopened = await self.core.store.abandon_deliveries_in_flight(self.core.platform)
         if reopened:
             log.warning("%d deliveries were cut off mid-post; they will be posted again", reopened)
+
+
+def result_text(job: Job, generated: GenerateResult) -> str:
+    """An image result's text: ``“prompt” · seed 7 · 512×512 · 25 steps in 3.1s``, with what
+    a Vary or an Upscale did after the prompt, and what the safety filter withheld after it
+    all (given back to the quota). With every image withheld, why nothing is posted."""
+    redraw = Redraw.from_options(job.options)
+    total = _withheld_total(job, generated)
+    head = [f"“{job.prompt}”"]
+    if redraw is not None:
+        head.append(redraw.caption(total))
+    showcase = bool(job.options.get("showcase"))
+    if generated.withheld and not generated.image_urls and not showcase:
+        what = withheld_phrase("images", generated.withheld, total)
+        them = "it is" if total == 1 else "they are"
+        if redraw is None or not redraw.plain_resize:
+            head.append(f"seed {generated.seed}")
+        return (
+            f"{' · '.join(head)}: the safety filter withheld {what}, so nothing is posted; "
+            f"{them} given back to your quota. Try another prompt."
+        )
+    size = f"{generated.width}×{generated.height}"
+    if redraw is not None and redraw.plain_resize:
+        # Nothing was drawn: no seed or steps to speak of.
+        tail = [f"{size} in {generated.seconds:.1f}s"]
+    else:
+        tail = [
+            f"seed {generated.seed}",
+            size,
+            f"{generated.steps} steps in {generated.seconds:.1f}s",
+        ]
+    text = " · ".join([*head, *tail])
+    if generated.withheld:
+        what = withheld_phrase("showcase" if showcase else "images", generated.withheld, total)
+        grey = "grey tiles; " if showcase else ""
+        text += f" · {what} withheld by the safety filter ({grey}given back to your quota)"
+    return text
+
+
+def samples_withheld_note(withheld: int) -> str:
+    """The line a training's ready message adds when the safety filter withheld cells of its
+    sample grid (nothing is refunded: the training itself succeeded)."""
+    return (
+        f"The safety filter withheld {withheld_phrase('samples', withheld, None)} of the "
+        "sample grid (the grey tiles)."
+    )
+
+
+def _withheld_total(job: Job, generated: GenerateResult) -> int:
+    """How many images (a showcase: grid cells) the job drew, withheld ones included."""
+    if job.options.get("showcase"):
+        return SHOWCASE_CELLS
+    return len(generated.image_urls) + generated.withheld
 
 
 def _not_posted_note(job: Job, parts: PostedParts, timed_out: bool) -> str:

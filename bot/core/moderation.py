@@ -1,4 +1,5 @@
-"""Moderation, platform-free: blocked prompts, quota overrides, bans, the queue, the audit log.
+"""Moderation, platform-free: blocked prompts, the safety filter's switch and log, quota
+overrides, bans, the queue, the audit log.
 
 Adapters decide who is a moderator on their platform (Discord: Manage Server or a configured
 role; Slack: admins or configured ids; shell: configured users) and pass that as
@@ -42,9 +43,11 @@ from bot.core.store import (
     Owner,
     QuotaField,
     Subject,
+    WithheldOutput,
     WorkspaceSettings,
     utcnow,
 )
+from bot.core.syntax import CommandSyntax
 from engine.api import (
     ALL_ENGINE_QUEUES,
     GENERATE,
@@ -104,9 +107,11 @@ Moderator commands (every change is written to the audit log):
 /mod block remove <rule id>          unblock (ids are in /mod block list)
 /mod block defaults on|off           use the built-in list of blocked words
 /mod block reveal on|off             tell users which rule their prompt hit (default off)
-/mod blocked [n]                     the latest blocked prompts
+/mod blocked [n]                     the latest blocked prompts and withheld images
 /mod model [name|default]            the base models; with a name, this workspace's default
                                      (for /train without a model, and prompts without subjects)
+/mod safety [on|off]                 the safety filter on images (default on; off only for
+                                     adult-only servers); alone: whether the engines have one
 /mod quota show <user>               a user's usage and limits today
 /mod quota set <who> <what> <n|default>
                                      who: a user, role:<id>, or workspace;
@@ -194,6 +199,89 @@ def _attempt_line(attempt: BlockedAttempt) -> str:
         f"  {when(attempt.created_at)}  {attempt.owner.user_id}  rule {attempt.rule_label}"
         f" on “{attempt.fragment}”: “{attempt.prompt}”{negative}"
     )
+
+
+def withheld_phrase(kind: str, withheld: int, total: int | None) -> str:
+    """How many outputs the safety filter withheld, as a result and the moderators' log say
+    it: ``1 of 4 images``, ``all 4 images``, ``the image``, ``2 of 10 cells``, ``2 cells``."""
+    noun = "image" if kind == "images" else "cell"
+    nouns = f"{noun}s" if (total or withheld) > 1 else noun
+    if total is None:
+        return f"{withheld} {nouns}"
+    if withheld >= total:
+        return f"all {total} {nouns}" if total > 1 else f"the {noun}"
+    return f"{withheld} of {total} {nouns}"
+
+
+def _withheld_line(output: WithheldOutput) -> str:
+    what = withheld_phrase(output.kind, output.withheld, output.total)
+    if output.kind == "images":
+        negative = f" (no: “{output.negative_prompt}”)" if output.negative_prompt else ""
+        of = f": “{output.prompt}”{negative}"
+    elif output.kind == "showcase":
+        of = f" of the showcase of {output.prompt}"
+    else:
+        of = f" of the sample grid of {output.prompt}'s training"
+    return (
+        f"  {when(output.created_at)}  {output.owner.user_id}  safety filter withheld {what}"
+        f"{of} (job {output.job_id[:8]})"
+    )
+
+
+SAFETY_SETTING = "DREAMBOT_SAFETY_CHECKER"
+"""The engines' setting that gives them a safety checker, named where one is missing."""
+
+
+def safety_text(enabled: bool, engines: Sequence[EngineHeartbeat] | None, *, now: bool) -> str:
+    """How the safety filter stands in a workspace: its switch (``now``: just changed) and,
+    when it is on, whether the running ``engines`` have a checker (None: Redis can't say)."""
+    lead = f"The safety filter is {'now ' if now else ''}{'on' if enabled else 'off'} here"
+    if not enabled:
+        return (
+            f"{lead}: images are posted unchecked, also where an engine has a safety checker. "
+            "Keep it off only on adult-only servers."
+        )
+    if engines is None:
+        return (
+            f"{lead}, but the job queue can't be reached right now to see whether the engines "
+            "have a safety checker."
+        )
+    if not engines:
+        return (
+            f"{lead}; no engine is running now, so I can't tell whether they have a safety "
+            f"checker ({SAFETY_SETTING})."
+        )
+    without = [engine.engine_id for engine in engines if engine.safety_checker is None]
+    if len(without) == len(engines):
+        return (
+            f"{lead}, but no running engine has a safety checker ({SAFETY_SETTING}), so "
+            "images go unchecked."
+        )
+    if without:
+        has = "has" if len(without) == 1 else "have"
+        return (
+            f"{lead}, but {len(without)} of the {len(engines)} running engines "
+            f"({', '.join(without)}) {has} no safety checker ({SAFETY_SETTING}), so the images "
+            f"{'it draws go' if len(without) == 1 else 'they draw go'} unchecked."
+        )
+    return (
+        f"{lead}: images the engines' safety checker flags are withheld, and given back to "
+        "the user's quota."
+    )
+
+
+def safety_hint(syntax: CommandSyntax, enabled: bool) -> str:
+    """How to turn the safety filter on or off as this platform types it: ``/mod safety
+    off``, ``/mod safety enabled:False`` (Discord's on/off option)."""
+    value = f"enabled:{enabled}" if syntax.named_options else ("on" if enabled else "off")
+    return syntax.hint("mod", "safety", value)
+
+
+def _checker_name(folder: str) -> str:
+    """Where an engine's safety checker came from, as /mod status shows it: the folder's last
+    two parts (``sd15/safety_checker``), not the host's whole layout."""
+    parts = [part for part in folder.replace("\\", "/").split("/") if part]
+    return "/".join(parts[-2:]) or folder
 
 
 def _audit_line(entry: AuditEntry) -> str:
@@ -284,9 +372,14 @@ def _engine_lines(engine: EngineHeartbeat, jobs: dict[str, Job | None], here: Ow
         whose = running.job_id[:8] if ours else "of another workspace"
         busy.append(f"{what} {whose} ({format_duration(now - running.started_at)})")
     since = engine.started_at.astimezone(UTC).isoformat()
+    checker = (
+        f"safety checker {_checker_name(engine.safety_checker)}"
+        if engine.safety_checker
+        else "no safety checker"
+    )
     return [
         f"  {engine.engine_id}, {engine.device}: "
-        f"models {', '.join(engine.models)}; up since {when(since)} "
+        f"models {', '.join(engine.models)}; {checker}; up since {when(since)} "
         f"({format_duration(now - engine.started_at)})",
         f"    busy: {'; '.join(busy)}" if busy else "    idle",
     ]
@@ -618,13 +711,50 @@ class Moderator:
         await self._audit(action, detail="on" if enabled else "off")
 
     async def blocked_attempts(self, count: int = 10) -> str:
-        """The latest prompts a rule stopped."""
-        attempts = await self.store.blocked_attempts(
-            self.owner.platform, self.owner.workspace, _bounded(count)
+        """The latest prompts a rule stopped and outputs the safety filter withheld, newest
+        first, ``count`` in all."""
+        limit = _bounded(count)
+        platform, workspace = self.owner.platform, self.owner.workspace
+        attempts = await self.store.blocked_attempts(platform, workspace, limit)
+        withheld = await self.store.withheld_outputs(platform, workspace, limit)
+        if not attempts and not withheld:
+            return "No prompts have been blocked here. The safety filter has withheld no images."
+        # Both are stored in order: the newest of the two, ``limit`` in all.
+        lines = sorted(
+            [(a.created_at, _attempt_line(a)) for a in attempts]
+            + [(w.created_at, _withheld_line(w)) for w in withheld],
+            key=lambda line: line[0],
+            reverse=True,
+        )[:limit]
+        heading = (
+            "Latest blocked prompts and withheld images:" if withheld else "Latest blocked prompts:"
         )
-        if not attempts:
-            return "No prompts have been blocked here."
-        return "\n".join(["Latest blocked prompts:", *map(_attempt_line, attempts)])
+        return "\n".join([heading, *(line for _, line in lines)])
+
+    # The safety filter.
+
+    async def safety(self, enabled: bool | None = None) -> str:
+        """Without ``enabled``: whether the workspace's safety filter is on, and whether the
+        running engines have a checker. With it: turn the filter on or off for the
+        workspace's jobs from now on (off: for adult-only servers)."""
+        core = self.moderation.core
+        platform, workspace = self.owner.platform, self.owner.workspace
+        changed = enabled is not None
+        if enabled is not None:
+            await self.store.set_workspace_safety(platform, workspace, enabled, self.owner.user_id)
+            await self._audit("safety", detail="on" if enabled else "off")
+        else:
+            enabled = (await self.store.workspace_settings(platform, workspace)).safety_check
+        try:
+            engines: list[EngineHeartbeat] | None = await core.live_engines()
+        except (RedisError, OSError) as exc:
+            log.warning("/mod safety could not read the engines: %s", exc)
+            engines = None
+        text = safety_text(enabled, engines, now=changed)
+        hint = safety_hint(core.syntax, not enabled)
+        if enabled:
+            return f"{text}\n`{hint}` turns it off, for adult-only servers."
+        return f"{text}\n`{hint}` turns it back on."
 
     # The workspace's default base model.
 
@@ -876,6 +1006,10 @@ class Moderator:
             what = "Trainings" if queue == TRAIN_QUEUE else "Image jobs"
             counts.append(f"{what}: {waiting} waiting, {running} running.")
         lines.append("Queues (all workspaces): " + " ".join(counts))
+        if engines:
+            # What their checkers mean here (with none running, /mod safety says the switch).
+            here = await self.store.workspace_settings(self.owner.platform, self.owner.workspace)
+            lines.append(safety_text(here.safety_check, engines, now=False))
         return "\n".join(lines)
 
     # Subjects.
@@ -1044,6 +1178,10 @@ async def _dispatch(mod: Moderator, text: str) -> str:
         if len(words) > 1:
             raise UserError("Usage: /mod model [name|default]")
         return await mod.model(words[0] if words else None)
+    if command == "safety":
+        if len(words) > 1:
+            raise UserError("Usage: /mod safety [on|off]")
+        return await mod.safety(_on_off(words[0]) if words else None)
     if command == "quota":
         sub = words.pop(0).lower() if words else "list"
         if sub == "show":
@@ -1096,4 +1234,6 @@ __all__ = [
     "job_prefix",
     "parse_duration",
     "parse_user",
+    "safety_text",
+    "withheld_phrase",
 ]

@@ -160,6 +160,8 @@ class WorkspaceSettings:
     rules_version: int = 0
     default_model: str | None = None
     """The workspace's default base model (a configured name); None: the configured default."""
+    safety_check: bool = True
+    """Whether the engines run their safety checker on its jobs' images (/mod safety)."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,27 @@ class BlockedAttempt:
     fragment: str
     prompt: str
     negative_prompt: str
+    created_at: str
+
+
+WithheldKind = Literal["images", "showcase", "samples"]
+"""What a job's withheld outputs were: images of a prompt, cells of a showcase grid, cells of
+a training's sample grid."""
+
+
+@dataclass(frozen=True)
+class WithheldOutput:
+    """A row of ``withheld_outputs`` (migration 0011): outputs of a job that the engine's
+    safety checker withheld, and the quota units that gave back."""
+
+    job_id: str
+    owner: Owner
+    kind: WithheldKind
+    withheld: int
+    total: int | None
+    prompt: str
+    negative_prompt: str
+    refunded_units: int
     created_at: str
 
 
@@ -937,14 +960,15 @@ class Store:
     async def workspace_settings(self, platform: str, workspace: str) -> WorkspaceSettings:
         """A workspace's moderation switches and default model (the defaults if never set)."""
         async with self.db.execute(
-            "SELECT use_default_rules, reveal_blocked_rule, rules_version, default_model"
-            " FROM workspace_settings WHERE platform = ? AND workspace = ?",
+            "SELECT use_default_rules, reveal_blocked_rule, rules_version, default_model,"
+            " safety_check FROM workspace_settings WHERE platform = ? AND workspace = ?",
             (platform, workspace),
         ) as cur:
             row = await cur.fetchone()
         if row is None:
             return WorkspaceSettings()
-        return WorkspaceSettings(bool(row[0]), bool(row[1]), row[2], row[3])
+        # safety_check NULL (never set, or a row from before migration 0011): on.
+        return WorkspaceSettings(bool(row[0]), bool(row[1]), row[2], row[3], row[4] != 0)
 
     async def set_workspace_model(
         self, platform: str, workspace: str, model: str | None, updated_by: str
@@ -959,6 +983,21 @@ class Store:
             " default_model = excluded.default_model, updated_by = excluded.updated_by,"
             " updated_at = excluded.updated_at",
             (platform, workspace, model, updated_by, utcnow()),
+        )
+
+    async def set_workspace_safety(
+        self, platform: str, workspace: str, enabled: bool, updated_by: str
+    ) -> None:
+        """Turn the engines' safety checker on or off for a workspace's jobs (/mod safety).
+
+        The rules version is left alone: the prompt filter does not depend on it.
+        """
+        await self._write(
+            "INSERT INTO workspace_settings (platform, workspace, safety_check, updated_by,"
+            " updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
+            " safety_check = excluded.safety_check, updated_by = excluded.updated_by,"
+            " updated_at = excluded.updated_at",
+            (platform, workspace, int(enabled), updated_by, utcnow()),
         )
 
     async def set_workspace_switch(
@@ -1042,6 +1081,52 @@ class Store:
             (platform, workspace, limit),
         )
 
+    # Outputs the safety checker withheld (migration 0011).
+
+    async def record_withheld(
+        self,
+        job: Job,
+        kind: WithheldKind,
+        withheld: int,
+        *,
+        total: int | None,
+        prompt: str,
+        negative_prompt: str = "",
+        refund: int = 0,
+    ) -> bool:
+        """Log that the safety checker withheld ``withheld`` of ``total`` outputs of ``job``
+        (for moderators, with its ``prompt``: a training's or showcase's subject name) and
+        give ``refund`` of its quota units back, in one statement, once: False, changing
+        nothing, if it was recorded already (a retried delivery)."""
+        changed = await self._write(
+            "INSERT OR IGNORE INTO withheld_outputs (job_id, platform, workspace, user_id,"
+            " kind, withheld, total, prompt, negative_prompt, refunded_units, created_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                job.id,
+                *_owner(job.owner),
+                kind,
+                withheld,
+                total,
+                prompt,
+                negative_prompt,
+                max(0, refund),
+                utcnow(),
+            ),
+        )
+        return changed == 1
+
+    async def withheld_outputs(
+        self, platform: str, workspace: str, limit: int
+    ) -> list[WithheldOutput]:
+        """A workspace's most recent withheld outputs, newest first."""
+        return await self._all(
+            _withheld_output,
+            "SELECT * FROM withheld_outputs WHERE platform = ? AND workspace = ?"
+            " ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            (platform, workspace, limit),
+        )
+
     # Audit log.
 
     async def record_audit(
@@ -1071,9 +1156,12 @@ def _owner(owner: Owner) -> tuple[str, str, str]:
 
 
 async def _usage(db: aiosqlite.Connection, owner: Owner, day: str) -> Usage:
+    # Units the safety checker's withheld outputs gave back (migration 0011) don't count.
     async with db.execute(
-        "SELECT kind, sum(units) FROM quota_usage WHERE platform = ? AND workspace = ?"
-        " AND user_id = ? AND day = ? AND released_at IS NULL GROUP BY kind",
+        "SELECT q.kind, sum(max(0, q.units - coalesce(w.refunded_units, 0))) FROM quota_usage q"
+        " LEFT JOIN withheld_outputs w ON w.job_id = q.job_id WHERE q.platform = ?"
+        " AND q.workspace = ? AND q.user_id = ? AND q.day = ? AND q.released_at IS NULL"
+        " GROUP BY q.kind",
         (*_owner(owner), day),
     ) as cur:
         spent = {row[0]: int(row[1]) for row in await cur.fetchall()}
@@ -1128,6 +1216,10 @@ def _blocked_rule(row: aiosqlite.Row) -> BlockedRule:
 
 def _blocked_attempt(row: aiosqlite.Row) -> BlockedAttempt:
     return _from_row(BlockedAttempt, row, owner=_row_owner(row))
+
+
+def _withheld_output(row: aiosqlite.Row) -> WithheldOutput:
+    return _from_row(WithheldOutput, row, owner=_row_owner(row))
 
 
 def _audit_entry(row: aiosqlite.Row) -> AuditEntry:

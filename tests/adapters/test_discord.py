@@ -368,8 +368,8 @@ async def test_commands_are_synced_to_the_dev_guild_when_one_is_set(
     assert commands["mod"]["contexts"] == [0]  # guild only
     mod_options = {o["name"]: o for o in commands["mod"]["options"]}
     assert set(mod_options) == {
-        "help", "block", "blocked", "model", "quota", "ban", "unban", "bans", "queue",
-        "cancel", "subjects", "delete-subject", "log", "status",
+        "help", "block", "blocked", "model", "safety", "quota", "ban", "unban", "bans",
+        "queue", "cancel", "subjects", "delete-subject", "log", "status",
     }  # fmt: skip
     assert [o["name"] for o in mod_options["block"]["options"]] == [
         "list", "add", "add-regex", "remove", "defaults", "reveal",
@@ -457,7 +457,8 @@ async def test_a_button_click_after_a_restart_redraws_for_the_clicking_user(
         await adapter.close()
 
     reply = private_reply(fake_discord)
-    assert (reply.content or "").startswith("Drawing 2 images")
+    drawing = "Drawing 2 images" if action == "reroll" else "Drawing 2 variations of image 1"
+    assert (reply.content or "").startswith(drawing)
     clicker = Owner("discord", str(GUILD_ID), str(OTHER_USER_ID))
     [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
     assert (new_job.owner, new_job.prompt) == (clicker, "a red fox")
@@ -760,7 +761,8 @@ async def test_a_per_image_vary_button_starts_from_that_image(
     job_id = await finished_generation(runtime, seed=7, count=2)
     reply = await click(runtime, fake_discord, clock, f"dreambot:vary:{job_id}{suffix}", USER_ID)
 
-    assert (reply.content or "").startswith("Drawing 2 images (seed 7)")
+    image = 2 if suffix else 1
+    assert (reply.content or "").startswith(f"Drawing 2 variations of image {image} (seed 7)")
     [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
     assert (await queued_generate_request(runtime, new_job.id))["init_image_url"] == start
 
@@ -1231,7 +1233,7 @@ async def test_the_owner_can_vary_an_image_of_their_subject_even_after_training_
 
     reply = await click(runtime, fake_discord, clock, f"dreambot:vary:{job_id}", USER_ID)
 
-    assert (reply.content or "").startswith("Drawing 1 image (seed 41)")
+    assert (reply.content or "").startswith("Drawing 1 variation of image 1 (seed 41)")
     [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
     request = await queued_generate_request(runtime, new_job.id)
     assert request["prompt"] == "a zqv dog on the beach"  # still rex

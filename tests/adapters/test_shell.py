@@ -48,7 +48,9 @@ async def test_the_shell_names_a_jobs_first_preview_file_once(runtime: BotRuntim
         "drawing 6/10",
         "done",
     ]
-    assert shell.last_generation is None  # no images: nothing to vary
+    # No images (the safety filter withheld them all): /reroll still draws its prompt again,
+    # and /vary says there is nothing to vary (tests/test_safety_filter.py).
+    assert shell.last_generation == "a" * 32
 
 
 async def _train_in_shell(runtime: BotRuntime, tmp_path: Path, model: str) -> str:

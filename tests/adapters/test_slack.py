@@ -1129,7 +1129,9 @@ async def test_a_per_image_vary_button_starts_from_that_image(
     assert status == 200
     await fake_slack.wait_until(lambda: len(fake_slack.find("respond")) == 2)
 
-    assert fake_slack.find("respond")[-1].text.startswith("Drawing 2 images (seed 7)")
+    assert fake_slack.find("respond")[-1].text.startswith(
+        f"Drawing 2 variations of image {start + 1} (seed 7)"
+    )
     [varied] = [j for j in await runtime.store.unfinished_jobs("slack") if j.id != original.id]
     request = (await ArqJob(varied.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]
     assert request["init_image_url"] == images[start]

@@ -158,3 +158,18 @@ def test_merged_subjects_on_gpu_match_unmerged_and_restore_the_base(
     assert np.array_equal(_pixels(merged, None), base)
     restored = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items()}
     assert all(torch.equal(v, restored[k]) for k, v in base_weights.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_safety_checker_screens_in_half_precision(tiny: Path, dtype: torch.dtype) -> None:
+    """The engine's checker loads in the models' half precision on CUDA and flags as in fp32:
+    nothing with the tiny checker's thresholds, everything once they are below any cosine."""
+    from engine.safety import load_safety_checker, screen
+
+    checker = load_safety_checker(tiny, device="cuda", dtype=dtype)
+    assert checker.model.dtype == dtype
+    images = _photos(3, (200, 120, 40))
+    assert screen(checker, images) == images
+    with torch.no_grad():
+        checker.model.concept_embeds_weights.fill_(-2.0)
+    assert screen(checker, images) == [None, None, None]

@@ -184,7 +184,17 @@ def destination_of(interaction: discord.Interaction[Any]) -> dict[str, Any]:
         "channel_id": interaction.channel_id,
         "guild_id": interaction.guild_id,
         "user_id": interaction.user.id,
+        # Discord's rules keep adult content in age-restricted channels: only there may a
+        # workspace's /mod safety off let images through unchecked (Core: checks_images).
+        "age_restricted": age_restricted(interaction.channel),
     }
+
+
+def age_restricted(channel: object) -> bool:
+    """Whether ``channel`` is age-restricted ("NSFW"): a text or voice channel so marked, or a
+    thread in one. A DM, or a channel Discord sent too little about to tell, is not."""
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else False
 
 
 @dataclass(frozen=True)
@@ -1148,7 +1158,9 @@ def mod_commands(adapter: DiscordAdapter) -> app_commands.Group:
         names = [*adapter.core.settings.model_names, "default"]
         return choices([(name, name) for name in names], current)
 
-    @mod.command(name="safety", description="The safety filter on images (off: adult-only)")
+    @mod.command(
+        name="safety", description="The safety filter on images (off: age-restricted channels)"
+    )
     @app_commands.describe(enabled="leave out to see it, and whether the engines have a checker")
     async def safety(interaction: Interaction, enabled: bool | None = None) -> None:
         await adapter.mod(interaction, lambda m: m.safety(enabled))

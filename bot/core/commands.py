@@ -225,6 +225,15 @@ def images_label(count: int) -> str:
     return f"your {images_word(count)}"
 
 
+def checks_images(safety_on: bool, destination: dict[str, Any]) -> bool:
+    """Whether a job posted to ``destination`` has its images screened by the engines' safety
+    checker: always while the workspace's safety filter is on (/mod safety). With it off, only
+    a destination the platform marks as age-restricted goes unchecked where the platform has
+    such channels (Discord, whose rules keep adult content in age-restricted channels: the
+    adapter sets ``age_restricted``); elsewhere (Slack, the shell) the switch alone decides."""
+    return safety_on or destination.get("age_restricted") is False
+
+
 PLAIN_RESIZE = "plain resize; no upscaler is configured"
 """How an Upscale at ``DREAMBOT_UPSCALE_STRENGTH`` 0 is described: the engine only resizes."""
 
@@ -498,7 +507,7 @@ class Core:
                 samples_url=f"{subject_url}/samples",
                 base_model=base_model,
                 steps=self.settings.train_steps,
-                safety_check=new.safety_check,
+                safety_check=checks_images(new.safety_check, destination),
             )
             submission = await self._enqueue(TRAIN_SUBJECT, job_id, request.model_dump())
         except BaseException:
@@ -608,7 +617,7 @@ class Core:
             base_model=base_model,
             init_image_url=init_image_url,
             init_strength=0.5 if init_strength is None else init_strength,
-            safety_check=workspace_settings.safety_check,
+            safety_check=checks_images(workspace_settings.safety_check, destination),
         )
         subject_id = resolved.subjects[0].id if resolved.subjects else None
         options = {
@@ -783,9 +792,10 @@ class Core:
             steps=self.settings.generate_steps,
             output_url=self.artifacts.url("outputs", job_id),
             base_model=subject.base_model,
-            safety_check=(
-                await self.store.workspace_settings(owner.platform, owner.workspace)
-            ).safety_check,
+            safety_check=checks_images(
+                (await self.store.workspace_settings(owner.platform, owner.workspace)).safety_check,
+                destination,
+            ),
         )
         submission = await self._queue_images(
             SHOWCASE,

@@ -228,14 +228,32 @@ def _withheld_line(output: WithheldOutput) -> str:
     )
 
 
+AGE_RESTRICTED_PLATFORMS = frozenset({"discord"})
+"""Platforms whose channels can be age-restricted, and whose adapters say so in a job's
+destination (``age_restricted``)."""
+
+
 SAFETY_SETTING = "DREAMBOT_SAFETY_CHECKER"
 """The engines' setting that gives them a safety checker, named where one is missing."""
 
 
-def safety_text(enabled: bool, engines: Sequence[EngineHeartbeat] | None, *, now: bool) -> str:
+def safety_text(
+    enabled: bool,
+    engines: Sequence[EngineHeartbeat] | None,
+    *,
+    now: bool,
+    age_restricted_channels: bool = False,
+) -> str:
     """How the safety filter stands in a workspace: its switch (``now``: just changed) and,
-    when it is on, whether the running ``engines`` have a checker (None: Redis can't say)."""
+    when it is on, whether the running ``engines`` have a checker (None: Redis can't say).
+    ``age_restricted_channels``: the platform has them, and off only lets images through
+    unchecked there (``commands.checks_images``)."""
     lead = f"The safety filter is {'now ' if now else ''}{'on' if enabled else 'off'} here"
+    if not enabled and age_restricted_channels:
+        return (
+            f"{lead} for age-restricted channels: images posted there go unchecked. In every "
+            "other channel, and in DMs, it stays on, as Discord's rules ask."
+        )
     if not enabled:
         return (
             f"{lead}: images are posted unchecked, also where an engine has a safety checker. "
@@ -750,8 +768,15 @@ class Moderator:
         except (RedisError, OSError) as exc:
             log.warning("/mod safety could not read the engines: %s", exc)
             engines = None
-        text = safety_text(enabled, engines, now=changed)
+        text = safety_text(
+            enabled,
+            engines,
+            now=changed,
+            age_restricted_channels=platform in AGE_RESTRICTED_PLATFORMS,
+        )
         hint = safety_hint(core.syntax, not enabled)
+        if enabled and platform in AGE_RESTRICTED_PLATFORMS:
+            return f"{text}\n`{hint}` turns it off in age-restricted channels."
         if enabled:
             return f"{text}\n`{hint}` turns it off, for adult-only servers."
         return f"{text}\n`{hint}` turns it back on."
@@ -1009,7 +1034,14 @@ class Moderator:
         if engines:
             # What their checkers mean here (with none running, /mod safety says the switch).
             here = await self.store.workspace_settings(self.owner.platform, self.owner.workspace)
-            lines.append(safety_text(here.safety_check, engines, now=False))
+            lines.append(
+                safety_text(
+                    here.safety_check,
+                    engines,
+                    now=False,
+                    age_restricted_channels=self.owner.platform in AGE_RESTRICTED_PLATFORMS,
+                )
+            )
         return "\n".join(lines)
 
     # Subjects.

@@ -60,7 +60,12 @@ from tests.conftest import (
 
 EPHEMERAL = 64
 OWNER = Owner("discord", str(GUILD_ID), str(USER_ID))
-DESTINATION = {"channel_id": CHANNEL_ID, "guild_id": GUILD_ID, "user_id": USER_ID}
+DESTINATION = {
+    "channel_id": CHANNEL_ID,
+    "guild_id": GUILD_ID,
+    "user_id": USER_ID,
+    "age_restricted": False,
+}
 
 
 async def run_command(

@@ -15,6 +15,7 @@ from tests.adapters.conftest import (
     MEMBER_PERMISSIONS,
     USER_ID,
     FakeDiscord,
+    interaction_payload,
 )
 from tests.adapters.test_discord import DESTINATION, OWNER, write_images
 from tests.adapters.test_discord_moderation import Chat
@@ -32,19 +33,31 @@ async def test_mod_safety_switches_the_filter_with_discords_on_off_option(
 ) -> None:
     shown = await chat.mod("safety")
     assert shown.startswith("The safety filter is on here; no engine is running now")
-    assert shown.endswith("`/mod safety enabled:False` turns it off, for adult-only servers.")
+    assert shown.endswith("`/mod safety enabled:False` turns it off in age-restricted channels.")
 
     off = await chat.mod("safety", [{"name": "enabled", "type": 5, "value": False}])
 
-    assert off.startswith("The safety filter is now off here: images are posted unchecked")
+    assert off.startswith(
+        "The safety filter is now off here for age-restricted channels: images posted there "
+        "go unchecked. In every other channel, and in DMs, it stays on, as Discord's rules ask."
+    )
     assert off.endswith("`/mod safety enabled:True` turns it back on.")
     assert not (await runtime.store.workspace_settings("discord", str(GUILD_ID))).safety_check
     [entry] = await runtime.store.audit_entries("discord", str(GUILD_ID), 10)
     assert (entry.moderator.user_id, entry.action, entry.detail) == (str(USER_ID), "safety", "off")
-    drawn = await chat.command("imagine", [{"name": "prompt", "type": 3, "value": "a red fox"}])
+    # Off lets images through unchecked only in an age-restricted channel: the general
+    # channel's still go through the checker.
+    prompt = [{"name": "prompt", "type": 3, "value": "a red fox"}]
+    drawn = await chat.command("imagine", prompt)
     assert drawn.startswith("Drawing 4 images")
     [job] = await runtime.store.unfinished_jobs("discord")
-    assert (await queued_generate_request(runtime, job.id))["safety_check"] is False
+    assert (await queued_generate_request(runtime, job.id))["safety_check"] is True
+    adult = interaction_payload(command="imagine", options=prompt)
+    adult["channel"]["nsfw"] = True
+    assert (await chat.send(adult)).startswith("Drawing 4 images")
+    [adult_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job.id]
+    assert adult_job.destination["age_restricted"] is True
+    assert (await queued_generate_request(runtime, adult_job.id))["safety_check"] is False
 
     refused = await chat.mod(
         "safety", [{"name": "enabled", "type": 5, "value": True}], permissions=MEMBER_PERMISSIONS

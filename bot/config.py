@@ -231,6 +231,22 @@ class Settings(BaseSettings):
         "tried again (20 tries; a last one that fails says so in the chat)",
     )
 
+    # Retention: what is kept about people, and how long (README: Your data).
+    keep_images_days: int = Field(
+        30,
+        ge=0,
+        le=36_500,
+        description="days a finished image or showcase job's stored images (and live previews) "
+        "are kept before each bot process deletes its platform's; 0 keeps them forever",
+    )
+    keep_moderation_days: int = Field(
+        180,
+        ge=0,
+        le=36_500,
+        description="days quota usage, blocked-prompt and withheld-output records, audit "
+        "entries and expired bans are kept for moderators; 0 keeps them forever",
+    )
+
     # Quotas: the defaults of every workspace; moderators override them per workspace, role
     # or user with `/mod quota set`.
     quota_daily_images: int = Field(

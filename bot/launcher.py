@@ -1,5 +1,5 @@
-"""Start-up wiring for a bot process: store, queue, core, the delivery worker, and the check
-of jobs the queue never confirmed."""
+"""Start-up wiring for a bot process: store, queue, core, the delivery worker, and its chores
+(the check of jobs the queue never confirmed, queue positions, the retention sweep)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from bot.config import Settings
 from bot.connections import redis_settings, run_worker_forever, stop_worker
 from bot.core.commands import Core
 from bot.core.delivery import Deliverer, Sink, delivery_worker
+from bot.core.retention import SWEEP_EVERY
 from bot.core.store import Store
 from engine.artifacts import ArtifactStore
 
@@ -63,11 +64,13 @@ async def delivering(
     *,
     settle_every: float = SETTLE_EVERY,
     positions_every: float = POSITIONS_EVERY,
+    sweep_every: float = SWEEP_EVERY,
 ) -> AsyncIterator[Deliverer]:
     """Unclaim the deliveries an earlier process left cut off mid-post (so they are posted);
     then consume the bot's result queue in this event loop while the block runs; settle the
-    jobs the queue never confirmed (now, then every ``settle_every`` seconds); and show
-    waiting jobs their new place in the queue every ``positions_every`` seconds."""
+    jobs the queue never confirmed (now, then every ``settle_every`` seconds); show waiting
+    jobs their new place in the queue every ``positions_every`` seconds; and delete what is
+    past its retention, now and every ``sweep_every`` seconds (``bot.core.retention``)."""
     deliverer = Deliverer(runtime.core, sink)
     await deliverer.reopen_deliveries()  # before the worker can re-run their delivery jobs
     # The worker closes its pool on the way out, so it gets its own.
@@ -80,6 +83,9 @@ async def delivering(
         ),
         asyncio.create_task(
             _every(positions_every, deliverer.show_queue_positions, "update queue positions")
+        ),
+        asyncio.create_task(
+            _every(sweep_every, runtime.core.retention.sweep, "delete what is past retention")
         ),
     ]
     try:

@@ -114,9 +114,12 @@ async def test_migration_0003_on_a_database_with_0001_and_0002_data_loses_nothin
         for table, rows_before in before.items():
             after = rows_after[table]
             if table == "jobs":
-                # The new column comes last; every old value is where it was.
-                assert [row[:-1] for row in after] == rows_before
-                assert [row[-1] for row in after] == ["{}", "{}"]
+                # The new column comes next (later migrations' after it, NULL); every old
+                # value is where it was.
+                width = len(rows_before[0])
+                assert [row[:width] for row in after] == rows_before
+                assert [row[width] for row in after] == ["{}", "{}"]
+                assert all(value is None for row in after for value in row[width + 1 :])
             else:
                 assert after == rows_before, table
         async with store.db.execute("SELECT version FROM schema_migrations") as cur:

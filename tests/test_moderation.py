@@ -374,6 +374,8 @@ _MOD_CHANGES = {
     "unban": ["unban user-2"],
     "cancel": ["cancel {job}"],
     "delete-subject": ["delete-subject user-1 rex"],
+    # Audited also with nothing to delete (user-3): the request was handled.
+    "delete-user-data": ["delete-user-data user-1", "delete-user-data user-3"],
 }
 _MOD_READS = {
     "block list": ["block list"],

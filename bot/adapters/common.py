@@ -84,9 +84,13 @@ def split_text(text: str, limit: int, max_parts: int = MAX_REPLY_PARTS) -> list[
     return parts or [text]
 
 
-async def command_reply(work: Callable[[], Awaitable[str]], what: str) -> str:
-    """Run a command's ``work``: its text, the message of a UserError, or (for anything else,
-    logged as ``what`` with a reference) a short apology carrying that reference."""
+Answer = TypeVar("Answer")
+"""What a command answers: its text, or a platform's text with buttons."""
+
+
+async def command_reply(work: Callable[[], Awaitable[Answer]], what: str) -> Answer | str:
+    """Run a command's ``work``: its answer, the message of a UserError, or (for anything
+    else, logged as ``what`` with a reference) a short apology carrying that reference."""
     try:
         return await work()
     except UserError as exc:

@@ -12,7 +12,9 @@ result as a normal channel message mentioning the user (interaction tokens expir
 minutes, jobs may take longer), or by DM when the channel refuses it. Discord refuses a message
 whose files exceed the server's upload limit, so a result is split into messages under it, and
 an image too large on its own goes as a smaller JPEG copy with the same provenance
-(``bot.adapters.uploads``); the stored PNG is unchanged.
+(``bot.adapters.uploads``); the stored PNG is unchanged. ``/mydata delete:True`` answers
+with what it would delete above a "Delete everything" button (``DeleteDataButton``), which is
+the confirmation: only the member it was shown to may press it.
 
 Who moderates is the one rule decided here: members with Manage Server (as Discord resolves
 it for the interaction) or a configured user/role (``DREAMBOT_MODERATOR_USERS``/``_ROLES``).
@@ -69,6 +71,8 @@ BUTTON_ID = re.compile(
 )
 CANCEL_ID = re.compile(r"dreambot:cancel:(?P<job_id>[0-9a-f]{32})")
 """The Cancel button on a job's progress message."""
+DELETE_DATA_ID = re.compile(r"dreambot:delete-data:(?P<user_id>[0-9]+)")
+"""The "Delete everything" button that confirms /mydata delete:True (for the user it names)."""
 MAX_BUTTON_IMAGES = 4
 MAX_DISCORD_PHOTOS = 10  # photo1..photo10
 
@@ -132,22 +136,22 @@ def usage_text(core: Core) -> str:
     return f"""\
 /train name:<name> class:<class> photo1 … photo{most} [model:<base model>]
         learn a subject from {settings.min_photos}–{most} photos attached to the command
-        e.g. /train name:rex class:dog with photo1, photo2 and photo3 attached
+        e.g. /train name:rex class:dog with photo1…photo3 attached
 /imagine prompt:<text> [negative:<text>] [count:1-4] [seed:<number>] [aspect:<shape>]
         [steps:<n>] [guidance:<x>] [strength:<x>]
         draw a prompt; [V] is your active subject (see /use), [name] a named one
-        (yours, or one shared with you: see /subjects)
+        (yours, or one shared with you)
         e.g. /imagine prompt:a [V] dog wearing a hat aspect:portrait
         under each result: 🎲 Reroll (new seed), and per image V1…V4 (a close variation
         of that image) and U1…U4 (that image enlarged)
 /showcase [name:<name>]
-        your subject in the DreamBooth paper's five capabilities, as one grid
+        your subject in the DreamBooth paper's five capabilities, one grid
 /subjects              list your subjects and their status, and those shared with you
 /use [subject:<name>]  make one of your ready subjects [V]; left out: your newest one
 /forget name:<name>    delete a subject, its photos and its adapter
 /share subject:<name> user:<member> | everyone:True
         let one member, or everyone on this server, draw your subject as [name] (or as
-        its token, where another subject has that name) and /showcase it, on their quota
+        its token where names clash) and /showcase it, on their quota
 /unshare subject:<name> [user:<member> | everyone:True]
         stop sharing it with them (with neither: with anyone)
 /jobs                  your jobs waiting or running, with their ids
@@ -155,6 +159,7 @@ def usage_text(core: Core) -> str:
         cancel your newest job, a subject's training, or the job whose id starts so
         (4+ characters, as /jobs shows); or press ✖️ Cancel on a job's progress message
 /quota                 your usage today and when it resets (midnight UTC)
+/mydata [delete:True]  what dreambot keeps about you; delete:True deletes it
 /mod help              moderator commands (Manage Server or a moderator role)
 /help                  this text"""
 
@@ -258,6 +263,55 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=BUTTON_
         await client.adapter.click(interaction, self.action, self.job_id, self.index)
 
 
+@dataclass(frozen=True)
+class WithButtons:
+    """A command's private reply with buttons under its last message."""
+
+    text: str
+    view: discord.ui.View
+
+
+class DeleteDataButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]], template=DELETE_DATA_ID.pattern
+):
+    """The "Delete everything" button under the private reply to /mydata delete:True: the
+    confirmation. Only the user it was shown to may press it (the core refuses others); the
+    custom_id names them, so it works after a restart."""
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Delete everything",
+                emoji="🗑️",
+                style=discord.ButtonStyle.danger,
+                custom_id=f"dreambot:delete-data:{user_id}",
+            )
+        )
+        self.user_id = user_id
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
+        /,
+    ) -> DeleteDataButton:
+        return cls(match["user_id"])
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        client = interaction.client
+        assert isinstance(client, DreamClient)
+        await client.adapter.delete_data_click(interaction, self.user_id)
+
+
+def delete_data_button(user_id: str) -> discord.ui.View:
+    """The "Delete everything" button under a /mydata delete:True preview."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(DeleteDataButton(user_id))
+    return view
+
+
 class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=CANCEL_ID.pattern):
     """Cancel, on a job's progress message while the job waits or runs; only its owner may
     press it (the core refuses others). The custom_id carries the job, so it works after a
@@ -324,7 +378,7 @@ class DreamClient(discord.Client):
 
     async def setup_hook(self) -> None:
         """Register the persistent buttons and publish the slash commands."""
-        self.add_dynamic_items(JobButton, CancelButton)
+        self.add_dynamic_items(JobButton, CancelButton, DeleteDataButton)
         if self.dev_guild is not None:
             guild = discord.Object(self.dev_guild)
             self.tree.copy_global_to(guild=guild)
@@ -368,11 +422,14 @@ class DiscordAdapter:
     # Commands (called from the command tree).
 
     async def respond(
-        self, interaction: discord.Interaction[Any], work: Callable[[], Awaitable[str]]
+        self,
+        interaction: discord.Interaction[Any],
+        work: Callable[[], Awaitable[str | WithButtons]],
     ) -> None:
-        """Defer privately, run ``work`` and follow up privately with its text or the error
-        (in several messages when it is long). An interaction that comes again (Discord takes
-        one first response to it, so a copy can't defer) was handled already: nothing runs."""
+        """Defer privately, run ``work`` and follow up privately with its text (and buttons,
+        under its last message) or the error (in several messages when it is long). An
+        interaction that comes again (Discord takes one first response to it, so a copy can't
+        defer) was handled already: nothing runs."""
         try:
             await interaction.response.defer(ephemeral=True, thinking=True)
         except discord.HTTPException as exc:
@@ -381,21 +438,30 @@ class DiscordAdapter:
             log.info("interaction %s came again; it was answered already", interaction.id)
             return
 
-        async def in_a_server() -> str:
+        async def in_a_server() -> str | WithButtons:
             if interaction.guild_id is None:
                 raise UserError("Use dreambot in a server channel, not in direct messages.")
             return await work()
 
-        text = await common.command_reply(in_a_server, f"command {_command_name(interaction)}")
+        answer = await common.command_reply(in_a_server, f"command {_command_name(interaction)}")
+        text, view = (
+            (answer.text, answer.view) if isinstance(answer, WithButtons) else (answer, None)
+        )
         # A long reply (/mod help, a moderator's long list) goes as several messages rather
         # than cut at Discord's 2,000 characters.
         parts = common.split_text(text, MAX_CONTENT)
         for index, part in enumerate(parts):
+            buttons: dict[str, Any] = {}
+            if view is not None and index == len(parts) - 1:
+                buttons["view"] = view
             try:
                 # Mentions show as names but ping nobody: a reply may echo what was typed
                 # ("@everyone" as a subject's name).
                 await interaction.followup.send(
-                    part, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
+                    part,
+                    ephemeral=True,
+                    allowed_mentions=discord.AllowedMentions.none(),
+                    **buttons,
                 )
             except discord.HTTPException as exc:
                 if exc.code not in TOKEN_EXPIRED:
@@ -553,6 +619,33 @@ class DiscordAdapter:
             )
             await self._finish_progress(cancellation.job, common.CANCELLED_BY_OWNER)
             return cancellation.text
+
+        await self.respond(interaction, work)
+
+    async def mydata(
+        self, interaction: discord.Interaction[Any], delete: bool
+    ) -> str | WithButtons:
+        """/mydata: what is stored about the caller here; with delete:True, what deleting it
+        would delete, under a "Delete everything" button that does it. Banned users may too."""
+        owner = owner_of(interaction)
+        if not delete:
+            return await self.core.personal_data.summary(owner)
+        preview = await self.core.personal_data.deletion_preview(owner)
+        return WithButtons(
+            f"{preview}\nPress Delete everything to go ahead.", delete_data_button(owner.user_id)
+        )
+
+    async def delete_data_click(self, interaction: discord.Interaction[Any], user_id: str) -> None:
+        """The "Delete everything" button: the user it was shown to deletes their data here
+        (anyone else is refused, privately); their cancelled jobs' progress messages close."""
+
+        async def work() -> str:
+            deletion = await self.core.personal_data.delete_from_button(
+                owner_of(interaction), user_id, mention=mention
+            )
+            for job in deletion.cancelled:
+                await self._finish_progress(job, common.CANCELLED_BY_OWNER)
+            return self.core.personal_data.deleted_text(deletion)
 
         await self.respond(interaction, work)
 
@@ -849,7 +942,7 @@ def _what(interaction: discord.Interaction[Any]) -> str:
 
 def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -> None:
     """Add /train, /imagine, /showcase, /subjects, /use, /forget, /share, /unshare, /jobs,
-    /cancel, /quota, /help and /mod to ``tree``."""
+    /cancel, /quota, /mydata, /help and /mod to ``tree``."""
 
     @tree.command(name="train", description="Teach me a subject from 3-10 photos of it")
     @app_commands.guild_only()
@@ -1079,6 +1172,12 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter) -
             ),
         )
 
+    @tree.command(name="mydata", description="What dreambot keeps about you here; delete it")
+    @app_commands.guild_only()
+    @app_commands.describe(delete="delete it all (you confirm with a button first)")
+    async def mydata(interaction: discord.Interaction[Any], delete: bool = False) -> None:
+        await adapter.respond(interaction, lambda: adapter.mydata(interaction, delete))
+
     @tree.command(name="help", description="What dreambot can do")
     @app_commands.guild_only()
     async def help_(interaction: discord.Interaction[Any]) -> None:
@@ -1246,6 +1345,13 @@ def mod_commands(adapter: DiscordAdapter) -> app_commands.Group:
     @app_commands.describe(name="the subject's name")
     async def delete_subject(interaction: Interaction, user: User, name: str) -> None:
         await adapter.mod(interaction, lambda m: m.delete_subject(str(user.id), name))
+
+    @mod.command(
+        name="delete-user-data", description="Delete a member's subjects, images and prompts"
+    )
+    @app_commands.describe(user="whose data (as their own /mydata delete:True would)")
+    async def delete_user_data(interaction: Interaction, user: User) -> None:
+        await adapter.mod(interaction, lambda m: m.delete_user_data(str(user.id)))
 
     @mod.command(name="log", description="The latest moderator actions")
     async def log_(interaction: Interaction, count: app_commands.Range[int, 1, 100] = 20) -> None:

@@ -33,6 +33,8 @@ WORKSPACE = "local"
 DESTINATION = {"kind": "terminal"}
 PROMPT = "you> "
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".avif"}
+MYDATA_CONFIRM = "/mydata delete confirm"
+"""What the shell's user types to confirm deleting their data."""
 SKIPPED_SHOWN = 3
 """How many skipped files a message names before saying "and N more"."""
 
@@ -253,6 +255,8 @@ class ShellAdapter:
                 self.say(cancellation.text)
             elif command == "/quota":
                 self.say(await self.core.quota_text(self.owner))
+            elif command == "/mydata":
+                self.say(await self._mydata(rest))
             elif command == "/mod":
                 await self._mod(rest)
             elif command == "/help":
@@ -264,6 +268,23 @@ class ShellAdapter:
         except Exception:
             # One failed command must not end the session (or a script) with a traceback.
             self.say(f"✗ {apology(f'shell {command}')}")
+
+    async def _mydata(self, rest: str) -> str:
+        """/mydata, /mydata delete (what it would delete), /mydata delete confirm (delete it:
+        the shell's confirmation is typed)."""
+        words = rest.lower().split()
+        if not words:
+            return await self.core.personal_data.summary(self.owner)
+        if words == ["delete"]:
+            preview = await self.core.personal_data.deletion_preview(self.owner)
+            return f"{preview}\nType `{MYDATA_CONFIRM}` to go ahead."
+        if words != ["delete", "confirm"]:
+            raise UserError(f"Usage: /mydata, /mydata delete, then {MYDATA_CONFIRM}")
+        deletion = await self.core.personal_data.delete(self.owner)
+        for job in deletion.cancelled:
+            self._previewed.discard(job.id)
+            self._done(job.id)
+        return self.core.personal_data.deleted_text(deletion)
 
     async def _mod(self, rest: str) -> None:
         if rest.strip().lower() in ("", "help") and self.is_moderator:

@@ -24,8 +24,9 @@ slash command, one message with the photos and the text ``@dreambot train rex do
 with the bot: ``train rex dog``). Photos are downloaded from files.slack.com only, with the
 bot token, size-capped while streaming. Any other command can be written to the bot the same
 way (``jobs`` in a DM, ``@dreambot cancel rex`` in a channel), as ``/dreambot <command>`` runs
-it; ``/dreambot jobs``, ``cancel``, ``use``, ``share`` and ``unshare`` have no slash command of
-their own.
+it; ``/dreambot jobs``, ``cancel``, ``use``, ``share``, ``unshare`` and ``mydata`` have no slash
+command of their own. ``/dreambot mydata delete`` answers with what it would delete above a
+"Delete everything" button (Slack asks once more before sending the click), which deletes it.
 
 Who moderates is the one rule decided here: workspace admins and owners (``users.info``), or a
 configured user id (``DREAMBOT_MODERATOR_USERS``).
@@ -40,7 +41,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -90,8 +91,8 @@ three jobs at one update per interval would already exceed it. The rest of the 5
 closing progress messages when jobs end."""
 COMMAND_PREFIX = "/dreambot "
 """How the core's hints type a command here: ``/dreambot jobs``, ``cancel``, ``use``,
-``share`` and ``unshare`` have no slash command of their own (so the app's manifest needs no
-change for them)."""
+``share``, ``unshare`` and ``mydata`` have no slash command of their own (so the app's
+manifest needs no change for them)."""
 SLACK_FILE_HOSTS = frozenset({"files.slack.com"})
 """Where Slack serves ``url_private_download``; the bot token is only ever sent there."""
 
@@ -101,6 +102,9 @@ SYNTAX = CommandSyntax(prefix=COMMAND_PREFIX, own_commands=frozenset(COMMANDS))
 """How the core's hints type a command here: ``/forget rex``, ``/dreambot unshare rex``."""
 CANCEL_ACTION_ID = "dreambot:cancel"
 """The Cancel button on a job's progress message (its value is the job id)."""
+DELETE_DATA_ACTION_ID = "dreambot:delete-data"
+"""The "Delete everything" button that confirms /dreambot mydata delete (its value is the
+user it was shown to)."""
 
 # Vary and Upscale name the image (index 0-3); ids without one (older results) mean the first.
 ACTION_ID = re.compile(r"^dreambot:(?P<action>reroll|vary|upscale)(?::(?P<index>[0-3]))?$")
@@ -147,8 +151,22 @@ _TRAIN_MESSAGE = re.compile(
 _TO_THE_BOT = re.compile(r"^\s*(?:<@(?P<bot>[A-Z0-9]+)(?:\|[^>]*)?>)?(?P<rest>.*)$", re.DOTALL)
 _ESCAPED_USER = re.compile(r"&lt;@([UW][A-Z0-9]+(?:\|[^&<>]*)?)&gt;")
 
-Reply = Callable[[str], Awaitable[None]]
-Work = Callable[[], Awaitable[str]]
+
+@dataclass(frozen=True)
+class WithBlocks:
+    """A command's private reply with blocks (buttons) under its text."""
+
+    text: str
+    blocks: list[dict[str, Any]]
+
+
+class Reply(Protocol):
+    """Sends a private reply: text, with blocks if given."""
+
+    async def __call__(self, text: str, blocks: list[dict[str, Any]] | None = None) -> None: ...
+
+
+Work = Callable[[], Awaitable[str | WithBlocks]]
 
 
 # Text.
@@ -212,6 +230,9 @@ def usage_text(core: Core, train_window: float) -> str:
 /dreambot unshare <name> [@user or everyone]
         stop sharing it with them (with neither: with anyone)
 /quota                 your usage today and when it resets (midnight UTC)
+/dreambot mydata [delete]
+        what dreambot keeps about you here, and for how long; with delete, delete it all
+        (you confirm with a button)
 /dreambot jobs         your jobs waiting or running, with their ids
 /dreambot cancel [name or job id]
         cancel your newest job, a subject's training, or the job whose id starts so
@@ -351,7 +372,7 @@ class SlackAdapter:
         # it: an update's blocks replace the message's, and leaving them out keeps stale ones.
         self._previews: dict[str, tuple[str, str]] = {}
         self._unfetchable: set[str] = set()  # jobs whose preview Slack could not download
-        self._commands: dict[str, Callable[[Caller, str], Awaitable[str]]] = {
+        self._commands: dict[str, Callable[[Caller, str], Awaitable[str | WithBlocks]]] = {
             "train": self.train_command,
             "imagine": self.imagine,
             "showcase": self.showcase,
@@ -363,6 +384,7 @@ class SlackAdapter:
             "quota": lambda caller, text: self.core.quota_text(caller.owner),
             "jobs": lambda caller, text: self.core.jobs_text(caller.owner),
             "cancel": self.cancel,
+            "mydata": self.mydata,
             "mod": self.mod,
             "help": self.help,
         }
@@ -440,6 +462,19 @@ class SlackAdapter:
                 "cancel button",
             )
 
+        async def on_delete_data(
+            body: dict[str, Any], context: AsyncBoltContext, respond: AsyncRespond
+        ) -> None:
+            user_id = str((body.get("actions") or [{}])[0].get("value", ""))
+            if not SLACK_USER_ID.match(user_id):
+                return
+            # The answer replaces the preview, so its button can't be pressed again.
+            await self.reply(
+                self._responder(respond, replace=True),
+                lambda: self.delete_data_click(caller_of(context), user_id),
+                "delete data button",
+            )
+
         async def on_message(
             body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext
         ) -> None:
@@ -449,13 +484,22 @@ class SlackAdapter:
             self.app.command(f"/{name}")(ack=ack_now, lazy=[on_command])
         self.app.action(re.compile(ACTION_ID.pattern))(ack=ack_now, lazy=[on_action])
         self.app.action(CANCEL_ACTION_ID)(ack=ack_now, lazy=[on_cancel])
+        self.app.action(DELETE_DATA_ACTION_ID)(ack=ack_now, lazy=[on_delete_data])
         self.app.event("message")(ack=ack_now, lazy=[on_message])
 
-    def _responder(self, respond: AsyncRespond) -> Reply:
-        async def send(text: str) -> None:
+    def _responder(self, respond: AsyncRespond, *, replace: bool = False) -> Reply:
+        """Private replies through the request's ``response_url``; ``replace``: the first
+        replaces the message whose button was pressed (its button goes with it)."""
+
+        async def send(text: str, blocks: list[dict[str, Any]] | None = None) -> None:
+            nonlocal replace
+            replace_original, replace = replace, False
             try:
                 response = await respond(
-                    text=text, response_type="ephemeral", replace_original=False
+                    text=text,
+                    blocks=blocks,
+                    response_type="ephemeral",
+                    replace_original=replace_original,
                 )
             except Exception:
                 log.warning("private reply not sent: %s", text, exc_info=True)
@@ -466,10 +510,10 @@ class SlackAdapter:
         return send
 
     def _ephemeral(self, caller: Caller) -> Reply:
-        async def send(text: str) -> None:
+        async def send(text: str, blocks: list[dict[str, Any]] | None = None) -> None:
             try:
                 await self.client.chat_postEphemeral(
-                    channel=caller.channel_id, user=caller.user_id, text=text
+                    channel=caller.channel_id, user=caller.user_id, text=text, blocks=blocks
                 )
             except SlackApiError as exc:
                 log.warning("private reply not sent (%s): %s", slack_error(exc), text)
@@ -478,14 +522,17 @@ class SlackAdapter:
 
     async def reply(self, send: Reply, work: Work, what: str) -> None:
         """Run ``work`` and answer privately with its text or the error (in several messages
-        when it is long: no more than a ``response_url`` takes)."""
-        text = await common.command_reply(work, f"slack {what}")
-        for part in common.split_text(escape(text), MAX_TEXT):
+        when it is long: no more than a ``response_url`` takes), or its text with blocks."""
+        answer = await common.command_reply(work, f"slack {what}")
+        if isinstance(answer, WithBlocks):
+            await send(fit(escape(answer.text)), answer.blocks)
+            return
+        for part in common.split_text(escape(answer), MAX_TEXT):
             await send(part)
 
     # Commands.
 
-    async def command(self, caller: Caller, name: str, text: str) -> str:
+    async def command(self, caller: Caller, name: str, text: str) -> str | WithBlocks:
         """Run ``/name text``; ``/dreambot name text`` is the same command."""
         if name == "dreambot":
             first, _, text = text.strip().partition(" ")
@@ -686,6 +733,32 @@ class SlackAdapter:
         )
         await self._post_queued(caller, receipt)
         return receipt.text
+
+    async def mydata(self, caller: Caller, text: str) -> str | WithBlocks:
+        """/dreambot mydata: what is stored about the caller here; /dreambot mydata delete:
+        what deleting it would delete, above a "Delete everything" button that does it.
+        Banned users may too."""
+        words = unescape(text).lower().split()
+        if not words:
+            return await self.core.personal_data.summary(caller.owner)
+        if words != ["delete"]:
+            raise UserError(f"Usage: {COMMAND_PREFIX}mydata [delete]")
+        preview = await self.core.personal_data.deletion_preview(caller.owner)
+        shown = f"{preview}\nPress Delete everything to go ahead."
+        section = {"type": "mrkdwn", "text": fit(escape(shown), MAX_SECTION_TEXT)}
+        return WithBlocks(
+            shown, [{"type": "section", "text": section}, delete_data_button(caller.user_id)]
+        )
+
+    async def delete_data_click(self, caller: Caller, user_id: str) -> str:
+        """The "Delete everything" button: the user it was shown to deletes their data here
+        (anyone else is refused); their cancelled jobs' progress messages close."""
+        deletion = await self.core.personal_data.delete_from_button(
+            caller.owner, user_id, mention=mention
+        )
+        for job in deletion.cancelled:
+            await self._finish_progress(job, common.CANCELLED_BY_OWNER)
+        return self.core.personal_data.deleted_text(deletion)
 
     async def is_moderator(self, caller: Caller) -> bool:
         """A workspace admin or owner, or a moderator by configuration (user id)."""
@@ -1019,6 +1092,35 @@ def cancel_button(job_id: str) -> dict[str, Any]:
                         "quota is given back.",
                     },
                     "confirm": {"type": "plain_text", "text": "Cancel it"},
+                    "deny": {"type": "plain_text", "text": "Keep it"},
+                    "style": "danger",
+                },
+            }
+        ],
+    }
+
+
+def delete_data_button(user_id: str) -> dict[str, Any]:
+    """An actions block with the "Delete everything" button that confirms /dreambot mydata
+    delete (only ``user_id`` may use it: the core refuses others); Slack asks once more."""
+    return {
+        "type": "actions",
+        "block_id": f"dreambot:delete-data:{user_id}",
+        "elements": [
+            {
+                "type": "button",
+                "text": {"type": "plain_text", "text": "🗑️ Delete everything", "emoji": True},
+                "action_id": DELETE_DATA_ACTION_ID,
+                "value": user_id,
+                "style": "danger",
+                "confirm": {
+                    "title": {"type": "plain_text", "text": "Delete everything?"},
+                    "text": {
+                        "type": "plain_text",
+                        "text": "Your subjects, images and prompts here are deleted, and your "
+                        "jobs cancelled. This can't be undone.",
+                    },
+                    "confirm": {"type": "plain_text", "text": "Delete it all"},
                     "deny": {"type": "plain_text", "text": "Keep it"},
                     "style": "danger",
                 },

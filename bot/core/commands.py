@@ -1,5 +1,6 @@
 """The chat commands, platform-free: /train, /imagine, /subjects, /use, /forget, /jobs,
-/cancel, /quota, /help (and /share, /unshare through ``Core.sharing``).
+/cancel, /quota, /help (and /share, /unshare through ``Core.sharing``; /mydata through
+``Core.personal_data``).
 
 Adapters call these with plain values and render the returned text; errors a user can cause
 raise ``UserError``. Nothing here knows about Discord, Slack or the terminal.
@@ -36,6 +37,7 @@ from bot.core.moderation import (
     job_prefix,
     when,
 )
+from bot.core.personal_data import PersonalData
 from bot.core.photos import PhotoRules, Upload, prepare_photos
 from bot.core.prompts import (
     SUBJECT_REF,
@@ -45,6 +47,7 @@ from bot.core.prompts import (
     resolve_prompt,
 )
 from bot.core.quotas import Limits, Quotas, check_allowance, format_duration
+from bot.core.retention import Retention
 from bot.core.sharing import Sharing, stopped_note
 from bot.core.store import (
     Job,
@@ -113,11 +116,20 @@ SHELL_USAGE = """\
 /cancel [name or job id]          cancel your newest job, a subject's training, or the job
                                   whose id starts so (4+ characters, as /jobs shows)
 /quota                            your usage today and when it resets (midnight UTC)
+/mydata                           what dreambot keeps about you here, and for how long
+/mydata delete                    delete it all: your subjects, images and prompts (your
+                                  jobs are cancelled); /mydata delete confirm goes ahead
 /mod help                         moderator commands (moderators only)
 /help                             this text"""
 """How the commands are typed in the shell; other adapters pass their own to ``help_text``."""
 
 HELP = f"{HELP_INTRO}\n\n{SHELL_USAGE}"
+
+DATA_DELETED_REDO = (
+    "That result's prompt and images were deleted with its owner's data, so it can't be "
+    "redrawn. Nothing was queued; draw something new with /imagine."
+)
+"""The answer to a Reroll, Vary or Upscale of a job whose data was deleted (/mydata delete)."""
 
 SHOWCASE_CELLS = 10
 """Images in a showcase grid (five capabilities, two prompts each; see engine.showcase)."""
@@ -321,6 +333,16 @@ class NewSubject:
 
 
 @dataclass(frozen=True)
+class SubjectDeletion:
+    """What deleting a subject stopped (``Core.delete_subject``)."""
+
+    training_stopped: bool
+    """Its training was waiting or running, and was stopped."""
+    images_stopped: int
+    """Image jobs drawing it (anyone's) that were stopped."""
+
+
+@dataclass(frozen=True)
 class Cancellation:
     """A job its owner cancelled: the job (as it was, with the adapter's progress message
     in its destination, which the adapter now closes) and the reply."""
@@ -355,6 +377,8 @@ class Core:
         self.quotas = Quotas(settings, store)
         self.moderation = Moderation(self)
         self.sharing = Sharing(self)
+        self.retention = Retention(self)
+        self.personal_data = PersonalData(self)
         self.mention: Callable[[str], str] = str
         """How this platform writes a user id in a reply so that it shows who they are
         (``<@id>``): adapters whose platform has mentions set theirs."""
@@ -689,6 +713,8 @@ class Core:
         if pending is not None:
             raise _redo_pending(redo, pending)
         job = await self.store.get_job(job_id)
+        if job is not None and job.data_deleted_at is not None:
+            raise UserError(DATA_DELETED_REDO)
         if job is None or job.kind != "generate" or not job.prompt:
             raise UserError("I no longer have that image's prompt; use /imagine instead.")
         options, result = job.options, job.result or {}
@@ -717,6 +743,11 @@ class Core:
             # result stays close to it. Upscale: the same at a larger size (or, with an
             # upscale strength of 0, a plain resize).
             urls = result.get("image_urls") or []
+            original = result.get("seed", options.get("seed"))
+            if job.images_deleted_at is not None:
+                raise UserError(
+                    self.image_gone_text(original if isinstance(original, int) else None)
+                )
             if not urls and result.get("withheld"):
                 raise UserError(
                     "The safety filter withheld every image of that result, so there is none "
@@ -726,7 +757,6 @@ class Core:
                 raise UserError("That image isn't finished yet; try again when it is posted.")
             if not 0 <= index < len(urls):
                 raise UserError(f"Pick an image from 1 to {len(urls)}.")
-            original = result.get("seed", options.get("seed"))
             seed = original if isinstance(original, int) else None
             repeat["init_image_url"] = urls[index]
             repeat["init_strength"] = self.settings.vary_strength
@@ -756,6 +786,24 @@ class Core:
             roles=roles,
             redo=redo,
             **repeat,
+        )
+
+    def image_gone_text(self, seed: int | None) -> str:
+        """The answer to Vary or Upscale of an image the retention sweep deleted: how long
+        images are kept, and how to draw it again (the same prompt with its ``seed``)."""
+        days = self.settings.keep_images_days
+        kept = f": images are kept {days} days" if days else ""
+        seed_word = str(seed) if seed is not None else "<its seed>"
+        if self.syntax.named_options:
+            again = self.syntax.hint(
+                "imagine", ("prompt", "<the same prompt>"), ("seed", seed_word)
+            )
+        else:
+            again = f"{self.syntax.name('imagine')} <the same prompt> --seed {seed_word}"
+        return (
+            f"That image is no longer stored{kept}. Nothing was queued. To draw it again, use "
+            f"`{again}` (with the same options, the seed shown with the result draws the same "
+            "images); Reroll still draws the prompt with a new seed."
         )
 
     async def showcase(
@@ -965,32 +1013,26 @@ class Core:
             subjects = await self.list_subjects(owner)
             names = ", ".join(s.name for s in subjects) or "none"
             raise UserError(f"You have no subject called {as_typed(name)}. Your subjects: {names}.")
-        stopped = ""
-        for job in await self.store.active_jobs(owner.platform, owner.workspace, owner.user_id):
-            if job.subject_id == subject.id and job.kind == "train":
-                # Told through the queue like a moderator's cancel, so the job's progress
-                # message is closed wherever it is; the training's units are given back.
-                await self.moderation.cancel_job(
-                    job, f"Training {subject.name} was stopped: you deleted it with /forget."
-                )
-                stopped = " Its training was stopped, and what it took from your quota is back."
-        stopped += stopped_note(
-            await self.sharing.stop_jobs_drawing(
-                subject,
-                lambda job: (
-                    f"you deleted {subject.name} with /forget"
-                    if job.owner == owner
-                    else f"{subject.name} was deleted by its owner"
-                ),
-            )
-        )
         shares = (await self.store.subject_shares(owner)).get(subject.id, [])
         chosen_id = await self.store.chosen_subject_id(owner)
         # [V] meant it: chosen with /use, or the newest ready subject (no chosen one ready).
         active = active_subject(await self.list_subjects(owner), chosen_id)
         was_v = subject.id in (chosen_id, active.id if active is not None else None)
-        # Deleting the row deletes its shares and a /use choice of it too (ON DELETE CASCADE).
-        await self.remove_subject(subject)
+        deletion = await self.delete_subject(
+            subject,
+            training_message=f"Training {subject.name} was stopped: you deleted it with /forget.",
+            why=lambda job: (
+                f"you deleted {subject.name} with /forget"
+                if job.owner == owner
+                else f"{subject.name} was deleted by its owner"
+            ),
+        )
+        stopped = (
+            " Its training was stopped, and what it took from your quota is back."
+            if deletion.training_stopped
+            else ""
+        )
+        stopped += stopped_note(deletion.images_stopped)
         if shares:
             stopped += f" It is no longer shared with {self.sharing.whom(shares)}."
         if was_v:
@@ -1004,10 +1046,32 @@ class Core:
             )
         return f"Forgot {subject.name}: its photos and adapter are deleted.{stopped}"
 
+    async def delete_subject(
+        self, subject: Subject, *, training_message: str, why: Callable[[Job], str]
+    ) -> SubjectDeletion:
+        """Delete a subject the way /forget does (also for moderators, and for /mydata
+        delete): stop its training if it waits or runs (its owner hears ``training_message``
+        where they asked for it, as for a moderator's cancel, so its progress message closes
+        wherever it is; its units are given back), stop every image job drawing it, anyone's
+        (each owner is told ``why(job)`` and refunded: ``Sharing.stop_jobs_drawing``), then
+        delete its row (its shares and a /use choice of it go too: ON DELETE CASCADE), its
+        photos, adapter and sample images."""
+        owner = subject.owner
+        training = False
+        for job in await self.store.active_jobs(owner.platform, owner.workspace, owner.user_id):
+            if job.subject_id == subject.id and job.kind == "train":
+                training |= await self.moderation.cancel_job(job, training_message) is not None
+        stopped = await self.sharing.stop_jobs_drawing(subject, why)
+        await self.remove_subject(subject)
+        return SubjectDeletion(training, stopped)
+
     async def remove_subject(self, subject: Subject) -> None:
-        """Delete a subject's row, photos and adapter (for /forget and moderators)."""
-        await self.store.delete_subject(subject.id)
+        """Delete a subject's folder (photos, adapter, samples), then its row, stopping
+        nothing (``delete_subject`` stops its jobs first). Files first: when the artifact
+        store refuses, the subject is still listed, so deleting it again can finish the job
+        rather than leave its photos behind unseen."""
         await self.artifacts.adelete_tree(self.artifacts.url("subjects", subject.id))
+        await self.store.delete_subject(subject.id)
 
     async def quota_text(self, owner: Owner, roles: Sequence[str] = ()) -> str:
         """/quota: the caller's usage today, their limits, and when the day resets."""

@@ -10,7 +10,8 @@ is_moderator)``, which refuses non-moderators before anything can change and ret
 platform hands over a line of text (the shell, Slack).
 
 Every change a moderator makes is written to ``audit_log``, with what else it did (the jobs a
-ban cancelled, the trainings and image jobs a deleted subject stopped).
+ban cancelled, the trainings and image jobs a deleted subject stopped, what deleting a user's
+data deleted).
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ Moderator commands (every change is written to the audit log):
 /mod cancel <job id> [reason]        abort a waiting or running job (the first 4+ characters)
 /mod subjects <user>                 a user's subjects, and whom each is shared with
 /mod delete-subject <user> <name>    delete a subject with its photos and adapter
+/mod delete-user-data <user>         delete what is stored about a user, as /mydata delete
+                                     does (on their request made elsewhere); their quota
+                                     usage, blocked prompts and this log stay
 /mod log [n]                         the latest moderator actions"""
 
 
@@ -324,7 +328,10 @@ def draws_images(job: Job) -> int:
 def describe_job(job: Job, subject_name: str | None = None) -> str:
     """What a job is, for its owner and moderators: ``training of rex``, ``showcase of rex``,
     ``image “a red fox…”`` (``images “…”`` when it draws more than one: take ``was_were`` for
-    the verb after it). ``subject_name`` is a training's subject (see ``subject_names``)."""
+    the verb after it). ``subject_name`` is a training's subject (see ``subject_names``).
+    A job whose data its owner deleted (/mydata delete) is named by that alone."""
+    if job.data_deleted_at is not None:
+        return "job (its data was deleted)"
     if job.kind == "train":
         return f"training of {subject_name}" if subject_name else "training"
     if job.options.get("showcase"):
@@ -1065,20 +1072,13 @@ class Moderator:
         subject = await self.store.find_subject(user, name.strip())
         if subject is None:
             raise UserError(f"{user.user_id} has no subject called {as_typed(name.strip())}.")
-        training = False
-        for job in await self.store.active_jobs(user.platform, user.workspace, user.user_id):
-            if job.subject_id == subject.id and job.kind == "train":
-                training |= (
-                    await self.moderation.cancel_job(
-                        job, f"Training {subject.name} was stopped: a moderator deleted it."
-                    )
-                    is not None
-                )
         # Anyone's images of it waiting or running (it may be shared) stop too.
-        stopped = await self.moderation.core.sharing.stop_jobs_drawing(
-            subject, lambda _: f"a moderator deleted {subject.name}"
+        deletion = await self.moderation.core.delete_subject(
+            subject,
+            training_message=f"Training {subject.name} was stopped: a moderator deleted it.",
+            why=lambda _: f"a moderator deleted {subject.name}",
         )
-        await self.moderation.core.remove_subject(subject)
+        training, stopped = deletion.training_stopped, deletion.images_stopped
         # The log says what else the deletion stopped, as the reply does: those jobs' owners
         # were told a moderator did it.
         image_jobs = f"{stopped} image {'job' if stopped == 1 else 'jobs'} drawing it"
@@ -1094,6 +1094,26 @@ class Moderator:
             told = "its owner was" if stopped == 1 else "their owners were"
             text += f" Stopped {image_jobs}; {told} told."
         return text
+
+    async def delete_user_data(self, user_id: str) -> str:
+        """Delete what is stored about a user here, as their own /mydata delete would (for a
+        deletion request made outside the bot); their cancelled jobs are told where they were
+        asked for. Audited even when there was nothing to delete: the request was handled."""
+        user = self._user(user_id)
+        personal_data = self.moderation.core.personal_data
+        deletion = await personal_data.delete(user, by_moderator=True)
+        # Counts, not names: the log outlives the data it speaks of.
+        effects = [
+            f"{len(deletion.subjects)} subject(s) deleted",
+            f"{deletion.outputs.images} stored image(s) deleted",
+            f"{deletion.redacted} job(s) redacted",
+            f"{len(deletion.cancelled)} job(s) cancelled",
+        ]
+        if deletion.stopped:
+            effects.append(f"stopped {deletion.stopped} image job(s) of others drawing them")
+        detail = "; ".join(effects)
+        await self._audit("delete-user-data", user.user_id, detail)
+        return personal_data.deleted_text(deletion, you=False)
 
     # Audit.
 
@@ -1250,6 +1270,9 @@ async def _dispatch(mod: Moderator, text: str) -> str:
     if command == "delete-subject":
         need(2, "delete-subject <user> <name>")
         return await mod.delete_subject(words[0], words[1])
+    if command == "delete-user-data":
+        need(1, "delete-user-data <user>")
+        return await mod.delete_user_data(words[0])
     if command == "log":
         return await mod.log(_count(words, 20))
     raise UserError(f"Unknown /mod command {as_typed(command)}. Try /mod help.")

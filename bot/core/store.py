@@ -82,6 +82,12 @@ class Job:
     delivered_at: str | None
     options: dict[str, Any] = field(default_factory=dict)
     """How a generation was asked for (JSON column ``options``, migration 0003)."""
+    images_deleted_at: str | None = None
+    """When its stored images (outputs folder, previews included) were deleted: by the
+    retention sweep or at its owner's request (migration 0012)."""
+    data_deleted_at: str | None = None
+    """When its prompt, options and messages were replaced at its owner's request (/mydata
+    delete, /mod delete-user-data; migration 0012)."""
 
     @property
     def finished(self) -> bool:
@@ -217,6 +223,40 @@ class AuditEntry:
     target: str
     detail: str
     created_at: str
+
+
+@dataclass(frozen=True)
+class StoredData:
+    """What the store keeps about one user in one workspace, counted (for /mydata)."""
+
+    images: int
+    """Images of their finished jobs still in the artifact store (a showcase grid is one)."""
+    image_jobs: int
+    """The jobs those images come from."""
+    images_since: str | None
+    """When the oldest of those jobs was asked for."""
+    prompts: int
+    """Their jobs that keep a prompt (image and showcase jobs whose data was not deleted)."""
+    active_jobs: int
+    """Their jobs waiting or running."""
+    quota_records: int
+    """Rows of ``quota_usage``: the units each of their jobs spent (moderation)."""
+    blocked_prompts: int
+    """Rows of ``blocked_attempts`` (moderation; they hold the prompt)."""
+    withheld_outputs: int
+    """Rows of ``withheld_outputs`` (moderation; they hold the prompt)."""
+    audit_entries: int
+    """Moderator actions whose target is them (moderation)."""
+
+    @property
+    def deletable(self) -> bool:
+        """Whether /mydata delete has anything of theirs to delete, besides subjects."""
+        return bool(self.images or self.prompts or self.active_jobs)
+
+
+MODERATION_TABLES = ("quota_usage", "blocked_attempts", "withheld_outputs", "audit_log")
+"""The tables moderators keep, also after a user's data is deleted: none holds a photo or an
+image. Rows older than ``DREAMBOT_KEEP_MODERATION_DAYS`` are deleted (and expired bans)."""
 
 
 def _row_owner(row: aiosqlite.Row, user_column: str = "user_id") -> Owner:
@@ -1126,6 +1166,127 @@ class Store:
             " ORDER BY created_at DESC, rowid DESC LIMIT ?",
             (platform, workspace, limit),
         )
+
+    # What is kept about people, and for how long (migration 0012).
+
+    async def jobs_with_stored_images(
+        self, platform: str, ended_before: str, deleted_before: str, limit: int
+    ) -> list[Job]:
+        """A platform's finished image and showcase jobs whose images are still stored and
+        that ended (were last changed) before ``ended_before``, or whose data their owner had
+        deleted before ``deleted_before``: the oldest first, at most ``limit``. A result
+        still waiting to be posted is left out."""
+        return await self._all(
+            _job,
+            "SELECT * FROM jobs WHERE platform = ? AND kind = 'generate'"
+            " AND images_deleted_at IS NULL AND status IN ('done', 'failed', 'cancelled')"
+            " AND (status != 'done' OR delivered_at IS NOT NULL)"
+            " AND (updated_at < ? OR data_deleted_at < ?) ORDER BY updated_at, rowid LIMIT ?",
+            (platform, ended_before, deleted_before, limit),
+        )
+
+    async def mark_images_deleted(self, job_ids: Sequence[str]) -> list[str]:
+        """Record that these jobs' stored images are deleted; return the ids that were not
+        marked yet (another bot process of the platform may have swept them just now)."""
+        marked = []
+        async with self.transaction() as db:
+            now = utcnow()
+            for job_id in job_ids:
+                cursor = await db.execute(
+                    "UPDATE jobs SET images_deleted_at = ? WHERE id = ?"
+                    " AND images_deleted_at IS NULL",
+                    (now, job_id),
+                )
+                if cursor.rowcount == 1:
+                    marked.append(job_id)
+        return marked
+
+    async def user_jobs(self, owner: Owner) -> list[Job]:
+        """Every job of the owner in their workspace, oldest first."""
+        return await self._all(
+            _job,
+            "SELECT * FROM jobs WHERE platform = ? AND workspace = ? AND user_id = ?"
+            " ORDER BY created_at, rowid",
+            _owner(owner),
+        )
+
+    async def redact_jobs(self, owner: Owner, note: str) -> int:
+        """Replace what the owner's finished jobs say (prompt, options, and any message,
+        which may quote the prompt, by ``note``) and mark their data deleted; a result still
+        waiting to be posted counts as delivered, so nothing of it is posted. Notices of jobs
+        just cancelled are still posted, saying ``note``. The rows stay: their quota units are
+        moderation records. Returns how many jobs were redacted."""
+        now = utcnow()
+        return await self._write(
+            "UPDATE jobs SET prompt = NULL, options = '{}',"
+            " error = CASE WHEN error IS NULL THEN NULL ELSE ? END,"
+            " delivered_at = CASE WHEN status = 'done' THEN coalesce(delivered_at, ?)"
+            " ELSE delivered_at END, data_deleted_at = ?, updated_at = ?"
+            " WHERE platform = ? AND workspace = ? AND user_id = ?"
+            " AND status IN ('done', 'failed', 'cancelled') AND data_deleted_at IS NULL",
+            (note, now, now, now, *_owner(owner)),
+        )
+
+    async def stored_data(self, owner: Owner) -> StoredData:
+        """What the store keeps about the owner in their workspace, counted."""
+        key = _owner(owner)
+
+        async def one(sql: str, params: tuple[Any, ...] = key) -> tuple[Any, ...]:
+            async with self.db.execute(sql, params) as cur:
+                row = await cur.fetchone()
+            assert row is not None  # aggregates always answer one row
+            return tuple(row)
+
+        mine = "platform = ? AND workspace = ? AND user_id = ?"
+        images, image_jobs, since = await one(
+            "SELECT coalesce(sum(json_array_length(result, '$.image_urls')), 0), count(*),"
+            f" min(created_at) FROM jobs WHERE {mine} AND kind = 'generate'"
+            " AND images_deleted_at IS NULL AND status = 'done'"
+            " AND json_array_length(result, '$.image_urls') > 0"
+        )
+        (prompts,) = await one(
+            f"SELECT count(*) FROM jobs WHERE {mine} AND kind = 'generate'"
+            " AND prompt IS NOT NULL AND data_deleted_at IS NULL"
+        )
+        (active,) = await one(f"SELECT count(*) FROM jobs WHERE {mine} AND status IN " + _ACTIVE)
+        counts = []
+        for table in ("quota_usage", "blocked_attempts", "withheld_outputs"):
+            (count,) = await one(f"SELECT count(*) FROM {table} WHERE {mine}")
+            counts.append(int(count))
+        (audit,) = await one(
+            "SELECT count(*) FROM audit_log WHERE platform = ? AND workspace = ? AND target = ?"
+        )
+        quota, blocked, withheld = counts
+        return StoredData(
+            images=int(images),
+            image_jobs=int(image_jobs),
+            images_since=since,
+            prompts=int(prompts),
+            active_jobs=int(active),
+            quota_records=quota,
+            blocked_prompts=blocked,
+            withheld_outputs=withheld,
+            audit_entries=int(audit),
+        )
+
+    async def delete_moderation_records(self, platform: str, before: str) -> dict[str, int]:
+        """Delete a platform's moderation records made before ``before`` (each table of
+        ``MODERATION_TABLES``), and its bans that expired before then; return how many rows
+        went, by table (bans as ``bans``)."""
+        deleted = {}
+        async with self.transaction() as db:
+            for table in MODERATION_TABLES:
+                cursor = await db.execute(
+                    f"DELETE FROM {table} WHERE platform = ? AND created_at < ?",
+                    (platform, before),
+                )
+                deleted[table] = cursor.rowcount
+            cursor = await db.execute(
+                "DELETE FROM bans WHERE platform = ? AND expires_at IS NOT NULL AND expires_at < ?",
+                (platform, before),
+            )
+            deleted["bans"] = cursor.rowcount
+        return deleted
 
     # Audit log.
 

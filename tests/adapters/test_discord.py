@@ -359,8 +359,10 @@ async def test_commands_are_synced_to_the_dev_guild_when_one_is_set(
     commands = {command["name"]: command for command in sync.json}
     assert set(commands) == {
         "train", "imagine", "showcase", "subjects", "use", "forget", "share", "unshare",
-        "jobs", "cancel", "quota", "help", "mod",
+        "jobs", "cancel", "quota", "mydata", "help", "mod",
     }  # fmt: skip
+    [delete] = commands["mydata"]["options"]
+    assert (delete["name"], delete["type"], delete.get("required", False)) == ("delete", 5, False)
     cancel_options = commands["cancel"]["options"]
     assert [(o["name"], o.get("required", False)) for o in cancel_options] == [("target", False)]
     imagine_options = {o["name"]: o for o in commands["imagine"]["options"]}
@@ -374,7 +376,7 @@ async def test_commands_are_synced_to_the_dev_guild_when_one_is_set(
     mod_options = {o["name"]: o for o in commands["mod"]["options"]}
     assert set(mod_options) == {
         "help", "block", "blocked", "model", "safety", "quota", "ban", "unban", "bans",
-        "queue", "cancel", "subjects", "delete-subject", "log", "status",
+        "queue", "cancel", "subjects", "delete-subject", "delete-user-data", "log", "status",
     }  # fmt: skip
     assert [o["name"] for o in mod_options["block"]["options"]] == [
         "list", "add", "add-regex", "remove", "defaults", "reveal",

@@ -311,6 +311,12 @@ OTHER_USER = user_option("user", OTHER_USER_ID)
             OTHER_USER["resolved"],
             "has no subject called `rex`",
         ),
+        (
+            "delete-user-data",
+            [OTHER_USER["option"]],
+            OTHER_USER["resolved"],
+            f"{OTHER_USER_ID} had nothing stored here, so nothing was deleted.",
+        ),
         ("log", [{"name": "count", "type": 4, "value": 5}], None, "No moderator actions yet."),
     ],
 )

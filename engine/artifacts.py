@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,12 @@ log = logging.getLogger(__name__)
 SIGNED_URL_SECONDS = 3600
 """How long a signed artifact URL works: long enough for a chat platform to fetch it (and
 fetch it again while the message shows it), short enough not to be a lasting share link."""
+
+
+CACHE_UNUSED_SECONDS = 7 * 24 * 3600.0
+"""How long an engine keeps a cached copy of a remote artifact (an adapter) that no job used."""
+TMP_ABANDONED_SECONDS = 3600.0
+"""How old a cache's temporary file (a fetch under way) is when it counts as abandoned."""
 
 
 class ArtifactWriteError(OSError):
@@ -136,12 +143,16 @@ class ArtifactStore:
             fs.rm(path, recursive=True)
 
     def fetch_local(self, url: str, cache_dir: Path) -> Path:
-        """A local path holding the artifact: the file itself when local, else a cached copy."""
+        """A local path holding the artifact: the file itself when local, else a cached copy
+        (its modification time is when it was last used: ``prune_cache`` goes by it)."""
         path = local_path(url)
         if path is not None:
             return path
         target = cache_dir / urlparse(url).netloc / urlparse(url).path.lstrip("/")
-        if not target.exists():
+        if target.exists():
+            with contextlib.suppress(OSError):
+                os.utime(target)
+        else:
             target.parent.mkdir(parents=True, exist_ok=True)
             # A name of its own: jobs fetching the same artifact at once must not write into
             # (and rename away) each other's copy.
@@ -152,6 +163,34 @@ class ArtifactStore:
             finally:
                 tmp.unlink(missing_ok=True)
         return target
+
+    def prune_cache(self, cache_dir: Path, *, unused_for: float = CACHE_UNUSED_SECONDS) -> int:
+        """Delete the copies ``fetch_local`` cached in ``cache_dir`` whose artifact is gone from
+        this store (a subject deleted with /forget or /mydata delete leaves no copy of its
+        adapter on an engine's disk), or that no job used for ``unused_for`` seconds (the
+        cache stays bounded), and temporary files of fetches cut off. Returns how many files
+        went; a file the store can't be asked about stays until the next prune."""
+        if local_path(self.base_url) is not None or not cache_dir.is_dir():
+            return 0  # a local store is read in place: nothing is cached
+        scheme = urlparse(self.base_url).scheme
+        now = time.time()
+        removed = 0
+        for file in sorted(cache_dir.rglob("*")):
+            try:
+                if not file.is_file():
+                    continue
+                idle = now - file.stat().st_mtime
+                if file.name.endswith(".tmp"):
+                    gone = idle > TMP_ABANDONED_SECONDS  # else a fetch in flight
+                else:
+                    url = f"{scheme}://{file.relative_to(cache_dir).as_posix()}"
+                    gone = idle > unused_for or not self.exists(url)
+                if gone:
+                    file.unlink(missing_ok=True)
+                    removed += 1
+            except OSError as exc:  # the store (or the disk) can't tell now: next time
+                log.warning("engine cache: could not check %s: %s", file, exc)
+        return removed
 
     async def aput_bytes(self, url: str, data: bytes) -> None:
         """``put_bytes`` off the event loop."""

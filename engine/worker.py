@@ -139,6 +139,9 @@ async def startup(ctx: dict[str, Any]) -> None:
         ctx["rare_tokens_published"] = True
         pipes = {name: model.pipe for name, model in ctx["models"].items()}
         await publish_rare_tokens(ctx["redis"], pipes)
+    pruner: asyncio.Task[None] | None = ctx.get("cache_pruner")
+    if pruner is None or pruner.done():
+        ctx["cache_pruner"] = asyncio.create_task(keep_cache_pruned(ctx))
     heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
     if heartbeat is None or heartbeat.done():  # a worker restarted after a Redis outage
         identity = engine_identity(ctx)
@@ -154,9 +157,34 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    """arq on_shutdown: take the engine's heartbeat down (whichever worker closes first: the
-    engine is going away); nothing else to release beyond memory."""
+    """arq on_shutdown: take the engine's heartbeat down and stop pruning its cache
+    (whichever worker closes first: the engine is going away); nothing else to release
+    beyond memory."""
+    pruner: asyncio.Task[None] | None = ctx.pop("cache_pruner", None)
+    if pruner is not None:
+        pruner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pruner
     await stop_heartbeat(ctx)
+
+
+CACHE_PRUNE_SECONDS = 3600.0
+"""How often an engine prunes its cache of remote artifacts (``ArtifactStore.prune_cache``)."""
+
+
+async def keep_cache_pruned(ctx: dict[str, Any], every: float = CACHE_PRUNE_SECONDS) -> None:
+    """At start and then every ``every`` seconds, delete the engine's cached copies of remote
+    artifacts that are gone from the store (deleted subjects' adapters: their owners asked
+    for them to go) or that no job used for a week."""
+    artifacts: ArtifactStore = ctx["artifacts"]
+    while True:
+        try:
+            removed = await asyncio.to_thread(artifacts.prune_cache, ctx["cache_dir"])
+            if removed:
+                log.info("engine cache: %d copies of deleted or unused artifacts removed", removed)
+        except Exception:  # never let the chore end the engine; try again next time
+            log.exception("engine cache: pruning failed")
+        await asyncio.sleep(every)
 
 
 # The engine's heartbeat. A job waiting in the queue looks the same whether an engine is about

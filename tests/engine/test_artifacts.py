@@ -118,3 +118,49 @@ async def test_a_store_that_signs_gives_a_short_lived_signed_url(
     assert store.public_url(url, "https://cdn.example.com") == (
         "https://cdn.example.com/outputs/j/previews/003.jpg"
     )
+
+
+def test_the_engine_cache_drops_copies_of_deleted_or_unused_artifacts(tmp_path: Path) -> None:
+    """A remote store's artifacts are cached on the engine's disk; pruning removes the copy of
+    one deleted from the store (a forgotten subject's adapter) and of one unused for too long,
+    keeps the rest, and leaves a fetch's temporary file alone unless it was abandoned."""
+    import os
+    import time
+    import uuid
+
+    store = ArtifactStore(f"memory://bucket-{uuid.uuid4().hex[:8]}/dreambot")
+    cache = tmp_path / "engine-cache"
+    kept, forgotten, unused = (store.url("subjects", name, "adapter.safetensors") for name in "abc")
+    for url in (kept, forgotten, unused):
+        store.put_bytes(url, b"lora")
+    copies = {url: store.fetch_local(url, cache) for url in (kept, forgotten, unused)}
+    assert all(path.read_bytes() == b"lora" and cache in path.parents for path in copies.values())
+    week_ago = time.time() - 8 * 24 * 3600
+    os.utime(copies[unused], (week_ago, week_ago))
+    fetching = copies[kept].with_name("adapter.safetensors.123.tmp")
+    abandoned = copies[kept].with_name("adapter.safetensors.456.tmp")
+    fetching.write_bytes(b"half")
+    abandoned.write_bytes(b"half")
+    os.utime(abandoned, (week_ago, week_ago))
+    store.delete_tree(store.url("subjects", "b"))
+
+    assert store.prune_cache(cache) == 3
+
+    assert copies[kept].exists() and fetching.exists()
+    assert not copies[forgotten].exists() and not copies[unused].exists()
+    assert not abandoned.exists()
+    # Using a copy counts as using it: one fetched again a week later is not pruned.
+    os.utime(copies[kept], (week_ago, week_ago))
+    assert store.fetch_local(kept, cache) == copies[kept]
+    assert store.prune_cache(cache) == 0 and copies[kept].exists()
+
+
+def test_a_local_store_has_no_engine_cache_to_prune(tmp_path: Path) -> None:
+    store = ArtifactStore((tmp_path / "artifacts").as_uri())
+    url = store.url("subjects", "a", "adapter.safetensors")
+    store.put_bytes(url, b"lora")
+    cache = tmp_path / "engine-cache"
+    assert (
+        store.fetch_local(url, cache) == tmp_path / "artifacts" / "subjects/a/adapter.safetensors"
+    )
+    assert store.prune_cache(cache) == 0

@@ -79,7 +79,10 @@ MAX_DISCORD_PHOTOS = 10  # photo1..photo10
 DISCORD_MOD_NOTE = (
     "On Discord, pick each command's options in the command box. /mod quota set takes "
     "what:, limit: (leave it out to go back to the default) and user: or role: (neither "
-    "means the whole server). Users are picked with user:, durations are typed, e.g. 7d."
+    "means the whole server). Users are picked with user:, durations are typed, e.g. 7d. "
+    "On and off are enabled:True or enabled:False; /mod safety enabled:False lets images "
+    "through unchecked only in age-restricted channels (and their threads), as Discord's "
+    "rules ask."
 )
 
 

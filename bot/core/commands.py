@@ -246,6 +246,15 @@ def checks_images(safety_on: bool, destination: dict[str, Any]) -> bool:
     return safety_on or destination.get("age_restricted") is False
 
 
+def img2img_steps(steps: int, strength: float) -> int:
+    """The fewest sampler steps, from ``steps`` up, at which img2img at ``strength`` draws at
+    least one: the engine runs int(steps × strength) of them and refuses none, so a Vary of
+    an image drawn with ``--steps 2`` takes 3 at strength 0.35."""
+    while int(steps * strength) < 1:
+        steps += 1
+    return steps
+
+
 PLAIN_RESIZE = "plain resize; no upscaler is configured"
 """How an Upscale at ``DREAMBOT_UPSCALE_STRENGTH`` 0 is described: the engine only resizes."""
 
@@ -744,14 +753,15 @@ class Core:
             # upscale strength of 0, a plain resize).
             urls = result.get("image_urls") or []
             original = result.get("seed", options.get("seed"))
-            if job.images_deleted_at is not None:
-                raise UserError(
-                    self.image_gone_text(original if isinstance(original, int) else None)
-                )
             if not urls and result.get("withheld"):
+                # Before the sweep's answer: there never was an image to keep.
                 raise UserError(
                     "The safety filter withheld every image of that result, so there is none "
                     f"to {button}. Nothing was queued."
+                )
+            if job.images_deleted_at is not None:
+                raise UserError(
+                    self.image_gone_text(original if isinstance(original, int) else None)
                 )
             if not urls:
                 raise UserError("That image isn't finished yet; try again when it is posted.")
@@ -776,6 +786,10 @@ class Core:
                     redraw=Redraw("upscale", index, self.settings.upscale_strength, factor),
                 )
                 count = 1
+            if repeat["init_strength"]:
+                repeat["steps"] = img2img_steps(
+                    repeat["steps"] or self.settings.generate_steps, repeat["init_strength"]
+                )
         return await self.imagine(
             owner,
             destination,

@@ -245,6 +245,11 @@ class Deliverer:
             return
         if job.delivered_at:
             return
+        if job.data_deleted_at is not None:
+            # Its owner deleted their data while an earlier try was posting it (that try
+            # failed: its images are gone too): nothing of it may be posted any more.
+            log.info("result for job %s dropped: its data was deleted", job.id)
+            return
         # Done unless cancelled, before or just now (a cancel handled beside this result is
         # settled in one UPDATE): finished anyway after its owner, a moderator or a ban
         # cancelled it (a race, or an engine that can't stop mid-run), the owner was told it

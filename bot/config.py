@@ -379,6 +379,9 @@ class Settings(BaseSettings):
         for name in value:
             if not MODEL_NAME.match(name):
                 raise ValueError(f"model name '{name}': use 1-40 letters, digits, '.', '-' or '_'")
+            if name.lower() == "health-check":
+                # Its queues' names would be arq's health-check keys of the legacy queues.
+                raise ValueError(f"model name '{name}' is reserved; pick another")
         return value
 
     @model_validator(mode="after")

@@ -6,6 +6,7 @@ is only a client of this API. Only plain data and artifact URLs travel through R
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal
 
@@ -18,15 +19,42 @@ SHOWCASE = "showcase"
 
 # Training and generation wait in separate queues, so a generation never waits behind a
 # queue of long trainings; the engine serves both and lets generations in between training
-# chunks (see engine/gpu.py).
+# chunks (see engine/gpu.py). Each base model has its own pair (``model_queue``), and an engine
+# consumes only the queues of the models it serves: engines configured with different
+# DREAMBOT_MODELS share one Redis, and a job for a model no running engine serves waits for one.
 TRAIN_QUEUE = "dreambot:engine:train"
 GENERATE_QUEUE = "dreambot:engine:generate"
-ENGINE_QUEUES = {TRAIN_SUBJECT: TRAIN_QUEUE, GENERATE: GENERATE_QUEUE, SHOWCASE: GENERATE_QUEUE}
-"""The arq queue of each engine job."""
-ALL_ENGINE_QUEUES = (TRAIN_QUEUE, GENERATE_QUEUE)
-"""Every engine queue once (several jobs share one)."""
-JOB_KIND_QUEUES = {"train": TRAIN_QUEUE, "generate": GENERATE_QUEUE}
-"""The arq queue for each ``jobs.kind`` of the bot's store."""
+LEGACY_QUEUES = {"train": TRAIN_QUEUE, "generate": GENERATE_QUEUE}
+"""The queues of every model at once, for each ``jobs.kind`` of the bot's store: where jobs
+went before per-model queues. Every engine still serves them, so a job queued before an
+upgrade runs (and fails, as it always did, on an engine that lacks its model)."""
+JOB_KINDS = {TRAIN_SUBJECT: "train", GENERATE: "generate", SHOWCASE: "generate"}
+"""The queue kind (``jobs.kind`` of the bot's store) of each engine job."""
+
+
+def model_queue(kind: str, model: str) -> str:
+    """The arq queue of ``kind`` jobs ("train" or "generate", see ``JOB_KINDS``) for base
+    model ``model``: ``dreambot:engine:train:<model>`` or ``dreambot:engine:generate:<model>``."""
+    return f"{LEGACY_QUEUES[kind]}:{model}"
+
+
+def train_queue(model: str) -> str:
+    """The arq queue of trainings on base model ``model``."""
+    return model_queue("train", model)
+
+
+def generate_queue(model: str) -> str:
+    """The arq queue of generations (and showcases) on base model ``model``."""
+    return model_queue("generate", model)
+
+
+def engine_queues(models: Iterable[str], kind: str | None = None) -> list[str]:
+    """Every engine queue of ``kind`` jobs (both kinds when None) for ``models``, each legacy
+    queue first: what to count to know how many jobs wait for those models."""
+    kinds = list(LEGACY_QUEUES) if kind is None else [kind]
+    return [LEGACY_QUEUES[k] for k in kinds] + [
+        model_queue(k, model) for k in kinds for model in dict.fromkeys(models)
+    ]
 
 
 def cancel_key(job_id: str) -> str:

@@ -1,8 +1,9 @@
 """The engine's arq workers: keep the base models warm, train subjects, generate images.
 
-Run with ``dreambot engine``. One engine process serves two arq queues, training and
-generation, with one worker each sharing one ``ctx`` built in ``startup``: a warm pipeline per
-configured base model, the artifact store and the GPU scheduler that lets generations in
+Run with ``dreambot engine``. One engine process serves a training and a generation queue for
+each base model it serves (and the legacy pair every engine serves, ``engine.api``), with one
+worker each, all sharing one ``ctx`` built in ``startup``: a warm pipeline per configured base
+model, the artifact store and the GPU scheduler that lets generations in
 between training chunks. While it runs, the engine keeps a heartbeat key in Redis (see
 ``keep_heartbeat``) that tells the bot it is there and which models it serves.
 Job functions (``engine.train_job``, ``engine.generate_job``) take ``ctx`` and a plain payload
@@ -26,7 +27,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
-from arq.worker import Worker, create_worker
+from arq.worker import Worker, get_kwargs
 from redis.exceptions import RedisError
 
 from bot.config import TINY_MODEL_FOLDERS, ConfigError, Settings, load_settings
@@ -40,6 +41,7 @@ from engine.api import (
     EngineHeartbeat,
     EngineJob,
     engine_alive_key,
+    engine_queues,
 )
 from engine.artifacts import ArtifactStore
 from engine.generate_job import GENERATE_JOB_TIMEOUT, generate, showcase
@@ -362,13 +364,14 @@ its queue; a retry with the same job id is refused as long."""
 
 
 class TrainWorkerSettings:
-    """arq settings of the training worker (attributes are ``arq.Worker`` keyword arguments)."""
+    """arq settings of a training worker (attributes are ``arq.Worker`` keyword arguments);
+    ``engine_workers`` sets each one's queue."""
 
     functions = (leased(train_subject),)
     queue_name = TRAIN_QUEUE
     on_startup = startup
     on_shutdown = shutdown
-    max_jobs = 1  # one training at a time per GPU
+    max_jobs = 1  # one training at a time per GPU (shared by all models: see engine_workers)
     job_timeout = 3 * 3600
     keep_result = RESULT_KEPT_SECONDS
     max_tries = ENGINE_TRIES + 1  # the last try only answers (see ``leased``)
@@ -377,7 +380,7 @@ class TrainWorkerSettings:
 
 
 class GenerateWorkerSettings:
-    """arq settings of the generation worker."""
+    """arq settings of a generation worker."""
 
     functions = (leased(generate), leased(showcase))
     queue_name = GENERATE_QUEUE
@@ -392,35 +395,71 @@ class GenerateWorkerSettings:
     allow_abort_jobs = True
 
 
+class SharedSlotsWorker(Worker):
+    """An arq worker whose job slots are shared with the engine's other workers of its kind.
+
+    An engine runs one worker per queue (each served model's, and the legacy one), but its GPU
+    takes one training and a few generations at a time, whichever queues they come from. arq
+    has no option for that, so this leans on one detail of ``arq.Worker`` (0.28): it takes a
+    slot of ``self.sem`` before starting a job and gives it back when the job ends (or does not
+    start after all). Here ``self.sem`` is one semaphore shared by the workers (arq's own has a
+    spare slot beyond ``max_jobs``, and only its per-worker ``job_counter`` enforces the
+    limit). ``start_jobs`` starts one job at a time and stops while the slots are all taken,
+    rather than wait for one: a waiting worker would neither poll nor see aborts meanwhile.
+    ``tests/test_model_queues.py`` fails if arq changes this.
+    """
+
+    def __init__(self, *, slots: asyncio.BoundedSemaphore, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sem = slots
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """Start what the shared slots allow of ``job_ids``, in order (arq's ``start_jobs``
+        one job at a time)."""
+        for job_id in job_ids:
+            if self.job_counter >= self.max_jobs or self.sem.locked():
+                return
+            await super().start_jobs([job_id])
+
+
 def engine_workers(
     settings: Settings, ctx: dict[str, Any] | None = None, **overrides: Any
 ) -> list[Worker]:
-    """The training and generation workers of one engine process, sharing one ``ctx``."""
+    """One engine process's workers, sharing one ``ctx``: a training and a generation worker
+    for each served model's queues (``settings.model_names``), and for the legacy queues.
+
+    The training workers share one slot (one training at a time in the engine, whatever its
+    model) and the generation workers ``GenerateWorkerSettings.max_jobs`` slots."""
     shared = ctx if ctx is not None else {"settings": settings}
     connection = redis_settings(settings.redis_url)
-    workers = [
-        create_worker(
-            TrainWorkerSettings,  # type: ignore[arg-type]
-            redis_settings=connection,
-            job_timeout=settings.job_timeout,
-            ctx=shared,
-            **overrides,
-        ),
-        create_worker(
-            GenerateWorkerSettings,  # type: ignore[arg-type]
-            redis_settings=connection,
-            ctx=shared,
-            **overrides,
-        ),
+    workers: list[Worker] = []
+    plan: list[tuple[type[TrainWorkerSettings | GenerateWorkerSettings], str, dict[str, Any]]] = [
+        (TrainWorkerSettings, "train", {"job_timeout": settings.job_timeout}),
+        (GenerateWorkerSettings, "generate", {}),
     ]
-    for worker in workers:
-        # arq's in-progress key, renewed by leased jobs (see above); arq has no option for it.
-        worker.in_progress_timeout_s = settings.job_lease_seconds
+    for worker_settings, kind, options in plan:
+        slots = asyncio.BoundedSemaphore(worker_settings.max_jobs)
+        for queue in engine_queues(settings.model_names, kind):
+            arguments = get_kwargs(worker_settings)  # type: ignore[arg-type]
+            worker = SharedSlotsWorker(
+                slots=slots,
+                **{
+                    **arguments,
+                    "queue_name": queue,
+                    "redis_settings": connection,
+                    "ctx": shared,
+                    **options,
+                    **overrides,
+                },
+            )
+            # arq's in-progress key, renewed by leased jobs (see above); arq has no option for it.
+            worker.in_progress_timeout_s = settings.job_lease_seconds
+            workers.append(worker)
     return workers
 
 
 async def run_engine(settings: Settings) -> None:
-    """Load the model, then serve both queues until cancelled."""
+    """Load the models, then serve their queues (and the legacy ones) until cancelled."""
     ctx = await load_resources(settings)
     workers = engine_workers(settings, ctx, handle_signals=False)
     try:

@@ -21,7 +21,7 @@ from bot.core.delivery import Delivery
 from bot.core.store import Job, Owner, Subject, utcnow
 from bot.launcher import BotRuntime, open_core
 from bot.redis_server import RedisServer
-from engine.api import GENERATE_QUEUE, TRAIN_QUEUE, Progress, TrainRequest
+from engine.api import LEGACY_QUEUES, Progress, TrainRequest, engine_queues, model_queue
 
 TEST_PLATFORM = "test"
 
@@ -107,7 +107,7 @@ def training_progress(step: int, total: int = 400) -> Progress:
 
 async def queued_generate_request(runtime: BotRuntime, job_id: str) -> dict[str, Any]:
     """The payload queued for a generation job (``GenerateRequest`` as a dict)."""
-    info = await ArqJob(job_id, runtime.queue, _queue_name=GENERATE_QUEUE).info()
+    info = await ArqJob(job_id, runtime.queue, _queue_name=engine_queue(runtime)).info()
     assert info is not None
     request: dict[str, Any] = info.args[0]
     return request
@@ -144,8 +144,9 @@ def configure_second_model(settings: Settings, name: str = "xl") -> None:
 
 
 async def queued_train_request(runtime: BotRuntime) -> TrainRequest:
-    """The payload of the one training job waiting in the engine's queue."""
-    [job_id] = await runtime.queue.zrange(TRAIN_QUEUE, 0, -1)
+    """The payload of the one training job waiting in the engine's queues (of any model)."""
+    queues = engine_queues(runtime.settings.model_names, "train")
+    [job_id] = [job for queue in queues for job in await runtime.queue.zrange(queue, 0, -1)]
     info = await runtime.queue._get_job_def(job_id, None)
     return TrainRequest.model_validate(info.args[0])
 
@@ -209,11 +210,33 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
-async def queued(redis: Any) -> int:
-    """How many engine jobs wait (or run) in all the engine's queues."""
-    from engine.api import ALL_ENGINE_QUEUES
+def engine_queue(
+    runtime: BotRuntime | Settings, kind: str = "generate", model: str | None = None
+) -> str:
+    """The engine queue of ``kind`` jobs ("train", "generate") for base model ``model`` (default:
+    the default model of ``runtime``'s bot, or of these settings): where the bot sends them."""
+    settings = runtime if isinstance(runtime, Settings) else runtime.settings
+    return model_queue(kind, model or settings.base_model)
 
-    return sum([int(await redis.zcard(queue)) for queue in ALL_ENGINE_QUEUES])
+
+async def make_legacy(runtime: BotRuntime, job_id: str, kind: str = "generate") -> None:
+    """Make a job just queued on the default model look like one an older release queued: on
+    its kind's legacy queue (at the same place in time), with no queue recorded."""
+    queue = engine_queue(runtime, kind)
+    score = await runtime.queue.zscore(queue, job_id)
+    assert score is not None
+    await runtime.queue.zrem(queue, job_id)
+    await runtime.queue.zadd(LEGACY_QUEUES[kind], {job_id: score})
+    job = await runtime.store.get_job(job_id)
+    assert job is not None
+    options = {key: value for key, value in job.options.items() if key != "queue"}
+    await runtime.store.update_job(job_id, options=options)
+
+
+async def queued(redis: Any) -> int:
+    """How many engine jobs wait (or run) in all the engine's queues, of every model."""
+    queues = [key async for key in redis.scan_iter(match="dreambot:engine:*", _type="zset")]
+    return sum([int(await redis.zcard(queue)) for queue in queues])
 
 
 @pytest.fixture(scope="session")

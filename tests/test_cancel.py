@@ -14,8 +14,6 @@ from bot.core.errors import UserError
 from bot.core.store import Owner
 from bot.launcher import BotRuntime
 from engine.api import (
-    GENERATE_QUEUE,
-    TRAIN_QUEUE,
     EngineHeartbeat,
     EngineJob,
     Failure,
@@ -25,7 +23,7 @@ from engine.api import (
 )
 from engine.artifacts import local_path
 from engine.worker import write_heartbeat
-from tests.conftest import TEST_PLATFORM, RecordingSink, ready_subject
+from tests.conftest import TEST_PLATFORM, RecordingSink, engine_queue, ready_subject
 from tests.test_commands import _photos
 
 DEST = {"channel": "c1"}
@@ -54,7 +52,7 @@ async def test_cancel_alone_takes_the_newest_job_out_of_the_queue_and_gives_its_
         f"Cancelled your images “a red fox on the moon” (job {newest.job_id[:8]}): taken out of "
         "the queue. What it took from your quota is given back."
     )
-    assert await runtime.queue.zrange(GENERATE_QUEUE, 0, -1) == [first.job_id.encode()]
+    assert await runtime.queue.zrange(engine_queue(runtime), 0, -1) == [first.job_id.encode()]
     assert not await runtime.queue.exists(job_key_prefix + newest.job_id)  # no worker runs it
     job = await runtime.store.get_job(newest.job_id)
     assert job is not None and job.status == "cancelled"
@@ -83,8 +81,8 @@ async def test_cancel_by_subject_name_stops_its_training_and_the_name_can_be_tra
         "`/train rex` again (with other photos or another class) replaces it, or "
         "`/forget rex` deletes it."
     )
-    assert await runtime.queue.zcard(TRAIN_QUEUE) == 0
-    assert await runtime.queue.zrange(GENERATE_QUEUE, 0, -1) == [image.job_id.encode()]
+    assert await runtime.queue.zcard(engine_queue(runtime, "train")) == 0
+    assert await runtime.queue.zrange(engine_queue(runtime), 0, -1) == [image.job_id.encode()]
     assert (await runtime.store.usage(owner)).trainings == 0
     subject = await runtime.store.find_subject(owner, "rex")
     assert subject is not None and subject.status == "failed"
@@ -103,7 +101,9 @@ async def test_cancel_by_subject_name_stops_its_training_and_the_name_can_be_tra
     assert replacement.id != old.id
     old_photos = local_path(old.photos_url)
     assert old_photos is not None and not old_photos.exists()
-    assert await runtime.queue.zrange(TRAIN_QUEUE, 0, -1) == [again.job_id.encode()]
+    assert await runtime.queue.zrange(engine_queue(runtime, "train"), 0, -1) == [
+        again.job_id.encode()
+    ]
 
 
 async def test_a_subject_that_is_not_failed_still_keeps_its_name(
@@ -125,7 +125,7 @@ async def test_cancel_by_the_start_of_a_job_id_picks_that_job(
     assert cancellation.job.id == first.job_id
     job = await runtime.store.get_job(first.job_id)
     assert job is not None and job.status == "cancelled"
-    assert await runtime.queue.zcard(GENERATE_QUEUE) == 1
+    assert await runtime.queue.zcard(engine_queue(runtime)) == 1
 
 
 async def test_cancelling_a_running_job_asks_the_engine_to_stop_at_its_next_step(
@@ -187,7 +187,7 @@ async def test_another_users_job_cannot_be_cancelled_by_id_or_by_its_button(
     job = await runtime.store.get_job(theirs.job_id)
     assert job is not None and job.status == "queued"
     assert (await runtime.store.usage(other_user(owner))).images == 1
-    assert await runtime.queue.zscore(GENERATE_QUEUE, theirs.job_id) is not None
+    assert await runtime.queue.zscore(engine_queue(runtime), theirs.job_id) is not None
 
 
 async def test_the_owners_button_cancels_and_a_second_press_says_it_already_ended(
@@ -331,8 +331,8 @@ async def test_jobs_without_the_queue_still_lists_them_from_the_database(
     runtime: BotRuntime, owner: Owner
 ) -> None:
     receipt = await runtime.core.imagine(owner, DEST, "a cat", count=1)
-    await runtime.queue.delete(GENERATE_QUEUE)
-    await runtime.queue.set(GENERATE_QUEUE, "not a queue")  # Redis answers WRONGTYPE
+    await runtime.queue.delete(engine_queue(runtime))
+    await runtime.queue.set(engine_queue(runtime), "not a queue")  # Redis answers WRONGTYPE
     runtime.core.syntax = SLACK_SYNTAX  # as Slack's adapter sets it
 
     text = await runtime.core.jobs_text(owner)

@@ -15,11 +15,12 @@ from bot.core.moderation import Moderator
 from bot.core.photos import Upload
 from bot.core.store import EVERYONE, Owner
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE, Failure, GenerateRequest, GenerateResult, bot_queue
+from engine.api import Failure, GenerateRequest, GenerateResult, bot_queue
 from tests.conftest import (
     TEST_PLATFORM,
     RecordingSink,
     configure_second_model,
+    engine_queue,
     make_photo,
     queued,
     ready_subject,
@@ -60,7 +61,7 @@ async def finish(runtime: BotRuntime, job_id: str, count: int = 2) -> RecordingS
         steps=4,
         seconds=0.5,
     )
-    await runtime.queue.zrem(GENERATE_QUEUE, job_id)
+    await runtime.queue.zrem(engine_queue(runtime), job_id)
     sink = RecordingSink()
     await Deliverer(runtime.core, sink).result(result.model_dump())
     return sink

@@ -13,9 +13,16 @@ from bot.core.photos import Upload
 from bot.core.store import Owner
 from bot.core.tokens import CANDIDATES
 from bot.launcher import BotRuntime, open_core
-from engine.api import TRAIN_QUEUE, TRAIN_SUBJECT, TrainRequest, rare_tokens_key
+from engine.api import TRAIN_SUBJECT, TrainRequest, rare_tokens_key
 from engine.artifacts import local_path
-from tests.conftest import TEST_PLATFORM, make_photo, make_settings, queued, ready_subject
+from tests.conftest import (
+    TEST_PLATFORM,
+    engine_queue,
+    make_photo,
+    make_settings,
+    queued,
+    ready_subject,
+)
 
 DEST = {"channel": "c1"}
 
@@ -46,7 +53,7 @@ async def test_train_stores_photos_records_subject_and_queues_one_job(
     job = await runtime.store.get_job(receipt.job_id)
     assert job is not None and job.kind == "train" and job.destination == DEST
     # The queued payload carries only references, and the photos are where it says.
-    waiting = await runtime.queue.zrange(TRAIN_QUEUE, 0, -1)
+    waiting = await runtime.queue.zrange(engine_queue(runtime, "train"), 0, -1)
     assert waiting == [receipt.job_id.encode()]
     info = await runtime.queue._get_job_def(receipt.job_id.encode(), None)
     assert info.function == TRAIN_SUBJECT
@@ -195,7 +202,7 @@ async def test_forget_deletes_the_subject_and_its_files(runtime: BotRuntime, own
     assert not folder.exists()
     job = await runtime.store.get_job(receipt.job_id)
     assert job is not None and job.status == "cancelled"
-    assert await runtime.queue.zcard(TRAIN_QUEUE) == 0
+    assert await runtime.queue.zcard(engine_queue(runtime, "train")) == 0
     assert (await runtime.store.usage(owner)).trainings == 0
     with pytest.raises(UserError, match="no subject called `rex`"):
         await runtime.core.forget(owner, "rex")

@@ -274,7 +274,7 @@ async def test_mod_status_lists_the_engines_and_what_they_run(
     assert lines[1].endswith("(3h 2m)")
     # Only this workspace's job is named; the other one is only counted.
     assert lines[2] == f"    busy: image {mine.job_id[:8]} (4m); training of another workspace (4m)"
-    assert lines[3] == "No running engine serves xl: jobs for it fail until one does."
+    assert lines[3] == "No running engine serves xl: jobs for it wait until one does."
     assert "Image jobs: 2 waiting" in lines[4]
     assert "/mod status" in MOD_HELP
 

@@ -9,7 +9,7 @@ from bot.core.commands import HELP, SHELL_USAGE
 from bot.core.errors import UserError
 from bot.core.store import MIGRATIONS_DIR, Owner, Store, apply_migrations
 from bot.launcher import BotRuntime
-from tests.conftest import table_rows
+from tests.conftest import engine_queue, table_rows
 
 DEST = {"channel": "c1"}
 
@@ -27,6 +27,7 @@ async def test_imagine_stores_its_options_with_the_job(runtime: BotRuntime, owne
         "seed": 9,
         "width": 512,
         "height": 768,
+        "queue": engine_queue(runtime),  # where /cancel and /jobs look for it
     }
 
 

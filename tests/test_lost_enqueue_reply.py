@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 
 import pytest
 from arq import create_pool
-from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from redis.exceptions import RedisError
 
@@ -28,12 +27,11 @@ from bot.core.errors import UserError
 from bot.core.photos import Upload
 from bot.core.store import Owner, Usage
 from bot.launcher import BotRuntime, delivering
-from engine.api import DELIVER_RESULT, GENERATE_QUEUE, TRAIN_QUEUE, TrainResult, bot_queue
-from tests.conftest import TEST_PLATFORM, RecordingSink, make_photo
+from engine.api import DELIVER_RESULT, TrainResult, bot_queue
+from tests.conftest import TEST_PLATFORM, RecordingSink, engine_queue, make_photo
 
 DEST = {"channel": "c1"}
 Kind = Literal["train", "generate"]
-QUEUES: dict[Kind, str] = {"train": TRAIN_QUEUE, "generate": GENERATE_QUEUE}
 
 
 class RedisProxy:
@@ -209,8 +207,8 @@ def _spent(usage: Usage, kind: Kind) -> int:
     return usage.trainings if kind == "train" else usage.images
 
 
-async def _waiting(redis: ArqRedis, kind: Kind) -> list[bytes]:
-    return list(await redis.zrange(QUEUES[kind], 0, -1))
+async def _waiting(runtime: BotRuntime, kind: Kind) -> list[bytes]:
+    return list(await runtime.queue.zrange(engine_queue(runtime, kind), 0, -1))
 
 
 async def _job_count(runtime: BotRuntime) -> int:
@@ -234,7 +232,7 @@ async def test_a_job_whose_reply_was_lost_is_queued_once_and_kept(
 
     assert proxy.dropped_replies == 1
     assert receipt.confirmed and "queued (position 1)" in receipt.text
-    assert await _waiting(runtime.queue, kind) == [receipt.job_id.encode()]
+    assert await _waiting(runtime, kind) == [receipt.job_id.encode()]
     assert await runtime.queue.exists(job_key_prefix + receipt.job_id) == 1
     job = await runtime.store.get_job(receipt.job_id)
     assert job is not None and job.status == "queued"
@@ -254,7 +252,7 @@ async def test_a_job_that_never_reached_redis_is_reported_and_refunded(
         await _submit(core, owner, kind)
 
     assert proxy.dropped_requests == 1
-    assert await _waiting(runtime.queue, kind) == []
+    assert await _waiting(runtime, kind) == []
     assert await _job_count(runtime) == 0
     assert _spent(await runtime.store.usage(owner), kind) == 0
     assert await runtime.store.list_subjects(owner) == []
@@ -287,7 +285,7 @@ async def test_an_unconfirmed_job_that_never_arrived_fails_with_a_refund_once_re
     job = await runtime.store.get_job(receipt.job_id)
     assert job is not None and job.status == "failed" and job.delivered_at is not None
     assert _spent(await runtime.store.usage(owner), kind) == 0
-    assert await _waiting(runtime.queue, kind) == []
+    assert await _waiting(runtime, kind) == []
     if kind == "train":
         subject = await runtime.store.find_subject(owner, "rex")
         assert subject is not None and subject.status == "failed"
@@ -305,7 +303,7 @@ async def test_an_unconfirmed_job_that_arrived_runs_and_delivers_as_usual(
 
         await _until(lambda: _no_unconfirmed(runtime))
         assert sink.result_count == 0
-        assert await _waiting(runtime.queue, "train") == [receipt.job_id.encode()]
+        assert await _waiting(runtime, "train") == [receipt.job_id.encode()]
         job = await runtime.store.get_job(receipt.job_id)
         assert job is not None and job.status == "queued"
         assert (await runtime.store.usage(owner)).trainings == 1
@@ -362,7 +360,7 @@ async def test_a_command_cancelled_mid_submission_keeps_its_job_for_the_check(
     proxy.release()
 
     [unconfirmed] = await runtime.store.unconfirmed_jobs(TEST_PLATFORM)
-    assert await _waiting(runtime.queue, kind) == [unconfirmed.id.encode()]
+    assert await _waiting(runtime, kind) == [unconfirmed.id.encode()]
     assert _spent(await runtime.store.usage(owner), kind) == 1
     if kind == "train":
         assert await runtime.store.find_subject(owner, "rex") is not None

@@ -27,9 +27,9 @@ from bot.core.moderation import (
 )
 from bot.core.store import EVERYONE, MIGRATIONS_DIR, Owner, Store, apply_migrations
 from bot.launcher import BotRuntime
-from engine.api import GENERATE, GENERATE_QUEUE, GenerateResult, bot_queue, cancel_key
+from engine.api import GENERATE, GenerateResult, bot_queue, cancel_key
 from engine.artifacts import local_path
-from tests.conftest import TEST_PLATFORM, RecordingSink, queued, ready_subject
+from tests.conftest import TEST_PLATFORM, RecordingSink, engine_queue, queued, ready_subject
 from tests.test_commands import _photos
 
 DEST = {"channel": "c1"}
@@ -143,7 +143,7 @@ async def test_a_ban_refuses_the_users_commands_and_cancels_their_queued_jobs(
     reply = await mod.ban(f"<@{owner.user_id}>", "spamming", parse_duration("7d"))
     assert "Banned user-1 until" in reply and "Cancelled 2" in reply
 
-    assert await runtime.queue.zrange(GENERATE_QUEUE, 0, -1) == [other.job_id.encode()]
+    assert await runtime.queue.zrange(engine_queue(runtime), 0, -1) == [other.job_id.encode()]
     for receipt in (first, second):
         job = await runtime.store.get_job(receipt.job_id)
         assert job is not None and job.status == "cancelled"
@@ -230,7 +230,7 @@ async def test_cancelling_a_running_job_aborts_it_on_an_arq_worker(
     pool = await create_pool(RedisSettings.from_dsn(runtime.settings.redis_url))
     worker = Worker(
         functions=[func(slow_generate, name=GENERATE)],
-        queue_name=GENERATE_QUEUE,
+        queue_name=engine_queue(runtime),
         redis_pool=pool,
         allow_abort_jobs=True,
         handle_signals=False,

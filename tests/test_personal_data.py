@@ -16,9 +16,8 @@ from bot.core.personal_data import MODERATOR_NOTE, OWN_NOTE
 from bot.core.retention import STOPPED_WITHIN
 from bot.core.store import EVERYONE, Job, Owner
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE, TRAIN_QUEUE
 from engine.artifacts import local_path
-from tests.conftest import TEST_PLATFORM, ready_subject
+from tests.conftest import TEST_PLATFORM, engine_queue, ready_subject
 from tests.test_combinations import notices
 from tests.test_commands import _photos
 from tests.test_retention import images_deleted_at, outputs, read_only_store, stored_job
@@ -58,7 +57,10 @@ async def count_rows(runtime: BotRuntime, table: str, user: Owner) -> int:
 
 
 async def in_queues(runtime: BotRuntime, job_id: str) -> bool:
-    scores = [await runtime.queue.zscore(queue, job_id) for queue in (GENERATE_QUEUE, TRAIN_QUEUE)]
+    scores = [
+        await runtime.queue.zscore(queue, job_id)
+        for queue in (engine_queue(runtime), engine_queue(runtime, "train"))
+    ]
     return any(score is not None for score in scores)
 
 
@@ -257,7 +259,7 @@ async def test_a_redo_of_a_result_whose_data_was_deleted_says_so_and_queues_noth
         with pytest.raises(UserError) as refused:
             await runtime.core.reimagine(who, DEST, job.id, **button)
         assert refused.value.message == DATA_DELETED_REDO
-    assert await runtime.queue.zcard(GENERATE_QUEUE) == 0
+    assert await runtime.queue.zcard(engine_queue(runtime)) == 0
 
 
 async def test_a_job_stopped_while_it_ran_is_swept_again_once_its_engine_stopped(

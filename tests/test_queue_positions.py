@@ -7,8 +7,8 @@ import asyncio
 from bot.core.delivery import Deliverer, progress_text
 from bot.core.store import Owner, utcnow
 from bot.launcher import BotRuntime, delivering
-from engine.api import GENERATE_QUEUE, Progress
-from tests.conftest import RecordingSink, ready_subject
+from engine.api import Progress
+from tests.conftest import RecordingSink, engine_queue, ready_subject
 
 DEST = {"channel": "c1"}
 
@@ -20,7 +20,7 @@ def told(sink: RecordingSink) -> list[tuple[str, str]]:
 
 async def engine_finished(runtime: BotRuntime, job_id: str) -> None:
     """What an engine finishing a job leaves behind: the job out of its queue, delivered."""
-    await runtime.queue.zrem(GENERATE_QUEUE, job_id)
+    await runtime.queue.zrem(engine_queue(runtime), job_id)
     await runtime.store.update_job(job_id, status="done", delivered_at=utcnow())
 
 

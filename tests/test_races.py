@@ -21,7 +21,6 @@ from bot.core.store import Owner
 from bot.launcher import BotRuntime, delivering, open_core
 from engine.api import (
     GENERATE,
-    GENERATE_QUEUE,
     GenerateResult,
     Progress,
     TrainResult,
@@ -30,6 +29,7 @@ from engine.api import (
 from tests.conftest import (
     TEST_PLATFORM,
     RecordingSink,
+    engine_queue,
     queued,
     queued_generate_request,
     ready_subject,
@@ -340,13 +340,14 @@ async def test_a_job_its_owner_cancels_while_it_is_being_sent_does_not_reach_the
     receipt = await runtime.core.imagine(owner, DEST, "a cat", count=1)
     payload = await queued_generate_request(runtime, receipt.job_id)
     # Back to the moment before its submission landed: recorded, not in Redis yet.
-    await runtime.queue.zrem(GENERATE_QUEUE, receipt.job_id)
+    await runtime.queue.zrem(engine_queue(runtime), receipt.job_id)
     await runtime.queue.delete(job_key_prefix + receipt.job_id)
     # The owner cancels meanwhile: recorded at once; its abort finds nothing to stop.
     cancelled = await runtime.core.cancel(owner)
     assert cancelled.job.id == receipt.job_id and "left the queue" in cancelled.text
 
-    await runtime.core._enqueue(GENERATE, receipt.job_id, payload)  # the submission lands
+    # The submission lands.
+    await runtime.core._enqueue(GENERATE, receipt.job_id, payload, engine_queue(runtime))
 
     assert await queued(runtime.queue) == 0  # taken out again: no engine runs it
     stored = await runtime.store.get_job(receipt.job_id)

@@ -8,8 +8,8 @@ from bot.core.delivery import Delivery
 from bot.core.store import Owner
 from bot.launcher import delivering, open_core
 from bot.redis_server import RedisServer
-from engine.api import DELIVER_RESULT, GENERATE_QUEUE, GenerateResult, bot_queue
-from tests.conftest import TEST_PLATFORM, RecordingSink, make_settings
+from engine.api import DELIVER_RESULT, GenerateResult, bot_queue
+from tests.conftest import TEST_PLATFORM, RecordingSink, engine_queue, make_settings
 
 
 async def test_jobs_and_results_survive_a_redis_restart(tmp_path: Path) -> None:
@@ -25,7 +25,9 @@ async def test_jobs_and_results_survive_a_redis_restart(tmp_path: Path) -> None:
             server.start()
 
             # The queued engine job is still there after the restart...
-            assert await runtime.queue.zrange(GENERATE_QUEUE, 0, -1) == [receipt.job_id.encode()]
+            assert await runtime.queue.zrange(engine_queue(runtime), 0, -1) == [
+                receipt.job_id.encode()
+            ]
             # ...and a result the engine sends now is delivered by the same bot process,
             # whose delivery worker reconnected by itself.
             result = GenerateResult(

@@ -11,8 +11,8 @@ from bot.config import Settings
 from bot.core.delivery import Deliverer, Delivery
 from bot.core.store import Owner
 from bot.launcher import BotRuntime, open_core
-from engine.api import GENERATE_QUEUE, GenerateResult
-from tests.conftest import TEST_PLATFORM, RecordingSink, queued_generate_request
+from engine.api import GenerateResult
+from tests.conftest import TEST_PLATFORM, RecordingSink, engine_queue, queued_generate_request
 
 DEST = {"channel": "c1"}
 
@@ -23,7 +23,7 @@ async def finished_generation(runtime: BotRuntime, owner: Owner, count: int = 2)
     urls = [f"file:///out/{i:02d}.png" for i in range(count)]
     result = {"job_id": receipt.job_id, "seed": 5, "image_urls": urls, "width": 64, "height": 64}
     await runtime.store.update_job(receipt.job_id, status="done", result=result)
-    await runtime.queue.zrem(GENERATE_QUEUE, receipt.job_id)  # the engine is done with it
+    await runtime.queue.zrem(engine_queue(runtime), receipt.job_id)  # the engine is done with it
     return receipt.job_id
 
 
@@ -42,7 +42,7 @@ async def caption_after_a_restart(
         seconds=seconds,
     )
     async with open_core(settings, TEST_PLATFORM) as restarted:
-        await restarted.queue.zrem(GENERATE_QUEUE, job_id)
+        await restarted.queue.zrem(engine_queue(restarted), job_id)
         sink = RecordingSink()
         await Deliverer(restarted.core, sink).result(result.model_dump())
     return sink.results[job_id]

@@ -289,6 +289,27 @@ async def test_vary_and_upscale_of_a_deleted_image_say_so_and_queue_nothing(
     assert await queued(runtime.queue) == 1
 
 
+async def test_a_deleted_variation_is_not_promised_back_from_its_prompt_and_seed(
+    runtime: BotRuntime, owner: Owner
+) -> None:
+    """A Vary's result started from an earlier image: its prompt and seed draw the earlier
+    image's kind of result, not it, so the answer doesn't suggest them."""
+    job = await stored_job(runtime, owner, ended_days_ago=31)
+    await runtime.core.retention.sweep_images()
+    redraw = {"action": "vary", "image": 1, "strength": 0.35, "factor": 1}
+    await runtime.store.update_job(job.id, options={**job.options, "redraw": redraw})
+
+    with pytest.raises(UserError) as refused:
+        await runtime.core.reimagine(owner, DEST, job.id, upscale=True)
+
+    assert refused.value.message == (
+        "That image is no longer stored: images are kept 30 days. Nothing was queued. It was "
+        "a variation of image 2 of an earlier result, which the prompt and seed alone don't "
+        "draw again; Reroll still draws the prompt with a new seed."
+    )
+    assert await queued(runtime.queue) == 0
+
+
 async def test_vary_before_the_sweep_still_starts_from_the_stored_image(
     runtime: BotRuntime, owner: Owner
 ) -> None:

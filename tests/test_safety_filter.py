@@ -20,7 +20,6 @@ from bot.core.store import Owner, Store, apply_migrations, migration_files
 from bot.launcher import BotRuntime
 from engine.api import (
     ENGINES_KEY,
-    GENERATE_QUEUE,
     EngineHeartbeat,
     GenerateRequest,
     GenerateResult,
@@ -30,6 +29,7 @@ from engine.api import (
 )
 from tests.conftest import (
     RecordingSink,
+    engine_queue,
     queued_generate_request,
     queued_train_request,
     ready_subject,
@@ -97,7 +97,7 @@ class FailingOnceSink(RecordingSink):
 async def deliver(runtime: BotRuntime, result: GenerateResult | TrainResult) -> Delivery:
     """Deliver ``result`` as the bot's worker does, its first post failing (a retried
     delivery: everything before the post runs twice); what was posted."""
-    await runtime.queue.zrem(GENERATE_QUEUE, result.job_id)
+    await runtime.queue.zrem(engine_queue(runtime), result.job_id)
     sink = FailingOnceSink()
     deliverer = Deliverer(runtime.core, sink)
     with pytest.raises(Retry):

@@ -35,6 +35,7 @@ from bot.core.moderation import (
     draws_images,
     images_word,
     job_prefix,
+    job_queue,
     when,
 )
 from bot.core.personal_data import PersonalData
@@ -62,13 +63,12 @@ from bot.core.store import (
 from bot.core.syntax import TEXT_SYNTAX, CommandSyntax, train_example
 from bot.core.tokens import pick_token, usable_vocabulary_tokens
 from engine.api import (
-    ALL_ENGINE_QUEUES,
     ASPECT_RATIOS,
     DELIVER_FAILURE,
-    ENGINE_QUEUES,
     ENGINES_KEY,
     GENERATE,
-    JOB_KIND_QUEUES,
+    JOB_KINDS,
+    LEGACY_QUEUES,
     SHOWCASE,
     TRAIN_SUBJECT,
     AdapterRef,
@@ -79,6 +79,8 @@ from engine.api import (
     TrainRequest,
     bot_queue,
     engine_alive_key,
+    engine_queues,
+    model_queue,
     rare_tokens_key,
 )
 from engine.artifacts import ArtifactStore
@@ -183,10 +185,11 @@ def engine_note(engines: Sequence[EngineHeartbeat], model: str) -> str:
     if not engines:
         return NO_ENGINE_NOTE
     served = sorted({name for engine in engines for name in engine.models})
-    # An engine takes any job from its queues and refuses one for a model it lacks.
+    # Each model has its own queues (engine.api.model_queue): the job waits for an engine.
     return (
         f"No running engine serves the model {model} (they serve {', '.join(served)}), so "
-        "this job will probably fail; a moderator can check the engines with /mod status."
+        "this job waits until one that does starts; a moderator can check the engines with "
+        "/mod status."
     )
 
 
@@ -512,6 +515,7 @@ class Core:
             owner, subject_id, name, class_noun, photos_url, len(photos), base_model
         )
         job_id = uuid.uuid4().hex
+        queue = model_queue("train", base_model)
         try:
             for url, data in zip(photo_urls, photos, strict=True):
                 await self.artifacts.aput_bytes(url, data)
@@ -521,6 +525,7 @@ class Core:
                 owner,
                 destination,
                 subject_id=subject_id,
+                options={"queue": queue},  # where to find it (``job_queue``)
                 usage_kind="trainings",
                 units=1,
                 check=functools.partial(check_allowance, new.limits, kind="trainings", units=1),
@@ -542,7 +547,7 @@ class Core:
                 steps=self.settings.train_steps,
                 safety_check=checks_images(new.safety_check, destination),
             )
-            submission = await self._enqueue(TRAIN_SUBJECT, job_id, request.model_dump())
+            submission = await self._enqueue(TRAIN_SUBJECT, job_id, request.model_dump(), queue)
         except BaseException:
             if not await self.store.is_unconfirmed(job_id):  # kept: Redis may hold the job
                 await self.store.delete_job(job_id)
@@ -761,7 +766,10 @@ class Core:
                 )
             if job.images_deleted_at is not None:
                 raise UserError(
-                    self.image_gone_text(original if isinstance(original, int) else None)
+                    self.image_gone_text(
+                        original if isinstance(original, int) else None,
+                        redrawn=Redraw.from_options(options),
+                    )
                 )
             if not urls:
                 raise UserError("That image isn't finished yet; try again when it is posted.")
@@ -802,11 +810,25 @@ class Core:
             **repeat,
         )
 
-    def image_gone_text(self, seed: int | None) -> str:
+    def image_gone_text(self, seed: int | None, *, redrawn: Redraw | None = None) -> str:
         """The answer to Vary or Upscale of an image the retention sweep deleted: how long
-        images are kept, and how to draw it again (the same prompt with its ``seed``)."""
+        images are kept, and how to draw it again (the same prompt with its ``seed``), unless
+        it was ``redrawn`` itself from an earlier image (a Vary's or an Upscale's result,
+        which the prompt and seed alone don't draw again)."""
         days = self.settings.keep_images_days
         kept = f": images are kept {days} days" if days else ""
+        if redrawn is not None:
+            number = redrawn.image + 1
+            made = (
+                f"a variation of image {number} of an earlier result"
+                if redrawn.action == "vary"
+                else f"image {number} of an earlier result enlarged {redrawn.factor}×"
+            )
+            return (
+                f"That image is no longer stored{kept}. Nothing was queued. It was {made}, "
+                "which the prompt and seed alone don't draw again; Reroll still draws the "
+                "prompt with a new seed."
+            )
         seed_word = str(seed) if seed is not None else "<its seed>"
         if self.syntax.named_options:
             again = self.syntax.hint(
@@ -1254,9 +1276,7 @@ class Core:
             self._leftovers_marked = True
         reported = 0
         for job in await self.store.unconfirmed_jobs(self.platform):
-            if job.status == "queued" and not await self._in_queue(
-                job.id, JOB_KIND_QUEUES[job.kind]
-            ):
+            if job.status == "queued" and not await self._in_queue(job.id, job_queue(job)):
                 log.warning("job %s never reached the queue; reporting it failed", job.id)
                 await self.report_failure(job, NEVER_QUEUED, "unqueued")
                 reported += 1
@@ -1313,7 +1333,7 @@ class Core:
         arq's queue until they end, so they count as ahead, as in a receipt). Jobs the queue
         doesn't hold are left out. Raises ``RedisError``/``OSError`` if Redis doesn't answer."""
         waiting = [
-            job for job in unfinished if job.status == "queued" and job.kind in JOB_KIND_QUEUES
+            job for job in unfinished if job.status == "queued" and job.kind in LEGACY_QUEUES
         ]
         if not waiting:
             return {}
@@ -1432,7 +1452,7 @@ class Core:
     async def _check_queue_space(self) -> None:
         try:
             waiting = 0
-            for queue in ALL_ENGINE_QUEUES:
+            for queue in engine_queues(self.settings.model_names):
                 waiting += await self.queue.zcard(queue)
         except (RedisError, OSError) as exc:
             raise _queue_down() from exc
@@ -1459,6 +1479,7 @@ class Core:
         """Record an image job with the quota units it spends and queue it. The job's row goes
         again if it is known not to have reached the queue. A ``redo`` whose earlier job still
         waits or runs is refused, spending nothing."""
+        queue = model_queue(JOB_KINDS[function], request.base_model)
         try:
             await self.store.reserve_job(
                 request.job_id,
@@ -1467,7 +1488,7 @@ class Core:
                 destination,
                 subject_id=subject_id,
                 prompt=prompt,
-                options=options,
+                options={**options, "queue": queue},  # where to find it (``job_queue``)
                 usage_kind="images",
                 units=units,
                 check=functools.partial(check_allowance, limits, kind="images", units=units),
@@ -1488,14 +1509,17 @@ class Core:
             # A ban made while this command ran may have swept the user's jobs before this
             # one was recorded; look again now that it is (the row goes, as for any refusal).
             await self.moderation.check_not_banned(owner)
-            return await self._enqueue(function, request.job_id, request.model_dump())
+            return await self._enqueue(function, request.job_id, request.model_dump(), queue)
         except BaseException:
             if not await self.store.is_unconfirmed(request.job_id):  # kept: Redis may hold it
                 await self.store.delete_job(request.job_id)
             raise
 
-    async def _enqueue(self, function: str, job_id: str, payload: dict[str, Any]) -> Submission:
-        """Queue an engine job whose row is recorded.
+    async def _enqueue(
+        self, function: str, job_id: str, payload: dict[str, Any], queue: str
+    ) -> Submission:
+        """Queue an engine job whose row is recorded, on ``queue`` (its model's, as the row
+        records it).
 
         Raises the "nothing was queued" ``UserError`` only when the job is known not to be in
         the queue. When Redis stops answering mid-submission and can't be asked in time
@@ -1503,7 +1527,6 @@ class Core:
         marked unconfirmed and kept (the job may run): ``settle_unconfirmed_jobs`` decides
         later.
         """
-        queue = ENGINE_QUEUES[function]
         try:
             ahead = int(await self.queue.zcard(queue))
         except (RedisError, OSError) as exc:  # nothing was sent yet

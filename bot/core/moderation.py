@@ -50,14 +50,13 @@ from bot.core.store import (
 )
 from bot.core.syntax import CommandSyntax
 from engine.api import (
-    ALL_ENGINE_QUEUES,
     GENERATE,
-    JOB_KIND_QUEUES,
+    LEGACY_QUEUES,
     SHOWCASE,
-    TRAIN_QUEUE,
     TRAIN_SUBJECT,
     EngineHeartbeat,
     cancel_key,
+    engine_queues,
 )
 
 if TYPE_CHECKING:
@@ -325,6 +324,14 @@ def draws_images(job: Job) -> int:
     return int(job.options.get("count") or 1)
 
 
+def job_queue(job: Job) -> str:
+    """The arq queue a job of the store was sent to: its model's (recorded in its options at
+    submission, ``engine.api.model_queue``), or for a job recorded before per-model queues its
+    kind's legacy queue."""
+    recorded = job.options.get("queue")
+    return recorded if isinstance(recorded, str) else LEGACY_QUEUES[job.kind]
+
+
 def describe_job(job: Job, subject_name: str | None = None) -> str:
     """What a job is, for its owner and moderators: ``training of rex``, ``showcase of rex``,
     ``image “a red fox…”`` (``images “…”`` when it draws more than one: take ``was_were`` for
@@ -532,7 +539,7 @@ class Moderation:
             await self.store.claim_delivery(job.id)
         state: CancelState
         try:
-            state = await self.abort(job.id, JOB_KIND_QUEUES[job.kind], message)
+            state = await self.abort(job.id, job_queue(job), message)
         except (RedisError, OSError):
             log.exception("could not abort job %s in the queue", job.id)
             state = "unreachable"
@@ -570,7 +577,7 @@ class Moderation:
         if Redis doesn't answer."""
         async with self.core.queue.pipeline(transaction=False) as pipe:
             for job in jobs:
-                queue = JOB_KIND_QUEUES[job.kind]
+                queue = job_queue(job)
                 pipe.exists(in_progress_key_prefix + job.id)
                 pipe.zrank(queue, job.id)
                 pipe.zscore(queue, job.id)
@@ -615,11 +622,17 @@ class Moderation:
         return states
 
     async def _queue_lengths(self) -> dict[str, tuple[int, int]]:
-        """Each engine queue's jobs, of every workspace: (waiting, running). A running job stays
+        """The engine jobs of each kind ("train", "generate"), of every workspace and every
+        configured model (the legacy queues included): (waiting, running). A running job stays
         in arq's queue until it ends, marked by its in-progress key."""
         queue = self.core.queue
+        queues = [
+            (kind, name)
+            for kind in LEGACY_QUEUES
+            for name in engine_queues(self.core.settings.model_names, kind)
+        ]
         async with queue.pipeline(transaction=False) as pipe:
-            for name in ALL_ENGINE_QUEUES:
+            for _, name in queues:
                 pipe.zrange(name, 0, -1)
             members = await pipe.execute()
         async with queue.pipeline(transaction=False) as pipe:
@@ -627,10 +640,11 @@ class Moderation:
                 for job_id in job_ids:
                     pipe.exists(in_progress_key_prefix + job_id.decode())
             running = iter(await pipe.execute())
-        lengths = {}
-        for name, job_ids in zip(ALL_ENGINE_QUEUES, members, strict=True):
+        lengths = dict.fromkeys(LEGACY_QUEUES, (0, 0))
+        for (kind, _), job_ids in zip(queues, members, strict=True):
             busy = sum(bool(next(running)) for _ in job_ids)
-            lengths[name] = (len(job_ids) - busy, busy)
+            waiting, running_before = lengths[kind]
+            lengths[kind] = (waiting + len(job_ids) - busy, running_before + busy)
         return lengths
 
 
@@ -1029,13 +1043,13 @@ class Moderator:
             if missing:
                 lines.append(
                     f"No running engine serves {', '.join(missing)}: jobs for "
-                    f"{'it' if len(missing) == 1 else 'them'} fail until one does."
+                    f"{'it' if len(missing) == 1 else 'them'} wait until one does."
                 )
         else:
             lines = ["No engine is running: queued jobs wait until one starts."]
         counts = []
-        for queue, (waiting, running) in lengths.items():
-            what = "Trainings" if queue == TRAIN_QUEUE else "Image jobs"
+        for kind, (waiting, running) in lengths.items():
+            what = "Trainings" if kind == "train" else "Image jobs"
             counts.append(f"{what}: {waiting} waiting, {running} running.")
         lines.append("Queues (all workspaces): " + " ".join(counts))
         if engines:

@@ -25,7 +25,7 @@ from bot.core.commands import NO_ENGINE_NOTE
 from bot.core.delivery import Deliverer, Delivery
 from bot.core.store import Job, Owner
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE, GenerateResult, Progress, TrainResult
+from engine.api import GenerateResult, Progress, TrainResult
 from engine.images import encode_png, read_jpeg_metadata, read_png_metadata
 from tests.adapters.conftest import (
     APP_ID,
@@ -49,6 +49,7 @@ from tests.adapters.conftest import (
 from tests.conftest import (
     RecordingSink,
     configure_second_model,
+    engine_queue,
     make_photo,
     queued,
     queued_generate_request,
@@ -267,7 +268,9 @@ async def test_imagine_passes_its_options_to_the_core(
     assert reply.content == f"Drawing 2 images (seed 42): queued (position 1).\n{NO_ENGINE_NOTE}"
     [job] = await runtime.store.unfinished_jobs("discord")
     assert (job.kind, job.prompt, job.owner) == ("generate", "a red fox in snow", OWNER)
-    request = (await ArqJob(job.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]
+    request = (await ArqJob(job.id, runtime.queue, _queue_name=engine_queue(runtime)).info()).args[
+        0
+    ]  # type: ignore[union-attr]
     assert (request["count"], request["seed"], request["negative_prompt"]) == (2, 42, "blurry")
     [progress] = fake_discord.find("POST", f"/channels/{CHANNEL_ID}/messages")
     # Two images: the first progress line names them as the engine's updates will.
@@ -424,7 +427,7 @@ async def finished_generation(
     result = {"job_id": receipt.job_id, "image_urls": images, "seed": seed}
     await runtime.store.update_job(receipt.job_id, status="done", result=result)
     await runtime.queue.delete(f"arq:job:{receipt.job_id}")
-    await runtime.queue.zrem(GENERATE_QUEUE, receipt.job_id)
+    await runtime.queue.zrem(engine_queue(runtime), receipt.job_id)
     return receipt.job_id
 
 
@@ -470,7 +473,9 @@ async def test_a_button_click_after_a_restart_redraws_for_the_clicking_user(
     [new_job] = [j for j in await runtime.store.unfinished_jobs("discord") if j.id != job_id]
     assert (new_job.owner, new_job.prompt) == (clicker, "a red fox")
     assert new_job.destination["user_id"] == OTHER_USER_ID
-    request = (await ArqJob(new_job.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]
+    request = (
+        await ArqJob(new_job.id, runtime.queue, _queue_name=engine_queue(runtime)).info()
+    ).args[0]  # type: ignore[union-attr]
     if expected_seed is None:
         assert f"(seed {request['seed']})" in (reply.content or "")
         assert request["init_image_url"] is None

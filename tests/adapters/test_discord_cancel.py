@@ -12,7 +12,7 @@ from bot.adapters.discord import CANCEL_ID, DiscordAdapter
 from bot.core.delivery import Deliverer
 from bot.core.store import Owner
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE, cancel_key
+from engine.api import cancel_key
 from tests.adapters.conftest import (
     CHANNEL_ID,
     EDIT_INTERVAL,
@@ -32,7 +32,7 @@ from tests.adapters.test_discord import (
     train_options,
     write_images,
 )
-from tests.conftest import queued
+from tests.conftest import engine_queue, queued
 
 
 def buttons(message: Recorded) -> list[dict[str, Any]]:
@@ -150,7 +150,7 @@ async def test_another_member_pressing_cancel_is_refused_privately(
     )
     job = await runtime.store.get_job(job_id)
     assert job is not None and job.status == "queued"
-    assert await runtime.queue.zscore(GENERATE_QUEUE, job_id) is not None
+    assert await runtime.queue.zscore(engine_queue(runtime), job_id) is not None
     assert fake_discord.find("PATCH") == []
 
 

@@ -8,7 +8,7 @@ import pytest
 from bot.adapters.discord import DiscordAdapter
 from bot.core.delivery import Deliverer
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE, GenerateResult
+from engine.api import GenerateResult
 from tests.adapters.conftest import (
     CHANNEL_ID,
     GUILD_ID,
@@ -19,7 +19,7 @@ from tests.adapters.conftest import (
 )
 from tests.adapters.test_discord import DESTINATION, OWNER, write_images
 from tests.adapters.test_discord_moderation import Chat
-from tests.conftest import queued_generate_request
+from tests.conftest import engine_queue, queued_generate_request
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ async def result_message(
     """Deliver a two-image /imagine's result with ``kept`` images and ``withheld`` withheld
     to the channel: the message's text, its button labels by row, and its files."""
     receipt = await runtime.core.imagine(OWNER, DESTINATION, "a red fox", count=2, seed=5)
-    await runtime.queue.zrem(GENERATE_QUEUE, receipt.job_id)
+    await runtime.queue.zrem(engine_queue(runtime), receipt.job_id)
     result = GenerateResult(
         job_id=receipt.job_id,
         image_urls=await write_images(runtime, kept),

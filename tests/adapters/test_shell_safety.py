@@ -10,8 +10,8 @@ import pytest
 from bot.adapters.shell import ShellAdapter
 from bot.core.delivery import Deliverer
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE, GenerateResult
-from tests.conftest import queued_generate_request
+from engine.api import GenerateResult
+from tests.conftest import engine_queue, queued_generate_request
 from tests.test_moderation_shell import _say
 
 
@@ -41,7 +41,7 @@ async def test_after_every_image_was_withheld_reroll_works_and_vary_says_why_not
 ) -> None:
     await _say(shell, "/imagine a red fox --count 2 --seed 5")
     [job_id] = shell.pending
-    await runtime.queue.zrem(GENERATE_QUEUE, job_id)
+    await runtime.queue.zrem(engine_queue(runtime), job_id)
     result = GenerateResult(
         job_id=job_id, image_urls=[], seed=5, width=64, height=64, steps=4, seconds=0.5, withheld=2
     )

@@ -45,7 +45,7 @@ from bot.core.delivery import Deliverer, Delivery
 from bot.core.errors import UserError
 from bot.core.store import Job, Owner
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE, GenerateResult, Progress, TrainResult
+from engine.api import GenerateResult, Progress, TrainResult
 from engine.artifacts import local_path
 from tests.adapters.conftest import FakeClock
 from tests.adapters.slack_fake import (
@@ -66,6 +66,7 @@ from tests.adapters.slack_fake import (
 )
 from tests.conftest import (
     configure_second_model,
+    engine_queue,
     make_photo,
     make_settings,
     queued,
@@ -249,7 +250,9 @@ async def test_imagine_queues_a_job_for_the_caller_with_its_options(
     assert reply.text == "Drawing 2 images (seed 42): queued (position 1).\n" + NO_ENGINE_NOTE
     [job] = await runtime.store.unfinished_jobs("slack")
     assert (job.kind, job.prompt, job.owner) == ("generate", "a red fox & a hen", OWNER)
-    request = (await ArqJob(job.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]
+    request = (await ArqJob(job.id, runtime.queue, _queue_name=engine_queue(runtime)).info()).args[
+        0
+    ]  # type: ignore[union-attr]
     assert (request["count"], request["seed"], request["negative_prompt"]) == (2, 42, "blurry")
     [progress] = fake_slack.find("chat.postMessage")
     assert progress.args["channel"] == CHANNEL_ID
@@ -1133,7 +1136,9 @@ async def test_a_per_image_vary_button_starts_from_that_image(
         f"Drawing 2 variations of image {start + 1} (seed 7)"
     )
     [varied] = [j for j in await runtime.store.unfinished_jobs("slack") if j.id != original.id]
-    request = (await ArqJob(varied.id, runtime.queue, _queue_name=GENERATE_QUEUE).info()).args[0]  # type: ignore[union-attr]
+    request = (
+        await ArqJob(varied.id, runtime.queue, _queue_name=engine_queue(runtime)).info()
+    ).args[0]  # type: ignore[union-attr]
     assert request["init_image_url"] == images[start]
 
 

@@ -14,7 +14,6 @@ import pytest
 from bot.adapters.slack import CANCEL_ACTION_ID, SlackAdapter, cancel_button
 from bot.core.delivery import Deliverer
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE
 from tests.adapters.slack_fake import (
     BOT_USER_ID,
     CHANNEL_ID,
@@ -35,7 +34,7 @@ from tests.adapters.test_slack import (  # noqa: F401  (fixtures)
     send_command,
     send_event,
 )
-from tests.conftest import queued
+from tests.conftest import engine_queue, queued
 
 
 async def imagine(fake: FakeSlack, url: str, runtime: BotRuntime) -> str:
@@ -110,7 +109,7 @@ async def test_another_user_pressing_cancel_is_refused_privately(
     assert reply == f"Only <@{USER_ID}> can cancel this job: it is theirs. Nothing was changed."
     job = await runtime.store.get_job(job_id)
     assert job is not None and job.status == "queued"
-    assert await runtime.queue.zscore(GENERATE_QUEUE, job_id) is not None
+    assert await runtime.queue.zscore(engine_queue(runtime), job_id) is not None
     assert fake_slack.find("chat.update") == []
 
 

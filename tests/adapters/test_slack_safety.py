@@ -10,7 +10,7 @@ from __future__ import annotations
 from bot.adapters.slack import SlackAdapter
 from bot.core.delivery import Deliverer
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE, GenerateResult
+from engine.api import GenerateResult
 from tests.adapters.slack_fake import ADMIN_ID, CHANNEL_ID, TEAM_ID, USER_ID, FakeSlack
 from tests.adapters.test_slack import (  # noqa: F401  (fixtures)
     DESTINATION,
@@ -20,7 +20,7 @@ from tests.adapters.test_slack import (  # noqa: F401  (fixtures)
     fake_slack,
     send_command,
 )
-from tests.conftest import queued_generate_request
+from tests.conftest import engine_queue, queued_generate_request
 
 
 async def test_mod_safety_and_dreambot_mod_safety_switch_the_filter_for_the_workspace(
@@ -53,7 +53,7 @@ async def test_a_result_with_every_image_withheld_is_text_under_reroll_alone(
     adapter: SlackAdapter, fake_slack: FakeSlack, runtime: BotRuntime
 ) -> None:
     receipt = await runtime.core.imagine(OWNER, DESTINATION, "a red fox", count=2, seed=5)
-    await runtime.queue.zrem(GENERATE_QUEUE, receipt.job_id)
+    await runtime.queue.zrem(engine_queue(runtime), receipt.job_id)
     result = GenerateResult(
         job_id=receipt.job_id,
         image_urls=[],

@@ -23,7 +23,6 @@ from engine.api import (
     DELIVER_PROGRESS,
     DELIVER_RESULT,
     GENERATE,
-    GENERATE_QUEUE,
     AdapterRef,
     GenerateRequest,
     GenerateResult,
@@ -32,6 +31,7 @@ from engine.artifacts import ArtifactStore, local_path
 from engine.generate_job import generate, showcase
 from engine.reporting import answer_job
 from engine.train_job import checkpoint_url, train_subject
+from tests.conftest import engine_queue
 from tests.engine.conftest import engine_context
 from tests.engine.test_generate_job import a_request, generation_worker
 from tests.engine.test_training_job import short_recipe, train_request
@@ -339,10 +339,10 @@ async def test_a_job_the_engine_stopped_on_too_often_is_answered_not_dropped(
             GENERATE,
             payload,
             _job_id="job-crashing",
-            _queue_name=GENERATE_QUEUE,
+            _queue_name=engine_queue(engine_ctx["settings"]),
             _job_try=ENGINE_TRIES + 1,
         )
-        job = ArqJob("job-crashing", redis, _queue_name=GENERATE_QUEUE)
+        job = ArqJob("job-crashing", redis, _queue_name=engine_queue(engine_ctx["settings"]))
         assert await job.result(timeout=20, poll_delay=0.05) is None
 
     failure = (await answers(redis))[DELIVER_FAILURE]

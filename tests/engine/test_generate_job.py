@@ -19,10 +19,10 @@ from arq.worker import Worker
 
 import engine.generate_job
 from bot.connections import run_worker_forever, stop_worker
-from engine.api import GENERATE, GENERATE_QUEUE, GenerateRequest, cancel_key
+from engine.api import GENERATE, GenerateRequest, cancel_key
 from engine.artifacts import ArtifactStore, local_path
 from engine.generate_job import generate
-from tests.conftest import make_settings
+from tests.conftest import engine_queue, make_settings
 
 pytestmark = pytest.mark.model
 
@@ -126,8 +126,9 @@ async def generation_worker(ctx: dict[str, Any]) -> AsyncIterator[Worker]:
     """The engine's generation worker, running in this event loop on ``ctx``."""
     from engine.worker import engine_workers
 
-    worker = engine_workers(ctx["settings"], ctx, handle_signals=False)[1]
-    assert worker.queue_name == GENERATE_QUEUE
+    queue = engine_queue(ctx["settings"])
+    workers = engine_workers(ctx["settings"], ctx, handle_signals=False)
+    [worker] = [worker for worker in workers if worker.queue_name == queue]
     task = asyncio.create_task(run_worker_forever(worker, worker.queue_name))
     try:
         yield worker
@@ -144,10 +145,13 @@ async def test_a_generation_cancelled_while_it_waits_for_the_gpu_leaves_at_once(
     async with generation_worker(engine_ctx) as worker:
         with gpu.training():  # a long training holds the GPU throughout
             await redis.enqueue_job(
-                GENERATE, request.model_dump(), _job_id=request.job_id, _queue_name=GENERATE_QUEUE
+                GENERATE,
+                request.model_dump(),
+                _job_id=request.job_id,
+                _queue_name=engine_queue(engine_ctx["settings"]),
             )
             await _wait_for(lambda: gpu._generations_waiting == 1)
-            job = ArqJob(request.job_id, redis, _queue_name=GENERATE_QUEUE)
+            job = ArqJob(request.job_id, redis, _queue_name=engine_queue(engine_ctx["settings"]))
             if how == "arq abort":
                 assert await job.abort(timeout=5, poll_delay=0.05)
             else:
@@ -171,7 +175,10 @@ async def test_an_engine_shutdown_leaves_no_lease_renewal_behind(
     async with generation_worker(engine_ctx) as worker:
         with gpu.training():
             await redis.enqueue_job(
-                GENERATE, request.model_dump(), _job_id=request.job_id, _queue_name=GENERATE_QUEUE
+                GENERATE,
+                request.model_dump(),
+                _job_id=request.job_id,
+                _queue_name=engine_queue(engine_ctx["settings"]),
             )
             await _wait_for(lambda: gpu._generations_waiting == 1)
             await asyncio.sleep(2.5)  # more than two leases: only renewals keep the key

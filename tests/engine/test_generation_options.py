@@ -16,7 +16,7 @@ from bot.core.delivery import Deliverer
 from bot.core.errors import UserError
 from bot.core.store import Owner, utcnow
 from bot.launcher import BotRuntime
-from engine.api import GENERATE_QUEUE, AdapterRef, GenerateRequest, Progress
+from engine.api import AdapterRef, GenerateRequest, Progress
 from engine.aspects import aspect_size
 from engine.generate_job import image_metadata, output_size
 from engine.images import (
@@ -36,7 +36,13 @@ from engine.showcase import (
     showcase_layout,
     showcase_prompts,
 )
-from tests.conftest import RecordingSink, make_settings, queued_generate_request, ready_subject
+from tests.conftest import (
+    RecordingSink,
+    engine_queue,
+    make_settings,
+    queued_generate_request,
+    ready_subject,
+)
 
 DEST = {"channel": "c1"}
 
@@ -251,7 +257,7 @@ async def test_options_outside_the_configured_bounds_queue_nothing(
 ) -> None:
     with pytest.raises(UserError, match=message):
         await runtime.core.imagine(owner, DEST, "a fox", **{option: value})  # type: ignore[arg-type]
-    assert await runtime.queue.zcard(GENERATE_QUEUE) == 0
+    assert await runtime.queue.zcard(engine_queue(runtime)) == 0
 
 
 async def test_showcase_queues_the_grid_for_the_named_or_newest_subject(

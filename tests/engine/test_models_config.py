@@ -12,8 +12,8 @@ from bot.core.errors import UserError
 from bot.core.photos import Upload
 from bot.core.store import Owner
 from bot.launcher import BotRuntime, open_core
-from engine.api import GENERATE_QUEUE, TRAIN_QUEUE, GenerateRequest, TrainRequest
-from tests.conftest import TEST_PLATFORM, make_photo, make_settings
+from engine.api import GenerateRequest, TrainRequest
+from tests.conftest import TEST_PLATFORM, engine_queue, make_photo, make_settings, queued
 
 DEST = {"channel": "c1"}
 
@@ -55,6 +55,11 @@ def test_a_default_model_not_in_models_is_a_config_error(monkeypatch: pytest.Mon
     monkeypatch.setenv("DREAMBOT_MODELS", "sd15")
     with pytest.raises(ConfigError, match="DREAMBOT_MODELS.*'sd15' is not name=path"):
         load_settings()
+    # Its queues would be named as arq's health-check keys of the legacy queues.
+    monkeypatch.setenv("DREAMBOT_MODELS", "Health-Check=/m/sd15")
+    monkeypatch.delenv("DREAMBOT_BASE_MODEL")
+    with pytest.raises(ConfigError, match="model name 'Health-Check' is reserved"):
+        load_settings()
 
 
 def test_one_model_without_models_keeps_its_path_as_its_name(tmp_path: Path) -> None:
@@ -87,16 +92,23 @@ async def test_train_may_name_a_model_and_its_subject_is_drawn_on_it(
 ) -> None:
     core = two_models.core
     await core.train(owner, DEST, "rex", "dog", _photos(), model="XL")
-    assert TrainRequest.model_validate(await _payload(two_models, TRAIN_QUEUE)).base_model == "xl"
+    assert (
+        TrainRequest.model_validate(
+            await _payload(two_models, engine_queue(two_models, "train", "xl"))
+        ).base_model
+        == "xl"
+    )
     rex = await two_models.store.find_subject(owner, "rex")
     assert rex is not None and rex.base_model == "xl"
     await two_models.store.update_subject(rex.id, status="ready", adapter_url="file:///a")
 
     await core.imagine(owner, DEST, "a [rex] dog on the moon", count=1)
-    drawn = GenerateRequest.model_validate(await _payload(two_models, GENERATE_QUEUE))
+    drawn = GenerateRequest.model_validate(
+        await _payload(two_models, engine_queue(two_models, "generate", "xl"))
+    )
     assert drawn.base_model == "xl"
     await core.imagine(owner, DEST, "a cat", count=1)
-    plain = GenerateRequest.model_validate(await _payload(two_models, GENERATE_QUEUE))
+    plain = GenerateRequest.model_validate(await _payload(two_models, engine_queue(two_models)))
     assert plain.base_model == "sd"
 
 
@@ -105,7 +117,7 @@ async def test_train_with_an_unknown_model_lists_the_models_and_queues_nothing(
 ) -> None:
     with pytest.raises(UserError, match=r"no model called `sd3`. Models: sd, xl \(default sd\)"):
         await two_models.core.train(owner, DEST, "rex", "dog", _photos(), model="sd3")
-    assert await two_models.queue.zcard(TRAIN_QUEUE) == 0
+    assert await queued(two_models.queue) == 0
     assert await two_models.store.find_subject(owner, "rex") is None
 
 
@@ -122,7 +134,8 @@ async def test_subjects_of_different_models_cannot_share_an_image(
 
     with pytest.raises(UserError, match="different base models"):
         await core.imagine(owner, DEST, "[rex] and [tom]", count=1)
-    assert await two_models.queue.zcard(GENERATE_QUEUE) == 0
+    for model in ("sd", "xl"):  # no image job on either model
+        assert await two_models.queue.zcard(engine_queue(two_models, "generate", model)) == 0
 
 
 @pytest.mark.parametrize(

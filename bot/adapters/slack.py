@@ -1071,62 +1071,67 @@ def job_buttons(job_id: str, images: int = 1) -> dict[str, Any]:
     return {"type": "actions", "block_id": f"dreambot:{job_id}", "elements": elements}
 
 
-def cancel_button(job_id: str) -> dict[str, Any]:
-    """An actions block with the Cancel button of a job's progress message (only the job's
-    owner may use it: the core refuses others)."""
+def _confirmed_button(
+    block_id: str, label: str, action_id: str, value: str, confirm: tuple[str, str, str]
+) -> dict[str, Any]:
+    """An actions block holding one button that Slack asks about before it sends the click:
+    ``confirm`` is the dialog's title, text and the confirming button's words."""
+    title, text, yes = confirm
     return {
         "type": "actions",
-        "block_id": f"dreambot:progress:{job_id}",
+        "block_id": block_id,
         "elements": [
             {
                 "type": "button",
-                "text": {"type": "plain_text", "text": "✖️ Cancel", "emoji": True},
-                "action_id": CANCEL_ACTION_ID,
-                "value": job_id,
-                # Slack asks before it sends the click: a training can't be undone.
+                "text": {"type": "plain_text", "text": label, "emoji": True},
+                "action_id": action_id,
+                "value": value,
                 "confirm": {
-                    "title": {"type": "plain_text", "text": "Cancel this job?"},
-                    "text": {
-                        "type": "plain_text",
-                        "text": "It stops (or leaves the queue) and what it took from your "
-                        "quota is given back.",
-                    },
-                    "confirm": {"type": "plain_text", "text": "Cancel it"},
+                    "title": {"type": "plain_text", "text": title},
+                    "text": {"type": "plain_text", "text": text},
+                    "confirm": {"type": "plain_text", "text": yes},
                     "deny": {"type": "plain_text", "text": "Keep it"},
                     "style": "danger",
                 },
             }
         ],
     }
+
+
+def cancel_button(job_id: str) -> dict[str, Any]:
+    """An actions block with the Cancel button of a job's progress message (only the job's
+    owner may use it: the core refuses others). Slack asks before it sends the click: a
+    training can't be undone."""
+    return _confirmed_button(
+        f"dreambot:progress:{job_id}",
+        "✖️ Cancel",
+        CANCEL_ACTION_ID,
+        job_id,
+        (
+            "Cancel this job?",
+            "It stops (or leaves the queue) and what it took from your quota is given back.",
+            "Cancel it",
+        ),
+    )
 
 
 def delete_data_button(user_id: str) -> dict[str, Any]:
     """An actions block with the "Delete everything" button that confirms /dreambot mydata
     delete (only ``user_id`` may use it: the core refuses others); Slack asks once more."""
-    return {
-        "type": "actions",
-        "block_id": f"dreambot:delete-data:{user_id}",
-        "elements": [
-            {
-                "type": "button",
-                "text": {"type": "plain_text", "text": "🗑️ Delete everything", "emoji": True},
-                "action_id": DELETE_DATA_ACTION_ID,
-                "value": user_id,
-                "style": "danger",
-                "confirm": {
-                    "title": {"type": "plain_text", "text": "Delete everything?"},
-                    "text": {
-                        "type": "plain_text",
-                        "text": "Your subjects, images and prompts here are deleted, and your "
-                        "jobs cancelled. This can't be undone.",
-                    },
-                    "confirm": {"type": "plain_text", "text": "Delete it all"},
-                    "deny": {"type": "plain_text", "text": "Keep it"},
-                    "style": "danger",
-                },
-            }
-        ],
-    }
+    block = _confirmed_button(
+        f"dreambot:delete-data:{user_id}",
+        "🗑️ Delete everything",
+        DELETE_DATA_ACTION_ID,
+        user_id,
+        (
+            "Delete everything?",
+            "Your subjects, images and prompts here are deleted, and your jobs cancelled. "
+            "This can't be undone.",
+            "Delete it all",
+        ),
+    )
+    block["elements"][0]["style"] = "danger"
+    return block
 
 
 def web_client(token: str, base_url: str | None = None) -> AsyncWebClient:

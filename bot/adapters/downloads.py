@@ -14,7 +14,7 @@ from types import TracebackType
 import aiohttp
 from yarl import URL
 
-from bot.core.errors import UserError
+from bot.core.errors import UserError, as_typed
 from bot.core.photos import Upload, mib
 
 DISCORD_CDN_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
@@ -59,6 +59,7 @@ class Downloader:
 
     def check_url(self, url: str, filename: str) -> None:
         """Raise UserError unless ``url`` points at an allowed host."""
+        filename = as_typed(filename)  # as typed, not as markdown, in the refusal
         parsed = URL(url)
         scheme_ok = parsed.scheme == "https" or (not self.require_https and parsed.scheme == "http")
         if not scheme_ok or (parsed.host or "").lower() not in self.allowed_hosts:
@@ -69,8 +70,9 @@ class Downloader:
         self.check_url(url, filename)
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self.timeout)
+        name = as_typed(filename)  # in a refusal: as typed, not as markdown
         too_big = UserError(
-            f"{filename} is larger than {mib(self.max_bytes)}, the most a photo may be. "
+            f"{name} is larger than {mib(self.max_bytes)}, the most a photo may be. "
             "Send a smaller copy."
         )
         try:
@@ -78,7 +80,7 @@ class Downloader:
             async with self._session.get(url, allow_redirects=False) as response:
                 if response.status != 200:
                     raise UserError(
-                        f"{filename} could not be downloaded (HTTP {response.status}); try again."
+                        f"{name} could not be downloaded (HTTP {response.status}); try again."
                     )
                 if (response.content_length or 0) > self.max_bytes:
                     raise too_big
@@ -88,10 +90,10 @@ class Downloader:
                     if len(data) > self.max_bytes:
                         raise too_big
         except TimeoutError:
-            raise UserError(f"{filename} took too long to download; try again.") from None
+            raise UserError(f"{name} took too long to download; try again.") from None
         except aiohttp.ClientError as exc:
             raise UserError(
-                f"{filename} could not be downloaded ({type(exc).__name__}); try again."
+                f"{name} could not be downloaded ({type(exc).__name__}); try again."
             ) from exc
         return Upload(filename, bytes(data))
 

@@ -70,7 +70,7 @@ from bot.core.delivery import (
     file_part,
     progress_text,
 )
-from bot.core.errors import UserError
+from bot.core.errors import UserError, as_typed
 from bot.core.moderation import MOD_HELP
 from bot.core.photos import Upload
 from bot.core.sharing import parse_share_text
@@ -539,7 +539,7 @@ class SlackAdapter:
             name = first.lstrip("/").lower() or "help"
         handler = self._commands.get(name)
         if handler is None:
-            raise UserError(f"I don't know /{name}. Try /dreambot help.")
+            raise UserError(f"I don't know {as_typed('/' + name)}. Try `/dreambot help`.")
         return await handler(caller, text.strip())
 
     async def help(self, caller: Caller, text: str) -> str:

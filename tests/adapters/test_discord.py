@@ -247,7 +247,7 @@ async def test_train_from_a_foreign_host_is_refused_without_downloading(
     ]
     await run_command(adapter, "train", options, resolved)
 
-    assert "p2.jpg isn't a Discord attachment" in (private_reply(fake_discord).content or "")
+    assert "`p2.jpg` isn't a Discord attachment" in (private_reply(fake_discord).content or "")
     assert not fake_discord.find("GET", "/cdn/")
     assert await engine_queue_length(runtime) == 0
 

@@ -98,7 +98,7 @@ async def test_a_file_declared_too_big_is_refused(server: str, downloader: Downl
 
 
 async def test_an_oversize_stream_is_cut_off(server: str, downloader: Downloader) -> None:
-    with pytest.raises(UserError, match="big.jpg is larger than"):
+    with pytest.raises(UserError, match="`big.jpg` is larger than"):
         await downloader.fetch(f"{server}/big-streamed.jpg", "big.jpg")
 
 
@@ -151,5 +151,5 @@ async def test_fetch_all_keeps_order_and_refuses_a_foreign_host_before_downloadi
 ) -> None:
     uploads = await downloader.fetch_all([(f"{server}/ok.jpg", "a.jpg"), (f"{server}/ok.jpg", "b")])
     assert [u.filename for u in uploads] == ["a.jpg", "b"]
-    with pytest.raises(UserError, match="c.jpg isn't"):
+    with pytest.raises(UserError, match="`c.jpg` isn't"):
         await downloader.fetch_all([(f"{server}/ok.jpg", "a.jpg"), ("https://x.y/c", "c.jpg")])

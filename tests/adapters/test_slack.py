@@ -323,7 +323,7 @@ async def test_dreambot_help_and_the_dreambot_prefix_reach_every_command(
     subjects = await send_command(fake_slack, events_url, "/dreambot", "subjects")
     assert subjects.text.startswith("You have no subjects yet")
     unknown = await send_command(fake_slack, events_url, "/dreambot", "dance")
-    assert unknown.text == "I don't know /dance. Try /dreambot help."
+    assert unknown.text == "I don't know `/dance`. Try `/dreambot help`."
 
 
 async def test_mod_by_a_non_admin_is_refused_and_changes_nothing(

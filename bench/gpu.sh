@@ -92,4 +92,7 @@ step sdxl-train-ckpt 80 $PY "${TRAIN[@]}" --arch sdxl --full-steps 30 --warmup 5
 step sd15-train-no-prior 45 $PY "${TRAIN[@]}" --full-steps 100 --no-prior
 step sdxl-train-no-prior 80 $PY "${TRAIN[@]}" --arch sdxl --full-steps 30 --warmup 5 --no-prior
 step sdxl-generate 120 $PY "${GEN[@]}" --arch sdxl --repeats 2 --no-reference
+# Channels-last memory order for the UNet copy (TrainConfig.channels_last, off by default):
+# compare its s/step with sd15-train-800-prior's to decide the default.
+step sd15-train-channels-last 60 $PY "${TRAIN[@]}" --full-steps 100 --cfg channels_last=true
 echo "== done; budget left $((deadline - SECONDS)) s" | tee -a "$LOG"

@@ -88,6 +88,11 @@ class TrainConfig:
     None: eager. Compiled steps are faster, but the first step waits for the compilation
     (minutes on a cold cache; once per process, see README, Training). Tests pick the cheap
     "aot_eager". It changes how fast the weights are computed, not the recipe."""
+    channels_last: bool = False
+    """Keep the trainable UNet copy's weights and the step's latents in channels-last memory
+    order, which cuDNN's half-precision convolutions on tensor cores prefer. Off until
+    ``bench/gpu.sh`` (step ``sd15-train-channels-last``) measures it on a GPU; on the CPU it
+    made no difference (tiny model). Like compiling, it changes speed, not the recipe."""
 
 
 @dataclass
@@ -368,6 +373,8 @@ def unet_with_lora(pipe: BasePipeline, cfg: TrainConfig) -> UNet2DConditionModel
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
     if cfg.compile_backend is not None:
         # In place: the module keeps its type, parameters and state-dict keys (a wrapper would
         # prefix them with ``_orig_mod.``), so LoRA saving and checkpoints see the plain UNet.
@@ -681,6 +688,8 @@ def train_steps(
         timesteps = torch.randint(num_timesteps, (len(latents),), generator=rng)
         latents, noise, timesteps = _to(latents, device), _to(noise, device), _to(timesteps, device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if cfg.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         if prediction_type == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:

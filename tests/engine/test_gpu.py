@@ -60,7 +60,9 @@ def test_half_precision_training_keeps_lora_weights_in_fp32(tiny: Path, dtype: t
 
 
 @pytest.mark.parametrize(
-    "options", [{"gradient_checkpointing": True}, {"train_text_encoder": True}], ids=str
+    "options",
+    [{"gradient_checkpointing": True}, {"train_text_encoder": True}, {"channels_last": True}],
+    ids=str,
 )
 def test_gpu_training_options(tiny: Path, options: dict[str, object]) -> None:
     pipe = load_pipeline(tiny, device="cuda")

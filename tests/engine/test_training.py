@@ -258,6 +258,28 @@ def test_gradient_checkpointing_trains_the_same_steps(
     assert recomputed.instance_losses == pytest.approx(plain.instance_losses, rel=1e-5)
 
 
+def test_channels_last_trains_the_same_steps_and_weights(
+    tiny_pipe: StableDiffusionPipeline, subject_photos: list[Image.Image]
+) -> None:
+    """Channels-last memory order changes how the convolutions run, not what they compute:
+    the same losses and LoRA weights, and the warm UNet keeps its own layout."""
+    cfg = replace(SHORT, steps=2)
+    plain = train_lora(tiny_pipe, subject_photos, [], "zqv", "dog", cfg)
+    reordered = train_lora(
+        tiny_pipe, subject_photos, [], "zqv", "dog", replace(cfg, channels_last=True)
+    )
+    assert reordered.instance_losses == pytest.approx(plain.instance_losses, rel=1e-5)
+    assert reordered.state_dict.keys() == plain.state_dict.keys()
+    # Summed in another order, a few weights differ in their last bits, which Adam (it moves
+    # a weight by about the learning rate whatever its gradient's size) may magnify a little.
+    apart = torch.cat(
+        [(reordered.state_dict[k] - w).abs().flatten() for k, w in plain.state_dict.items()]
+    )
+    assert apart.max() < 1e-3 and (apart > 1e-5).float().mean() < 0.01
+    conv = tiny_pipe.unet.conv_in.weight
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_eight_bit_adam_without_bitsandbytes_says_how_to_install_it(
     tiny_pipe: StableDiffusionPipeline, subject_photos: list[Image.Image]
 ) -> None:

@@ -394,3 +394,53 @@ async def test_the_workspaces_safety_switch_flows_through_a_real_engine(
             assert done.text.startswith("“a red fox” · seed 3 · 64×64 · ")
             assert "withheld" not in done.text
             assert (await runtime.store.usage(owner)).images == 2 * (2 - enabled)
+
+
+async def test_images_a_flagging_checker_withholds_never_reach_the_chat(
+    tmp_path: Path, redis_clean: str, tiny_model_dir: Path, sink: RecordingSink
+) -> None:
+    """A safety checker that flags everything, through the real engine and delivery: no image
+    is stored or posted, the result says why, the units come back, moderators see it; with
+    the workspace's filter off the same prompt's images come through."""
+    import torch
+
+    from engine.safety import load_safety_checker
+
+    flagging = tmp_path / "flagging-checker"
+    checker = load_safety_checker(tiny_model_dir, device="cpu", dtype=torch.float32)
+    with torch.no_grad():  # every concept's threshold below any cosine similarity
+        checker.model.concept_embeds_weights.fill_(-2.0)
+    checker.model.save_pretrained(flagging / "safety_checker")
+    checker.processor.save_pretrained(flagging / "feature_extractor")
+    settings = make_settings(
+        tmp_path / "data",
+        redis_clean,
+        base_model=str(tiny_model_dir),
+        safety_checker=str(flagging),
+        **FAST_TRAINING,
+    )
+    owner = Owner(TEST_PLATFORM, "guild-1", "user-1")
+    async with running_engine(settings):
+        async with open_core(settings, TEST_PLATFORM) as runtime, delivering(runtime, sink):
+            receipt = await runtime.core.imagine(owner, {}, "a red fox", count=2, seed=3)
+            withheld = await sink.wait_for(receipt.job_id, within=120)
+            assert isinstance(withheld, Delivery), withheld
+            assert withheld.image_urls == []
+            assert withheld.text == (
+                "“a red fox” · seed 3: the safety filter withheld all 2 images, so nothing is "
+                "posted; they are given back to your quota. Try another prompt."
+            )
+            outputs = local_path(runtime.core.artifacts.url("outputs", receipt.job_id))
+            assert outputs is not None and not list(outputs.glob("*.png"))
+            assert (await runtime.store.usage(owner)).images == 0
+            mod = runtime.core.moderation.acting(Owner(TEST_PLATFORM, "guild-1", "mod-1"), True)
+            assert "user-1  safety filter withheld all 2 images: “a red fox”" in (
+                await mod.blocked_attempts()
+            )
+
+            await mod.safety(False)
+            receipt = await runtime.core.imagine(owner, {}, "a red fox", count=2, seed=3)
+            shown = await sink.wait_for(receipt.job_id, within=120)
+            assert isinstance(shown, Delivery), shown
+            assert len(shown.image_urls) == 2 and "withheld" not in shown.text
+            assert (await runtime.store.usage(owner)).images == 2

@@ -31,7 +31,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import discord
 from discord import app_commands
@@ -274,23 +274,24 @@ class WithButtons:
     view: discord.ui.View
 
 
-class DeleteDataButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]], template=DELETE_DATA_ID.pattern
-):
-    """The "Delete everything" button under the private reply to /mydata delete:True: the
-    confirmation. Only the user it was shown to may press it (the core refuses others); the
-    custom_id names them, so it works after a restart."""
+class _UsersButton:
+    """What the Cancel and "Delete everything" buttons share: one button whose custom_id,
+    ``PREFIX:value``, carries all it needs after a restart (the template's group ``GROUP``
+    reads the value back), which only one user may press (the core refuses others), handed
+    to the adapter by ``pressed``. Mixed in before ``discord.ui.DynamicItem``."""
 
-    def __init__(self, user_id: str) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label="Delete everything",
-                emoji="🗑️",
-                style=discord.ButtonStyle.danger,
-                custom_id=f"dreambot:delete-data:{user_id}",
-            )
+    PREFIX: ClassVar[str]
+    GROUP: ClassVar[str]
+    LOOK: ClassVar[tuple[str, str, discord.ButtonStyle]]
+    """Its label, emoji and style."""
+
+    def __init__(self, value: str) -> None:
+        label, emoji, style = self.LOOK
+        button = discord.ui.Button[Any](
+            label=label, emoji=emoji, style=style, custom_id=f"{self.PREFIX}:{value}"
         )
-        self.user_id = user_id
+        super().__init__(button)  # type: ignore[call-arg]  # DynamicItem's, after this mixin
+        self.value = value
 
     @classmethod
     async def from_custom_id(
@@ -299,13 +300,31 @@ class DeleteDataButton(
         item: discord.ui.Item[Any],
         match: re.Match[str],
         /,
-    ) -> DeleteDataButton:
-        return cls(match["user_id"])
+    ) -> Self:
+        return cls(match[cls.GROUP])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         client = interaction.client
         assert isinstance(client, DreamClient)
-        await client.adapter.delete_data_click(interaction, self.user_id)
+        await self.pressed(client.adapter, interaction)
+
+    async def pressed(self, adapter: DiscordAdapter, interaction: discord.Interaction[Any]) -> None:
+        raise NotImplementedError
+
+
+class DeleteDataButton(
+    _UsersButton,
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=DELETE_DATA_ID.pattern,
+):
+    """The "Delete everything" button under the private reply to /mydata delete:True: the
+    confirmation. Only the user it was shown to may press it; the custom_id names them."""
+
+    PREFIX, GROUP = "dreambot:delete-data", "user_id"
+    LOOK = ("Delete everything", "🗑️", discord.ButtonStyle.danger)
+
+    async def pressed(self, adapter: DiscordAdapter, interaction: discord.Interaction[Any]) -> None:
+        await adapter.delete_data_click(interaction, self.value)
 
 
 def delete_data_button(user_id: str) -> discord.ui.View:
@@ -315,36 +334,17 @@ def delete_data_button(user_id: str) -> discord.ui.View:
     return view
 
 
-class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=CANCEL_ID.pattern):
+class CancelButton(
+    _UsersButton, discord.ui.DynamicItem[discord.ui.Button[Any]], template=CANCEL_ID.pattern
+):
     """Cancel, on a job's progress message while the job waits or runs; only its owner may
-    press it (the core refuses others). The custom_id carries the job, so it works after a
-    restart."""
+    press it. The custom_id carries the job."""
 
-    def __init__(self, job_id: str) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label="Cancel",
-                emoji="✖️",
-                style=discord.ButtonStyle.secondary,
-                custom_id=f"dreambot:cancel:{job_id}",
-            )
-        )
-        self.job_id = job_id
+    PREFIX, GROUP = "dreambot:cancel", "job_id"
+    LOOK = ("Cancel", "✖️", discord.ButtonStyle.secondary)
 
-    @classmethod
-    async def from_custom_id(
-        cls,
-        interaction: discord.Interaction[Any],
-        item: discord.ui.Item[Any],
-        match: re.Match[str],
-        /,
-    ) -> CancelButton:
-        return cls(match["job_id"])
-
-    async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        client = interaction.client
-        assert isinstance(client, DreamClient)
-        await client.adapter.cancel_click(interaction, self.job_id)
+    async def pressed(self, adapter: DiscordAdapter, interaction: discord.Interaction[Any]) -> None:
+        await adapter.cancel_click(interaction, self.value)
 
 
 def cancel_button(job_id: str) -> discord.ui.View:

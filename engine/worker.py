@@ -142,7 +142,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         pipes = {name: model.pipe for name, model in ctx["models"].items()}
         await publish_rare_tokens(ctx["redis"], pipes)
     pruner: asyncio.Task[None] | None = ctx.get("cache_pruner")
-    if (pruner is None or pruner.done()) and "artifacts" in ctx:  # (a test's ctx may lack it)
+    if pruner is None or pruner.done():
         ctx["cache_pruner"] = asyncio.create_task(keep_cache_pruned(ctx))
     heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
     if heartbeat is None or heartbeat.done():  # a worker restarted after a Redis outage

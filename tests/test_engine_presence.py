@@ -30,6 +30,7 @@ from engine.api import (
     EngineJob,
     engine_alive_key,
 )
+from engine.artifacts import ArtifactStore
 from engine.worker import (
     engine_workers,
     keep_heartbeat,
@@ -62,6 +63,8 @@ def engine_ctx(settings: Settings, redis: Any = None) -> dict[str, Any]:
     ctx: dict[str, Any] = {
         "settings": settings,
         "models": dict.fromkeys(settings.model_names),
+        "artifacts": ArtifactStore(settings.artifacts),
+        "cache_dir": settings.data_dir / "engine-cache",
         "device": "cpu",
         "running_jobs": {},
         "rare_tokens_published": True,
